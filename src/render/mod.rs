@@ -1,0 +1,90 @@
+//! Rendering: everything a node needs, as a tree of files built in memory
+//! from the plan and the node's secrets. Pure: no I/O.
+
+mod firstboot;
+mod k3s;
+mod nft;
+mod system;
+mod wireguard;
+pub mod yaml;
+
+use std::collections::BTreeMap;
+
+use crate::plan::{NodePlan, Plan};
+use crate::secrets::PrivateKey;
+use crate::tree::FileTree;
+use crate::types::WgKey;
+
+pub use nft::render_ruleset;
+pub use wireguard::hub_peer_stanzas;
+
+/// Mode of files that hold secrets (keys, tokens, passwords).
+pub const SECRET_MODE: u32 = 0o600;
+
+/// The secrets a node's files are rendered with.
+#[derive(Debug, Clone)]
+pub struct NodeSecrets {
+    /// This node's WireGuard private key.
+    pub private_key: PrivateKey,
+    /// Every node's WireGuard public key, by node name.
+    pub public_keys: BTreeMap<String, WgKey>,
+    /// The k3s cluster token.
+    pub token: String,
+}
+
+/// A node's rendered files and its kernel command line.
+#[derive(Debug, Clone)]
+pub struct NodeFiles {
+    pub node: String,
+    pub tree: FileTree,
+    /// The profile's kernel command line items for this node, joined by
+    /// spaces (the image adds root and slot selection).
+    pub cmdline: String,
+}
+
+/// Header comment of every rendered text file.
+pub(crate) fn header(comment: &str, plan: &Plan) -> String {
+    format!("{comment} Rendered by kiln from {} (cluster {}). Do not edit: change the profile and rebuild.\n", plan.profile_path.file_name().map_or(String::new(), |f| f.to_string_lossy().to_string()), plan.cluster)
+}
+
+/// Render every file of one node.
+pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeFiles {
+    let mut tree = FileTree::new();
+    system::render(plan, node, &mut tree);
+    if let Some(wg) = &plan.wireguard {
+        wireguard::render(plan, wg, node, secrets, &mut tree);
+    }
+    tree.file("/etc/nftables.conf", 0o755, nft::render_ruleset(plan));
+    k3s::render(plan, node, secrets, &mut tree);
+    firstboot::render(plan, &mut tree);
+    tree.file("/etc/kiln/node", 0o644, format!("{}name={}\nrole={}\ncluster={}\n", header("#", plan), node.name, node.role.as_str(), plan.cluster));
+    let cmdline = plan.cmdline(node).join(" ");
+    tree.file("/etc/kiln/cmdline", 0o644, format!("{cmdline}\n"));
+    NodeFiles { node: node.name.clone(), tree, cmdline }
+}
+
+/// Quote a string for a POSIX shell (single quotes).
+pub(crate) fn sh_quote(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_./=:,@+".contains(&c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Quote one argument for a systemd `ExecStart=` line: double quotes,
+/// backslash escapes, and `%`/`$` doubled so systemd does not expand them.
+pub(crate) fn systemd_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '%' => out.push_str("%%"),
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

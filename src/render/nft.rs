@@ -1,0 +1,78 @@
+//! The nftables ruleset: what may reach the node, on which interface,
+//! from which networks. Everything else inbound is rejected.
+//!
+//! kiln owns one table (`inet kiln`) and replaces only that table on load,
+//! so reloading it never wipes the rules k3s, kube-proxy and flannel keep
+//! in their own tables.
+
+use std::fmt::Write as _;
+
+use ipnet::IpNet;
+
+use crate::plan::Plan;
+
+use super::header;
+
+fn set<T: ToString>(items: &[T]) -> String {
+    let v: Vec<String> = items.iter().map(|i| i.to_string()).collect();
+    if v.len() == 1 { v[0].clone() } else { format!("{{ {} }}", v.join(", ")) }
+}
+
+fn split_families(nets: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
+    nets.iter().partition(|n| matches!(n, IpNet::V4(_)))
+}
+
+/// Render `/etc/nftables.conf`.
+pub fn render_ruleset(plan: &Plan) -> String {
+    let f = &plan.firewall;
+    let mut r = String::from("#!/usr/sbin/nft -f\n");
+    r.push_str(&header("#", plan));
+    r.push_str("# Replace kiln's table only: k3s keeps its own tables beside it.\ntable inet kiln\ndelete table inet kiln\n\ntable inet kiln {\n");
+    r.push_str("\tchain input {\n\t\ttype filter hook input priority filter; policy drop;\n\n");
+    r.push_str("\t\tct state established,related accept\n\t\tct state invalid drop\n\t\tiif \"lo\" accept\n");
+    for i in &f.accept_interfaces {
+        let _ = writeln!(r, "\t\tiifname \"{i}\" accept");
+    }
+    let (v4, v6) = split_families(&f.accept_cidrs);
+    if !v4.is_empty() {
+        let _ = writeln!(r, "\t\tip saddr {} accept", set(&v4));
+    }
+    if !v6.is_empty() {
+        let _ = writeln!(r, "\t\tip6 saddr {} accept", set(&v6));
+    }
+    if f.icmp {
+        r.push_str("\t\tmeta l4proto icmp accept\n\t\tmeta l4proto ipv6-icmp accept\n");
+    } else {
+        r.push_str("\t\t# IPv6 does not work without neighbour discovery\n\t\ticmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept\n");
+    }
+    if !f.allow_tcp.is_empty() {
+        let _ = writeln!(r, "\t\ttcp dport {} accept", set(&f.allow_tcp));
+    }
+    if !f.allow_udp.is_empty() {
+        let _ = writeln!(r, "\t\tudp dport {} accept", set(&f.allow_udp));
+    }
+    for rule in &f.rules {
+        let iface = rule.interface.as_ref().map(|i| format!("iifname \"{i}\" ")).unwrap_or_default();
+        let (v4, v6) = split_families(&rule.from);
+        let mut sources: Vec<String> = Vec::new();
+        if !v4.is_empty() {
+            sources.push(format!("ip saddr {} ", set(&v4)));
+        }
+        if !v6.is_empty() {
+            sources.push(format!("ip6 saddr {} ", set(&v6)));
+        }
+        if sources.is_empty() {
+            sources.push(String::new());
+        }
+        for src in &sources {
+            if !rule.tcp.is_empty() {
+                let _ = writeln!(r, "\t\t{iface}{src}tcp dport {} accept", set(&rule.tcp));
+            }
+            if !rule.udp.is_empty() {
+                let _ = writeln!(r, "\t\t{iface}{src}udp dport {} accept", set(&rule.udp));
+            }
+        }
+    }
+    r.push_str("\n\t\t# everything else: refused, so clients fail fast instead of hanging\n\t\tcounter reject with icmpx type admin-prohibited\n\t}\n}\n");
+    r
+}

@@ -1,0 +1,288 @@
+//! Small value types parsed where they enter: versions, MACs, host names,
+//! endpoints, WireGuard keys. Each `parse` returns a message fit for a
+//! diagnostic (what is wrong) and a hint (how to fix it).
+
+use std::fmt;
+use std::net::IpAddr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+
+/// A parse failure: what is wrong, and how to write it instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub message: String,
+    pub hint: String,
+}
+
+fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Invalid {
+    Invalid { message: message.into(), hint: hint.into() }
+}
+
+/// A k3s release tag such as `v1.31.1+k3s1`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct K3sVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+    pub k3s: u32,
+}
+
+impl K3sVersion {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let bad = || {
+            invalid(
+                format!("`{s}` is not a k3s release tag"),
+                "write a tag from the k3s releases page, like \"v1.31.1+k3s1\"",
+            )
+        };
+        let rest = s.strip_prefix('v').ok_or_else(bad)?;
+        let (semver, build) = rest.split_once("+k3s").ok_or_else(bad)?;
+        let nums: Vec<&str> = semver.split('.').collect();
+        if nums.len() != 3 {
+            return Err(bad());
+        }
+        let num = |t: &str| -> Result<u32, Invalid> {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) || (t.len() > 1 && t.starts_with('0')) {
+                return Err(bad());
+            }
+            t.parse().map_err(|_| bad())
+        };
+        Ok(K3sVersion { major: num(nums[0])?, minor: num(nums[1])?, patch: num(nums[2])?, k3s: num(build)? })
+    }
+}
+
+impl fmt::Display for K3sVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}.{}.{}+k3s{}", self.major, self.minor, self.patch, self.k3s)
+    }
+}
+
+/// An Ethernet MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let bad = || invalid(format!("`{s}` is not a MAC address"), "write six hex pairs separated by colons, like \"52:54:00:12:34:56\"");
+        let parts: Vec<&str> = s.split([':', '-']).collect();
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 6];
+        for (o, p) in out.iter_mut().zip(&parts) {
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if out[0] & 1 == 1 {
+            return Err(invalid(format!("`{s}` is a multicast MAC address, not a NIC's"), "copy the address printed by `ip link` on the machine"));
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+    }
+}
+
+/// Is `s` a valid host name (RFC 1123: dot-separated labels of letters,
+/// digits and inner hyphens, each at most 63 characters, 253 in all)?
+pub fn is_hostname(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// Is `s` one RFC 1123 label?
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+pub fn parse_hostname(s: &str) -> Result<String, Invalid> {
+    if is_hostname(s) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(invalid(
+            format!("`{s}` is not a valid host name"),
+            "use letters, digits and inner hyphens, at most 63 characters per dot-separated label (RFC 1123)",
+        ))
+    }
+}
+
+/// A host: an IP address or a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Ip(IpAddr),
+    Name(String),
+}
+
+impl Host {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Host::Ip(ip));
+        }
+        if s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(invalid(format!("`{s}` is not a valid IP address"), "write four numbers 0-255 separated by dots"));
+        }
+        parse_hostname(s).map(Host::Name).map_err(|_| {
+            invalid(format!("`{s}` is neither an IP address nor a valid host name"), "write an IP like \"10.0.0.1\" or a DNS name like \"hub.example.org\"")
+        })
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+            Host::Name(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// `host:port`, as in a WireGuard `Endpoint`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: Host,
+    pub port: u16,
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let bad = || invalid(format!("`{s}` is not host:port"), "write a host and a port, like \"hub.example.org:51820\" or \"[2001:db8::1]:51820\"");
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, p) = rest.split_once("]:").ok_or_else(bad)?;
+            (h, p)
+        } else {
+            s.rsplit_once(':').ok_or_else(bad)?
+        };
+        let port = parse_port_str(port).map_err(|_| bad())?;
+        Ok(Endpoint { host: Host::parse(host)?, port })
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+fn parse_port_str(s: &str) -> Result<u16, ()> {
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => Err(()),
+        Ok(p) => Ok(p),
+    }
+}
+
+/// A WireGuard public key: 32 bytes, base64 as `wg pubkey` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WgKey(pub [u8; 32]);
+
+impl WgKey {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let bad = |why: &str| invalid(format!("`{s}` is not a WireGuard key: {why}"), "paste the output of `wg pubkey` on that host: 44 characters of base64 ending in '='");
+        let bytes = B64.decode(s.trim()).map_err(|_| bad("not base64"))?;
+        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| bad(&format!("{} bytes, not 32", bytes.len())))?;
+        Ok(WgKey(arr))
+    }
+
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.0)
+    }
+}
+
+impl fmt::Display for WgKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+/// A kernel command line item must not break the boot entry's `options`
+/// line: no whitespace, no quotes, no control characters.
+pub fn check_cmdline_item(s: &str) -> Result<(), Invalid> {
+    if s.is_empty() {
+        return Err(invalid("empty kernel command line item", "remove the empty string"));
+    }
+    if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control() || *c == '"' || *c == '\'') {
+        return Err(invalid(
+            format!("kernel command line item `{}` contains {:?}", s.escape_debug(), c),
+            "give each item as its own string, without spaces, quotes or control characters, like \"pcie_aspm=off\"",
+        ));
+    }
+    Ok(())
+}
+
+/// A Unix user or group name as Debian's `adduser` accepts by default.
+pub fn is_unix_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k3s_versions() {
+        let v = K3sVersion::parse("v1.31.1+k3s1").unwrap();
+        assert_eq!(v.to_string(), "v1.31.1+k3s1");
+        assert!(v < K3sVersion::parse("v1.31.10+k3s1").unwrap());
+        for bad in ["1.31.1+k3s1", "v1.31+k3s1", "v1.31.1", "v1.31.1-k3s1", "latest", "v1.31.1+k3s", "v01.31.1+k3s1"] {
+            assert!(K3sVersion::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(MacAddr::parse("52:54:00:AB:cd:01").unwrap().to_string(), "52:54:00:ab:cd:01");
+        assert!(MacAddr::parse("52:54:00:ab:cd").is_err());
+        assert!(MacAddr::parse("01:00:5e:00:00:01").is_err());
+        assert!(MacAddr::parse("52:54:00:ab:cd:zz").is_err());
+    }
+
+    #[test]
+    fn hostnames() {
+        assert!(is_hostname("rgb1"));
+        assert!(is_hostname("hub.example.org"));
+        assert!(!is_hostname("-rgb"));
+        assert!(!is_hostname("rgb_1"));
+        assert!(!is_hostname(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn endpoints() {
+        let e = Endpoint::parse("hub.example.org:51820").unwrap();
+        assert_eq!(e.to_string(), "hub.example.org:51820");
+        assert_eq!(Endpoint::parse("[2001:db8::1]:51820").unwrap().to_string(), "[2001:db8::1]:51820");
+        assert!(Endpoint::parse("hub.example.org").is_err());
+        assert!(Endpoint::parse("hub:0").is_err());
+        assert!(Endpoint::parse("hub:70000").is_err());
+    }
+
+    #[test]
+    fn wg_keys() {
+        let k = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        assert_eq!(WgKey::parse(k).unwrap().to_base64(), k);
+        assert!(WgKey::parse("AAAA").unwrap_err().message.contains("3 bytes"));
+        assert!(WgKey::parse("not base64!").is_err());
+    }
+
+    #[test]
+    fn cmdline_items() {
+        assert!(check_cmdline_item("pcie_aspm=off").is_ok());
+        assert!(check_cmdline_item("a b").is_err());
+        assert!(check_cmdline_item("a\"b").is_err());
+        assert!(check_cmdline_item("a\nb").is_err());
+    }
+}
