@@ -64,6 +64,14 @@ impl<'s> Diagnostics<'s> {
         });
     }
 
+    /// Record that a required key is missing, unless the key is present
+    /// but already reported as invalid (one mistake, one error).
+    pub fn missing(&mut self, span: Range<usize>, key: &str, message: impl Into<String>, hint: impl Into<String>) {
+        if !self.items.iter().any(|d| d.key == key) {
+            self.error(span, key, message, hint);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }

@@ -262,7 +262,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
     let mut missing = false;
     let mut require = |d: &mut Diagnostics, present: bool, span: std::ops::Range<usize>, key: &str, hint: &str| {
         if !present {
-            d.error(span, key, format!("missing required key `{key}`"), hint.to_string());
+            d.missing(span, key, format!("missing required key `{key}`"), hint.to_string());
             missing = true;
         }
     };
@@ -322,7 +322,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
     let wg_enabled = p.wireguard.as_ref().is_some_and(|w| w.enabled != Some(false));
     let wg_network = p.wireguard.as_ref().and_then(|w| w.network.as_ref());
     if wg_enabled && wg_network.is_none() {
-        d.error(p.wireguard_span.clone(), "wireguard.network", "missing required key `wireguard.network`", "add the tunnel network, like `network = \"10.0.0.0/24\"`, or set `enabled = false`");
+        d.missing(p.wireguard_span.clone(), "wireguard.network", "missing required key `wireguard.network`", "add the tunnel network, like `network = \"10.0.0.0/24\"`, or set `enabled = false`");
     }
     if let Some(net) = wg_network {
         for (what, other) in [("cluster-cidr", cluster_cidr), ("service-cidr", service_cidr)] {
@@ -355,7 +355,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
                 a.v.clone()
             }
             None => {
-                d.error(n.span.clone(), &format!("{key}.name"), "missing required key `name`", "add `name = \"rgb1\"` (a host-name label)");
+                d.missing(n.span.clone(), &format!("{key}.name"), "missing required key `name`", "add `name = \"rgb1\"` (a host-name label)");
                 missing = true;
                 format!("node{i}")
             }
@@ -363,7 +363,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         let role = match &n.role {
             Some(a) => a.v,
             None => {
-                d.error(n.span.clone(), &format!("{key}.role"), "missing required key `role`", "add `role = \"server\"` or `role = \"agent\"`");
+                d.missing(n.span.clone(), &format!("{key}.role"), "missing required key `role`", "add `role = \"server\"` or `role = \"agent\"`");
                 missing = true;
                 Role::Agent
             }
@@ -387,31 +387,28 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
                 seen_macs.insert(m.v, m);
             }
         }
-        if let Some(c) = &n.cluster_init {
-            if c.v && role == Role::Agent {
+        if let Some(c) = &n.cluster_init
+            && c.v && role == Role::Agent {
                 d.error(c.span.clone(), &c.key, "`cluster-init` is set on an agent", "set it on the first server only, or remove it");
             }
-        }
         // LAN: from `lan-address`, or the static `network.address`.
         let net = n.network.as_ref();
         let static_addr = net.and_then(|w| w.address.as_ref());
         let mut lan_address = n.lan_address.as_ref().map(|a| a.v);
-        if let (Some(l), Some(s)) = (&n.lan_address, static_addr) {
-            if l.v != s.v.addr() {
+        if let (Some(l), Some(s)) = (&n.lan_address, static_addr)
+            && l.v != s.v.addr() {
                 d.error(l.span.clone(), &l.key, format!("lan-address {} differs from network.address {}", l.v, s.v), "remove `lan-address`; the static address is used");
             }
-        }
         if let Some(s) = static_addr {
             lan_address = Some(s.v.addr());
             if s.v.prefix_len() < s.v.max_prefix_len() && (s.v.addr() == s.v.network() || s.v.addr() == s.v.broadcast()) && s.v.prefix_len() < 31 {
                 d.error(s.span.clone(), &s.key, format!("{} is the network's {} address", s.v.addr(), if s.v.addr() == s.v.network() { "network" } else { "broadcast" }), "pick a host address inside the subnet");
             }
         }
-        if let (Some(g), Some(s)) = (net.and_then(|w| w.gateway.as_ref()), static_addr) {
-            if !s.v.contains(&g.v) {
+        if let (Some(g), Some(s)) = (net.and_then(|w| w.gateway.as_ref()), static_addr)
+            && !s.v.contains(&g.v) {
                 d.error(g.span.clone(), &g.key, format!("gateway {} is outside {}", g.v, s.v.trunc()), "use a gateway on the node's LAN subnet");
             }
-        }
         if let (Some(g), None) = (net.and_then(|w| w.gateway.as_ref()), static_addr) {
             d.error(g.span.clone(), &g.key, "a gateway without a static address", "add `address = \"192.168.1.11/24\"`, or remove `gateway` to use DHCP");
         }
@@ -429,7 +426,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         let wg_address = n.wireguard_address.as_ref().map(|a| a.v);
         if wg_enabled {
             match &n.wireguard_address {
-                None => d.error(n.span.clone(), &format!("{key}.wireguard-address"), format!("node `{name}` has no WireGuard address"), "add `wireguard-address = \"10.0.0.11\"` inside the WireGuard network"),
+                None => d.missing(n.span.clone(), &format!("{key}.wireguard-address"), format!("node `{name}` has no WireGuard address"), "add `wireguard-address = \"10.0.0.11\"` inside the WireGuard network"),
                 Some(a) => {
                     if let Some(net) = wg_network {
                         check_in_network(d, a, &net.v);
@@ -509,28 +506,25 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
             d.error(host.span.clone(), &host.key, format!("mirror `{}` has no endpoints", host.v), "add `endpoints = [\"http://rgb1:5000\"]`");
         }
     }
-    if let Some(t) = &k.token {
-        if t.v.len() < 16 || t.v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if let Some(t) = &k.token
+        && (t.v.len() < 16 || t.v.chars().any(|c| c.is_whitespace() || c.is_control())) {
             d.error(t.span.clone(), &t.key, "the k3s token is too short or contains whitespace", "remove `token` to let kiln generate one in the state directory, or use at least 16 printable characters");
         }
-    }
     let flannel_backend_at = k.flannel_backend.as_ref();
-    if let (Some(w), true) = (p.wireguard.as_ref().filter(|_| wg_enabled), flannel_backend_at.is_none_or(|a| a.v == "wireguard-native")) {
-        if let Some(lp) = w.listen_port.as_ref().filter(|lp| FLANNEL_WG_PORTS.contains(&lp.v)) {
+    if let (Some(w), true) = (p.wireguard.as_ref().filter(|_| wg_enabled), flannel_backend_at.is_none_or(|a| a.v == "wireguard-native"))
+        && let Some(lp) = w.listen_port.as_ref().filter(|lp| FLANNEL_WG_PORTS.contains(&lp.v)) {
             d.error(lp.span.clone(), &lp.key, format!("port {} is used by flannel's wireguard-native backend inside the tunnel", lp.v), format!("use another port, like {DEFAULT_WG_PORT} (the default)"));
         }
-    }
     let flannel_backend = k.flannel_backend.as_ref().map_or_else(|| if wg_enabled { "wireguard-native" } else { "vxlan" }.to_string(), |a| a.v.clone());
 
     // ---- firewall
     let f = &p.firewall;
     let wg_iface = wireguard.as_ref().map(|w| w.interface.clone());
     let mut allow_udp: Vec<u16> = f.allow_udp.as_ref().map_or_else(Vec::new, |l| l.iter().map(|a| a.v).collect());
-    if let Some(w) = &wireguard {
-        if !allow_udp.contains(&w.listen_port) {
+    if let Some(w) = &wireguard
+        && !allow_udp.contains(&w.listen_port) {
             allow_udp.push(w.listen_port);
         }
-    }
     let firewall = FirewallPlan {
         allow_tcp: f.allow_tcp.as_ref().map_or_else(|| DEFAULT_ALLOW_TCP.to_vec(), |l| l.iter().map(|a| a.v).collect()),
         allow_udp,
@@ -617,12 +611,12 @@ fn resolve_wireguard(w: &profile::WireGuard, nodes: &[NodePlan], raw_nodes: &[pr
                 a.v.clone()
             }
             None => {
-                d.error(p.span.clone(), &format!("{}.name", p.key), "missing required key `name`", "add `name = \"vps\"`");
+                d.missing(p.span.clone(), &format!("{}.name", p.key), "missing required key `name`", "add `name = \"vps\"`");
                 String::new()
             }
         };
         if p.public_key.is_none() {
-            d.error(p.span.clone(), &format!("{}.public-key", p.key), "missing required key `public-key`", "paste the output of `wg pubkey` on that host");
+            d.missing(p.span.clone(), &format!("{}.public-key", p.key), "missing required key `public-key`", "paste the output of `wg pubkey` on that host");
         }
         if let Some(a) = &p.address {
             check_in_network(d, a, &network);
@@ -700,7 +694,7 @@ fn resolve_first_boot(f: &profile::FirstBoot, d: &mut Diagnostics) -> FirstBootP
     let mut next_uid = FIRST_USER_UID;
     for u in &f.users {
         let Some(name) = &u.name else {
-            d.error(u.span.clone(), &format!("{}.name", u.key), "missing required key `name`", "add `name = \"club\"`");
+            d.missing(u.span.clone(), &format!("{}.name", u.key), "missing required key `name`", "add `name = \"club\"`");
             continue;
         };
         if users.iter().any(|x: &UserPlan| x.name == name.v) {
@@ -746,7 +740,7 @@ fn resolve_first_boot(f: &profile::FirstBoot, d: &mut Diagnostics) -> FirstBootP
     let mut write_files = Vec::new();
     for w in &f.write_files {
         let Some(path) = &w.path else {
-            d.error(w.span.clone(), &format!("{}.path", w.key), "missing required key `path`", "add `path = \"/etc/...\"`");
+            d.missing(w.span.clone(), &format!("{}.path", w.key), "missing required key `path`", "add `path = \"/etc/...\"`");
             continue;
         };
         if !WRITABLE_PREFIXES.iter().any(|p| path.v.starts_with(p)) || path.v.split('/').any(|c| c == ".." || c == ".") || path.v.ends_with('/') {

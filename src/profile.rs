@@ -746,6 +746,7 @@ impl<'t, 'i> Tab<'t, 'i> {
         self.table_with_span(d, key).map(|x| x.0)
     }
 
+    #[allow(clippy::type_complexity)]
     fn array_of_tables(&mut self, d: &mut Diagnostics, key: &str) -> Option<(Vec<(Tab<'t, 'i>, Range<usize>)>, Range<usize>)> {
         let v = self.get(key)?;
         let path = self.child_path(key);
@@ -788,12 +789,22 @@ impl<'t, 'i> Tab<'t, 'i> {
 /// The known key most like `name` (small edit distance, or `_` for `-`).
 fn closest<'a>(name: &str, known: &'a [String]) -> Option<&'a str> {
     let norm = name.replace('_', "-").to_ascii_lowercase();
-    known
+    if let Some(k) = known.iter().find(|k| **k == norm) {
+        return Some(k);
+    }
+    // `mac-address` for `mac`, `wireguard` for `wireguard-address`.
+    let by_prefix = known
         .iter()
-        .map(|k| (edit_distance(&norm, k), k))
-        .filter(|(dist, k)| *dist <= 2.max(k.len() / 4))
-        .min_by_key(|(dist, _)| *dist)
-        .map(|(_, k)| k.as_str())
+        .filter(|k| k.len() >= 3 && (norm.starts_with(&format!("{k}-")) || k.starts_with(&format!("{norm}-"))))
+        .max_by_key(|k| k.len());
+    by_prefix.map(String::as_str).or_else(|| {
+        known
+            .iter()
+            .map(|k| (edit_distance(&norm, k), k))
+            .filter(|(dist, k)| *dist <= 2.max(k.len() / 4))
+            .min_by_key(|(dist, _)| *dist)
+            .map(|(_, k)| k.as_str())
+    })
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

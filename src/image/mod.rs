@@ -1,0 +1,4 @@
+//! Writers for the bytes that end up on a disk: GPT and cpio.
+
+pub mod cpio;
+pub mod gpt;

@@ -1,0 +1,42 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kiln::commands::ClusterSecrets;
+use kiln::plan::Plan;
+use kiln::secrets::PrivateKey;
+use sha2::{Digest, Sha256};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The example profiles, as the README points to them.
+pub const EXAMPLES: [&str; 2] = ["profiles/club.toml", "profiles/ha.toml"];
+
+pub fn load_example(rel: &str) -> Plan {
+    // Plan from the text, with the path as a user would type it, so
+    // rendered headers do not depend on where the repo is checked out.
+    let text = std::fs::read_to_string(repo().join(rel)).unwrap();
+    kiln::plan::plan_profile(Path::new(rel), &text).unwrap_or_else(|e| panic!("{rel}:\n{e}"))
+}
+
+/// Fixed secrets, so rendered files can be compared with golden files.
+pub fn fixed_secrets(plan: &Plan) -> ClusterSecrets {
+    let private: BTreeMap<String, PrivateKey> = plan
+        .nodes
+        .iter()
+        .map(|n| {
+            let d: [u8; 32] = Sha256::digest(format!("kiln golden key {}", n.name)).into();
+            (n.name.clone(), PrivateKey::from_bytes(d))
+        })
+        .collect();
+    ClusterSecrets { private, token: "golden-token-0123456789abcdef".into() }
+}
+
+/// Does a command exist on PATH?
+pub fn have(cmd: &str) -> bool {
+    std::process::Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
+}

@@ -1,0 +1,384 @@
+//! k3s resolution against a fake release served on 127.0.0.1.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use kiln::k3s::{Resolver, Source};
+use sha2::{Digest, Sha256};
+use tiny_http::{Response, Server};
+
+const VERSION: &str = "v1.31.1+k3s1";
+/// How the release directory appears in URLs: `+` must arrive as `%2B`.
+const RELEASE_PATH: &str = "/releases/download/v1.31.1%2Bk3s1";
+const BINARY: &[u8] = b"#!/bin/sh\necho 'k3s test double'\n";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn checksum_file(binary: &[u8]) -> Vec<u8> {
+    let other = "0".repeat(64);
+    format!(
+        "{other}  k3s-airgap-images-amd64.tar.zst\n{}  k3s\n",
+        sha256_hex(binary)
+    )
+    .into_bytes()
+}
+
+/// An HTTP server answering GETs for a fixed set of paths, 404 otherwise.
+struct FakeRelease {
+    server: Option<Arc<Server>>,
+    thread: Option<JoinHandle<()>>,
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeRelease {
+    fn serve(files: Vec<(&str, Vec<u8>)>) -> Self {
+        let files: Vec<(String, Vec<u8>)> = files
+            .into_iter()
+            .map(|(name, body)| (format!("{RELEASE_PATH}/{name}"), body))
+            .collect();
+        let server = Arc::new(Server::http("127.0.0.1:0").unwrap());
+        let addr = server.server_addr().to_ip().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (srv, log) = (Arc::clone(&server), Arc::clone(&requests));
+        let thread = thread::spawn(move || {
+            for request in srv.incoming_requests() {
+                log.lock().unwrap().push(request.url().to_owned());
+                let response = match files.iter().find(|(path, _)| path == request.url()) {
+                    Some((_, body)) => Response::from_data(body.clone()),
+                    None => Response::from_data(b"Not Found".to_vec()).with_status_code(404),
+                };
+                let _ = request.respond(response);
+            }
+        });
+        FakeRelease {
+            server: Some(server),
+            thread: Some(thread),
+            addr,
+            requests,
+        }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}/releases/download", self.addr)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Stop serving and wait until the port refuses connections.
+    fn shut_down(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.unblock();
+            self.thread.take().unwrap().join().unwrap();
+            drop(server);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(self.addr).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "fake release server still accepts connections"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for FakeRelease {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.unblock();
+        }
+    }
+}
+
+/// All entries under `dir`, recursively, relative to it.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten() {
+        let path = entry.unwrap().path();
+        let name = path.strip_prefix(dir).unwrap().display().to_string();
+        if path.is_dir() {
+            out.extend(tree(&path).into_iter().map(|p| format!("{name}/{p}")));
+        }
+        out.push(name);
+    }
+    out.sort();
+    out
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    cache: std::path::PathBuf,
+    lock: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, lock) = (dir.path().join("cache"), dir.path().join("kiln.lock"));
+    Setup {
+        _dir: dir,
+        cache,
+        lock,
+    }
+}
+
+#[test]
+fn good_release_is_downloaded_cached_pinned_then_used_offline() {
+    let s = setup();
+    let mut release = FakeRelease::serve(vec![
+        ("k3s", BINARY.to_vec()),
+        ("sha256sum-amd64.txt", checksum_file(BINARY)),
+    ]);
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(release.base_url());
+
+    let first = resolver.resolve(VERSION, None).unwrap();
+    assert_eq!(first.source, Source::Download);
+    assert_eq!(first.sha256, sha256_hex(BINARY));
+    assert_eq!(first.path, s.cache.join(VERSION).join("k3s"));
+    assert_eq!(fs::read(&first.path).unwrap(), BINARY);
+    assert_eq!(
+        fs::metadata(&first.path).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(
+        tree(&s.cache),
+        vec![
+            VERSION.to_owned(),
+            format!("{VERSION}/k3s"),
+            format!("{VERSION}/k3s.sha256")
+        ]
+    );
+    let lock = fs::read_to_string(&s.lock).unwrap();
+    assert!(
+        lock.contains("[k3s]") && lock.contains(VERSION) && lock.contains(&first.sha256),
+        "{lock}"
+    );
+    assert_eq!(
+        release.requests(),
+        vec![
+            format!("{RELEASE_PATH}/sha256sum-amd64.txt"),
+            format!("{RELEASE_PATH}/k3s")
+        ]
+    );
+
+    release.shut_down();
+    let second = resolver.resolve(VERSION, None).unwrap();
+    assert_eq!(second.source, Source::Cache);
+    assert_eq!((second.path, second.sha256), (first.path, first.sha256));
+}
+
+#[test]
+fn corrupted_download_is_rejected_and_nothing_is_cached() {
+    let s = setup();
+    let release = FakeRelease::serve(vec![
+        ("k3s", b"tampered".to_vec()),
+        ("sha256sum-amd64.txt", checksum_file(BINARY)),
+    ]);
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(release.base_url());
+    let err = format!("{:#}", resolver.resolve(VERSION, None).unwrap_err());
+    assert!(
+        err.contains(&sha256_hex(BINARY)),
+        "expected digest missing: {err}"
+    );
+    assert!(
+        err.contains(&sha256_hex(b"tampered")),
+        "actual digest missing: {err}"
+    );
+    assert!(err.contains("corrupt"), "{err}");
+    assert_eq!(
+        tree(&s.cache),
+        Vec::<String>::new(),
+        "cache must stay empty"
+    );
+    assert!(!s.lock.exists(), "a failed resolve must not write the lock");
+}
+
+#[test]
+fn missing_checksum_file_is_a_clear_error() {
+    let s = setup();
+    let release = FakeRelease::serve(vec![("k3s", BINARY.to_vec())]);
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(release.base_url());
+    let err = format!("{:#}", resolver.resolve(VERSION, None).unwrap_err());
+    let url = format!("{}/v1.31.1%2Bk3s1/sha256sum-amd64.txt", release.base_url());
+    assert!(
+        err.contains(&url) && err.contains("checksum file") && err.contains("404"),
+        "{err}"
+    );
+    assert_eq!(
+        release.requests().len(),
+        1,
+        "the binary must not be fetched without a checksum"
+    );
+    assert!(!resolver.cached_binary_path(VERSION).exists());
+}
+
+#[test]
+fn missing_binary_is_a_clear_error_with_ways_to_supply_it() {
+    let s = setup();
+    let release = FakeRelease::serve(vec![("sha256sum-amd64.txt", checksum_file(BINARY))]);
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(release.base_url());
+    let err = format!("{:#}", resolver.resolve(VERSION, None).unwrap_err());
+    let url = format!("{}/v1.31.1%2Bk3s1/k3s", release.base_url());
+    assert!(
+        err.contains(&url) && err.contains("404") && err.contains(VERSION),
+        "{err}"
+    );
+    assert!(
+        err.contains("--k3s-binary") && err.contains("KILN_K3S_BINARY"),
+        "{err}"
+    );
+    assert_eq!(tree(&s.cache), Vec::<String>::new());
+}
+
+#[test]
+fn offline_and_uncached_names_version_url_and_both_remedies() {
+    let s = setup();
+    let closed_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let base = format!("http://{closed_port}/releases/download");
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(&base);
+    let err = format!("{:#}", resolver.resolve(VERSION, None).unwrap_err());
+    assert!(
+        err.contains(VERSION) && err.contains(&format!("{base}/v1.31.1%2Bk3s1/")),
+        "{err}"
+    );
+    assert!(
+        err.contains("--k3s-binary PATH") && err.contains("KILN_K3S_BINARY"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&resolver.cached_binary_path(VERSION).display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn lock_mismatch_is_a_hard_error_naming_both_digests_and_the_fix() {
+    let s = setup();
+    let double = s.cache.parent().unwrap().join("k3s-double");
+    fs::write(&double, BINARY).unwrap();
+    let pinned = "b".repeat(64);
+    let lock_text = format!("[k3s]\nversion = \"{VERSION}\"\nsha256 = \"{pinned}\"\n");
+    fs::write(&s.lock, &lock_text).unwrap();
+    let resolver = Resolver::new(&s.cache, &s.lock);
+    let err = format!(
+        "{:#}",
+        resolver.resolve(VERSION, Some(&double)).unwrap_err()
+    );
+    assert!(
+        err.contains(&pinned) && err.contains(&sha256_hex(BINARY)),
+        "{err}"
+    );
+    assert!(
+        err.contains(&s.lock.display().to_string()) && err.contains("delete the [k3s] entry"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_to_string(&s.lock).unwrap(),
+        lock_text,
+        "the lock must not be rewritten"
+    );
+
+    // A download whose release checksum disagrees with the pin fails before fetching the binary.
+    let release = FakeRelease::serve(vec![
+        ("k3s", BINARY.to_vec()),
+        ("sha256sum-amd64.txt", checksum_file(BINARY)),
+    ]);
+    let err = format!(
+        "{:#}",
+        resolver
+            .clone()
+            .with_base_url(release.base_url())
+            .resolve(VERSION, None)
+            .unwrap_err()
+    );
+    assert!(
+        err.contains(&pinned) && err.contains(&sha256_hex(BINARY)),
+        "{err}"
+    );
+    assert_eq!(release.requests().len(), 1);
+    assert_eq!(tree(&s.cache), Vec::<String>::new());
+}
+
+#[test]
+fn explicit_binary_wins_and_is_pinned_unless_recording_is_off() {
+    let s = setup();
+    let double = s.cache.parent().unwrap().join("k3s-double");
+    fs::write(&double, BINARY).unwrap();
+    let unreachable = "http://127.0.0.1:9/never-contacted";
+
+    let unpinned = Resolver::new(&s.cache, &s.lock)
+        .with_base_url(unreachable)
+        .with_lock_recording(false);
+    let resolved = unpinned.resolve(VERSION, Some(&double)).unwrap();
+    assert_eq!(
+        (resolved.source, resolved.path.as_path()),
+        (Source::Explicit, double.as_path())
+    );
+    assert_eq!(resolved.sha256, sha256_hex(BINARY));
+    assert!(
+        !s.lock.exists(),
+        "record_lock=false must not write the lock"
+    );
+    assert!(
+        !s.cache.exists(),
+        "an explicit binary is not copied into the cache"
+    );
+
+    let pinned = Resolver::new(&s.cache, &s.lock).with_base_url(unreachable);
+    pinned.resolve(VERSION, Some(&double)).unwrap();
+    let lock = fs::read_to_string(&s.lock).unwrap();
+    assert!(
+        lock.contains(VERSION) && lock.contains(&sha256_hex(BINARY)),
+        "{lock}"
+    );
+
+    let err = format!(
+        "{:#}",
+        pinned
+            .resolve(VERSION, Some(&s.cache.join("absent")))
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("absent") && err.contains("--k3s-binary"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cache_is_rehashed_hand_placed_binaries_adopted_and_corruption_reported() {
+    let s = setup();
+    let resolver = Resolver::new(&s.cache, &s.lock)
+        .with_base_url("http://127.0.0.1:9")
+        .with_lock_recording(false);
+    let cached = resolver.cached_binary_path(VERSION);
+    fs::create_dir_all(cached.parent().unwrap()).unwrap();
+    fs::write(&cached, BINARY).unwrap();
+
+    let adopted = resolver.resolve(VERSION, None).unwrap();
+    assert_eq!(
+        (adopted.source, adopted.sha256.as_str()),
+        (Source::Cache, sha256_hex(BINARY).as_str())
+    );
+    let record = fs::read_to_string(cached.with_file_name("k3s.sha256")).unwrap();
+    assert_eq!(record, format!("{}  k3s\n", sha256_hex(BINARY)));
+
+    fs::write(&cached, b"bit rot").unwrap();
+    let err = format!("{:#}", resolver.resolve(VERSION, None).unwrap_err());
+    assert!(
+        err.contains(&sha256_hex(BINARY)) && err.contains(&sha256_hex(b"bit rot")),
+        "{err}"
+    );
+    assert!(err.contains("delete"), "{err}");
+}
