@@ -9,6 +9,8 @@ pub mod profile;
 pub mod plan;
 pub mod secrets;
 pub mod tree;
+pub mod cache;
+pub mod tool;
 pub mod commands;
 pub mod render;
 pub mod k3s;
