@@ -21,3 +21,10 @@ check-examples: build
 
 clean:
 	$(CARGO) clean
+
+# The k3s test double (for tests only): builds it and prints its path.
+K3S_DOUBLE_VERSION ?= v1.31.1+k3s1
+.PHONY: k3s-double
+k3s-double:
+	@K3S_DOUBLE_VERSION=$(K3S_DOUBLE_VERSION) $(CARGO) build -q --release --manifest-path qemu-tests/k3s-double/Cargo.toml
+	@echo $(CURDIR)/qemu-tests/k3s-double/target/release/k3s-double

@@ -41,6 +41,35 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Build a bootable disk image for each selected node.
+    ///
+    /// Writes OUT/<node>.img (raw GPT: ESP with systemd-boot, root-a with
+    /// the read-only squashfs root, an empty root-b, a state partition),
+    /// OUT/SHA256SUMS and OUT/manifest.json. Everything is built in a
+    /// staging directory beside OUT and moved into place only when the
+    /// whole build succeeded. Prints the paths written.
+    Build {
+        /// The cluster profile (TOML).
+        profile: PathBuf,
+        /// Build only this node (repeatable) [default: all nodes]
+        #[arg(long = "node", value_name = "NAME")]
+        nodes: Vec<String>,
+        /// Build only the nodes of this role.
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+        /// The output directory (replaced as a whole by a successful build).
+        #[arg(long, value_name = "DIR", default_value = "out")]
+        out: PathBuf,
+        /// Use this k3s binary instead of the cache or a download.
+        #[arg(long, value_name = "PATH", env = "KILN_K3S_BINARY")]
+        k3s_binary: Option<PathBuf>,
+        /// Extra image formats.
+        #[arg(long, value_enum, default_value = "raw")]
+        format: Format,
+        /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Write one node's rendered files into a directory, for inspection.
     ///
     /// The tree holds secrets (WireGuard private key, k3s token): files
@@ -60,6 +89,20 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    /// Raw GPT disk images only (always written).
+    Raw,
+    /// Also a qcow2 copy of each image (qemu-img).
+    Qcow2,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Server,
+    Agent,
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { profile } => {
@@ -69,6 +112,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { profile, state_dir } => {
             let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
             print!("{}", commands::keys(&plan, &secrets));
+        }
+        Command::Build { profile, nodes, role, out, k3s_binary, format, state_dir } => {
+            let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
+            let opts = kiln::build::BuildOptions {
+                out,
+                nodes,
+                role: role.map(|r| match r {
+                    RoleArg::Server => kiln::profile::Role::Server,
+                    RoleArg::Agent => kiln::profile::Role::Agent,
+                }),
+                k3s_binary,
+                qcow2: matches!(format, Format::Qcow2),
+                cache: kiln::cache::cache_dir(),
+            };
+            let result = kiln::build::build(&plan, &secrets, &opts)?;
+            for a in result.artifacts {
+                println!("{}", a.display());
+            }
         }
         Command::Render { profile, node, out, state_dir } => {
             let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
@@ -82,6 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("KILN_LOG", "warn")).format_timestamp(None).init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

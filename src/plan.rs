@@ -17,6 +17,8 @@ use crate::types::{self, Endpoint, Host, K3sVersion, MacAddr, WgKey};
 pub const DEFAULT_SUITE: &str = "bookworm";
 pub const DEFAULT_CONSOLES: [&str; 2] = ["ttyS0,115200", "tty0"];
 pub const DEFAULT_COMPRESSION_LEVEL: i64 = 3;
+/// Seconds the boot menu waits: long enough to pick the other slot by hand.
+pub const DEFAULT_MENU_TIMEOUT_S: i64 = 3;
 pub const DEFAULT_WG_INTERFACE: &str = "wg0";
 /// kiln's tunnel port. Not 51820/51821: those are flannel's
 /// `wireguard-native` ports (k3s networking docs), which run inside it.
@@ -33,6 +35,10 @@ pub const FIRST_USER_UID: u32 = 1000;
 pub const K3S_API_PORT: u16 = 6443;
 /// The kubelet port.
 pub const KUBELET_PORT: u16 = 10250;
+/// Embedded etcd client and peer ports (HA servers).
+pub const ETCD_PORTS: [u16; 2] = [2379, 2380];
+/// flannel's VXLAN port.
+pub const FLANNEL_VXLAN_PORT: u16 = 8472;
 /// Components k3s can be told to skip with `--disable`.
 pub const K3S_COMPONENTS: [&str; 6] = ["coredns", "servicelb", "traefik", "local-storage", "metrics-server", "runtimes"];
 
@@ -75,6 +81,8 @@ pub struct K3sPlan {
 pub struct BootPlan {
     pub cmdline: Vec<String>,
     pub consoles: Vec<String>,
+    /// Seconds systemd-boot shows its menu.
+    pub menu_timeout: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -221,7 +229,7 @@ impl Plan {
         let host = match &self.k3s.registration_address {
             Some(h) => h.to_string(),
             None => {
-                let first = self.servers().find(|s| s.name != node.name)?;
+                let first = self.servers().find(|s| s.cluster_init && s.name != node.name).or_else(|| self.servers().find(|s| s.name != node.name))?;
                 Host::Ip(self.cluster_address(first)?).to_string()
             }
         };
@@ -290,6 +298,15 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         }
     }
 
+    let menu_timeout = match &p.boot.menu_timeout {
+        Some(a) if !(0..=600).contains(&a.v) => {
+            d.error(a.span.clone(), &a.key, format!("menu timeout {} s is out of range", a.v), "use 0 (no menu) to 600 seconds");
+            DEFAULT_MENU_TIMEOUT_S
+        }
+        Some(a) => a.v,
+        None => DEFAULT_MENU_TIMEOUT_S,
+    } as u32;
+
     // ---- base
     let base = match (&p.base.tarball, &p.base.suite) {
         (Some(t), Some(s)) => {
@@ -297,6 +314,9 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
             BasePlan::Tarball(t.v.clone())
         }
         (Some(t), None) => {
+            if let Some(k) = &p.base.kernel {
+                d.error(k.span.clone(), &k.key, "`base.kernel` cannot choose the kernel of a supplied tarball", "remove `kernel`: the tarball's own kernel is used");
+            }
             if !p.base.packages.is_empty() {
                 d.error(p.base.packages[0].span.clone(), "base.packages", "`base.packages` cannot be added to a supplied tarball", "remove `packages`, or build from a suite instead of `tarball`");
             }
@@ -324,7 +344,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
     if wg_enabled && wg_network.is_none() {
         d.missing(p.wireguard_span.clone(), "wireguard.network", "missing required key `wireguard.network`", "add the tunnel network, like `network = \"10.0.0.0/24\"`, or set `enabled = false`");
     }
-    if let Some(net) = wg_network {
+    if let Some(net) = wg_network.filter(|_| wg_enabled) {
         for (what, other) in [("cluster-cidr", cluster_cidr), ("service-cidr", service_cidr)] {
             if net.v.contains(&other.network()) || other.contains(&net.v.network()) {
                 d.error(net.span.clone(), &net.key, format!("{} overlaps the k3s {what} {other}", net.v), format!("choose a WireGuard network that does not overlap {other}"));
@@ -373,7 +393,8 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         if let Some(h) = &host_at {
             let h = At { v: hostname.clone(), ..h.clone() };
             if let Some(first) = seen_hosts.get(&hostname) {
-                if n.hostname.is_some() {
+                // Two nodes with the same name and no `hostname` are reported once, as a duplicate name.
+                if n.hostname.is_some() || first.key.ends_with(".hostname") {
                     d.error(h.span.clone(), &h.key, format!("host name `{hostname}` is already used by {}", first.key), "give every node its own host name");
                 }
             } else {
@@ -474,8 +495,8 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         let reachable = if wg_enabled { first.wireguard_address.is_some() } else { first.lan_address.is_some() };
         if !reachable && !wg_enabled {
             for (i, n) in nodes.iter().enumerate() {
-                if n.role == Role::Agent {
-                    d.error(p.nodes[i].span.clone(), &p.nodes[i].key, format!("agent `{}` has no server to join: server `{}` has no known address", n.name, first.name), format!("set `lan-address` on `{}`, or `k3s.registration-address`", first.name));
+                if n.role == Role::Agent || (i != servers[0] && !n.cluster_init) {
+                    d.error(p.nodes[i].span.clone(), &p.nodes[i].key, format!("{} `{}` has no server to join: server `{}` has no known address", n.role.as_str(), n.name, first.name), format!("set `lan-address` on `{}`, or `k3s.registration-address`", first.name));
                 }
             }
         }
@@ -521,12 +542,35 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
     let f = &p.firewall;
     let wg_iface = wireguard.as_ref().map(|w| w.interface.clone());
     let mut allow_udp: Vec<u16> = f.allow_udp.as_ref().map_or_else(Vec::new, |l| l.iter().map(|a| a.v).collect());
+    let mut allow_tcp: Vec<u16> = f.allow_tcp.as_ref().map_or_else(|| DEFAULT_ALLOW_TCP.to_vec(), |l| l.iter().map(|a| a.v).collect());
+    if !wg_enabled {
+        // Without kiln's tunnel, cluster traffic crosses the LAN: open what k3s needs.
+        let mut tcp = vec![K3S_API_PORT, KUBELET_PORT];
+        if nodes.iter().filter(|n| n.role == Role::Server).count() > 1 {
+            tcp.extend(ETCD_PORTS);
+        }
+        let udp: Vec<u16> = match flannel_backend.as_str() {
+            "wireguard-native" => FLANNEL_WG_PORTS.to_vec(),
+            "vxlan" => vec![FLANNEL_VXLAN_PORT],
+            _ => vec![],
+        };
+        for p in tcp {
+            if !allow_tcp.contains(&p) {
+                allow_tcp.push(p);
+            }
+        }
+        for p in udp {
+            if !allow_udp.contains(&p) {
+                allow_udp.push(p);
+            }
+        }
+    }
     if let Some(w) = &wireguard
         && !allow_udp.contains(&w.listen_port) {
             allow_udp.push(w.listen_port);
         }
     let firewall = FirewallPlan {
-        allow_tcp: f.allow_tcp.as_ref().map_or_else(|| DEFAULT_ALLOW_TCP.to_vec(), |l| l.iter().map(|a| a.v).collect()),
+        allow_tcp,
         allow_udp,
         accept_interfaces: f.accept_interfaces.as_ref().map_or_else(|| wg_iface.iter().cloned().collect(), |l| l.iter().map(|a| a.v.clone()).collect()),
         accept_cidrs: f.accept_cidrs.as_ref().map_or_else(
@@ -573,7 +617,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
             mirrors: k.mirrors.iter().map(|(h, e)| (h.v.clone(), e.iter().map(|a| a.v.clone()).collect())).collect(),
             registry_configs: k.registry_configs.iter().map(|(h, c)| (h.v.clone(), c.clone())).collect(),
         },
-        boot: BootPlan { cmdline: p.boot.cmdline.iter().map(|a| a.v.clone()).collect(), consoles },
+        boot: BootPlan { cmdline: p.boot.cmdline.iter().map(|a| a.v.clone()).collect(), consoles, menu_timeout },
         base,
         compression_level,
         wireguard,
@@ -688,6 +732,13 @@ fn resolve_wireguard(w: &profile::WireGuard, nodes: &[NodePlan], raw_nodes: &[pr
 
 /// Allowed places for first-boot files: the root image is read-only.
 const WRITABLE_PREFIXES: [&str; 2] = ["/etc/", "/var/"];
+/// Paths kiln renders itself: a write-file there would silently fight
+/// with kiln's own file. Entries ending in `/` or `-` are prefixes.
+const RESERVED_PATHS: [&str; 15] = [
+    "/etc/hostname", "/etc/hosts", "/etc/nftables.conf", "/etc/fstab", "/etc/machine-id", "/etc/kiln/", "/etc/rancher/", "/etc/wireguard/",
+    "/etc/ssh/sshd_config.d/10-kiln.conf", "/etc/ssh/authorized_keys/", "/etc/systemd/network/20-kiln-lan.network", "/etc/systemd/system/k3s.service",
+    "/etc/systemd/system/kiln-", "/etc/sysctl.d/90-kiln.conf", "/var/lib/kiln/",
+];
 
 fn resolve_first_boot(f: &profile::FirstBoot, d: &mut Diagnostics) -> FirstBootPlan {
     let mut users = Vec::new();
@@ -731,9 +782,9 @@ fn resolve_first_boot(f: &profile::FirstBoot, d: &mut Diagnostics) -> FirstBootP
             }
         }
         let shell = u.shell.as_ref().map_or("/bin/bash".to_string(), |a| a.v.clone());
-        if !shell.starts_with('/') {
+        if !shell.starts_with('/') || shell.chars().any(|c| c.is_whitespace() || c.is_control()) {
             let a = u.shell.as_ref().unwrap();
-            d.error(a.span.clone(), &a.key, format!("shell `{shell}` is not an absolute path"), "write a path like \"/bin/bash\"");
+            d.error(a.span.clone(), &a.key, format!("shell `{}` is not an absolute path without spaces", shell.escape_debug()), "write a path like \"/bin/bash\"");
         }
         users.push(UserPlan { name: name.v.clone(), uid, groups: u.groups.iter().map(|a| a.v.clone()).collect(), shell, ssh_authorized_keys: u.ssh_authorized_keys.iter().map(|a| a.v.clone()).collect() });
     }
@@ -745,6 +796,9 @@ fn resolve_first_boot(f: &profile::FirstBoot, d: &mut Diagnostics) -> FirstBootP
         };
         if !WRITABLE_PREFIXES.iter().any(|p| path.v.starts_with(p)) || path.v.split('/').any(|c| c == ".." || c == ".") || path.v.ends_with('/') {
             d.error(path.span.clone(), &path.key, format!("`{}` is not a file under /etc or /var", path.v), "the root image is read-only: write files under /etc/ or /var/, or put them in overlays/ to bake them into the image");
+        }
+        if let Some(r) = RESERVED_PATHS.iter().find(|r| if r.ends_with(['/', '-']) { path.v.starts_with(*r) } else { path.v == **r }) {
+            d.error(path.span.clone(), &path.key, format!("`{}` is rendered by kiln ({r})", path.v), "set it through the profile's own keys (hostname, users, wireguard, firewall, k3s), or use another path");
         }
         let mode = match &w.permissions {
             Some(a) => match u32::from_str_radix(a.v.trim_start_matches("0o"), 8) {

@@ -105,6 +105,7 @@ pub struct RegistryConfig {
 pub struct Boot {
     pub cmdline: Vec<At<String>>,
     pub consoles: Option<Vec<At<String>>>,
+    pub menu_timeout: Option<At<i64>>,
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +252,7 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Profile {
     if let Some(mut b) = t.table(d, "boot") {
         p.boot.cmdline = b.str_list(d, "cmdline").unwrap_or_default();
         p.boot.consoles = b.str_list(d, "consoles");
+        p.boot.menu_timeout = b.int(d, "menu-timeout");
         b.finish(d);
     }
     if let Some(mut b) = t.table(d, "base") {
@@ -388,7 +390,7 @@ fn read_wireguard(w: &mut Tab, d: &mut Diagnostics) -> WireGuard {
             _ => Err(inv(format!("unknown topology `{s}`"), "use \"mesh\" (every node peers with every node) or \"hub\" (every node peers with the hub only)")),
         }),
         hub: w.str(d, "hub"),
-        persistent_keepalive: w.int(d, "persistent-keepalive").and_then(|a| port_at(a, d)),
+        persistent_keepalive: w.int(d, "persistent-keepalive").and_then(|a| keepalive_at(a, d)),
         peers: Vec::new(),
     };
     if let Some((peers, _)) = w.array_of_tables(d, "peers") {
@@ -402,7 +404,7 @@ fn read_wireguard(w: &mut Tab, d: &mut Diagnostics) -> WireGuard {
                 endpoint: p.parse(d, "endpoint", Endpoint::parse),
                 address: p.parse(d, "address", parse_ip),
                 allowed_ips: p.str_list(d, "allowed-ips").map(|l| parse_each(l, d, parse_cidr)),
-                persistent_keepalive: p.int(d, "persistent-keepalive").and_then(|a| port_at(a, d)),
+                persistent_keepalive: p.int(d, "persistent-keepalive").and_then(|a| keepalive_at(a, d)),
             });
             p.finish(d);
         }
@@ -454,6 +456,10 @@ fn read_first_boot(f: &mut Tab, d: &mut Diagnostics) -> FirstBoot {
             if !ok {
                 d.error(span.clone(), &key, format!("`{name}` is not a sysctl name"), "write a dotted name like \"net.ipv4.ip_forward\" in quotes");
             } else if let Some(v) = value {
+                if v.v.chars().any(|c| c.is_control()) {
+                    d.error(v.span.clone(), &v.key, "the value contains a control character (a newline?)", "write the value on one line");
+                    continue;
+                }
                 out.sysctl.push((At { v: name, span, key }, v));
             }
         }
@@ -517,7 +523,10 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
             let key = format!("{}.{}", l.path, quote_key(&name));
             let ok = !name.is_empty() && name.len() <= 316 && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c));
             if let Some(v) = l.str(d, &name) {
-                if !ok {
+                let value_ok = v.v.len() <= 63 && v.v.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
+                if !value_ok {
+                    d.error(v.span.clone(), &v.key, format!("`{}` is not a Kubernetes label value", v.v), "use at most 63 letters, digits, '-', '_' or '.'");
+                } else if !ok {
                     d.error(span.clone(), &key, format!("`{name}` is not a Kubernetes label key"), "use letters, digits, '-', '_', '.' and one optional prefix/ like \"kiln.dev/gpu\"");
                 } else {
                     node.labels.push((At { v: name, span, key }, v));
@@ -553,6 +562,16 @@ fn port_at(a: At<i64>, d: &mut Diagnostics) -> Option<At<u16>> {
         Ok(p) => Some(At { v: p, span: a.span, key: a.key }),
         Err(e) => {
             d.error(a.span, &a.key, e.message, e.hint);
+            None
+        }
+    }
+}
+
+fn keepalive_at(a: At<i64>, d: &mut Diagnostics) -> Option<At<u16>> {
+    match u16::try_from(a.v) {
+        Ok(v) => Some(At { v, span: a.span, key: a.key }),
+        Err(_) => {
+            d.error(a.span, &a.key, format!("{} is not a keepalive interval", a.v), "use seconds between 0 (off) and 65535; 25 keeps most NAT mappings open");
             None
         }
     }

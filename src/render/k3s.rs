@@ -25,7 +25,7 @@ pub fn config(plan: &Plan, node: &NodePlan) -> Vec<(String, Y)> {
     if let Some(url) = plan.join_url(node) {
         c.push(kv("server", Y::str(url)));
     }
-    if node.role == Role::Server && node.cluster_init && plan.servers().count() > 1 {
+    if node.role == Role::Server && node.cluster_init {
         c.push(kv("cluster-init", Y::Bool(true)));
     }
     if let Some(ip) = plan.cluster_address(node) {

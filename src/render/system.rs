@@ -90,7 +90,11 @@ pub fn render(plan: &Plan, node: &NodePlan, tree: &mut FileTree) {
         tree.file("/etc/systemd/resolved.conf.d/kiln.conf", 0o644, format!("{}[Resolve]\nDNS={}\n", header("#", plan), list.join(" ")));
     }
     if !fb.ntp_servers.is_empty() {
-        let list: Vec<String> = fb.ntp_servers.iter().map(|h| h.to_string()).collect();
+        // timesyncd wants bare addresses (no [brackets] around IPv6).
+        let list: Vec<String> = fb.ntp_servers.iter().map(|h| match h {
+            crate::types::Host::Ip(ip) => ip.to_string(),
+            crate::types::Host::Name(n) => n.clone(),
+        }).collect();
         tree.file("/etc/systemd/timesyncd.conf.d/kiln.conf", 0o644, format!("{}[Time]\nNTP={}\n", header("#", plan), list.join(" ")));
     }
 

@@ -1,0 +1,446 @@
+//! The base root filesystem: a Debian root tarball made by `mmdebstrap`
+//! from a [`BaseSpec`], cached by a digest of that spec; or a tarball the
+//! user supplies.
+//!
+//! The spec is pure data derived from the plan ([`base_spec`]); only
+//! [`ensure_base`] runs mmdebstrap. A cached tarball sits at
+//! `<cache>/base/<digest>.tar.zst` with `<digest>.json` beside it recording
+//! the spec and the tarball's sha256; a tarball without a matching record is
+//! not trusted and is rebuilt.
+//!
+//! No mirror is named here: mmdebstrap, given no mirror, uses its built-in
+//! default Debian mirror plus the suite's `-updates` and security archives
+//! (mmdebstrap(1), DESCRIPTION), with the components we pass in
+//! `--components` (so `non-free-firmware` needs no sources edit). Note that
+//! it does not read the host's `/etc/apt/sources.list*` or `apt.conf.d`
+//! (it runs apt with its own `APT_CONFIG`); it does use the host's archive
+//! keyrings, and apt honours `http_proxy` from the environment.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, Read as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, Result, bail};
+use sha2::{Digest as _, Sha256};
+
+use crate::plan::{BasePlan, Plan};
+use crate::profile::KernelFlavour;
+use crate::tool::{self, Tool};
+
+/// Bump when anything that shapes the tarball but is not in [`BaseSpec`]
+/// changes (the hook, the variant, how mmdebstrap is called): every cached
+/// base is then rebuilt. The hook text is hashed too, as a safety net.
+pub const BASE_FORMAT_VERSION: u32 = 1;
+
+/// The only architecture kiln builds for.
+pub const ARCHITECTURE: &str = "amd64";
+
+/// mmdebstrap variant: Essential + apt, then only what we name (no
+/// `Priority: important` packages such as vim-tiny or cron).
+pub const VARIANT: &str = "minbase";
+
+/// Packages every base gets, whatever the kernel. mmdebstrap installs
+/// dependencies but not Recommends.
+pub const DEFAULT_PACKAGES: &[&str] = &[
+    // Init and devices: systemd as PID 1 once the initramfs switches root,
+    // udev for hotplug and module autoloading. dbus: logind, hostnamed,
+    // resolvectl/timedatectl and the systemd cgroup driver (k3s's
+    // containerd) talk to systemd over the system bus; without it they fail.
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    // Services the rendered files configure (networkd is part of `systemd`
+    // in bookworm; resolved and timesyncd are separate packages).
+    "systemd-resolved",
+    "systemd-timesyncd",
+    // Boot: busybox is the initramfs's userland; systemd-boot-efi carries
+    // the EFI binary copied to the ESP.
+    "busybox-static",
+    "systemd-boot-efi",
+    // Cluster networking: the WireGuard tunnel, the nftables firewall,
+    // iptables (nft backend) for k3s and flannel, `ip` for people and units.
+    "wireguard-tools",
+    "nftables",
+    "iptables",
+    "iproute2",
+    // Remote access (host keys are made per node at boot, not here).
+    "openssh-server",
+    // Disks and modules: mkfs.ext4 for the state partition, sfdisk/fdisk,
+    // modprobe.
+    "e2fsprogs",
+    "fdisk",
+    "kmod",
+    // TLS roots for registries and downloads; bash for scripts and people.
+    "ca-certificates",
+    "bash",
+];
+
+/// The kernel for real machines: has ahci, usb-storage, uas, xhci, nvme.
+pub const GENERIC_KERNEL_PACKAGES: &[&str] = &["linux-image-amd64"];
+
+/// NIC firmware for real machines (all in `non-free-firmware`):
+/// Realtek NICs (r8169 loads `rtl_nic/*`) and the rest of the non-free
+/// blobs (Intel ice DDP, Broadcom tg3 variants, …). Intel's common wired
+/// NICs (e1000e, igb, igc) need no firmware, and bookworm has no separate
+/// Intel wired-firmware package; Wi-Fi firmware (firmware-iwlwifi) is left
+/// out because the image has no Wi-Fi supplicant.
+pub const GENERIC_FIRMWARE_PACKAGES: &[&str] = &["firmware-realtek", "firmware-misc-nonfree"];
+
+/// The kernel for VM-only profiles: virtio only, no firmware needed.
+pub const CLOUD_KERNEL_PACKAGES: &[&str] = &["linux-image-cloud-amd64"];
+
+/// The Debian component that holds firmware (Debian 12 and later).
+pub const FIRMWARE_COMPONENT: &str = "non-free-firmware";
+
+/// dpkg filters (`--dpkgopt`, kept in /etc/dpkg/dpkg.cfg.d/99mmdebstrap),
+/// in order: a later rule overrides an earlier one. They drop what a node
+/// never reads; copyright files stay (≈1 MB) for licence compliance.
+pub const DEFAULT_EXCLUDES: &[&str] = &[
+    // Documentation, keeping each package's copyright file.
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/doc-base/*",
+    // Manual and info pages.
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    // Message translations; locale.alias (3 KB) is read by glibc's
+    // setlocale() to resolve names like "en_US", so it stays.
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    // Lintian overrides: packaging metadata.
+    "path-exclude=/usr/share/lintian/*",
+];
+
+/// Run inside mmdebstrap after all packages are installed (`$1` is the
+/// root), so the cached tarball holds no build-host state and nothing every
+/// node would share.
+pub const CUSTOMIZE_HOOK: &str = r#"set -eu
+root="$1"
+# The name of the build host, copied in by mmdebstrap; nodes render their own.
+rm -f "$root/etc/hostname"
+# The resolver config of the build host: drop a copied file, keep the symlink
+# systemd-resolved installs to its stub resolver.
+[ -L "$root/etc/resolv.conf" ] || rm -f "$root/etc/resolv.conf"
+rm -f "$root/etc/.resolv.conf.systemd-resolved.bak"
+# SSH host keys made by the openssh-server postinst: every node would share
+# them. Nodes make their own on the state partition.
+rm -f "$root"/etc/ssh/ssh_host_*
+# The Debian initramfs (about 16 MB per kernel; INITRD=No should have
+# stopped it): kiln builds its own.
+rm -f "$root"/boot/initrd.img* "$root/initrd.img" "$root/initrd.img.old"
+# An empty machine-id: systemd makes one per boot on a read-only root.
+: > "$root/etc/machine-id"
+rm -f "$root/var/lib/dbus/machine-id"
+"#;
+
+/// Environment for mmdebstrap (and so for the maintainer scripts it runs).
+/// `INITRD=No` makes the kernel's initramfs-tools hook
+/// (/etc/kernel/postinst.d/initramfs-tools) skip building Debian's
+/// initramfs, which kiln would throw away.
+pub const BUILD_ENV: &[(&str, &str)] = &[("INITRD", "No")];
+
+const MMDEBSTRAP: Tool = Tool::new("mmdebstrap", "mmdebstrap");
+/// mmdebstrap compresses `.tar.zst` output with the zstd program.
+const ZSTD: Tool = Tool::new("zstd", "zstd");
+
+/// Read buffer for hashing tarballs.
+const BUFFER_BYTES: usize = 1 << 20;
+
+/// A temp file untouched this long belongs to an interrupted build
+/// (mmdebstrap writes the tarball only at the end, so a live build's temp
+/// file sits empty for the whole install: minutes, not hours).
+const STALE_TEMP: Duration = Duration::from_secs(6 * 3600);
+
+/// What to ask mmdebstrap for. Everything that changes the tarball is here
+/// or in [`BASE_FORMAT_VERSION`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseSpec {
+    /// Debian codename, like "bookworm".
+    pub suite: String,
+    pub kernel: KernelFlavour,
+    /// The full list: defaults, kernel (and firmware), the profile's extras;
+    /// sorted and deduplicated.
+    pub packages: Vec<String>,
+    /// Archive components, `main` first.
+    pub components: Vec<String>,
+    /// Always [`ARCHITECTURE`].
+    pub architecture: String,
+    /// dpkg `path-exclude=`/`path-include=` rules, in order.
+    pub excludes: Vec<String>,
+}
+
+/// A base root tarball ready for the rootfs stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseTarball {
+    pub path: PathBuf,
+    /// Lowercase hex sha256 of the tarball file.
+    pub sha256: String,
+    /// False only when this call ran mmdebstrap to make it.
+    pub reused: bool,
+}
+
+/// The spec for a plan's Debian base; `None` when the user supplies a tarball.
+pub fn base_spec(plan: &Plan) -> Option<BaseSpec> {
+    match &plan.base {
+        BasePlan::Debian { suite, kernel, packages } => Some(debian_spec(suite, *kernel, packages)),
+        BasePlan::Tarball(_) => None,
+    }
+}
+
+/// The spec for `suite` with `kernel` and the profile's extra packages.
+pub fn debian_spec(suite: &str, kernel: KernelFlavour, extra_packages: &[String]) -> BaseSpec {
+    let kernel_packages: Vec<&str> = match kernel {
+        KernelFlavour::Generic => [GENERIC_KERNEL_PACKAGES, GENERIC_FIRMWARE_PACKAGES].concat(),
+        KernelFlavour::Cloud => CLOUD_KERNEL_PACKAGES.to_vec(),
+    };
+    let mut packages: Vec<String> = DEFAULT_PACKAGES.iter().chain(&kernel_packages).map(|s| s.to_string()).chain(extra_packages.iter().cloned()).collect();
+    packages.sort();
+    packages.dedup();
+    let mut components = vec!["main".to_string()];
+    if packages.iter().any(|p| needs_firmware_component(p)) {
+        components.push(FIRMWARE_COMPONENT.to_string());
+    }
+    BaseSpec {
+        suite: suite.to_string(),
+        kernel,
+        packages,
+        components,
+        architecture: ARCHITECTURE.to_string(),
+        excludes: DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// Packages that live in `non-free-firmware` (firmware blobs and CPU
+/// microcode); `firmware-linux-free` is in main, but asking for the extra
+/// component is harmless.
+fn needs_firmware_component(package: &str) -> bool {
+    package.starts_with("firmware-") || package.ends_with("-microcode")
+}
+
+fn kernel_name(k: KernelFlavour) -> &'static str {
+    match k {
+        KernelFlavour::Generic => "generic",
+        KernelFlavour::Cloud => "cloud",
+    }
+}
+
+/// The text the digest is taken of: one fact per line, in a fixed order.
+pub fn canonical_text(spec: &BaseSpec) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "kiln-base-format {BASE_FORMAT_VERSION}");
+    let _ = writeln!(s, "suite {}", spec.suite);
+    let _ = writeln!(s, "kernel {}", kernel_name(spec.kernel));
+    let _ = writeln!(s, "architecture {}", spec.architecture);
+    let _ = writeln!(s, "variant {VARIANT}");
+    let _ = writeln!(s, "components {}", spec.components.join(","));
+    for p in &spec.packages {
+        let _ = writeln!(s, "package {p}");
+    }
+    for e in &spec.excludes {
+        let _ = writeln!(s, "dpkgopt {e}");
+    }
+    for (k, v) in BUILD_ENV {
+        let _ = writeln!(s, "env {k}={v}");
+    }
+    let _ = writeln!(s, "customize-hook sha256:{}", hex::encode(Sha256::digest(CUSTOMIZE_HOOK)));
+    s
+}
+
+/// Lowercase hex sha256 of [`canonical_text`]: the cache key.
+pub fn spec_digest(spec: &BaseSpec) -> String {
+    hex::encode(Sha256::digest(canonical_text(spec)))
+}
+
+/// Where the tarball for `spec` is cached under `cache` (the kiln cache dir).
+pub fn cached_path(spec: &BaseSpec, cache: &Path) -> PathBuf {
+    cache.join("base").join(format!("{}.tar.zst", spec_digest(spec)))
+}
+
+fn record_path(tarball: &Path) -> PathBuf {
+    let name = tarball.file_name().unwrap_or_default().to_string_lossy();
+    tarball.with_file_name(format!("{}.json", name.trim_end_matches(".tar.zst")))
+}
+
+/// The mmdebstrap command line for `spec`, writing to `target` (whose
+/// `.tar.zst` extension makes mmdebstrap compress with zstd).
+pub fn mmdebstrap_command(spec: &BaseSpec, target: &Path) -> Result<Command> {
+    let mut cmd = MMDEBSTRAP.command()?;
+    cmd.arg(format!("--variant={VARIANT}"))
+        .arg(format!("--architectures={}", spec.architecture))
+        .arg(format!("--components={}", spec.components.join(",")))
+        .arg("--format=tar")
+        .arg(format!("--include={}", spec.packages.join(",")));
+    for e in &spec.excludes {
+        cmd.arg(format!("--dpkgopt={e}"));
+    }
+    cmd.arg(format!("--customize-hook={CUSTOMIZE_HOOK}")).arg("--").arg(&spec.suite).arg(target);
+    cmd.envs(BUILD_ENV.iter().copied());
+    Ok(cmd)
+}
+
+/// The cached tarball for `spec`, building it with mmdebstrap first if it
+/// is missing or does not match its record.
+///
+/// `cache` is the kiln cache dir ([`crate::cache::cache_dir`]); the build
+/// runs with `SOURCE_DATE_EPOCH=source_date_epoch`. A failed or interrupted
+/// build leaves only a hidden temp file, never `<digest>.tar.zst`.
+pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
+    let digest = spec_digest(spec);
+    let path = cached_path(spec, cache);
+    let record = record_path(&path);
+    if let Some(t) = check_cached(&path, &record)? {
+        log::info!("base {} ({} kernel): reusing {}", spec.suite, kernel_name(spec.kernel), path.display());
+        return Ok(t);
+    }
+
+    tool::preflight(&[MMDEBSTRAP, ZSTD])?;
+    let dir = path.parent().expect("cached path has a parent");
+    fs::create_dir_all(dir).with_context(|| format!("creating the base cache {}", dir.display()))?;
+    remove_stale_temps(dir, &digest);
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{digest}."))
+        .suffix(".tmp.tar.zst")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+
+    let mut cmd = mmdebstrap_command(spec, tmp.path())?;
+    cmd.env("SOURCE_DATE_EPOCH", source_date_epoch.to_string());
+    let env: Vec<String> = BUILD_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let line = format!("SOURCE_DATE_EPOCH={source_date_epoch} {} {}", env.join(" "), tool::display(&cmd));
+    log::info!("building base {} ({} kernel, {} packages), one to two minutes: {line}", spec.suite, kernel_name(spec.kernel), spec.packages.len());
+    let started = Instant::now();
+    tool::run(&mut cmd).with_context(|| format!("building the {} base tarball with mmdebstrap", spec.suite))?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    let file = fs::File::open(tmp.path()).with_context(|| format!("opening {}", tmp.path().display()))?;
+    let bytes = file.metadata()?.len();
+    if bytes == 0 {
+        bail!("mmdebstrap exited successfully but wrote nothing to {}", tmp.path().display());
+    }
+    file.sync_all().with_context(|| format!("syncing {}", tmp.path().display()))?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
+    let sha256 = hash_file(tmp.path())?;
+    tmp.persist(&path).map_err(|e| e.error).with_context(|| format!("moving the base tarball to {}", path.display()))?;
+
+    let meta = serde_json::json!({
+        "kiln-base-format": BASE_FORMAT_VERSION,
+        "digest": digest,
+        "spec": {
+            "suite": spec.suite,
+            "kernel": kernel_name(spec.kernel),
+            "architecture": spec.architecture,
+            "variant": VARIANT,
+            "components": spec.components,
+            "packages": spec.packages,
+            "excludes": spec.excludes,
+        },
+        "tarball": path.file_name().map(|n| n.to_string_lossy().to_string()),
+        "sha256": sha256,
+        "bytes": bytes,
+        "source-date-epoch": source_date_epoch,
+        "build-seconds": (seconds * 10.0).round() / 10.0,
+        "command": line,
+    });
+    write_atomic(&record, format!("{}\n", serde_json::to_string_pretty(&meta)?).as_bytes())?;
+    sync_dir(dir);
+    log::info!("built base {} in {seconds:.1} s: {} ({:.1} MB)", spec.suite, path.display(), bytes as f64 / 1e6);
+    Ok(BaseTarball { path, sha256, reused: false })
+}
+
+/// The cached tarball if it and its record agree; `None` means build.
+fn check_cached(path: &Path, record: &Path) -> Result<Option<BaseTarball>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let recorded = fs::read_to_string(record)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("sha256").and_then(|s| s.as_str()).map(str::to_string));
+    let Some(recorded) = recorded else {
+        log::warn!("{} has no readable record {}: rebuilding it", path.display(), record.display());
+        return Ok(None);
+    };
+    let actual = hash_file(path)?;
+    if actual != recorded {
+        log::warn!("{} has sha256 {actual}, but {} records {recorded}: rebuilding it", path.display(), record.display());
+        return Ok(None);
+    }
+    Ok(Some(BaseTarball { path: path.to_path_buf(), sha256: actual, reused: true }))
+}
+
+/// A root tarball the user supplies (`base.tarball`), hashed.
+pub fn use_tarball(path: &Path) -> Result<BaseTarball> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => bail!("base tarball {} is not a file: set `base.tarball` to a root filesystem tarball", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            bail!("base tarball {} does not exist: fix `base.tarball` in the profile (relative paths are relative to the profile), or remove it to build a Debian base", path.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading base tarball {}", path.display())),
+    }
+    let sha256 = hash_file(path)?;
+    Ok(BaseTarball { path: path.to_path_buf(), sha256, reused: true })
+}
+
+/// The base tarball for `plan`: the user's, or the cached (or freshly
+/// built) Debian one.
+pub fn plan_base_tarball(plan: &Plan, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
+    match &plan.base {
+        BasePlan::Tarball(p) => use_tarball(p),
+        BasePlan::Debian { .. } => ensure_base(&base_spec(plan).expect("a Debian base has a spec"), cache, source_date_epoch),
+    }
+}
+
+/// Lowercase hex sha256 of a file, streamed.
+fn hash_file(path: &Path) -> Result<String> {
+    let mut file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; BUFFER_BYTES];
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) => return Ok(hex::encode(hasher.finalize())),
+            Ok(n) => hasher.update(&buffer[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    io::Write::write_all(&mut tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
+    tmp.as_file().sync_all()?;
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
+    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Remove temp files of `digest` left by interrupted builds (killed before
+/// the temp file's drop could run).
+fn remove_stale_temps(dir: &Path, digest: &str) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let prefix = format!(".{digest}.");
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !(name.starts_with(&prefix) && name.ends_with(".tmp.tar.zst")) {
+            continue;
+        }
+        let idle = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| SystemTime::now().duration_since(t).ok());
+        if idle.is_some_and(|d| d > STALE_TEMP) {
+            log::info!("removing {}, left by an interrupted build", e.path().display());
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}

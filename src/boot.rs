@@ -1,0 +1,63 @@
+//! What systemd-boot reads: `loader/loader.conf` and one Boot Loader
+//! Specification (type #1) entry per slot. Pure text.
+
+use crate::plan::{NodePlan, Plan};
+
+/// Paths on the ESP (FAT, `/`-separated, no leading slash).
+pub const BOOTLOADER_PATH: &str = "EFI/BOOT/BOOTX64.EFI";
+pub const LOADER_CONF_PATH: &str = "loader/loader.conf";
+
+/// Kernel arguments kiln adds to every entry: reboot 10 s after a kernel
+/// panic, so an unattended node falls back (boot counting) instead of
+/// hanging.
+pub const KILN_KERNEL_ARGS: &[&str] = &["panic=10"];
+
+/// Where a slot's files live on the ESP.
+pub fn slot_dir(slot: char) -> String {
+    format!("kiln/{slot}")
+}
+
+pub fn kernel_path(slot: char) -> String {
+    format!("{}/vmlinuz", slot_dir(slot))
+}
+
+pub fn initrd_path(slot: char) -> String {
+    format!("{}/initrd.img", slot_dir(slot))
+}
+
+pub fn seed_path(slot: char) -> String {
+    format!("{}/seed.img", slot_dir(slot))
+}
+
+pub fn entry_path(slot: char) -> String {
+    format!("loader/entries/kiln-{slot}.conf")
+}
+
+/// `loader.conf`: boot the slot A entry unless told otherwise; no
+/// command line editor (it would give anyone at the keyboard a root
+/// shell through `init=`).
+pub fn loader_conf(plan: &Plan) -> String {
+    format!("timeout {}\ndefault kiln-a.conf\neditor no\nconsole-mode keep\n", plan.boot.menu_timeout)
+}
+
+/// The kernel command line of a slot's entry.
+pub fn options(plan: &Plan, node: &NodePlan, slot: char) -> String {
+    let mut items = vec![format!("kiln.slot={slot}")];
+    items.extend(KILN_KERNEL_ARGS.iter().map(|s| s.to_string()));
+    items.extend(plan.cmdline(node));
+    items.join(" ")
+}
+
+/// A Boot Loader Specification entry for `slot`.
+pub fn entry(plan: &Plan, node: &NodePlan, slot: char, kernel_version: &str) -> String {
+    format!(
+        "title kiln {cluster}/{node} (slot {slot}, k3s {k3s})\nversion {kernel_version}\nsort-key kiln\nlinux /{kernel}\ninitrd /{initrd}\ninitrd /{seed}\noptions {opts}\n",
+        cluster = plan.cluster,
+        node = node.name,
+        k3s = plan.k3s.version,
+        kernel = kernel_path(slot),
+        initrd = initrd_path(slot),
+        seed = seed_path(slot),
+        opts = options(plan, node, slot),
+    )
+}

@@ -1,0 +1,335 @@
+//! `kiln build`: the whole pipeline for the selected nodes, written into a
+//! staging directory beside the output and published only when every
+//! stage succeeded.
+//!
+//! base tarball → k3s binary → root image (per role) → initramfs →
+//! per node: rendered files → seed → ESP + GPT disk → SHA256SUMS,
+//! manifest.json → publish.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use sha2::{Digest as _, Sha256};
+
+use crate::commands::ClusterSecrets;
+use crate::image::{disk, esp::EspFile};
+use crate::plan::{NodePlan, Plan};
+use crate::profile::Role;
+use crate::{base, boot, initramfs, kernel, rootfs};
+
+/// Modification time of everything kiln writes when `SOURCE_DATE_EPOCH`
+/// is not set: 2025-01-01T00:00:00Z.
+pub const DEFAULT_EPOCH: u64 = 1_735_689_600;
+/// Name of the kiln version in the image and the manifest.
+pub const KILN_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What to build.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    pub out: PathBuf,
+    /// Node names; empty means all (or all of `role`).
+    pub nodes: Vec<String>,
+    pub role: Option<Role>,
+    /// `--k3s-binary` / `KILN_K3S_BINARY`.
+    pub k3s_binary: Option<PathBuf>,
+    pub qcow2: bool,
+    pub cache: PathBuf,
+}
+
+/// `SOURCE_DATE_EPOCH`, or [`DEFAULT_EPOCH`].
+pub fn source_date_epoch() -> anyhow::Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(s) => s.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH={s} is not a number of seconds")),
+        Err(_) => Ok(DEFAULT_EPOCH),
+    }
+}
+
+/// The staging directory of the running build, removed on Ctrl-C.
+static STAGING: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+fn install_interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if let Some(dir) = STAGING.lock().ok().and_then(|g| g.clone()) {
+                let _ = std::fs::remove_dir_all(&dir);
+                eprintln!("\ninterrupted: removed {}; the output directory is as it was", dir.display());
+            }
+            std::process::exit(130);
+        });
+    });
+}
+
+/// A staging directory that removes itself unless published.
+struct Staging {
+    dir: PathBuf,
+    published: bool,
+}
+
+impl Staging {
+    fn new(out: &Path) -> anyhow::Result<Self> {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let name = out.file_name().context("the output directory needs a name")?.to_string_lossy().to_string();
+        let dir = tempfile::Builder::new().prefix(&format!(".{name}.staging-")).tempdir_in(parent)?.keep();
+        *STAGING.lock().unwrap() = Some(dir.clone());
+        Ok(Staging { dir, published: false })
+    }
+
+    /// Replace `out` with the staging directory.
+    fn publish(mut self, out: &Path) -> anyhow::Result<()> {
+        let old = out.with_file_name(format!(".{}.old-{}", out.file_name().unwrap().to_string_lossy(), std::process::id()));
+        if out.exists() {
+            std::fs::rename(out, &old).with_context(|| format!("moving the previous {} aside", out.display()))?;
+        }
+        std::fs::rename(&self.dir, out).with_context(|| format!("publishing {}", out.display()))?;
+        self.published = true;
+        *STAGING.lock().unwrap() = None;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing the previous build {}", old.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            *STAGING.lock().unwrap() = None;
+        }
+    }
+}
+
+/// Progress on stderr: one line per stage with its time.
+pub struct Progress {
+    start: Instant,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Progress { start: Instant::now() }
+    }
+
+    pub fn stage<T>(&self, what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let t = Instant::now();
+        let spinner = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let s = indicatif::ProgressBar::new_spinner();
+            s.set_message(what.to_string());
+            s.enable_steady_tick(std::time::Duration::from_millis(120));
+            Some(s)
+        } else {
+            eprintln!("kiln: {what} …");
+            None
+        };
+        let r = f();
+        let secs = t.elapsed().as_secs_f64();
+        if let Some(s) = spinner {
+            s.finish_and_clear();
+        }
+        match &r {
+            Ok(_) => eprintln!("kiln: {what}: done in {secs:.1} s"),
+            Err(_) => eprintln!("kiln: {what}: failed after {secs:.1} s"),
+        }
+        r.with_context(|| what.to_string())
+    }
+
+    pub fn total(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn select_nodes<'p>(plan: &'p Plan, opts: &BuildOptions) -> anyhow::Result<Vec<&'p NodePlan>> {
+    for n in &opts.nodes {
+        if plan.node(n).is_none() {
+            let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+            bail!("no node `{n}` in {}; nodes: {}", plan.profile_path.display(), names.join(", "));
+        }
+    }
+    let sel: Vec<&NodePlan> = plan.nodes.iter().filter(|n| (opts.nodes.is_empty() || opts.nodes.contains(&n.name)) && opts.role.is_none_or(|r| r == n.role)).collect();
+    if sel.is_empty() {
+        bail!("no node matches the selection (--node/--role)");
+    }
+    Ok(sel)
+}
+
+/// The overlays of a role, in order: `overlays/common`, `overlays/<role>`
+/// next to the profile's repository (the profile's directory's parent,
+/// or the profile's directory).
+pub fn overlay_dirs(plan: &Plan, role: Role) -> Vec<PathBuf> {
+    let dir = plan.profile_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let root = [dir.join("overlays"), dir.join("..").join("overlays")].into_iter().find(|p| p.is_dir());
+    let Some(root) = root else { return Vec::new() };
+    [root.join("common"), root.join(role.as_str())].into_iter().filter(|p| p.is_dir()).collect()
+}
+
+/// What a build produced.
+#[derive(Debug)]
+pub struct BuildResult {
+    pub artifacts: Vec<PathBuf>,
+    pub manifest: serde_json::Value,
+}
+
+/// Run the whole build.
+pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyhow::Result<BuildResult> {
+    let nodes = select_nodes(plan, opts)?;
+    let epoch = source_date_epoch()?;
+    let mut tools = vec![rootfs::TAR2SQFS];
+    if opts.qcow2 {
+        tools.push(QEMU_IMG);
+    }
+    crate::tool::preflight(&tools)?;
+    install_interrupt_handler();
+    let progress = Progress::new();
+    let staging = Staging::new(&opts.out)?;
+    let work = staging.dir.join(".work");
+    std::fs::create_dir_all(&work)?;
+
+    let base = progress.stage("base root tarball", || base::plan_base_tarball(plan, &opts.cache, epoch))?;
+    let lock = plan.profile_path.with_file_name("kiln.lock");
+    let k3s = progress.stage(&format!("k3s {}", plan.k3s.version), || {
+        crate::k3s::Resolver::new(opts.cache.join("k3s"), &lock).resolve(&plan.k3s.version.to_string(), opts.k3s_binary.as_deref())
+    })?;
+    let files = progress.stage("kernel, modules, busybox, systemd-boot", || kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES))?;
+    let compression = kernel::initramfs_compression(files.config.as_deref())?;
+    let initrd = progress.stage("initramfs", || initramfs::build_initramfs(&files, compression, epoch as u32))?;
+    let initrd_path = work.join("initrd.img");
+    std::fs::write(&initrd_path, &initrd)?;
+    let vmlinuz_path = work.join("vmlinuz");
+    std::fs::write(&vmlinuz_path, &files.vmlinuz)?;
+    let sdboot_path = work.join("systemd-bootx64.efi");
+    std::fs::write(&sdboot_path, &files.systemd_boot)?;
+
+    // One root image per distinct set of overlays (per role at most).
+    let version_text = format!("kiln {KILN_VERSION}\nk3s {}\nk3s-sha256 {}\nbase-sha256 {}\nkernel {}\n", plan.k3s.version, k3s.sha256, base.sha256, files.kernel_version);
+    let mut roots: BTreeMap<Vec<PathBuf>, (PathBuf, u64, String)> = BTreeMap::new();
+    for role in [Role::Server, Role::Agent] {
+        if !nodes.iter().any(|n| n.role == role) {
+            continue;
+        }
+        let overlays = overlay_dirs(plan, role);
+        if roots.contains_key(&overlays) {
+            continue;
+        }
+        let out = work.join(format!("root-{}.sqfs", role.as_str()));
+        let inputs = rootfs::RootInputs { base: &base.path, overlays: overlays.clone(), k3s: &k3s.path, image_files: rootfs::image_files(&version_text), mtime: epoch, level: plan.compression_level };
+        let img = progress.stage(&format!("root image ({} overlays: {})", role.as_str(), overlays.len()), || rootfs::build_root(&inputs, &out))?;
+        let sha = sha256_file(&out)?;
+        roots.insert(overlays, (out, img.size, sha));
+    }
+
+    let mut artifacts = Vec::new();
+    let mut node_manifest = Vec::new();
+    for node in &nodes {
+        let (root_path, root_size, root_sha) = roots[&overlay_dirs(plan, node.role)].clone();
+        let name = &node.name;
+        let image = staging.dir.join(format!("{name}.img"));
+        progress.stage(&format!("{name}.img"), || {
+            let rendered = crate::render::render_node(plan, node, &secrets.for_node(name));
+            let seed = initramfs::build_seed(&rendered.tree, epoch as u32)?;
+            let seed_path = work.join(format!("{name}.seed.img"));
+            write_private(&seed_path, &seed)?;
+            let esp_files = vec![
+                EspFile::copy_of(boot::BOOTLOADER_PATH, &sdboot_path),
+                EspFile::bytes(boot::LOADER_CONF_PATH, boot::loader_conf(plan)),
+                EspFile::bytes(boot::entry_path('a'), boot::entry(plan, node, 'a', &files.kernel_version)),
+                EspFile::copy_of(boot::kernel_path('a'), &vmlinuz_path),
+                EspFile::copy_of(boot::initrd_path('a'), &initrd_path),
+                EspFile::copy_of(boot::seed_path('a'), &seed_path),
+            ];
+            let guid_seed = format!("{}/{}", plan.cluster, name);
+            let parts = disk::plan_disk(&guid_seed, root_size)?;
+            disk::write_disk(&image, &parts, &guid_seed, &root_path, &esp_files)
+        })?;
+        let mut entry = serde_json::json!({
+            "name": name,
+            "role": node.role.as_str(),
+            "cmdline": boot::options(plan, node, 'a'),
+            "root_sha256": root_sha,
+        });
+        if opts.qcow2 {
+            let q = staging.dir.join(format!("{name}.qcow2"));
+            progress.stage(&format!("{name}.qcow2"), || {
+                crate::tool::run(QEMU_IMG.command()?.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&image).arg(&q))?;
+                std::fs::set_permissions(&q, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+                Ok(())
+            })?;
+            entry["qcow2"] = serde_json::json!(format!("{name}.qcow2"));
+        }
+        node_manifest.push(entry);
+    }
+    std::fs::remove_dir_all(&work)?;
+
+    // Checksums and manifest over everything in the staging dir.
+    let mut names: Vec<String> = std::fs::read_dir(&staging.dir)?.map(|e| e.map(|e| e.file_name().to_string_lossy().to_string())).collect::<Result<_, _>>()?;
+    names.sort();
+    let mut sums = String::new();
+    let mut art = Vec::new();
+    for n in &names {
+        let p = staging.dir.join(n);
+        let sha = sha256_file(&p)?;
+        sums.push_str(&format!("{sha}  {n}\n"));
+        art.push(serde_json::json!({"path": n, "sha256": sha, "size": std::fs::metadata(&p)?.len()}));
+    }
+    std::fs::write(staging.dir.join("SHA256SUMS"), &sums)?;
+    let profile_text = std::fs::read(&plan.profile_path).unwrap_or_default();
+    let manifest = serde_json::json!({
+        "kiln_version": KILN_VERSION,
+        "cluster": plan.cluster,
+        "profile": plan.profile_path.file_name().map(|f| f.to_string_lossy().to_string()),
+        "profile_sha256": hex::encode(Sha256::digest(&profile_text)),
+        "source_date_epoch": epoch,
+        "base": {"sha256": base.sha256},
+        "k3s": {"version": plan.k3s.version.to_string(), "sha256": k3s.sha256},
+        "kernel": {"version": files.kernel_version, "initramfs_compression": format!("{compression:?}").to_lowercase()},
+        "nodes": node_manifest,
+        "artifacts": art,
+    });
+    let mut mf = std::fs::File::create(staging.dir.join("manifest.json"))?;
+    serde_json::to_writer_pretty(&mut mf, &manifest)?;
+    mf.write_all(b"\n")?;
+    mf.sync_all()?;
+    std::fs::File::open(&staging.dir)?.sync_all()?;
+
+    let out = opts.out.clone();
+    staging.publish(&out)?;
+    eprintln!("kiln: built {} node(s) in {:.1} s", nodes.len(), progress.total());
+    let mut artifacts_out: Vec<PathBuf> = names.iter().map(|n| out.join(n)).collect();
+    artifacts_out.push(out.join("SHA256SUMS"));
+    artifacts_out.push(out.join("manifest.json"));
+    artifacts.extend(artifacts_out);
+    Ok(BuildResult { artifacts, manifest })
+}
+
+pub const QEMU_IMG: crate::tool::Tool = crate::tool::Tool::new("qemu-img", "qemu-utils");
+
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! Assemble a node's disk image: GPT, the ESP, the root image in slot A,
+//! an empty slot B and an empty state partition, written by offset into
+//! a sparse file. No loop devices, no mounts.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+
+use anyhow::{Context as _, ensure};
+
+use super::esp::{self, EspFile};
+use super::gpt::{self, Guid, PartitionPlan};
+
+pub const MIB: u64 = 1024 * 1024;
+/// The ESP: FAT32 needs at least 260 MiB at 512-byte sectors for OVMF;
+/// two slots of kernel + initramfs + seed fit with room to spare.
+pub const ESP_MIB: u64 = 260;
+/// Initial size of the state partition in the image file. It is formatted
+/// and grown to the end of the disk on first boot.
+pub const STATE_INITIAL_MIB: u64 = 256;
+/// Each root slot holds 1.5 × the root image (rounded up to 64 MiB), so a
+/// bigger root fits at the next A/B update.
+pub const SLOT_HEADROOM_PERCENT: u64 = 150;
+pub const SLOT_ROUND_MIB: u64 = 64;
+
+/// Size of each root slot for a root image of `root_bytes`.
+pub fn slot_mib(root_bytes: u64) -> u64 {
+    let want = (root_bytes * SLOT_HEADROOM_PERCENT / 100).div_ceil(MIB);
+    want.div_ceil(SLOT_ROUND_MIB) * SLOT_ROUND_MIB
+}
+
+/// Plan the partitions of a node's disk.
+pub fn plan_disk(guid_seed: &str, root_bytes: u64) -> anyhow::Result<PartitionPlan> {
+    let slot = slot_mib(root_bytes);
+    gpt::plan_partitions(guid_seed, ESP_MIB, slot, slot, STATE_INITIAL_MIB)
+}
+
+/// The FAT volume id of a node's ESP, derived like the GUIDs.
+pub fn volume_id(guid_seed: &str) -> u32 {
+    let g = Guid::derive(guid_seed, "esp-volume-id");
+    u32::from_le_bytes([g.0[0], g.0[1], g.0[2], g.0[3]])
+}
+
+/// Write the disk image at `path` (created 0600: it holds the node's
+/// secrets): GPT, ESP with `esp_files`, `root` copied into root-a.
+pub fn write_disk(path: &Path, plan: &PartitionPlan, guid_seed: &str, root: &Path, esp_files: &[EspFile]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(plan.disk_size_bytes)?;
+    gpt::write_gpt(&mut f, plan).with_context(|| format!("writing the partition table of {}", path.display()))?;
+    let esp_part = plan.partition("ESP").expect("planned");
+    esp::write_esp(&mut f, esp_part.offset_bytes(), esp_part.size_bytes(), volume_id(guid_seed), esp_files).with_context(|| format!("writing the ESP of {}", path.display()))?;
+    let slot = plan.partition("root-a").expect("planned");
+    let mut src = File::open(root).with_context(|| format!("reading root image {}", root.display()))?;
+    let len = src.metadata()?.len();
+    ensure!(len <= slot.size_bytes(), "root image {} ({len} bytes) does not fit slot root-a ({} bytes)", root.display(), slot.size_bytes());
+    f.seek(SeekFrom::Start(slot.offset_bytes()))?;
+    let copied = std::io::copy(&mut std::io::BufReader::with_capacity(MIB as usize, &mut src), &mut f)?;
+    ensure!(copied == len, "short copy of the root image");
+    f.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,166 @@
+#!/bin/busybox sh
+# kiln's init: the first program of every kiln node (busybox, in the
+# initramfs). It mounts the slot's read-only root, puts /etc in RAM over
+# it, puts /var on the state partition (formatting and growing it when
+# needed), copies the node seed into place and hands over to systemd.
+#
+# Kernel arguments it reads:
+#   kiln.slot=a|b     which root partition (root-a / root-b) to boot
+#   kiln.debug        open a shell instead of rebooting on failure
+#
+# Every step logs "kiln-init: ..." to the kernel log, so the boot
+# timeline can be read from the console with kernel timestamps.
+
+/bin/busybox mkdir -p /bin /sbin /proc /sys /dev /run /sysroot
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
+
+log() { echo "kiln-init: $*" > /dev/kmsg 2>/dev/null || echo "kiln-init: $*"; }
+
+fail() {
+    log "FATAL: $*"
+    echo "kiln-init: FATAL: $*" > /dev/console
+    if [ -n "$debug" ]; then
+        echo "kiln-init: kiln.debug is set: starting a shell (exit to reboot)" > /dev/console
+        setsid cttyhack sh || sh
+    else
+        echo "kiln-init: rebooting in 10 s (add kiln.debug to the kernel command line for a shell)" > /dev/console
+        sleep 10
+    fi
+    reboot -f
+}
+
+slot=a
+debug=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        kiln.slot=*) slot="${arg#kiln.slot=}" ;;
+        kiln.debug) debug=1 ;;
+    esac
+done
+case "$slot" in a|b) ;; *) fail "kiln.slot=$slot: expected a or b" ;; esac
+log "started (slot $slot, kernel $(uname -r))"
+
+# Modules, in dependency order (resolved when the image was built).
+kver=$(uname -r)
+while read -r m; do
+    [ -n "$m" ] && insmod "/lib/modules/$kver/$m" 2>/dev/null
+done < /etc/kiln/modules
+log "modules loaded"
+mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
+
+# Find a partition by its GPT name; print its device name (e.g. vda2).
+find_part() {
+    for u in /sys/class/block/*/uevent; do
+        if grep -qx "PARTNAME=$1" "$u"; then
+            basename "$(dirname "$u")"
+            return 0
+        fi
+    done
+    return 1
+}
+
+root_name="root-$slot"
+tries=0
+until part=$(find_part "$root_name"); do
+    tries=$((tries + 1))
+    # USB sticks can take several seconds to appear.
+    [ $tries -gt 300 ] && fail "no partition named $root_name after 30 s"
+    sleep 0.1
+done
+disk=$(basename "$(readlink -f "/sys/class/block/$part/..")")
+log "root $root_name is /dev/$part on /dev/$disk"
+
+mount -t squashfs -o ro "/dev/$part" /sysroot || fail "cannot mount /dev/$part ($root_name) as squashfs"
+log "root mounted read-only"
+
+# /run in RAM (systemd keeps it), and /etc writable in RAM over the image's.
+mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /sysroot/run
+mkdir -p /sysroot/run/kiln/etc-upper /sysroot/run/kiln/etc-work
+mount -t overlay overlay -o lowerdir=/sysroot/etc,upperdir=/sysroot/run/kiln/etc-upper,workdir=/sysroot/run/kiln/etc-work /sysroot/etc \
+    || fail "cannot overlay /etc"
+echo "$slot" > /sysroot/run/kiln/slot
+# /tmp in RAM: systemd needs a writable /tmp to set up PrivateDevices=.
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /sysroot/tmp
+
+# Run one of the image's own programs (mkfs, sfdisk, resize2fs) with the
+# image's libraries.
+in_root() {
+    mount --bind /dev /sysroot/dev && mount --bind /proc /sysroot/proc && mount --bind /sys /sysroot/sys
+    chroot /sysroot "$@"
+    rc=$?
+    umount /sysroot/sys /sysroot/proc /sysroot/dev
+    return $rc
+}
+
+state_fs=
+grown=
+if state=$(find_part state); then
+    # Grow the state partition to the end of its disk (a 16 GB stick and a
+    # 1 TB disk both get all their space). sfdisk moves the backup GPT to
+    # the end first; the kernel learns the new size through BLKPG.
+    disk_sectors=$(cat "/sys/class/block/$disk/size")
+    start=$(cat "/sys/class/block/$state/start")
+    size=$(cat "/sys/class/block/$state/size")
+    partn=$(sed -n 's/^PARTN=//p' "/sys/class/block/$state/uevent")
+    # 33 sectors of backup GPT + 1 MiB alignment slack
+    if [ $((start + size + 2048 + 33)) -lt "$disk_sectors" ]; then
+        log "growing /dev/$state to the end of /dev/$disk"
+        in_root sfdisk --quiet --relocate gpt-bak-std "/dev/$disk" \
+            && echo ",+" | in_root sfdisk --quiet --force --no-reread --no-tell-kernel -N "$partn" "/dev/$disk" \
+            && newsize=$(in_root sfdisk --dump "/dev/$disk" | sed -n "s|^/dev/$state .*size= *\([0-9]*\),.*|\1|p") \
+            && [ -n "$newsize" ] && in_root resizepart "/dev/$disk" "$partn" "$newsize" \
+            && grown=1 || log "could not grow /dev/$state; continuing with its current size"
+    fi
+    # ext4 magic 0xEF53 at byte 1080 of the partition.
+    magic=$(dd if="/dev/$state" bs=2 skip=540 count=1 2>/dev/null | hexdump -e '1/2 "%04x"')
+    if [ "$magic" != "ef53" ]; then
+        log "formatting /dev/$state (first boot)"
+        uuid=$(cat /proc/sys/kernel/random/uuid)
+        seed=$(cat /proc/sys/kernel/random/uuid)
+        # -U and hash_seed from the kernel: mke2fs would otherwise wait for entropy.
+        in_root mkfs.ext4 -q -F -L state -U "$uuid" -E "hash_seed=$seed" "/dev/$state" || fail "cannot format /dev/$state"
+    fi
+    mount -t ext4 -o noatime "/dev/$state" /sysroot/var || fail "cannot mount /dev/$state on /var"
+    if [ -n "$grown" ]; then
+        in_root resize2fs "/dev/$state" >/dev/null 2>&1 && log "grew the state file system" || log "could not grow the state file system"
+    fi
+    state_fs="/dev/$state"
+    log "state /dev/$state mounted on /var"
+else
+    mount -t tmpfs -o mode=0755 tmpfs /sysroot/var
+    log "no state partition: /var is in RAM and is lost at shutdown"
+fi
+
+# The machine id stays with the node (journals and DHCP leases use it).
+mkdir -p /sysroot/var/lib/kiln
+if [ ! -s /sysroot/var/lib/kiln/machine-id ]; then
+    tr -d '-' < /proc/sys/kernel/random/uuid > /sysroot/var/lib/kiln/machine-id
+fi
+cp /sysroot/var/lib/kiln/machine-id /sysroot/etc/machine-id
+
+# /var in fstab so systemd knows it is mounted (and unmounts it at shutdown).
+if [ -n "$state_fs" ]; then
+    echo "$state_fs /var ext4 noatime 0 0" > /sysroot/etc/fstab
+else
+    : > /sysroot/etc/fstab
+fi
+
+# The node seed: this node's rendered files, concatenated to the initramfs.
+if [ -d /seed ]; then
+    cp -a /seed/. /sysroot/ || fail "cannot copy the node seed into place"
+    log "node seed in place ($(cat /seed/etc/hostname 2>/dev/null))"
+else
+    log "no node seed: booting the image without node configuration"
+fi
+
+umount /sys/firmware/efi/efivars 2>/dev/null
+mount --move /dev /sysroot/dev
+mount --move /proc /sysroot/proc
+mount --move /sys /sysroot/sys
+log "switch_root"
+exec switch_root /sysroot /sbin/init

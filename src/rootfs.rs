@@ -1,0 +1,337 @@
+//! The root image: the base tarball, the overlays, the k3s binary and
+//! kiln's own image files, streamed as one tar into `tar2sqfs`, which
+//! writes a zstd squashfs. Rootless: nothing is unpacked, owners, modes,
+//! device nodes, hard links and xattrs come from the tar headers.
+//!
+//! Why tar2sqfs (squashfs-tools-ng) and not the `backhand` crate: it
+//! keeps hard links and xattrs (backhand makes copies and drops xattrs),
+//! and it compresses on every core (DESIGN.md measured both).
+//!
+//! On the way through, the stream:
+//! - drops build-host state every node would otherwise share (SSH host
+//!   keys, host name, machine id, Debian's own initrd);
+//! - moves `/var` into `/usr/share/kiln/factory/var`: `/var` is the
+//!   state partition, seeded from the factory copy by systemd-tmpfiles
+//!   (`C`, copy if missing), while the package manager's state
+//!   (`var/lib/dpkg`, …) is a link into the factory, so it always matches
+//!   the `/usr` of the slot that booted;
+//! - clamps every mtime to `SOURCE_DATE_EPOCH`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context as _, bail};
+
+use crate::tool::Tool;
+use crate::tree::{Entry, FileTree};
+
+pub const TAR2SQFS: Tool = Tool::new("tar2sqfs", "squashfs-tools-ng");
+/// Where the image's own `/var` is kept.
+pub const FACTORY_VAR: &str = "usr/share/kiln/factory/var";
+/// Where the k3s binary goes.
+pub const K3S_PATH: &str = "usr/local/bin/k3s";
+/// squashfs block size: 128 KiB, the size DESIGN.md measured.
+pub const BLOCK_BYTES: u32 = 128 * 1024;
+/// Package-manager state linked (not copied) from the factory.
+const LINKED_VAR: [&str; 3] = ["var/lib/dpkg", "var/lib/apt", "var/cache/debconf"];
+/// `/var` directories whose children are seeded one by one.
+const SPLIT_VAR: [&str; 4] = ["var/lib", "var/cache", "var/log", "var/spool"];
+
+/// Build-host state dropped from the base: every node would share it.
+fn is_host_state(path: &str) -> bool {
+    path == "etc/hostname"
+        || path == "etc/machine-id"
+        || path == "var/lib/dbus/machine-id"
+        || path.starts_with("etc/ssh/ssh_host_")
+        || path.starts_with("boot/initrd.img")
+}
+
+/// What goes into a root image.
+pub struct RootInputs<'a> {
+    pub base: &'a Path,
+    /// Overlay directories, later ones win.
+    pub overlays: Vec<PathBuf>,
+    pub k3s: &'a Path,
+    /// kiln's own files in the image (units, masks, version).
+    pub image_files: FileTree,
+    pub mtime: u64,
+    pub level: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RootImage {
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// One file added on top of the base.
+enum Added {
+    Dir(u32),
+    File { mode: u32, uid: u32, gid: u32, source: Source },
+    Symlink(String),
+}
+
+enum Source {
+    Path(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+/// kiln's files for every image: masks, default target, the factory /var
+/// and k3s's node password kept on /var.
+pub fn image_files(version_text: &str) -> FileTree {
+    let mut t = FileTree::new();
+    t.symlink("/etc/systemd/system/default.target", "/lib/systemd/system/multi-user.target");
+    // The root is a read-only squashfs: nothing to check or remount.
+    t.symlink("/etc/systemd/system/systemd-fsck-root.service", "/dev/null");
+    t.symlink("/etc/systemd/system/systemd-remount-fs.service", "/dev/null");
+    // No package updates on an immutable node.
+    t.symlink("/etc/systemd/system/apt-daily.timer", "/dev/null");
+    t.symlink("/etc/systemd/system/apt-daily-upgrade.timer", "/dev/null");
+    // k3s keeps the agent's node password in /etc/rancher/node: keep it on /var.
+    t.symlink("/etc/rancher/node", "/var/lib/rancher/node");
+    t.file("/etc/tmpfiles.d/kiln.conf", 0o644, "# kiln: state that must survive reboots\nd /var/lib/rancher/node 0700 root root -\nd /var/lib/kiln 0755 root root -\n");
+    t.file("/etc/machine-id", 0o444, "");
+    t.file("/usr/lib/kiln/image", 0o644, version_text.to_string());
+    t
+}
+
+fn collect_overlay(dir: &Path, rel: &str, out: &mut BTreeMap<String, Added>) -> anyhow::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir).with_context(|| format!("reading overlay {}", dir.display()))?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().to_string();
+        if rel.is_empty() && (name == ".gitkeep" || name == "README.md") {
+            continue;
+        }
+        let path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        let meta = std::fs::symlink_metadata(e.path())?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.file_type().is_symlink() {
+            out.insert(path, Added::Symlink(std::fs::read_link(e.path())?.to_string_lossy().to_string()));
+        } else if meta.is_dir() {
+            out.insert(path.clone(), Added::Dir(mode));
+            collect_overlay(&e.path(), &path, out)?;
+        } else if meta.is_file() {
+            // Overlay files belong to root whoever checked them out.
+            out.insert(path, Added::File { mode, uid: 0, gid: 0, source: Source::Path(e.path()) });
+        } else {
+            bail!("{} is not a file, directory or symlink; overlays hold only those", e.path().display());
+        }
+    }
+    Ok(())
+}
+
+fn open_base(path: &Path) -> anyhow::Result<Box<dyn Read>> {
+    let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).with_context(|| format!("opening base tarball {}", path.display()))?);
+    let name = path.to_string_lossy();
+    Ok(if name.ends_with(".zst") || name.ends_with(".zstd") { Box::new(zstd::stream::read::Decoder::with_buffer(f)?) } else { Box::new(f) })
+}
+
+/// Map a base path into the image: `/var` moves to the factory.
+fn relocate(path: &str) -> String {
+    match path.strip_prefix("var/") {
+        Some(rest) if !rest.is_empty() => format!("{FACTORY_VAR}/{rest}"),
+        _ => path.to_string(),
+    }
+}
+
+fn header_for(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, mtime: u64, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    h.set_mtime(mtime);
+    h.set_size(size);
+    h
+}
+
+/// Write the whole image stream as tar into `out`.
+fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
+    let mut added: BTreeMap<String, Added> = BTreeMap::new();
+    for o in &inputs.overlays {
+        collect_overlay(o, "", &mut added)?;
+    }
+    for (path, e) in inputs.image_files.iter() {
+        let p = path.trim_start_matches('/').to_string();
+        added.insert(
+            p,
+            match e {
+                Entry::File { content, mode, uid, gid } => Added::File { mode: *mode, uid: *uid, gid: *gid, source: Source::Bytes(content.clone()) },
+                Entry::Symlink { target } => Added::Symlink(target.clone()),
+                Entry::Dir { mode } => Added::Dir(*mode),
+            },
+        );
+    }
+    added.insert(K3S_PATH.to_string(), Added::File { mode: 0o755, uid: 0, gid: 0, source: Source::Path(inputs.k3s.to_path_buf()) });
+
+    let mut tar = tar::Builder::new(out);
+    tar.mode(tar::HeaderMode::Complete);
+    let mut present: BTreeSet<String> = BTreeSet::new();
+    let mut var_children: BTreeSet<String> = BTreeSet::new();
+    let clamp = |t: u64| t.min(inputs.mtime);
+
+    let mut archive = tar::Archive::new(open_base(inputs.base)?);
+    for e in archive.entries().context("reading the base tarball")? {
+        let mut e = e.context("reading the base tarball")?;
+        let raw = e.path()?.to_string_lossy().to_string();
+        let path = raw.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/').to_string();
+        if path.is_empty() || path == "." || is_host_state(&path) {
+            continue;
+        }
+        let kind = e.header().entry_type();
+        // Overlay and kiln files replace the base's (directories merge).
+        if let Some(a) = added.get(&path) {
+            if !(kind.is_dir() && matches!(a, Added::Dir(_))) {
+                continue;
+            }
+        }
+        if let Some(rest) = path.strip_prefix("var/") {
+            let parts: Vec<&str> = rest.split('/').collect();
+            let top = format!("var/{}", parts[0]);
+            let child = if SPLIT_VAR.contains(&top.as_str()) && parts.len() > 1 { format!("{top}/{}", parts[1]) } else { top };
+            var_children.insert(child);
+        }
+        let target = relocate(&path);
+        let h = e.header();
+        let mode = h.mode()?;
+        let (uid, gid, mtime) = (h.uid()?, h.gid()?, clamp(h.mtime()?));
+        let mut xattrs: Vec<(String, Vec<u8>)> = Vec::new();
+        if let Some(exts) = e.pax_extensions()? {
+            for ext in exts {
+                let ext = ext?;
+                let key = ext.key().unwrap_or("");
+                if key.starts_with("SCHILY.xattr.") || key.starts_with("LIBARCHIVE.xattr.") {
+                    // squashfs cannot store POSIX ACLs (system.*); keep the rest.
+                    if !key.contains("system.posix_acl") {
+                        xattrs.push((key.to_string(), ext.value_bytes().to_vec()));
+                    }
+                }
+            }
+        }
+        if !xattrs.is_empty() {
+            tar.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        }
+        let size = if kind.is_file() { e.header().size()? } else { 0 };
+        let mut nh = header_for(kind, mode, uid, gid, mtime, size);
+        if kind.is_character_special() || kind.is_block_special() {
+            nh.set_device_major(e.header().device_major()?.unwrap_or(0))?;
+            nh.set_device_minor(e.header().device_minor()?.unwrap_or(0))?;
+        }
+        if kind.is_symlink() || kind.is_hard_link() {
+            let link = e.link_name()?.context("link without a target")?.to_string_lossy().to_string();
+            let link = if kind.is_hard_link() { relocate(link.trim_start_matches("./").trim_start_matches('/')) } else { link };
+            tar.append_link(&mut nh, &target, &link)?;
+        } else if kind.is_file() {
+            tar.append_data(&mut nh, &target, &mut e)?;
+        } else {
+            tar.append_data(&mut nh, &target, std::io::empty())?;
+        }
+        present.insert(target);
+    }
+    present.insert("var".into());
+
+    // The factory /var, seeded by systemd-tmpfiles.
+    let mut tmpfiles = String::from("# kiln: seed /var (the state partition) from the image's own /var.\n# C: copy if missing; L+: always link (package state follows the slot).\n");
+    for child in &var_children {
+        let src = format!("/{FACTORY_VAR}/{}", child.trim_start_matches("var/"));
+        if LINKED_VAR.contains(&child.as_str()) {
+            tmpfiles.push_str(&format!("L+ /{child} - - - - {src}\n"));
+        } else if !SPLIT_VAR.contains(&child.as_str()) {
+            tmpfiles.push_str(&format!("C /{child} - - - - {src}\n"));
+        }
+    }
+    added.insert("usr/lib/tmpfiles.d/kiln-factory.conf".into(), Added::File { mode: 0o644, uid: 0, gid: 0, source: Source::Bytes(tmpfiles.into_bytes()) });
+
+    // Added entries, parents first.
+    for (path, a) in &added {
+        let mut parent = Path::new(path).parent();
+        let mut missing = Vec::new();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            let s = p.to_string_lossy().to_string();
+            if present.contains(&s) || added.contains_key(&s) {
+                break;
+            }
+            missing.push(s);
+            parent = p.parent();
+        }
+        for d in missing.into_iter().rev() {
+            let mut h = header_for(tar::EntryType::Directory, 0o755, 0, 0, inputs.mtime, 0);
+            tar.append_data(&mut h, &d, std::io::empty())?;
+            present.insert(d);
+        }
+        if present.contains(path) {
+            continue; // a directory the base has already
+        }
+        match a {
+            Added::Dir(mode) => {
+                let mut h = header_for(tar::EntryType::Directory, *mode, 0, 0, inputs.mtime, 0);
+                tar.append_data(&mut h, path, std::io::empty())?;
+            }
+            Added::Symlink(target) => {
+                let mut h = header_for(tar::EntryType::Symlink, 0o777, 0, 0, inputs.mtime, 0);
+                tar.append_link(&mut h, path, target)?;
+            }
+            Added::File { mode, uid, gid, source } => match source {
+                Source::Bytes(b) => {
+                    let mut h = header_for(tar::EntryType::Regular, *mode, u64::from(*uid), u64::from(*gid), inputs.mtime, b.len() as u64);
+                    tar.append_data(&mut h, path, b.as_slice())?;
+                }
+                Source::Path(p) => {
+                    let f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+                    let len = f.metadata()?.len();
+                    let mut h = header_for(tar::EntryType::Regular, *mode, u64::from(*uid), u64::from(*gid), inputs.mtime, len);
+                    tar.append_data(&mut h, path, std::io::BufReader::with_capacity(1 << 20, f))?;
+                }
+            },
+        }
+        present.insert(path.clone());
+    }
+    tar.into_inner()?.flush()?;
+    Ok(())
+}
+
+/// Build the root image at `out` (which must not exist).
+pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> {
+    let mut cmd = TAR2SQFS.command()?;
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cmd.args(["--quiet", "--no-skip", "--compressor", "zstd"])
+        .arg("--comp-extra")
+        .arg(format!("level={}", inputs.level))
+        .arg("--block-size")
+        .arg(BLOCK_BYTES.to_string())
+        .arg("--num-jobs")
+        .arg(jobs.to_string())
+        .arg("--defaults")
+        .arg(format!("mtime={}", inputs.mtime))
+        .arg(out)
+        .env("SOURCE_DATE_EPOCH", inputs.mtime.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let line = crate::tool::display(&cmd);
+    log::debug!("running {line}");
+    let mut child = cmd.spawn().with_context(|| format!("starting {line}"))?;
+    let stdin = child.stdin.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let streamed = write_stream(inputs, std::io::BufWriter::with_capacity(1 << 20, stdin));
+    let status = child.wait()?;
+    let err = err_reader.join().unwrap_or_default();
+    crate::tool::check_status(&line, status, &err)?;
+    streamed.context("streaming the root image")?;
+    let size = std::fs::metadata(out)?.len();
+    Ok(RootImage { path: out.to_path_buf(), size })
+}
+
+/// Stream the image as a plain tar (for tests and listings).
+pub fn write_tar<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
+    write_stream(inputs, out)
+}
