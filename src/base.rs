@@ -22,7 +22,7 @@ use std::io::{self, Read as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use sha2::{Digest as _, Sha256};
@@ -150,11 +150,6 @@ const ZSTD: Tool = Tool::new("zstd", "zstd");
 
 /// Read buffer for hashing tarballs.
 const BUFFER_BYTES: usize = 1 << 20;
-
-/// A temp file untouched this long belongs to an interrupted build
-/// (mmdebstrap writes the tarball only at the end, so a live build's temp
-/// file sits empty for the whole install: minutes, not hours).
-const STALE_TEMP: Duration = Duration::from_secs(6 * 3600);
 
 /// What to ask mmdebstrap for. Everything that changes the tarball is here
 /// or in [`BASE_FORMAT_VERSION`].
@@ -289,19 +284,27 @@ pub fn mmdebstrap_command(spec: &BaseSpec, target: &Path) -> Result<Command> {
 /// `cache` is the kiln cache dir ([`crate::cache::cache_dir`]); the build
 /// runs with `SOURCE_DATE_EPOCH=source_date_epoch`. A failed or interrupted
 /// build leaves only a hidden temp file, never `<digest>.tar.zst`.
+///
+/// Concurrent calls for the same spec (parallel tests, two `kiln build`s)
+/// are serialised by an exclusive `flock(2)` on `<cache>/base/<digest>.lock`
+/// held from the cache check to the publish: one runs mmdebstrap, the
+/// others wait and then reuse its tarball. The kernel drops the lock when
+/// the holder exits, however it exits (a lock file left by a killed build
+/// is harmless: it is locked afresh and removed by the next build).
 pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
     let digest = spec_digest(spec);
     let path = cached_path(spec, cache);
     let record = record_path(&path);
+    let dir = path.parent().expect("cached path has a parent");
+    let _lock = lock_base(dir, &digest)?;
     if let Some(t) = check_cached(&path, &record)? {
         log::info!("base {} ({} kernel): reusing {}", spec.suite, kernel_name(spec.kernel), path.display());
         return Ok(t);
     }
 
     tool::preflight(&[MMDEBSTRAP, ZSTD])?;
-    let dir = path.parent().expect("cached path has a parent");
     fs::create_dir_all(dir).with_context(|| format!("creating the base cache {}", dir.display()))?;
-    remove_stale_temps(dir, &digest);
+    remove_orphaned_temps(dir, &digest);
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{digest}."))
         .suffix(".tmp.tar.zst")
@@ -428,19 +431,172 @@ fn sync_dir(dir: &Path) {
 }
 
 /// Remove temp files of `digest` left by interrupted builds (killed before
-/// the temp file's drop could run).
-fn remove_stale_temps(dir: &Path, digest: &str) {
+/// the temp file's drop could run). Called with the digest's lock held, so
+/// no live build of this digest can own one.
+fn remove_orphaned_temps(dir: &Path, digest: &str) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     let prefix = format!(".{digest}.");
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if !(name.starts_with(&prefix) && name.ends_with(".tmp.tar.zst")) {
-            continue;
-        }
-        let idle = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| SystemTime::now().duration_since(t).ok());
-        if idle.is_some_and(|d| d > STALE_TEMP) {
+        if name.starts_with(&prefix) && name.ends_with(".tmp.tar.zst") {
             log::info!("removing {}, left by an interrupted build", e.path().display());
             let _ = fs::remove_file(e.path());
         }
+    }
+}
+
+/// Where the lock for `digest` lives in the base cache dir `dir`.
+pub fn lock_path(dir: &Path, digest: &str) -> PathBuf {
+    dir.join(format!("{digest}.lock"))
+}
+
+/// An exclusive `flock(2)` on a base's lock file. Dropping it removes the
+/// file (while still holding the lock), then closes it, which unlocks.
+struct BaseLock {
+    path: PathBuf,
+    _file: fs::File,
+}
+
+impl Drop for BaseLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Take the exclusive lock for `digest`, waiting for another build of the
+/// same spec to finish first (saying so once).
+///
+/// The holder removes the lock file when it is done, so that the cache
+/// holds only tarballs and records. A waiter may therefore wake up holding
+/// a file that is no longer at `path` (or another process's newer one is):
+/// it checks that the path still names the file it locked, and otherwise
+/// starts again.
+///
+/// A cache we cannot create a lock in (read-only, another user's) is still
+/// usable for reading: then we go on unlocked, and a build, if one is
+/// needed, fails on writing the tarball with its own error.
+fn lock_base(dir: &Path, digest: &str) -> Result<Option<BaseLock>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = lock_path(dir, digest);
+    let mut said_waiting = false;
+    let started = Instant::now();
+    loop {
+        let opened = fs::create_dir_all(dir).and_then(|()| fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path));
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) if matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem) => {
+                log::warn!("cannot lock {} ({e}): going on without the lock", path.display());
+                return Ok(None);
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening the base lock {}", path.display())),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                if !said_waiting {
+                    log::warn!("waiting for another kiln to finish building this base (lock {})", path.display());
+                    said_waiting = true;
+                }
+                file.lock().with_context(|| format!("locking {}", path.display()))?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+        let locked = file.metadata().with_context(|| format!("reading {}", path.display()))?;
+        let still_there = fs::metadata(&path).is_ok_and(|m| m.dev() == locked.dev() && m.ino() == locked.ino());
+        if still_there {
+            if said_waiting {
+                log::info!("got the base lock {} after {:.1} s", path.display(), started.elapsed().as_secs_f64());
+            }
+            return Ok(Some(BaseLock { path, _file: file }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A spec mmdebstrap cannot build: if the lock did not hold a second
+    /// caller back, it would run mmdebstrap and fail.
+    fn unbuildable_spec() -> BaseSpec {
+        let mut spec = debian_spec("bookworm", KernelFlavour::Cloud, &[]);
+        spec.packages = vec!["kiln-no-such-package".into()];
+        spec
+    }
+
+    /// Publish a fake cached tarball with a matching record, as a build that
+    /// holds the lock would.
+    fn publish_fake(spec: &BaseSpec, cache: &Path) -> String {
+        let path = cached_path(spec, cache);
+        fs::write(&path, b"a tarball built by the lock holder").unwrap();
+        let sha = hash_file(&path).unwrap();
+        fs::write(record_path(&path), serde_json::json!({ "sha256": sha }).to_string()).unwrap();
+        sha
+    }
+
+    #[test]
+    fn a_second_caller_waits_for_the_lock_then_reuses_the_tarball() {
+        let cache = tempfile::tempdir().unwrap();
+        let spec = unbuildable_spec();
+        let digest = spec_digest(&spec);
+        let dir = cache.path().join("base");
+        // Another kiln is building this base: it holds the lock.
+        let held = lock_base(&dir, &digest).unwrap().expect("the cache is writable");
+        assert!(lock_path(&dir, &digest).is_file());
+
+        let (tx, rx) = mpsc::channel();
+        let (spec2, cache2) = (spec.clone(), cache.path().to_path_buf());
+        let waiter = std::thread::spawn(move || tx.send(ensure_base(&spec2, &cache2, 0).map_err(|e| format!("{e:#}"))).unwrap());
+        // It must neither find the (missing) tarball nor start mmdebstrap
+        // while the lock is held. (Proving a negative needs a time window.)
+        match rx.recv_timeout(Duration::from_millis(700)) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            other => panic!("ensure_base did not wait for the lock: {other:?}"),
+        }
+        let sha = publish_fake(&spec, cache.path());
+        drop(held);
+
+        let got = rx.recv_timeout(Duration::from_secs(60)).expect("ensure_base finished").unwrap_or_else(|e| panic!("{e}"));
+        waiter.join().unwrap();
+        assert!(got.reused, "the waiter rebuilt the base instead of reusing it");
+        assert_eq!(got.sha256, sha);
+        // Both are done: the lock file is gone, only tarball and record stay.
+        let mut names: Vec<String> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+        names.sort();
+        assert_eq!(names, [format!("{digest}.json"), format!("{digest}.tar.zst")]);
+    }
+
+    #[test]
+    fn a_lock_file_left_by_a_killed_build_does_not_block() {
+        let cache = tempfile::tempdir().unwrap();
+        let spec = unbuildable_spec();
+        let dir = cache.path().join("base");
+        fs::create_dir_all(&dir).unwrap();
+        // The kernel released the dead process's lock; only the file is left.
+        fs::write(lock_path(&dir, &spec_digest(&spec)), b"").unwrap();
+        let sha = publish_fake(&spec, cache.path());
+        let (tx, rx) = mpsc::channel();
+        let cache2 = cache.path().to_path_buf();
+        std::thread::spawn(move || tx.send(ensure_base(&spec, &cache2, 0).map(|t| t.sha256).map_err(|e| format!("{e:#}"))).unwrap());
+        let got = rx.recv_timeout(Duration::from_secs(30)).expect("a stale lock file blocked ensure_base");
+        assert_eq!(got.unwrap(), sha);
+        assert!(!lock_path(&dir, &spec_digest(&unbuildable_spec())).exists(), "the lock file was not cleaned up");
+    }
+
+    #[test]
+    fn different_specs_do_not_wait_for_each_other() {
+        let cache = tempfile::tempdir().unwrap();
+        let dir = cache.path().join("base");
+        let a = unbuildable_spec();
+        let mut b = unbuildable_spec();
+        b.suite = "trixie".into();
+        let _held = lock_base(&dir, &spec_digest(&a)).unwrap().unwrap();
+        let sha = publish_fake(&b, cache.path());
+        let (tx, rx) = mpsc::channel();
+        let cache2 = cache.path().to_path_buf();
+        std::thread::spawn(move || tx.send(ensure_base(&b, &cache2, 0).map(|t| t.sha256).map_err(|e| format!("{e:#}"))).unwrap());
+        assert_eq!(rx.recv_timeout(Duration::from_secs(30)).expect("another spec's lock blocked ensure_base").unwrap(), sha);
     }
 }

@@ -38,6 +38,17 @@ pub struct BuildOptions {
     pub k3s_binary: Option<PathBuf>,
     pub qcow2: bool,
     pub cache: PathBuf,
+    /// `kiln test` only: an SSH public key added for root, so the checks
+    /// can look inside. Never set by `kiln build`.
+    pub test_access_key: Option<String>,
+}
+
+/// Add a test access key for root to a node's files (`kiln test` only).
+pub fn inject_test_key(tree: &mut crate::tree::FileTree, public_key: &str) {
+    let path = "/etc/ssh/authorized_keys/root";
+    let mut text = tree.text(path).unwrap_or("").to_string();
+    text.push_str(&format!("# added by `kiln test` for its checks; not in images from `kiln build`\n{}\n", public_key.trim()));
+    tree.file(path, 0o644, text);
 }
 
 /// `SOURCE_DATE_EPOCH`, or [`DEFAULT_EPOCH`].
@@ -249,7 +260,10 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
         let name = &node.name;
         let image = staging.dir.join(format!("{name}.img"));
         progress.stage(&format!("{name}.img"), || {
-            let rendered = crate::render::render_node(plan, node, &secrets.for_node(name));
+            let mut rendered = crate::render::render_node(plan, node, &secrets.for_node(name));
+            if let Some(k) = &opts.test_access_key {
+                inject_test_key(&mut rendered.tree, k);
+            }
             let seed = initramfs::build_seed(&rendered.tree, epoch as u32)?;
             let seed_path = work.join(format!("{name}.seed.img"));
             write_private(&seed_path, &seed)?;

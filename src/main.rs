@@ -74,6 +74,49 @@ enum Command {
     ///
     /// The tree holds secrets (WireGuard private key, k3s token): files
     /// that hold them are written 0600.
+    /// Boot a node's image in QEMU and check it from inside.
+    ///
+    /// Builds the node's image (adding a test access key for root, which
+    /// only `kiln test` does) or takes --image, boots it under OVMF (KVM if
+    /// usable, else TCG) on an overlay enlarged by 2 GiB, checks the kernel
+    /// command line, the read-only root, host name, SSH, WireGuard, the
+    /// firewall, k3s, the state partition, reboots and checks run-once,
+    /// boot commands and persistence. Prints a table and the boot
+    /// timeline; exits 1 if any check fails.
+    Test {
+        /// The cluster profile (TOML).
+        profile: PathBuf,
+        /// The node to test.
+        #[arg(long)]
+        node: String,
+        /// Test this image instead of building one (needs --ssh-key).
+        #[arg(long, value_name = "PATH")]
+        image: Option<PathBuf>,
+        /// A private key the profile authorizes for root.
+        #[arg(long, value_name = "PATH")]
+        ssh_key: Option<PathBuf>,
+        /// A private key of a profile user, to check that user's login (USER=PATH, repeatable).
+        #[arg(long = "user-key", value_name = "USER=PATH")]
+        user_keys: Vec<String>,
+        /// Use this k3s binary (e.g. the test double from `make k3s-double`).
+        #[arg(long, value_name = "PATH", env = "KILN_K3S_BINARY")]
+        k3s_binary: Option<PathBuf>,
+        /// Keep the built image and console log in this directory.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<PathBuf>,
+        /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Boot an image with its console on this terminal, to look around.
+    ///
+    /// The image is not modified (the VM writes to an overlay). SSH is
+    /// forwarded from a free local port, printed at start. Quit with
+    /// Ctrl-A X.
+    Run {
+        /// A disk image from `kiln build`.
+        image: PathBuf,
+    },
     Render {
         /// The cluster profile (TOML).
         profile: PathBuf,
@@ -86,6 +129,32 @@ enum Command {
         /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+    },
+    /// Write an image to a USB stick, a disk or a file, and verify it.
+    ///
+    /// Checks IMAGE against the SHA256SUMS beside it, then refuses, listing
+    /// every reason, a device that is mounted (or any of its partitions),
+    /// used as swap, held by LVM/RAID/device-mapper, holds the running
+    /// system, is smaller than the image, or is not removable (without
+    /// --force); asks before erasing (without --yes). Writes the first MiB
+    /// last, so an interrupted write leaves no partition table; reads
+    /// everything back and compares sha256; moves the backup GPT to the end
+    /// of the target so the state partition can grow; has the kernel re-read
+    /// the partition table. Prints the target written.
+    Flash {
+        /// A disk image from `kiln build` (SHA256SUMS must be beside it).
+        image: PathBuf,
+        /// A whole disk (/dev/sdX, /dev/disk/by-id/…) or a regular file.
+        device: PathBuf,
+        /// Do not ask before erasing a device (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// Write to a non-removable disk, or over an existing file.
+        #[arg(long)]
+        force: bool,
+        /// Size of a file target, e.g. 32G (K/M/G/T are powers of 1024) [default: the image's size]
+        #[arg(long, value_name = "SIZE")]
+        size: Option<kiln::flash::ByteSize>,
     },
 }
 
@@ -125,18 +194,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 k3s_binary,
                 qcow2: matches!(format, Format::Qcow2),
                 cache: kiln::cache::cache_dir(),
+                test_access_key: None,
             };
             let result = kiln::build::build(&plan, &secrets, &opts)?;
             for a in result.artifacts {
                 println!("{}", a.display());
             }
         }
+        Command::Test { profile, node, image, ssh_key, user_keys, k3s_binary, keep, state_dir } => {
+            let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
+            let mut keys = Vec::new();
+            for u in user_keys {
+                let (user, path) = u.split_once('=').ok_or_else(|| anyhow::anyhow!("--user-key {u}: write USER=PATH"))?;
+                keys.push((user.to_string(), PathBuf::from(path)));
+            }
+            let opts = kiln::nodetest::TestOptions { node, image, ssh_key, k3s_binary, user_keys: keys, cache: kiln::cache::cache_dir(), keep };
+            let report = kiln::nodetest::test_node(&plan, &secrets, &opts)?;
+            print!("{}", report.table());
+            if !report.passed() {
+                anyhow::bail!("{}: some checks failed", report.node);
+            }
+        }
+        Command::Run { image } => kiln::nodetest::run_interactive(&image)?,
         Command::Render { profile, node, out, state_dir } => {
             let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
             let files = commands::render_node(&plan, &node, &secrets)?;
             files.tree.write_to(&out)?;
             println!("{}", out.display());
             eprintln!("rendered {} files for {node}; kernel command line: {}", files.tree.paths().count(), files.cmdline);
+        }
+        Command::Flash { image, device, yes, force, size } => {
+            let opts = kiln::flash::FlashOptions { image, target: device, yes, force, size_bytes: size.map(|s| s.0) };
+            let report = kiln::flash::flash(&opts, &kiln::flash::SysFacts::default())?;
+            println!("{}", report.target.display());
         }
     }
     Ok(())

@@ -136,6 +136,10 @@ else
     log "no state partition: /var is in RAM and is lost at shutdown"
 fi
 
+# journald keeps the journal on /var only if the directory exists when it
+# flushes, which is before systemd-tmpfiles seeds /var on the first boot.
+mkdir -p /sysroot/var/log/journal
+
 # The machine id stays with the node (journals and DHCP leases use it).
 mkdir -p /sysroot/var/lib/kiln
 if [ ! -s /sysroot/var/lib/kiln/machine-id ]; then

@@ -1,0 +1,423 @@
+//! The QEMU harness: boot a disk image the real way (OVMF → systemd-boot
+//! → kernel), capture the serial console with host timestamps, run
+//! commands in the guest over SSH, wait on conditions with timeouts, and
+//! always kill QEMU (on drop, so also on panic).
+//!
+//! Boots run on a qcow2 overlay whose backing file is the image: the image
+//! under test is never modified. KVM is used when it works and TCG
+//! otherwise ([`detect_accel`]).
+//!
+//! Why SSH to run commands: the checks need SSH anyway (a profile's user
+//! logs in with its key, password login is refused, an allowed port
+//! connects from outside), it needs nothing in the image that a user's
+//! node would not have, and it gives exit codes and separate stdout and
+//! stderr. The serial console is kept for the boot timeline and for
+//! diagnosis when a boot fails.
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::tool::Tool;
+
+pub const QEMU: Tool = Tool::new("qemu-system-x86_64", "qemu-system-x86");
+pub const QEMU_IMG: Tool = Tool::new("qemu-img", "qemu-utils");
+pub const SSH: Tool = Tool::new("ssh", "openssh-client");
+/// OVMF firmware (Debian's ovmf package), 4 MiB flash layout.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Guest memory: k3s (the real one) wants at least 1 GiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 1536;
+/// How often conditions are polled.
+const POLL: Duration = Duration::from_millis(250);
+
+/// How QEMU runs the guest's instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    fn args(self) -> [&'static str; 4] {
+        match self {
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+        }
+    }
+}
+
+/// KVM if it actually runs a guest, else TCG. `KILN_ACCEL=kvm|tcg`
+/// overrides. `/dev/kvm` existing is not enough: on some hosts (these CI
+/// machines among them) `-accel kvm` hangs, so a tiny guest is run under
+/// KVM with a deadline.
+pub fn detect_accel() -> Accel {
+    match std::env::var("KILN_ACCEL").as_deref() {
+        Ok("kvm") => return Accel::Kvm,
+        Ok("tcg") => return Accel::Tcg,
+        _ => {}
+    }
+    static DETECTED: std::sync::OnceLock<Accel> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() && probe(Accel::Kvm, Duration::from_secs(10)).unwrap_or(false);
+        if usable { Accel::Kvm } else { Accel::Tcg }
+    })
+}
+
+/// Run a 64 KiB firmware whose reset vector writes to QEMU's
+/// `isa-debug-exit` port; QEMU then exits with status (0x31 << 1) | 1.
+/// True if that happened within `deadline`.
+pub fn probe(accel: Accel, deadline: Duration) -> anyhow::Result<bool> {
+    let dir = tempfile::tempdir()?;
+    let bios = dir.path().join("probe.bin");
+    let mut image = vec![0xf4u8; 64 * 1024]; // hlt everywhere
+    // Reset vector (last 16 bytes): mov al, 0x31; out 0xf4, al; hlt; jmp $
+    let code = [0xb0, 0x31, 0xe6, 0xf4, 0xf4, 0xeb, 0xfe];
+    let at = image.len() - 16;
+    image[at..at + code.len()].copy_from_slice(&code);
+    std::fs::write(&bios, &image)?;
+    let mut cmd = QEMU.command()?;
+    cmd.args(accel.args()).args(["-machine", "q35", "-nodefaults", "-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-bios"]).arg(&bios);
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.code() == Some((0x31 << 1) | 1));
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A second NIC joining a virtual LAN between VMs: one VM listens on a
+/// loopback port, the other connects (QEMU `-netdev socket`).
+#[derive(Debug, Clone)]
+pub enum Lan {
+    Listen(u16),
+    Connect(u16),
+}
+
+/// What to boot and how.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub name: String,
+    pub image: PathBuf,
+    /// Grow the overlay's virtual disk to this many bytes (the image's
+    /// size if `None`).
+    pub disk_bytes: Option<u64>,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// MAC of the management NIC (QEMU user networking, SSH forwarded).
+    pub mac: String,
+    /// Guest TCP ports to forward from the host's loopback (22 always).
+    pub forward: Vec<u16>,
+    /// An extra NIC on a virtual LAN, with this MAC.
+    pub lan: Option<(Lan, String)>,
+    /// The management NIC's subnet and the guest's static address on it,
+    /// for nodes with a static LAN address (QEMU's DHCP is not used then).
+    pub user_net: Option<(ipnet::IpNet, std::net::IpAddr)>,
+    pub accel: Accel,
+}
+
+impl VmConfig {
+    pub fn new(name: &str, image: &Path) -> Self {
+        VmConfig {
+            name: name.to_string(),
+            image: image.to_path_buf(),
+            disk_bytes: None,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: 2,
+            mac: "52:54:00:12:34:56".into(),
+            forward: Vec::new(),
+            lan: None,
+            user_net: None,
+            accel: detect_accel(),
+        }
+    }
+}
+
+/// One line of serial output and when the host saw it.
+#[derive(Debug, Clone)]
+pub struct SerialLine {
+    pub at: Duration,
+    pub text: String,
+}
+
+/// Boot with the serial console on this terminal (`kiln run`).
+pub fn interactive(cfg: &VmConfig) -> anyhow::Result<std::process::ExitStatus> {
+    let dir = tempfile::Builder::new().prefix("kiln-run-").tempdir()?;
+    let overlay = dir.path().join("disk.qcow2");
+    let image = std::fs::canonicalize(&cfg.image).with_context(|| format!("image {}", cfg.image.display()))?;
+    let fmt = if image.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+    crate::tool::run(QEMU_IMG.command()?.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"]).arg(&image).arg(&overlay))?;
+    let vars = dir.path().join("OVMF_VARS.fd");
+    std::fs::copy(OVMF_VARS, &vars)?;
+    let port = free_port()?;
+    eprintln!("kiln run: SSH is forwarded from 127.0.0.1:{port}");
+    let status = QEMU
+        .command()?
+        .args(cfg.accel.args())
+        .args(["-machine", "q35", "-nodefaults", "-nographic", "-serial", "mon:stdio"])
+        .arg("-m")
+        .arg(cfg.memory_mib.to_string())
+        .arg("-smp")
+        .arg(cfg.cpus.to_string())
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+        .arg("-drive")
+        .arg(format!("if=virtio,format=qcow2,file={}", overlay.display()))
+        .args(["-device", "virtio-rng-pci", "-netdev"])
+        .arg(format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{port}-:22"))
+        .arg("-device")
+        .arg(format!("virtio-net-pci,netdev=mgmt,mac={}", cfg.mac))
+        .status()?;
+    Ok(status)
+}
+
+/// A running VM. Dropping it kills QEMU.
+pub struct Vm {
+    pub name: String,
+    child: Child,
+    dir: tempfile::TempDir,
+    pub started: Instant,
+    serial: Arc<Mutex<Vec<SerialLine>>>,
+    /// Host port → guest port.
+    pub ports: Vec<(u16, u16)>,
+    keep_log: Option<PathBuf>,
+}
+
+impl Vm {
+    /// Start QEMU. The serial console is read line by line with host
+    /// timestamps.
+    pub fn start(cfg: &VmConfig) -> anyhow::Result<Vm> {
+        crate::tool::preflight(&[QEMU, QEMU_IMG])?;
+        for f in [OVMF_CODE, OVMF_VARS] {
+            if !Path::new(f).exists() {
+                bail!("{f} is missing: apt-get install --no-install-recommends ovmf");
+            }
+        }
+        let dir = tempfile::Builder::new().prefix(&format!("kiln-vm-{}-", cfg.name)).tempdir()?;
+        let overlay = dir.path().join("disk.qcow2");
+        let image = std::fs::canonicalize(&cfg.image).with_context(|| format!("image {}", cfg.image.display()))?;
+        let fmt = if image.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+        let mut img = QEMU_IMG.command()?;
+        img.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"]).arg(&image).arg(&overlay);
+        if let Some(b) = cfg.disk_bytes {
+            img.arg(b.to_string());
+        }
+        crate::tool::run(&mut img)?;
+        let vars = dir.path().join("OVMF_VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars)?;
+
+        let mut ports = vec![(free_port()?, 22u16)];
+        for p in &cfg.forward {
+            ports.push((free_port()?, *p));
+        }
+        let guest = cfg.user_net.map(|(_, ip)| ip.to_string()).unwrap_or_default();
+        let mut fwd: String = ports.iter().map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-{guest}:{g}")).collect();
+        if let Some((net, _)) = cfg.user_net {
+            fwd = format!(",net={}{fwd}", net.trunc());
+        }
+        let mut cmd = QEMU.command()?;
+        cmd.args(cfg.accel.args())
+            .args(["-machine", "q35", "-nodefaults", "-display", "none", "-monitor", "none"])
+            .arg("-m")
+            .arg(cfg.memory_mib.to_string())
+            .arg("-smp")
+            .arg(cfg.cpus.to_string())
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+            .arg("-drive")
+            .arg(format!("if=virtio,format=qcow2,file={}", overlay.display()))
+            .args(["-device", "virtio-rng-pci"])
+            .arg("-netdev")
+            .arg(format!("user,id=mgmt{fwd}"))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=mgmt,mac={}", cfg.mac))
+            .args(["-serial", "stdio"]);
+        if let Some((lan, mac)) = &cfg.lan {
+            let spec = match lan {
+                Lan::Listen(p) => format!("socket,id=lan,listen=127.0.0.1:{p}"),
+                Lan::Connect(p) => format!("socket,id=lan,connect=127.0.0.1:{p}"),
+            };
+            cmd.arg("-netdev").arg(spec).arg("-device").arg(format!("virtio-net-pci,netdev=lan,mac={mac}"));
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        log::info!("starting {}: {}", cfg.name, crate::tool::display(&cmd));
+        let started = Instant::now();
+        let mut child = cmd.spawn().context("starting qemu")?;
+        let serial: Arc<Mutex<Vec<SerialLine>>> = Arc::default();
+        let out = child.stdout.take().expect("piped");
+        let sink = serial.clone();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(out);
+            let mut buf = Vec::new();
+            while r.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
+                let text = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+                sink.lock().unwrap().push(SerialLine { at: started.elapsed(), text });
+                buf.clear();
+            }
+        });
+        let mut err = child.stderr.take().expect("piped");
+        let err_sink = serial.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            for l in s.lines() {
+                err_sink.lock().unwrap().push(SerialLine { at: started.elapsed(), text: format!("[qemu stderr] {l}") });
+            }
+        });
+        Ok(Vm { name: cfg.name.clone(), child, dir, started, serial, ports, keep_log: None })
+    }
+
+    /// Keep the serial log at `path` when the VM is dropped.
+    pub fn keep_log(&mut self, path: &Path) {
+        self.keep_log = Some(path.to_path_buf());
+    }
+
+    pub fn ssh_port(&self) -> u16 {
+        self.ports[0].0
+    }
+
+    /// The host port forwarded to `guest` port.
+    pub fn host_port(&self, guest: u16) -> Option<u16> {
+        self.ports.iter().find(|(_, g)| *g == guest).map(|(h, _)| *h)
+    }
+
+    pub fn serial_lines(&self) -> Vec<SerialLine> {
+        self.serial.lock().unwrap().clone()
+    }
+
+    pub fn serial_text(&self) -> String {
+        self.serial_lines().iter().map(|l| format!("[{:7.2}] {}\n", l.at.as_secs_f64(), l.text)).collect()
+    }
+
+    /// The first serial line containing `needle` after the `nth` earlier
+    /// ones (0 = first occurrence).
+    pub fn serial_find(&self, needle: &str, nth: usize) -> Option<SerialLine> {
+        self.serial_lines().into_iter().filter(|l| l.text.contains(needle)).nth(nth)
+    }
+
+    /// Is QEMU still running?
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Wait until `needle` has appeared `nth + 1` times on the console.
+    pub fn wait_serial(&mut self, needle: &str, nth: usize, timeout: Duration) -> anyhow::Result<SerialLine> {
+        let what = format!("{} console line {needle:?} (#{})", self.name, nth + 1);
+        self.wait_until(&what, timeout, |vm| Ok(vm.serial_find(needle, nth)))
+    }
+
+    /// Poll `f` until it returns `Some`, QEMU exits, or `timeout` passes.
+    pub fn wait_until<T>(&mut self, what: &str, timeout: Duration, mut f: impl FnMut(&mut Self) -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f(self)? {
+                return Ok(v);
+            }
+            if !self.running() {
+                bail!("{}: QEMU exited while waiting for {what}\n{}", self.name, self.tail(60));
+            }
+            if start.elapsed() > timeout {
+                bail!("{}: timed out after {} s waiting for {what}\n{}", self.name, timeout.as_secs(), self.tail(60));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The last `n` console lines, for error messages.
+    pub fn tail(&self, n: usize) -> String {
+        let lines = self.serial_lines();
+        let from = lines.len().saturating_sub(n);
+        let mut s = format!("--- last {} console lines of {} ---\n", lines.len() - from, self.name);
+        for l in &lines[from..] {
+            s.push_str(&format!("[{:7.2}] {}\n", l.at.as_secs_f64(), l.text));
+        }
+        s
+    }
+
+    fn ssh_command(&self, key: &Path, user: &str) -> anyhow::Result<Command> {
+        let mut c = SSH.command()?;
+        c.arg("-i")
+            .arg(key)
+            .args(["-p", &self.ssh_port().to_string()])
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10"])
+            .arg(format!("{user}@127.0.0.1"));
+        Ok(c)
+    }
+
+    /// Run a shell command in the guest as `user`, with `stdin`.
+    pub fn ssh_as(&self, key: &Path, user: &str, script: &str, stdin: &[u8]) -> anyhow::Result<Output> {
+        let mut c = self.ssh_command(key, user)?;
+        c.arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().context("starting ssh")?;
+        child.stdin.take().expect("piped").write_all(stdin)?;
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Run a shell command in the guest as root; its stdout, or an error
+    /// with its stderr.
+    pub fn sh(&self, key: &Path, script: &str) -> anyhow::Result<String> {
+        let out = self.ssh_as(key, "root", script, b"")?;
+        if !out.status.success() {
+            bail!("{}: `{script}` failed ({}): {}", self.name, out.status, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Wait until SSH as root works.
+    pub fn wait_ssh(&mut self, key: &Path, timeout: Duration) -> anyhow::Result<Duration> {
+        let what = format!("SSH on {}", self.name);
+        let key = key.to_path_buf();
+        self.wait_until(&what, timeout, |vm| Ok(vm.ssh_as(&key, "root", "true", b"").ok().filter(|o| o.status.success()).map(|_| vm.started.elapsed())))
+    }
+
+    /// Wait for QEMU to exit (after a poweroff in the guest).
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let what = format!("{} to power off", self.name);
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if !self.running() {
+                return Ok(());
+            }
+            std::thread::sleep(POLL);
+        }
+        bail!("timed out waiting for {what}\n{}", self.tail(40))
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(p) = &self.keep_log {
+            let _ = std::fs::write(p, self.serial_text());
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.tail(80));
+        }
+    }
+}
