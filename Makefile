@@ -28,3 +28,9 @@ K3S_DOUBLE_VERSION ?= v1.31.1+k3s1
 k3s-double:
 	@K3S_DOUBLE_VERSION=$(K3S_DOUBLE_VERSION) $(CARGO) build -q --release --manifest-path qemu-tests/k3s-double/Cargo.toml
 	@echo $(CURDIR)/qemu-tests/k3s-double/target/release/k3s-double
+
+# Times kiln against the same steps by hand, 1 vs 5 nodes and a config-only
+# rebuild, and prints a table (one run each). Not part of `make test`.
+.PHONY: bench
+bench: build
+	./scripts/bench

@@ -223,7 +223,10 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
     let base = progress.stage("base root tarball", || base::plan_base_tarball(plan, &opts.cache, epoch))?;
     let lock = plan.profile_path.with_file_name("kiln.lock");
     let k3s = progress.stage(&format!("k3s {}", plan.k3s.version), || {
-        crate::k3s::Resolver::new(opts.cache.join("k3s"), &lock).resolve(&plan.k3s.version.to_string(), opts.k3s_binary.as_deref())
+        // The test double is never pinned in kiln.lock: a later real build
+        // would otherwise meet the double's digest.
+        let record = !crate::nodetest::is_double(opts.k3s_binary.as_deref());
+        crate::k3s::Resolver::new(opts.cache.join("k3s"), &lock).with_lock_recording(record).resolve(&plan.k3s.version.to_string(), opts.k3s_binary.as_deref())
     })?;
     let files = progress.stage("kernel, modules, busybox, systemd-boot", || kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES))?;
     let compression = kernel::initramfs_compression(files.config.as_deref())?;

@@ -416,13 +416,25 @@ pub fn flash(opts: &FlashOptions, facts: &dyn DeviceFacts) -> anyhow::Result<Fla
         confirm(&mut std::io::stdin().lock(), &mut std::io::stderr(), &opts.target, &target, &image)?;
     }
 
-    let mut file = open_target(opts, &target)?;
+    let file = open_target(opts, &target)?;
+    let result = write_and_verify(opts, facts, &image, &target, file, &sha256);
+    if result.is_err() && target.kind == TargetKind::Missing {
+        // A file kiln created and did not finish is no use to anyone.
+        let _ = std::fs::remove_file(&opts.target);
+    }
+    result
+}
+
+/// Everything after the target is open: size, write, read back, fix up.
+fn write_and_verify(opts: &FlashOptions, facts: &dyn DeviceFacts, image: &ImageFacts, target: &TargetFacts, mut file: File, sha256: &str) -> anyhow::Result<FlashReport> {
+    let t = opts.target.display().to_string();
+    let device = target.kind == TargetKind::BlockDevice;
     let fd_is_device = file.metadata()?.file_type().is_block_device();
     let target_bytes = if device {
         // Now that kiln holds the device exclusively nothing new can mount
         // it; look again for anything that changed while hashing or asking.
         let again = facts.inspect(&opts.target).with_context(|| format!("inspecting {t}"))?;
-        refuse_if_any(opts, check(&image, &again, &FlashOptions { yes: true, ..opts.clone() }, true))?;
+        refuse_if_any(opts, check(image, &again, &FlashOptions { yes: true, ..opts.clone() }, true))?;
         if fd_is_device {
             let rdev = file.metadata()?.rdev();
             let opened = (libc::major(rdev), libc::minor(rdev));
@@ -440,13 +452,13 @@ pub fn flash(opts: &FlashOptions, facts: &dyn DeviceFacts) -> anyhow::Result<Fla
         size
     };
 
-    write_image(&image, &file, &t, target_bytes, device)?;
-    verify_written(&file, &t, image.size_bytes, &sha256)?;
+    write_image(image, &file, &t, target_bytes, device)?;
+    verify_written(&file, &t, image.size_bytes, sha256)?;
     if target_bytes > image.size_bytes {
         gpt::relocate_backup(&mut file, target_bytes).with_context(|| format!("moving the backup GPT to the end of {t}"))?;
         file.sync_all().with_context(|| format!("syncing {t}"))?;
     }
-    check_table(&file, &t, &image, target_bytes)?;
+    check_table(&file, &t, image, target_bytes)?;
     let reread = fd_is_device && reread_partitions(&file, &t);
     drop(file);
     if !device {
@@ -459,7 +471,7 @@ pub fn flash(opts: &FlashOptions, facts: &dyn DeviceFacts) -> anyhow::Result<Fla
         human(target_bytes),
         if reread { "; the kernel re-read the partition table" } else { "" }
     );
-    Ok(FlashReport { target: opts.target.clone(), image_bytes: image.size_bytes, target_bytes, sha256, reread })
+    Ok(FlashReport { target: opts.target.clone(), image_bytes: image.size_bytes, target_bytes, sha256: sha256.to_string(), reread })
 }
 
 /// Hashes the image and compares with `SHA256SUMS`.
@@ -668,7 +680,7 @@ impl Meter {
         let bar = if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(total);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "kiln: {msg:10} [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+                "kiln: {msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
             ) {
                 bar.set_style(style.progress_chars("=> "));
             }

@@ -261,13 +261,31 @@ fn first_difference(a: &str, b: &str) -> String {
 /// A file kiln writes before the reboot and reads after it.
 const PERSIST_FILE: &str = "/var/lib/kiln-check/persist";
 
+/// How to boot for the checks.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// Reboot once and run the second-boot checks.
+    pub reboot: bool,
+    /// Bytes added to the disk (the state partition must grow into them).
+    pub grow_bytes: u64,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions { reboot: true, grow_bytes: 2 * 1024 * 1024 * 1024 }
+    }
+}
+
 /// Boot a node image, run every check, reboot, run the checks that need a
 /// second boot, and power off.
 pub fn test_node(image: &Path, key: &Path, e: &Expect, log: Option<&Path>) -> anyhow::Result<Report> {
+    test_node_with(image, key, e, log, &BootOptions::default())
+}
+
+pub fn test_node_with(image: &Path, key: &Path, e: &Expect, log: Option<&Path>, opts: &BootOptions) -> anyhow::Result<Report> {
     let mut cfg = VmConfig::new(&e.node.name, image);
     let size = std::fs::metadata(image)?.len();
-    // A copy enlarged by 2 GiB: the state partition must grow into it.
-    cfg.disk_bytes = Some(size + 2 * 1024 * 1024 * 1024);
+    cfg.disk_bytes = Some(size + opts.grow_bytes);
     cfg.forward = vec![PROBE_PORT];
     if let Some(mac) = e.node.mac {
         cfg.mac = mac.to_string();
@@ -286,6 +304,11 @@ pub fn test_node(image: &Path, key: &Path, e: &Expect, log: Option<&Path>) -> an
     let _ = vm.wait_until("k3s to become active", Duration::from_secs(120), |vm| Ok(vm.sh(key, "systemctl is-active k3s").ok().filter(|s| s.trim() == "active")));
     report.timeline = timeline(&vm, key, 0);
     report.checks = checks_first_boot(&vm, key, e)?;
+    if !opts.reboot {
+        let _ = vm.ssh_as(key, "root", "systemctl poweroff", b"");
+        let _ = vm.wait_exit(Duration::from_secs(120));
+        return Ok(report);
+    }
     let marker_before = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
     vm.sh(key, &format!("mkdir -p $(dirname {PERSIST_FILE}) && echo kiln-check > {PERSIST_FILE} && sync"))?;
 
@@ -339,4 +362,84 @@ pub fn make_test_key(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
     crate::tool::run(crate::tool::Tool::new("ssh-keygen", "openssh-client").command()?.args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-test-access", "-f"]).arg(&key))?;
     let public = std::fs::read_to_string(key.with_extension("pub")).with_context(|| "reading the test key")?;
     Ok((key, public.trim().to_string()))
+}
+
+/// One node of a multi-node boot.
+pub struct ClusterNode<'a> {
+    pub image: &'a Path,
+    pub node: &'a NodePlan,
+    /// MAC of the management NIC (user networking, SSH).
+    pub mgmt_mac: String,
+}
+
+/// Boot a server and an agent of one profile on a shared virtual LAN and
+/// check the tunnel, the firewall between them and the agent's join.
+pub fn test_cluster(plan: &Plan, server: &ClusterNode, agent: &ClusterNode, key: &Path, real_k3s: bool, logs: Option<&Path>) -> anyhow::Result<Report> {
+    let port = crate::vm::free_port()?;
+    let start = |n: &ClusterNode, lan: crate::vm::Lan| -> anyhow::Result<Vm> {
+        let mut cfg = VmConfig::new(&n.node.name, n.image);
+        cfg.mac = n.mgmt_mac.clone();
+        cfg.lan = Some((lan, n.node.mac.context("multi-node tests need a MAC per node")?.to_string()));
+        let mut vm = Vm::start(&cfg)?;
+        if let Some(d) = logs {
+            vm.keep_log(&d.join(format!("{}.console.log", n.node.name)));
+        }
+        Ok(vm)
+    };
+    let mut s = start(server, crate::vm::Lan::Listen(port))?;
+    // The listening side must be up before the other connects.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut a = start(agent, crate::vm::Lan::Connect(port))?;
+    s.wait_ssh(key, BOOT_TIMEOUT)?;
+    a.wait_ssh(key, BOOT_TIMEOUT)?;
+    let mut r = Report { node: format!("{}+{}", server.node.name, agent.node.name), ..Report::default() };
+    let wg = plan.wireguard.as_ref().context("the multi-node check needs WireGuard in the profile")?;
+    let s_wg = server.node.wireguard_address.expect("validated").to_string();
+    let a_wg = agent.node.wireguard_address.expect("validated").to_string();
+    let s_lan = server.node.lan_address.context("the server needs a LAN address")?.to_string();
+
+    // Tunnel: ping both ways (busybox ping: minbase has no iputils).
+    let ping = |vm: &Vm, to: &str| vm.sh(key, &format!("for i in $(seq 30); do busybox ping -c 1 -W 1 {to} >/dev/null 2>&1 && echo ok && exit 0; sleep 1; done; echo no reply")).unwrap_or_else(|e| e.to_string());
+    r.checks.push(Check::eq(&format!("{} pings {} over the tunnel", agent.node.name, server.node.name), "ok", &ping(&a, &s_wg)));
+    r.checks.push(Check::eq(&format!("{} pings {} over the tunnel", server.node.name, agent.node.name), "ok", &ping(&s, &a_wg)));
+    let hs = a.sh(key, &format!("wg show {} latest-handshakes | awk '{{print $2}}'", wg.interface))?;
+    let hs_ok = hs.lines().next().and_then(|t| t.trim().parse::<u64>().ok()).is_some_and(|t| t > 0);
+    r.checks.push(Check::new("WireGuard handshake completed", "a handshake time", hs.trim(), hs_ok));
+
+    // Firewall between the nodes: 6443 over the tunnel, not over the LAN.
+    let connect = |vm: &Vm, host: &str| vm.sh(key, &format!("timeout 5 bash -c '</dev/tcp/{host}/{}' 2>/dev/null && echo connects || echo refused", crate::plan::K3S_API_PORT)).unwrap_or_else(|e| e.to_string());
+    r.checks.push(Check::eq(&format!("{} reaches {}:6443 over WireGuard", agent.node.name, server.node.name), "connects", &connect(&a, &s_wg)));
+    r.checks.push(Check::eq(&format!("{} cannot reach {}:6443 over the LAN", agent.node.name, server.node.name), "refused", &connect(&a, &s_lan)));
+
+    // The agent joins the server's tunnel address.
+    let want = plan.join_url(agent.node).unwrap_or_default();
+    let conf = a.sh(key, "sed -n 's/^server: *//p' /etc/rancher/k3s/config.yaml | tr -d '\"'")?;
+    r.checks.push(Check::eq("agent's k3s server URL", &want, &conf));
+    if real_k3s {
+        let names = format!("{} {}", server.node.name, agent.node.name);
+        let seen = s
+            .wait_until("both nodes Ready", Duration::from_secs(600), |vm| {
+                let out = vm.sh(key, "k3s kubectl get nodes --no-headers 2>/dev/null | awk '$2==\"Ready\"{print $1}' | sort | xargs").unwrap_or_default();
+                Ok(Some(out.trim().to_string()).filter(|o| o.split_whitespace().count() >= 2))
+            })
+            .unwrap_or_else(|e| e.to_string());
+        let mut want: Vec<&str> = names.split(' ').collect();
+        want.sort();
+        r.checks.push(Check::eq("k3s kubectl get nodes: both Ready", &want.join(" "), &seen));
+    } else {
+        let host = want.trim_start_matches("https://").to_string();
+        let seen = a
+            .wait_until("the agent double to connect", Duration::from_secs(120), |vm| {
+                let rec = vm.sh(key, "cat /var/lib/rancher/k3s/double/agent 2>/dev/null || true").unwrap_or_default();
+                let get = |k: &str| rec.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
+                Ok(Some(format!("server={} connected={}", get("server"), get("connected"))).filter(|s| s.ends_with("connected=true")))
+            })
+            .unwrap_or_else(|e| e.to_string());
+        r.checks.push(Check::eq("agent (test double) got through to the server", &format!("server={host} connected=true"), &seen));
+    }
+    r.timeline = vec![
+        Mark { what: format!("{} switch_root", server.node.name), at: s.serial_find("kiln-init: switch_root", 0).map(|l| l.at.as_secs_f64()) },
+        Mark { what: format!("{} switch_root", agent.node.name), at: a.serial_find("kiln-init: switch_root", 0).map(|l| l.at.as_secs_f64()) },
+    ];
+    Ok(r)
 }

@@ -357,8 +357,13 @@ impl Vm {
 
     fn ssh_command(&self, key: &Path, user: &str) -> anyhow::Result<Command> {
         let mut c = SSH.command()?;
+        // One connection per VM, reused by every command (checks run dozens).
+        let control = self.dir.path().join("ssh-%r@%h:%p");
         c.arg("-i")
             .arg(key)
+            .arg("-o")
+            .arg(format!("ControlPath={}", control.display()))
+            .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=120"])
             .args(["-p", &self.ssh_port().to_string()])
             .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10"])
             .arg(format!("{user}@127.0.0.1"));

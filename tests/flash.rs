@@ -327,6 +327,15 @@ fn interrupted_write_leaves_no_partition_table() {
     assert!(tail.iter().all(|&b| b == 0), "old backup GPT at the end survived");
     let out = Command::new("sfdisk").arg("-d").arg(&target).output().unwrap();
     assert!(!out.status.success(), "sfdisk still finds a table:\n{}", String::from_utf8_lossy(&out.stdout));
+
+    // A file kiln created and could not finish is removed.
+    let tiny = tempfile::tempdir().unwrap();
+    run("mount", &["-t", "tmpfs", "-o", "size=2m", "kiln-flash-test", tiny.path().to_str().unwrap()]);
+    let _tiny_mounted = Mounted(tiny.path().to_path_buf());
+    let new = tiny.path().join("new.img");
+    let err = flash(&opts(&image, &new), &SysFacts::default()).unwrap_err();
+    assert!(format!("{err:#}").contains("No space left"), "{err:#}");
+    assert!(!new.exists(), "half-written file left behind");
 }
 
 // --------------------------------------------------------- loop devices

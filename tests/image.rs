@@ -581,6 +581,23 @@ fn check_golden(name: &str, actual: &str, comment: &str) {
     assert_eq!(actual, expected, "{} differs (UPDATE_GOLDEN=1 rewrites it; review the diff)", path.display());
 }
 
+/// Are the `len` bytes at `offset` of `path` all zero?
+fn is_zero(path: &Path, offset: u64, len: u64) -> bool {
+    let mut f = fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut r = f.take(len);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            return true;
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return false;
+        }
+    }
+}
+
 /// squashfs `bytes_used`: little-endian u64 at byte 40 of the superblock.
 fn squashfs_bytes_used(image: &Path, offset: u64) -> u64 {
     let mut f = fs::File::open(image).unwrap();
@@ -622,6 +639,12 @@ fn partition_table_matches_golden_and_the_layout_rule() {
         let state = partition(&image, "state");
         assert_eq!((state.start + state.size) * SECTOR + MIB, plan.disk_size_bytes);
 
+        // root-b waits for the first upgrade and state is formatted on first
+        // boot: both are zeros (no stale bytes, no half-made file system).
+        for empty in ["root-b", "state"] {
+            let p = partition(&image, empty);
+            assert!(is_zero(&image, p.start * SECTOR, p.size * SECTOR), "{name}: {empty} is not empty");
+        }
         // sgdisk agrees the table (both headers, CRCs, protective MBR) is sound.
         let verify = run(tool("sgdisk").arg("-v").arg(&image));
         assert!(verify.contains("No problems found"), "sgdisk -v {name}:\n{verify}");
@@ -968,6 +991,23 @@ fn user_xattrs_survive_the_root_stream_and_acls_are_dropped() {
     assert!(entries.values().all(|e| e.mtime <= EPOCH));
 }
 
+#[test]
+#[ignore = "kiln bug: src/rootfs.rs build_root reports tar2sqfs's exit before the stream's own error (see the report)"]
+fn a_truncated_base_fails_naming_the_base_not_tar2sqfs() {
+    // A base cut off mid-stream: the error must say the base is bad. Today
+    // tar2sqfs, fed a truncated tar, fails first and its "unexpected
+    // end-of-file" is all the user sees.
+    let dir = tempfile::tempdir().unwrap();
+    let truncated = dir.path().join("base.tar");
+    let mut whole = zstd::Decoder::new(fs::File::open(&shared().base).unwrap()).unwrap();
+    std::io::copy(&mut (&mut whole).take(20 * MIB), &mut fs::File::create(&truncated).unwrap()).unwrap();
+    let k3s = dir.path().join("k3s");
+    fs::write(&k3s, b"#!/bin/sh\n").unwrap();
+    let inputs = kiln::rootfs::RootInputs { base: &truncated, overlays: vec![], k3s: &k3s, image_files: kiln::tree::FileTree::new(), mtime: EPOCH, level: 3 };
+    let err = format!("{:#}", kiln::rootfs::build_root(&inputs, &dir.path().join("root.sqfs")).unwrap_err());
+    assert!(err.contains("reading the base tarball"), "{err}");
+}
+
 // ---------------------------------------------------------------------------
 // Initramfs and seed
 
@@ -1260,9 +1300,9 @@ fn a_build_failing_midway_in_the_root_image_leaves_the_previous_output() {
     assert!(err.contains("initramfs: done"), "the build should fail after the initramfs stage:\n{err}");
     prev.assert_untouched("FIFO in an overlay");
     // The profile directory holds nothing new but the state and the lock.
-    let mut names: Vec<String> = fs::read_dir(&profile_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
-    names.sort();
-    assert_eq!(names, ["kiln.lock", "overlays", "vm.state", "vm.toml"]);
+    let names: BTreeSet<String> = fs::read_dir(&profile_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let allowed: BTreeSet<String> = ["kiln.lock", "overlays", "vm.state", "vm.toml"].map(String::from).into();
+    assert!(names.is_subset(&allowed), "{names:?}");
 }
 
 #[test]

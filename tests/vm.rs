@@ -1,0 +1,249 @@
+//! VM tests: images booted in QEMU (OVMF → systemd-boot → kernel) and
+//! checked from inside. KVM when it works, TCG otherwise.
+//!
+//! They use the k3s test double (built here, like `make k3s-double`), or
+//! a real k3s when `KILN_K3S_BINARY` points to one: the same checks run,
+//! and the multi-node test then waits for both nodes to be Ready.
+//!
+//! VMs run one test at a time (a lock): the machines have two cores.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use kiln::build::BuildOptions;
+use kiln::commands::ClusterSecrets;
+use kiln::plan::Plan;
+use kiln::verify::{self, BootOptions, ClusterNode, Expect, Report};
+
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
+    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// MACs of the management NICs in multi-node tests (the LAN NICs carry
+/// the nodes' own MACs).
+const MGMT_MACS: [&str; 2] = ["52:54:00:99:00:01", "52:54:00:99:00:02"];
+
+/// The k3s binary under test: `KILN_K3S_BINARY`, or the double built now.
+fn k3s_binary() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("KILN_K3S_BINARY") {
+            return PathBuf::from(p);
+        }
+        let manifest = common::repo().join("qemu-tests/k3s-double/Cargo.toml");
+        let st = std::process::Command::new(env!("CARGO")).args(["build", "-q", "--release", "--manifest-path"]).arg(&manifest).env("K3S_DOUBLE_VERSION", "v1.31.1+k3s1").status().unwrap();
+        assert!(st.success(), "building the k3s double failed");
+        common::repo().join("qemu-tests/k3s-double/target/release/k3s-double")
+    })
+}
+
+fn real_k3s() -> bool {
+    !kiln::nodetest::is_double(Some(k3s_binary()))
+}
+
+/// A test profile with the run's root key and the multi-node management
+/// NIC config appended, planned, with secrets in a temp state dir.
+struct Fixture {
+    dir: tempfile::TempDir,
+    plan: Plan,
+    secrets: ClusterSecrets,
+    key: PathBuf,
+}
+
+fn fixture_from(text: &str, name: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public_key) = verify::make_test_key(dir.path()).unwrap();
+    let mgmt = format!(
+        "\n[[first-boot.write-files]]\npath = \"/etc/systemd/network/10-kiln-test-mgmt.network\"\ncontent = \"[Match]\\nMACAddress={}\\n\\n[Network]\\nDHCP=yes\\n\"\n",
+        MGMT_MACS.join(" ")
+    );
+    let text = format!("{text}ssh-authorized-keys = [\"{public_key}\"]\n{mgmt}");
+    let path = dir.path().join(name);
+    std::fs::write(&path, &text).unwrap();
+    let plan = kiln::plan::plan_profile(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let state = kiln::secrets::StateDir::open(&dir.path().join("state")).unwrap();
+    let secrets = ClusterSecrets::load(&plan, &state).unwrap();
+    Fixture { dir, plan, secrets, key }
+}
+
+fn vm_profile() -> String {
+    let text = std::fs::read_to_string(common::repo().join("qemu-tests/profiles/vm.toml")).unwrap();
+    assert!(text.trim_end().ends_with("name = \"root\""), "vm.toml must end with the root user's table");
+    format!("{}\n", text.trim_end())
+}
+
+fn build(f: &Fixture, out: &Path, nodes: &[&str]) {
+    let opts = BuildOptions {
+        out: out.to_path_buf(),
+        nodes: nodes.iter().map(|s| s.to_string()).collect(),
+        k3s_binary: Some(k3s_binary().clone()),
+        cache: kiln::cache::cache_dir(),
+        test_access_key: None,
+        ..BuildOptions::default()
+    };
+    kiln::build::build(&f.plan, &f.secrets, &opts).unwrap();
+}
+
+/// The vm.toml images, built once for every test here.
+fn built() -> &'static (Fixture, PathBuf) {
+    static B: OnceLock<(Fixture, PathBuf)> = OnceLock::new();
+    B.get_or_init(|| {
+        let f = fixture_from(&vm_profile(), "vm.toml");
+        let out = f.dir.path().join("out");
+        build(&f, &out, &[]);
+        (f, out)
+    })
+}
+
+fn expect_for<'a>(f: &'a Fixture, node: &str, files: &'a kiln::render::NodeFiles) -> Expect<'a> {
+    Expect {
+        plan: &f.plan,
+        node: f.plan.node(node).unwrap(),
+        files,
+        wg_public_key: f.secrets.private[node].public_key().to_base64(),
+        user_keys: Vec::new(),
+        real_k3s: real_k3s(),
+    }
+}
+
+fn files_for(f: &Fixture, node: &str) -> kiln::render::NodeFiles {
+    kiln::commands::render_node(&f.plan, node, &f.secrets).unwrap()
+}
+
+fn show(r: &Report) {
+    eprintln!("{}:\n{}", r.node, r.table());
+}
+
+#[track_caller]
+fn assert_all_pass(r: &Report) {
+    show(r);
+    let failed: Vec<&str> = r.checks.iter().filter(|c| !c.pass).map(|c| c.name.as_str()).collect();
+    assert!(failed.is_empty() && !r.checks.is_empty(), "{}: failed checks: {failed:?}", r.node);
+}
+
+#[test]
+fn the_accelerator_probe_works() {
+    // TCG always runs the probe guest, so a `false` for KVM means KVM
+    // failed, not that the probe is broken.
+    assert!(kiln::vm::probe(kiln::vm::Accel::Tcg, std::time::Duration::from_secs(30)).unwrap());
+    eprintln!("accelerator for the VM tests: {:?}", kiln::vm::detect_accel());
+}
+
+fn single_node(node: &str) {
+    let (f, out) = built();
+    let _g = vm_lock();
+    let files = files_for(f, node);
+    let e = expect_for(f, node, &files);
+    let r = verify::test_node(&out.join(format!("{node}.img")), &f.key, &e, None).unwrap();
+    assert_all_pass(&r);
+    // The timeline is complete.
+    assert!(r.timeline.iter().all(|m| m.at.is_some()), "{:?}", r.timeline);
+}
+
+#[test]
+fn server_node_passes_every_check() {
+    single_node("s1");
+}
+
+#[test]
+fn agent_node_passes_every_check() {
+    single_node("a1");
+}
+
+#[test]
+fn server_and_agent_on_one_lan() {
+    let (f, out) = built();
+    let _g = vm_lock();
+    let s = ClusterNode { image: &out.join("s1.img"), node: f.plan.node("s1").unwrap(), mgmt_mac: MGMT_MACS[0].into() };
+    let a = ClusterNode { image: &out.join("a1.img"), node: f.plan.node("a1").unwrap(), mgmt_mac: MGMT_MACS[1].into() };
+    let r = verify::test_cluster(&f.plan, &s, &a, &f.key, real_k3s(), None).unwrap();
+    assert_all_pass(&r);
+}
+
+/// Boot `image` once with the expectations of `node` in the vm.toml
+/// fixture; return the report.
+fn check_once(image: &Path, node: &str) -> Report {
+    let (f, _) = built();
+    let files = files_for(f, node);
+    let e = expect_for(f, node, &files);
+    let opts = BootOptions { reboot: false, ..BootOptions::default() };
+    let r = verify::test_node_with(image, &f.key, &e, None, &opts).unwrap();
+    show(&r);
+    r
+}
+
+#[track_caller]
+fn assert_check(r: &Report, name: &str, pass: bool) {
+    let c = r.check(name).unwrap_or_else(|| panic!("no check {name:?}"));
+    assert_eq!(c.pass, pass, "{name}: expected {} but it {}: {c:?}", if pass { "pass" } else { "fail" }, if c.pass { "passed" } else { "failed" });
+}
+
+/// Build the vm.toml profile changed by `edit`, with the same secrets and
+/// key as the fixture, and return node `node`'s image.
+fn build_variant(edit: impl Fn(&str) -> String, node: &str) -> (tempfile::TempDir, PathBuf) {
+    let (f, _) = built();
+    let text = std::fs::read_to_string(&f.plan.profile_path).unwrap();
+    let changed = edit(&text);
+    assert_ne!(changed, text, "the variant must differ");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.toml");
+    std::fs::write(&path, &changed).unwrap();
+    let plan = kiln::plan::plan_profile(&path, &changed).unwrap();
+    let opts = BuildOptions { out: dir.path().join("out"), nodes: vec![node.into()], k3s_binary: Some(k3s_binary().clone()), cache: kiln::cache::cache_dir(), ..BuildOptions::default() };
+    kiln::build::build(&plan, &f.secrets, &opts).unwrap();
+    let img = dir.path().join("out").join(format!("{node}.img"));
+    (dir, img)
+}
+
+#[test]
+fn broken_entry_without_the_cmdline_item_fails_that_check() {
+    let (_d, img) = build_variant(|t| t.replace("cmdline = [\"pcie_aspm=off\"]", "cmdline = []"), "s1");
+    let _g = vm_lock();
+    let r = check_once(&img, "s1");
+    assert_check(&r, "kernel command line", false);
+    assert_check(&r, "hostname", true);
+    assert_check(&r, "nft ruleset is the rendered one", true);
+}
+
+#[test]
+fn broken_ruleset_fails_the_firewall_check() {
+    let (_d, img) = build_variant(|t| t.replace("[wireguard]", "[firewall]\nallow-tcp = [22, 8080]\n\n[wireguard]"), "s1");
+    let _g = vm_lock();
+    let r = check_once(&img, "s1");
+    assert_check(&r, "nft ruleset is the rendered one", false);
+    assert_check(&r, "kernel command line", true);
+    assert_check(&r, "hostname", true);
+}
+
+#[test]
+fn a_seed_from_another_node_fails_the_identity_checks() {
+    let (_, out) = built();
+    let _g = vm_lock();
+    // a1's image (its seed) booted where s1 is expected.
+    let r = check_once(&out.join("a1.img"), "s1");
+    assert_check(&r, "hostname", false);
+    assert_check(&r, "WireGuard public key (kiln keys)", false);
+    assert_check(&r, "k3s config.yaml", false);
+    assert_check(&r, "kernel command line", true);
+}
+
+#[test]
+fn a_flashed_8g_copy_boots_and_the_state_partition_fills_it() {
+    let (f, out) = built();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("stick.img");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).arg("flash").arg(out.join("s1.img")).arg(&target).args(["--size", "8G", "--yes"]).status().unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 8 << 30);
+    let _g = vm_lock();
+    let files = files_for(f, "s1");
+    let e = expect_for(f, "s1", &files);
+    let r = verify::test_node_with(&target, &f.key, &e, None, &BootOptions { reboot: false, grow_bytes: 0 }).unwrap();
+    show(&r);
+    assert_check(&r, "state partition reaches the end of the disk", true);
+    assert_check(&r, "/ is the slot's read-only squashfs", true);
+}
