@@ -312,7 +312,9 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
         sums.push_str(&format!("{sha}  {n}\n"));
         art.push(serde_json::json!({"path": n, "sha256": sha, "size": std::fs::metadata(&p)?.len()}));
     }
-    std::fs::write(staging.dir.join("SHA256SUMS"), &sums)?;
+    let mut sf = std::fs::File::create(staging.dir.join("SHA256SUMS"))?;
+    sf.write_all(sums.as_bytes())?;
+    sf.sync_all()?;
     let profile_text = std::fs::read(&plan.profile_path).unwrap_or_default();
     let manifest = serde_json::json!({
         "kiln_version": KILN_VERSION,

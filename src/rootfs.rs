@@ -325,6 +325,16 @@ pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> 
     let streamed = write_stream(inputs, std::io::BufWriter::with_capacity(1 << 20, stdin));
     let status = child.wait()?;
     let err = err_reader.join().unwrap_or_default();
+    // A failed stream (say, a truncated base) is the cause; tar2sqfs then
+    // only complains about the cut-off input. Its status matters when the
+    // stream broke because tar2sqfs died first (EPIPE) or succeeded.
+    if let Err(e) = &streamed {
+        let epipe = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
+        if !epipe {
+            let tail = String::from_utf8_lossy(&err);
+            return Err(streamed.unwrap_err().context(format!("streaming the root image into {line} (its stderr: {})", tail.trim())));
+        }
+    }
     crate::tool::check_status(&line, status, &err)?;
     streamed.context("streaming the root image")?;
     let size = std::fs::metadata(out)?.len();

@@ -355,15 +355,28 @@ impl Vm {
         s
     }
 
-    fn ssh_command(&self, key: &Path, user: &str) -> anyhow::Result<Command> {
+    /// One SSH connection per VM and user, reused by every command (the
+    /// checks run dozens). The master is started with no stdio of ours: a
+    /// master inheriting a command's pipes would keep them open.
+    fn ensure_master(&self, key: &Path, user: &str) {
+        let Ok(mut check) = self.ssh_base(key, user, "no") else { return };
+        let alive = check.args(["-O", "check"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        if !alive {
+            if let Ok(mut m) = self.ssh_base(key, user, "yes") {
+                let _ = m.args(["-o", "ControlPersist=300", "-f", "-N"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+            }
+        }
+    }
+
+    fn ssh_base(&self, key: &Path, user: &str, master: &str) -> anyhow::Result<Command> {
         let mut c = SSH.command()?;
-        // One connection per VM, reused by every command (checks run dozens).
-        let control = self.dir.path().join("ssh-%r@%h:%p");
+        let control = self.dir.path().join(format!("ssh-{user}"));
         c.arg("-i")
             .arg(key)
             .arg("-o")
             .arg(format!("ControlPath={}", control.display()))
-            .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=120"])
+            .arg("-o")
+            .arg(format!("ControlMaster={master}"))
             .args(["-p", &self.ssh_port().to_string()])
             .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10"])
             .arg(format!("{user}@127.0.0.1"));
@@ -372,7 +385,8 @@ impl Vm {
 
     /// Run a shell command in the guest as `user`, with `stdin`.
     pub fn ssh_as(&self, key: &Path, user: &str, script: &str, stdin: &[u8]) -> anyhow::Result<Output> {
-        let mut c = self.ssh_command(key, user)?;
+        self.ensure_master(key, user);
+        let mut c = self.ssh_base(key, user, "no")?;
         c.arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = c.spawn().context("starting ssh")?;
         child.stdin.take().expect("piped").write_all(stdin)?;

@@ -236,3 +236,45 @@ wireguard-address = "10.0.0.13"
         assert!(shown.contains("fix: "), "{shown}");
     }
 }
+
+#[test]
+fn write_files_may_not_replace_what_kiln_renders() {
+    let text = format!("{GOOD}\n[[first-boot.write-files]]\npath = \"/etc/hostname\"\ncontent = \"x\"\n");
+    one(&text, 23, "first-boot.write-files[0].path", "rendered by kiln");
+    let ok = format!("{GOOD}\n[[first-boot.write-files]]\npath = \"/etc/hosts.allow\"\ncontent = \"x\"\n");
+    assert!(errors(&ok).is_empty());
+}
+
+#[test]
+fn label_values_are_checked() {
+    one(&with("name = \"a1\"", "name = \"a1\"\nlabels = { \"kiln.dev/gpu\" = \"two words\" }"), 18, "nodes[1].labels", "not a Kubernetes label value");
+}
+
+#[test]
+fn sysctl_values_are_one_line() {
+    let text = format!("{GOOD}\n[first-boot.sysctl]\n\"vm.max_map_count\" = \"1\\nkernel.x = 2\"\n");
+    one(&text, 23, "first-boot.sysctl", "control character");
+}
+
+#[test]
+fn keepalive_zero_means_off() {
+    assert!(errors(&with("[wireguard]", "[wireguard]\npersistent-keepalive = 0")).is_empty());
+    one(&with("[wireguard]", "[wireguard]\npersistent-keepalive = -1"), 8, "wireguard.persistent-keepalive", "not a keepalive interval");
+}
+
+#[test]
+fn joiners_join_the_cluster_init_server() {
+    // Three servers, cluster-init on the last: the others join it, not the first.
+    let text = with("role = \"agent\"", "role = \"server\"").replace("wireguard-address = \"10.0.0.11\"", "wireguard-address = \"10.0.0.11\"")
+        + "\n[[nodes]]\nname = \"s3\"\nrole = \"server\"\ncluster-init = true\nmac = \"52:54:00:00:00:03\"\nwireguard-address = \"10.0.0.13\"\n";
+    let plan = kiln::plan::plan_profile(Path::new("lab.toml"), &text).unwrap_or_else(|e| panic!("{e}"));
+    for n in ["s1", "a1"] {
+        assert_eq!(plan.join_url(plan.node(n).unwrap()).as_deref(), Some("https://10.0.0.13:6443"), "{n}");
+    }
+    assert_eq!(plan.join_url(plan.node("s3").unwrap()), None);
+}
+
+#[test]
+fn a_hostname_taken_by_another_nodes_name_is_an_error() {
+    one(&with("name = \"s1\"", "name = \"s1\"\nhostname = \"a1\""), 18, "nodes[1].name", "already used by nodes[0].hostname");
+}

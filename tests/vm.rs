@@ -247,3 +247,33 @@ fn a_flashed_8g_copy_boots_and_the_state_partition_fills_it() {
     assert_check(&r, "state partition reaches the end of the disk", true);
     assert_check(&r, "/ is the slot's read-only squashfs", true);
 }
+
+/// `kiln test profiles/club.toml --node NAME`, as the README shows it:
+/// the generic kernel users flash, booted and checked.
+fn club_node(node: &str) {
+    let state = tempfile::tempdir().unwrap();
+    let _g = vm_lock();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["test", "profiles/club.toml", "--node", node, "--state-dir"])
+        .arg(state.path())
+        .arg("--k3s-binary")
+        .arg(k3s_binary())
+        .current_dir(common::repo())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(out.status.success(), "kiln test --node {node} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" 0 failed"), "{stdout}");
+    assert!(!common::repo().join("profiles/kiln.lock").exists() || real_k3s(), "the test double was pinned in profiles/kiln.lock");
+}
+
+#[test]
+fn club_profile_server_rgb1_with_the_generic_kernel() {
+    club_node("rgb1");
+}
+
+#[test]
+fn club_profile_agent_rgb2_with_the_generic_kernel() {
+    club_node("rgb2");
+}

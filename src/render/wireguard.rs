@@ -5,8 +5,14 @@
 //! against, the key stays in one root-only file (networkd would need it
 //! readable by the `systemd-network` user, whose id only the image knows),
 //! and the file is the one every WireGuard guide and an external hub's
-//! operator already reads. An endpoint that does not resolve yet (DNS down
-//! after a power cut) makes wg-quick fail, so the unit retries.
+//! operator already reads.
+//!
+//! An endpoint given by DNS name is not in the wg-quick file: `wg setconf`
+//! fails the whole interface when a name does not resolve (DNS down after a
+//! power cut, a restrictive network), and the node would lose its tunnel
+//! address with it. The interface comes up with every IP endpoint, and
+//! `kiln-wg-endpoints` sets the named ones once they resolve, retrying,
+//! and again every few minutes so a hub on dynamic DNS is followed.
 
 use std::fmt::Write as _;
 
@@ -15,7 +21,7 @@ use ipnet::IpNet;
 use crate::plan::{ExternalPeerPlan, HubRef, NodePlan, Plan, WgPlan};
 use crate::profile::Topology;
 use crate::tree::FileTree;
-use crate::types::{Endpoint, WgKey};
+use crate::types::{Endpoint, Host, WgKey};
 
 use super::{NodeSecrets, SECRET_MODE, header};
 
@@ -36,10 +42,18 @@ pub fn render(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets, 
     let _ = writeln!(s, "Address = {}/{}", addr, wg.network.prefix_len());
     let _ = writeln!(s, "ListenPort = {}", wg.listen_port);
     let _ = writeln!(s, "PrivateKey = {}", secrets.private_key.to_base64());
+    let mut named = Vec::new();
     for p in peers(plan, wg, node, secrets) {
         let _ = write!(s, "\n# {}\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\n", p.comment, p.public_key, join(&p.allowed_ips));
-        if let Some(e) = p.endpoint {
-            let _ = writeln!(s, "Endpoint = {e}");
+        match &p.endpoint {
+            Some(e) if matches!(e.host, Host::Name(_)) => {
+                let _ = writeln!(s, "# Endpoint = {e} (set by kiln-wg-endpoints.service once the name resolves)");
+                named.push((p.public_key.clone(), e.clone()));
+            }
+            Some(e) => {
+                let _ = writeln!(s, "Endpoint = {e}");
+            }
+            None => {}
         }
         if let Some(k) = p.keepalive {
             let _ = writeln!(s, "PersistentKeepalive = {k}");
@@ -52,6 +66,33 @@ pub fn render(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets, 
         format!("{}[Unit]\nAfter=nftables.service\nWants=nftables.service\n\n[Service]\n# Retry when an endpoint does not resolve yet.\nRestart=on-failure\nRestartSec=5s\n", header("#", plan)),
     );
     tree.symlink(&format!("/etc/systemd/system/multi-user.target.wants/wg-quick@{iface}.service"), "/lib/systemd/system/wg-quick@.service");
+    if !named.is_empty() {
+        render_endpoint_units(plan, iface, &named, tree);
+    }
+}
+
+/// Seconds between re-resolving named endpoints.
+pub const RERESOLVE_INTERVAL_S: u32 = 300;
+
+fn render_endpoint_units(plan: &Plan, iface: &str, named: &[(WgKey, Endpoint)], tree: &mut FileTree) {
+    let mut sh = format!("#!/bin/sh\n{}# Set WireGuard endpoints given by DNS name; exit 1 (retried) until all resolve.\nstatus=0\n", header("#", plan));
+    for (key, e) in named {
+        let _ = writeln!(sh, "wg set {iface} peer {key} endpoint {e} || {{ echo \"kiln-wg-endpoints: {e} does not resolve yet\"; status=1; }}");
+    }
+    sh.push_str("exit $status\n");
+    tree.file("/etc/kiln/wg-endpoints.sh", 0o755, sh);
+    tree.file(
+        "/etc/systemd/system/kiln-wg-endpoints.service",
+        0o644,
+        format!("{}[Unit]\nDescription=kiln: WireGuard endpoints given by DNS name\nAfter=wg-quick@{iface}.service network-online.target\nRequires=wg-quick@{iface}.service\nWants=network-online.target\n\n[Service]\nType=oneshot\nExecStart=/etc/kiln/wg-endpoints.sh\nRestart=on-failure\nRestartSec=10s\n\n[Install]\nWantedBy=multi-user.target\n", header("#", plan)),
+    );
+    tree.file(
+        "/etc/systemd/system/kiln-wg-endpoints.timer",
+        0o644,
+        format!("{}[Unit]\nDescription=kiln: re-resolve WireGuard endpoints (dynamic DNS)\n\n[Timer]\nOnUnitActiveSec={RERESOLVE_INTERVAL_S}s\n\n[Install]\nWantedBy=timers.target\n", header("#", plan)),
+    );
+    tree.symlink("/etc/systemd/system/multi-user.target.wants/kiln-wg-endpoints.service", "/etc/systemd/system/kiln-wg-endpoints.service");
+    tree.symlink("/etc/systemd/system/timers.target.wants/kiln-wg-endpoints.timer", "/etc/systemd/system/kiln-wg-endpoints.timer");
 }
 
 fn join(nets: &[IpNet]) -> String {
