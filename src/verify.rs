@@ -268,11 +268,14 @@ pub struct BootOptions {
     pub reboot: bool,
     /// Bytes added to the disk (the state partition must grow into them).
     pub grow_bytes: u64,
+    /// Give the VM this node's NIC (MAC, LAN address) instead of the
+    /// expected node's: for an image of another node.
+    pub boot_as: Option<NodePlan>,
 }
 
 impl Default for BootOptions {
     fn default() -> Self {
-        BootOptions { reboot: true, grow_bytes: 2 * 1024 * 1024 * 1024 }
+        BootOptions { reboot: true, grow_bytes: 2 * 1024 * 1024 * 1024, boot_as: None }
     }
 }
 
@@ -284,13 +287,16 @@ pub fn test_node(image: &Path, key: &Path, e: &Expect, log: Option<&Path>) -> an
 
 pub fn test_node_with(image: &Path, key: &Path, e: &Expect, log: Option<&Path>, opts: &BootOptions) -> anyhow::Result<Report> {
     let mut cfg = VmConfig::new(&e.node.name, image);
-    let size = std::fs::metadata(image)?.len();
-    cfg.disk_bytes = Some(size + opts.grow_bytes);
+    if opts.grow_bytes > 0 {
+        let size = std::fs::metadata(image)?.len();
+        cfg.disk_bytes = Some(size + opts.grow_bytes);
+    }
     cfg.forward = vec![PROBE_PORT];
-    if let Some(mac) = e.node.mac {
+    let nic = opts.boot_as.as_ref().unwrap_or(e.node);
+    if let Some(mac) = nic.mac {
         cfg.mac = mac.to_string();
     }
-    if let Some(a) = e.node.network.address {
+    if let Some(a) = nic.network.address {
         cfg.user_net = Some((a.trunc(), a.addr()));
     }
     let mut vm = Vm::start(&cfg)?;

@@ -167,10 +167,15 @@ fn server_and_agent_on_one_lan() {
 /// Boot `image` once with the expectations of `node` in the vm.toml
 /// fixture; return the report.
 fn check_once(image: &Path, node: &str) -> Report {
+    check_once_as(image, node, node)
+}
+
+/// As `check_once`, for an image whose network is that of `boot_as`.
+fn check_once_as(image: &Path, node: &str, boot_as: &str) -> Report {
     let (f, _) = built();
     let files = files_for(f, node);
     let e = expect_for(f, node, &files);
-    let opts = BootOptions { reboot: false, ..BootOptions::default() };
+    let opts = BootOptions { reboot: false, boot_as: Some(f.plan.node(boot_as).unwrap().clone()), ..BootOptions::default() };
     let r = verify::test_node_with(image, &f.key, &e, None, &opts).unwrap();
     show(&r);
     r
@@ -224,7 +229,7 @@ fn a_seed_from_another_node_fails_the_identity_checks() {
     let (_, out) = built();
     let _g = vm_lock();
     // a1's image (its seed) booted where s1 is expected.
-    let r = check_once(&out.join("a1.img"), "s1");
+    let r = check_once_as(&out.join("a1.img"), "s1", "a1");
     assert_check(&r, "hostname", false);
     assert_check(&r, "WireGuard public key (kiln keys)", false);
     assert_check(&r, "k3s config.yaml", false);
@@ -242,7 +247,7 @@ fn a_flashed_8g_copy_boots_and_the_state_partition_fills_it() {
     let _g = vm_lock();
     let files = files_for(f, "s1");
     let e = expect_for(f, "s1", &files);
-    let r = verify::test_node_with(&target, &f.key, &e, None, &BootOptions { reboot: false, grow_bytes: 0 }).unwrap();
+    let r = verify::test_node_with(&target, &f.key, &e, None, &BootOptions { reboot: false, grow_bytes: 0, boot_as: None }).unwrap();
     show(&r);
     assert_check(&r, "state partition reaches the end of the disk", true);
     assert_check(&r, "/ is the slot's read-only squashfs", true);
@@ -276,4 +281,37 @@ fn club_profile_server_rgb1_with_the_generic_kernel() {
 #[test]
 fn club_profile_agent_rgb2_with_the_generic_kernel() {
     club_node("rgb2");
+}
+
+/// A loop device over a sparse file, detached on drop.
+struct LoopDev {
+    dev: String,
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+#[test]
+fn a_flashed_loop_device_verifies_and_boots() {
+    let (f, out) = built();
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("disk.raw");
+    std::fs::File::create(&backing).unwrap().set_len(4 << 30).unwrap();
+    let o = std::process::Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().unwrap();
+    assert!(o.status.success(), "losetup: {}", String::from_utf8_lossy(&o.stderr));
+    let lo = LoopDev { dev: String::from_utf8_lossy(&o.stdout).trim().to_string() };
+    // A loop device is not removable: --force, as for a fixed disk.
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).arg("flash").arg(out.join("s1.img")).arg(&lo.dev).args(["--yes", "--force"]).status().unwrap();
+    assert!(st.success());
+    let _g = vm_lock();
+    let files = files_for(f, "s1");
+    let e = expect_for(f, "s1", &files);
+    // Boot the block device itself (through an overlay: it is not modified).
+    let r = verify::test_node_with(Path::new(&lo.dev), &f.key, &e, None, &BootOptions { reboot: false, grow_bytes: 0, boot_as: None }).unwrap();
+    show(&r);
+    assert_check(&r, "state partition reaches the end of the disk", true);
+    assert_check(&r, "hostname", true);
 }
