@@ -107,5 +107,5 @@ pub fn build_seed(tree: &FileTree, mtime: u32) -> anyhow::Result<Vec<u8>> {
             Entry::Dir { .. } => {}
         }
     }
-    Ok(w.finish()?)
+    w.finish()
 }

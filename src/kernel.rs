@@ -78,13 +78,12 @@ pub fn read_base_files(tarball: &Path, want: &[&str]) -> anyhow::Result<BaseFile
             e.read_to_string(&mut s)?;
             configs.insert(ver.to_string(), s);
         } else if let Some(rest) = path.strip_prefix("usr/lib/modules/") {
-            if let Some((ver, file)) = rest.split_once('/') {
-                if ["modules.dep", "modules.builtin", "modules.softdep"].contains(&file) {
+            if let Some((ver, file)) = rest.split_once('/')
+                && ["modules.dep", "modules.builtin", "modules.softdep"].contains(&file) {
                     let mut s = String::new();
                     e.read_to_string(&mut s)?;
                     index.insert((ver.to_string(), file.to_string()), s);
                 }
-            }
         } else if path == norm_path(BUSYBOX) {
             if kind.is_file() {
                 e.read_to_end(&mut b.busybox)?;
@@ -117,13 +116,12 @@ pub fn read_base_files(tarball: &Path, want: &[&str]) -> anyhow::Result<BaseFile
         for e in open_tar(tarball)?.entries()? {
             let mut e = e?;
             let path = norm_path(&e.path()?.to_string_lossy());
-            if let Some(rel) = path.strip_prefix(&prefix) {
-                if needed.contains(rel) {
+            if let Some(rel) = path.strip_prefix(&prefix)
+                && needed.contains(rel) {
                     let mut v = Vec::new();
                     e.read_to_end(&mut v)?;
                     b.modules.insert(rel.to_string(), v);
                 }
-            }
         }
         if let Some(m) = needed.iter().find(|m| !b.modules.contains_key(*m)) {
             bail!("{} lists {m} in modules.dep but the file is missing", tarball.display());

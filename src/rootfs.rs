@@ -184,11 +184,10 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
         }
         let kind = e.header().entry_type();
         // Overlay and kiln files replace the base's (directories merge).
-        if let Some(a) = added.get(&path) {
-            if !(kind.is_dir() && matches!(a, Added::Dir(_))) {
+        if let Some(a) = added.get(&path)
+            && !(kind.is_dir() && matches!(a, Added::Dir(_))) {
                 continue;
             }
-        }
         if let Some(rest) = path.strip_prefix("var/") {
             let parts: Vec<&str> = rest.split('/').collect();
             let top = format!("var/{}", parts[0]);

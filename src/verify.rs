@@ -194,14 +194,13 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
         let g = greeting(p);
         out.push(Check::new("allowed port connects from outside (tcp/22)", "SSH-2.0 banner", &g, g.starts_with("SSH-2.0")));
     }
-    if let Some(p) = vm.host_port(PROBE_PORT) {
-        if !plan.firewall.allow_tcp.contains(&PROBE_PORT) {
+    if let Some(p) = vm.host_port(PROBE_PORT)
+        && !plan.firewall.allow_tcp.contains(&PROBE_PORT) {
             start_probe(vm, key, PROBE_PORT)?;
             let inside = sh(&format!("for i in 1 2 3 4 5; do exec 3<>/dev/tcp/127.0.0.1/{PROBE_PORT} && head -1 <&3 && break; sleep 1; done"))?;
             let g = greeting(p);
-            out.push(Check::new(&format!("blocked port does not connect from outside (tcp/{PROBE_PORT})"), format!("no greeting (inside: kiln-probe)"), format!("{g} (inside: {})", inside.trim()), inside.trim() == "kiln-probe" && g != "kiln-probe"));
+            out.push(Check::new(&format!("blocked port does not connect from outside (tcp/{PROBE_PORT})"), "no greeting (inside: kiln-probe)".to_string(), format!("{g} (inside: {})", inside.trim()), inside.trim() == "kiln-probe" && g != "kiln-probe"));
         }
-    }
 
     // k3s.
     out.push(Check::eq("k3s unit active", "active", &sh("systemctl is-active k3s || true")?));

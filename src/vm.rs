@@ -361,11 +361,10 @@ impl Vm {
     fn ensure_master(&self, key: &Path, user: &str) {
         let Ok(mut check) = self.ssh_base(key, user, "no") else { return };
         let alive = check.args(["-O", "check"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
-        if !alive {
-            if let Ok(mut m) = self.ssh_base(key, user, "yes") {
+        if !alive
+            && let Ok(mut m) = self.ssh_base(key, user, "yes") {
                 let _ = m.args(["-o", "ControlPersist=300", "-f", "-N"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
             }
-        }
     }
 
     fn ssh_base(&self, key: &Path, user: &str, master: &str) -> anyhow::Result<Command> {

@@ -260,7 +260,7 @@ fn club_node(node: &str) {
     let _g = vm_lock();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["test", "profiles/club.toml", "--node", node, "--state-dir"])
-        .arg(state.path())
+        .arg(state.path().join("club.state"))
         .arg("--k3s-binary")
         .arg(k3s_binary())
         .current_dir(common::repo())
