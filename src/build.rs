@@ -211,7 +211,7 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
     let epoch = source_date_epoch()?;
     let mut tools = vec![rootfs::TAR2SQFS];
     if opts.qcow2 {
-        tools.push(QEMU_IMG);
+        tools.push(crate::vm::QEMU_IMG);
     }
     crate::tool::preflight(&tools)?;
     install_interrupt_handler();
@@ -291,7 +291,7 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
         if opts.qcow2 {
             let q = staging.dir.join(format!("{name}.qcow2"));
             progress.stage(&format!("{name}.qcow2"), || {
-                crate::tool::run(QEMU_IMG.command()?.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&image).arg(&q))?;
+                crate::tool::run(crate::vm::QEMU_IMG.command()?.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&image).arg(&q))?;
                 std::fs::set_permissions(&q, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                 Ok(())
             })?;
@@ -344,7 +344,6 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
     Ok(BuildResult { artifacts, manifest })
 }
 
-pub const QEMU_IMG: crate::tool::Tool = crate::tool::Tool::new("qemu-img", "qemu-utils");
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;

@@ -157,21 +157,34 @@ pub struct SerialLine {
     pub text: String,
 }
 
-/// Boot with the serial console on this terminal (`kiln run`).
-pub fn interactive(cfg: &VmConfig) -> anyhow::Result<std::process::ExitStatus> {
-    let dir = tempfile::Builder::new().prefix("kiln-run-").tempdir()?;
-    let overlay = dir.path().join("disk.qcow2");
+/// The overlay (backed by the image, enlarged to `disk_bytes`) and a
+/// writable copy of the OVMF variables, in `dir`.
+fn prepare_disk(cfg: &VmConfig, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    for f in [OVMF_CODE, OVMF_VARS] {
+        if !Path::new(f).exists() {
+            bail!("{f} is missing: apt-get install --no-install-recommends ovmf");
+        }
+    }
+    let overlay = dir.join("disk.qcow2");
     let image = std::fs::canonicalize(&cfg.image).with_context(|| format!("image {}", cfg.image.display()))?;
     let fmt = if image.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
-    crate::tool::run(QEMU_IMG.command()?.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"]).arg(&image).arg(&overlay))?;
-    let vars = dir.path().join("OVMF_VARS.fd");
+    let mut img = QEMU_IMG.command()?;
+    img.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"]).arg(&image).arg(&overlay);
+    if let Some(b) = cfg.disk_bytes {
+        img.arg(b.to_string());
+    }
+    crate::tool::run(&mut img)?;
+    let vars = dir.join("OVMF_VARS.fd");
     std::fs::copy(OVMF_VARS, &vars)?;
-    let port = free_port()?;
-    eprintln!("kiln run: SSH is forwarded from 127.0.0.1:{port}");
-    let status = QEMU
-        .command()?
-        .args(cfg.accel.args())
-        .args(["-machine", "q35", "-nodefaults", "-nographic", "-serial", "mon:stdio"])
+    Ok((overlay, vars))
+}
+
+/// QEMU with firmware, disk, RNG and the management NIC (`user_net` is
+/// the `-netdev user,…` value); the caller adds the console.
+fn qemu_command(cfg: &VmConfig, overlay: &Path, vars: &Path, user_net: &str) -> anyhow::Result<Command> {
+    let mut cmd = QEMU.command()?;
+    cmd.args(cfg.accel.args())
+        .args(["-machine", "q35", "-nodefaults"])
         .arg("-m")
         .arg(cfg.memory_mib.to_string())
         .arg("-smp")
@@ -182,11 +195,21 @@ pub fn interactive(cfg: &VmConfig) -> anyhow::Result<std::process::ExitStatus> {
         .arg(format!("if=pflash,format=raw,file={}", vars.display()))
         .arg("-drive")
         .arg(format!("if=virtio,format=qcow2,file={}", overlay.display()))
-        .args(["-device", "virtio-rng-pci", "-netdev"])
-        .arg(format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{port}-:22"))
+        .args(["-device", "virtio-rng-pci"])
+        .arg("-netdev")
+        .arg(format!("user,id=mgmt{user_net}"))
         .arg("-device")
-        .arg(format!("virtio-net-pci,netdev=mgmt,mac={}", cfg.mac))
-        .status()?;
+        .arg(format!("virtio-net-pci,netdev=mgmt,mac={}", cfg.mac));
+    Ok(cmd)
+}
+
+/// Boot with the serial console on this terminal (`kiln run`).
+pub fn interactive(cfg: &VmConfig) -> anyhow::Result<std::process::ExitStatus> {
+    let dir = tempfile::Builder::new().prefix("kiln-run-").tempdir()?;
+    let (overlay, vars) = prepare_disk(cfg, dir.path())?;
+    let port = free_port()?;
+    eprintln!("kiln run: SSH is forwarded from 127.0.0.1:{port}");
+    let status = qemu_command(cfg, &overlay, &vars, &format!(",hostfwd=tcp:127.0.0.1:{port}-:22"))?.args(["-nographic", "-serial", "mon:stdio"]).status()?;
     Ok(status)
 }
 
@@ -207,23 +230,8 @@ impl Vm {
     /// timestamps.
     pub fn start(cfg: &VmConfig) -> anyhow::Result<Vm> {
         crate::tool::preflight(&[QEMU, QEMU_IMG])?;
-        for f in [OVMF_CODE, OVMF_VARS] {
-            if !Path::new(f).exists() {
-                bail!("{f} is missing: apt-get install --no-install-recommends ovmf");
-            }
-        }
         let dir = tempfile::Builder::new().prefix(&format!("kiln-vm-{}-", cfg.name)).tempdir()?;
-        let overlay = dir.path().join("disk.qcow2");
-        let image = std::fs::canonicalize(&cfg.image).with_context(|| format!("image {}", cfg.image.display()))?;
-        let fmt = if image.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
-        let mut img = QEMU_IMG.command()?;
-        img.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"]).arg(&image).arg(&overlay);
-        if let Some(b) = cfg.disk_bytes {
-            img.arg(b.to_string());
-        }
-        crate::tool::run(&mut img)?;
-        let vars = dir.path().join("OVMF_VARS.fd");
-        std::fs::copy(OVMF_VARS, &vars)?;
+        let (overlay, vars) = prepare_disk(cfg, dir.path())?;
 
         let mut ports = vec![(free_port()?, 22u16)];
         for p in &cfg.forward {
@@ -234,25 +242,8 @@ impl Vm {
         if let Some((net, _)) = cfg.user_net {
             fwd = format!(",net={}{fwd}", net.trunc());
         }
-        let mut cmd = QEMU.command()?;
-        cmd.args(cfg.accel.args())
-            .args(["-machine", "q35", "-nodefaults", "-display", "none", "-monitor", "none"])
-            .arg("-m")
-            .arg(cfg.memory_mib.to_string())
-            .arg("-smp")
-            .arg(cfg.cpus.to_string())
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-            .arg("-drive")
-            .arg(format!("if=virtio,format=qcow2,file={}", overlay.display()))
-            .args(["-device", "virtio-rng-pci"])
-            .arg("-netdev")
-            .arg(format!("user,id=mgmt{fwd}"))
-            .arg("-device")
-            .arg(format!("virtio-net-pci,netdev=mgmt,mac={}", cfg.mac))
-            .args(["-serial", "stdio"]);
+        let mut cmd = qemu_command(cfg, &overlay, &vars, &fwd)?;
+        cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
         if let Some((lan, mac)) = &cfg.lan {
             let spec = match lan {
                 Lan::Listen(p) => format!("socket,id=lan,listen=127.0.0.1:{p}"),
