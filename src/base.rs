@@ -182,7 +182,11 @@ pub struct BaseTarball {
 /// The spec for a plan's Debian base; `None` when the user supplies a tarball.
 pub fn base_spec(plan: &Plan) -> Option<BaseSpec> {
     match &plan.base {
-        BasePlan::Debian { suite, kernel, packages } => Some(debian_spec(suite, *kernel, packages)),
+        BasePlan::Debian {
+            suite,
+            kernel,
+            packages,
+        } => Some(debian_spec(suite, *kernel, packages)),
         BasePlan::Tarball(_) => None,
     }
 }
@@ -193,7 +197,12 @@ pub fn debian_spec(suite: &str, kernel: KernelFlavour, extra_packages: &[String]
         KernelFlavour::Generic => [GENERIC_KERNEL_PACKAGES, GENERIC_FIRMWARE_PACKAGES].concat(),
         KernelFlavour::Cloud => CLOUD_KERNEL_PACKAGES.to_vec(),
     };
-    let mut packages: Vec<String> = DEFAULT_PACKAGES.iter().chain(&kernel_packages).map(|s| s.to_string()).chain(extra_packages.iter().cloned()).collect();
+    let mut packages: Vec<String> = DEFAULT_PACKAGES
+        .iter()
+        .chain(&kernel_packages)
+        .map(|s| s.to_string())
+        .chain(extra_packages.iter().cloned())
+        .collect();
     packages.sort();
     packages.dedup();
     let mut components = vec!["main".to_string()];
@@ -242,7 +251,11 @@ pub fn canonical_text(spec: &BaseSpec) -> String {
     for (k, v) in BUILD_ENV {
         let _ = writeln!(s, "env {k}={v}");
     }
-    let _ = writeln!(s, "customize-hook sha256:{}", hex::encode(Sha256::digest(CUSTOMIZE_HOOK)));
+    let _ = writeln!(
+        s,
+        "customize-hook sha256:{}",
+        hex::encode(Sha256::digest(CUSTOMIZE_HOOK))
+    );
     s
 }
 
@@ -253,7 +266,9 @@ pub fn spec_digest(spec: &BaseSpec) -> String {
 
 /// Where the tarball for `spec` is cached under `cache` (the kiln cache dir).
 pub fn cached_path(spec: &BaseSpec, cache: &Path) -> PathBuf {
-    cache.join("base").join(format!("{}.tar.zst", spec_digest(spec)))
+    cache
+        .join("base")
+        .join(format!("{}.tar.zst", spec_digest(spec)))
 }
 
 fn record_path(tarball: &Path) -> PathBuf {
@@ -273,7 +288,10 @@ pub fn mmdebstrap_command(spec: &BaseSpec, target: &Path) -> Result<Command> {
     for e in &spec.excludes {
         cmd.arg(format!("--dpkgopt={e}"));
     }
-    cmd.arg(format!("--customize-hook={CUSTOMIZE_HOOK}")).arg("--").arg(&spec.suite).arg(target);
+    cmd.arg(format!("--customize-hook={CUSTOMIZE_HOOK}"))
+        .arg("--")
+        .arg(&spec.suite)
+        .arg(target);
     cmd.envs(BUILD_ENV.iter().copied());
     Ok(cmd)
 }
@@ -298,12 +316,18 @@ pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Res
     let dir = path.parent().expect("cached path has a parent");
     let _lock = lock_base(dir, &digest)?;
     if let Some(t) = check_cached(&path, &record)? {
-        log::info!("base {} ({} kernel): reusing {}", spec.suite, kernel_name(spec.kernel), path.display());
+        log::info!(
+            "base {} ({} kernel): reusing {}",
+            spec.suite,
+            kernel_name(spec.kernel),
+            path.display()
+        );
         return Ok(t);
     }
 
     tool::preflight(&[MMDEBSTRAP, ZSTD])?;
-    fs::create_dir_all(dir).with_context(|| format!("creating the base cache {}", dir.display()))?;
+    fs::create_dir_all(dir)
+        .with_context(|| format!("creating the base cache {}", dir.display()))?;
     remove_orphaned_temps(dir, &digest);
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{digest}."))
@@ -314,21 +338,38 @@ pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Res
     let mut cmd = mmdebstrap_command(spec, tmp.path())?;
     cmd.env("SOURCE_DATE_EPOCH", source_date_epoch.to_string());
     let env: Vec<String> = BUILD_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let line = format!("SOURCE_DATE_EPOCH={source_date_epoch} {} {}", env.join(" "), tool::display(&cmd));
-    log::info!("building base {} ({} kernel, {} packages), one to two minutes: {line}", spec.suite, kernel_name(spec.kernel), spec.packages.len());
+    let line = format!(
+        "SOURCE_DATE_EPOCH={source_date_epoch} {} {}",
+        env.join(" "),
+        tool::display(&cmd)
+    );
+    log::info!(
+        "building base {} ({} kernel, {} packages), one to two minutes: {line}",
+        spec.suite,
+        kernel_name(spec.kernel),
+        spec.packages.len()
+    );
     let started = Instant::now();
-    tool::run(&mut cmd).with_context(|| format!("building the {} base tarball with mmdebstrap", spec.suite))?;
+    tool::run(&mut cmd)
+        .with_context(|| format!("building the {} base tarball with mmdebstrap", spec.suite))?;
     let seconds = started.elapsed().as_secs_f64();
 
-    let file = fs::File::open(tmp.path()).with_context(|| format!("opening {}", tmp.path().display()))?;
+    let file =
+        fs::File::open(tmp.path()).with_context(|| format!("opening {}", tmp.path().display()))?;
     let bytes = file.metadata()?.len();
     if bytes == 0 {
-        bail!("mmdebstrap exited successfully but wrote nothing to {}", tmp.path().display());
+        bail!(
+            "mmdebstrap exited successfully but wrote nothing to {}",
+            tmp.path().display()
+        );
     }
-    file.sync_all().with_context(|| format!("syncing {}", tmp.path().display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", tmp.path().display()))?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
     let sha256 = hash_file(tmp.path())?;
-    tmp.persist(&path).map_err(|e| e.error).with_context(|| format!("moving the base tarball to {}", path.display()))?;
+    tmp.persist(&path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("moving the base tarball to {}", path.display()))?;
 
     let meta = serde_json::json!({
         "kiln-base-format": BASE_FORMAT_VERSION,
@@ -349,10 +390,22 @@ pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Res
         "build-seconds": (seconds * 10.0).round() / 10.0,
         "command": line,
     });
-    write_atomic(&record, format!("{}\n", serde_json::to_string_pretty(&meta)?).as_bytes())?;
+    write_atomic(
+        &record,
+        format!("{}\n", serde_json::to_string_pretty(&meta)?).as_bytes(),
+    )?;
     sync_dir(dir);
-    log::info!("built base {} in {seconds:.1} s: {} ({:.1} MB)", spec.suite, path.display(), bytes as f64 / 1e6);
-    Ok(BaseTarball { path, sha256, reused: false })
+    log::info!(
+        "built base {} in {seconds:.1} s: {} ({:.1} MB)",
+        spec.suite,
+        path.display(),
+        bytes as f64 / 1e6
+    );
+    Ok(BaseTarball {
+        path,
+        sha256,
+        reused: false,
+    })
 }
 
 /// The cached tarball if it and its record agree; `None` means build.
@@ -365,29 +418,53 @@ fn check_cached(path: &Path, record: &Path) -> Result<Option<BaseTarball>> {
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("sha256").and_then(|s| s.as_str()).map(str::to_string));
     let Some(recorded) = recorded else {
-        log::warn!("{} has no readable record {}: rebuilding it", path.display(), record.display());
+        log::warn!(
+            "{} has no readable record {}: rebuilding it",
+            path.display(),
+            record.display()
+        );
         return Ok(None);
     };
     let actual = hash_file(path)?;
     if actual != recorded {
-        log::warn!("{} has sha256 {actual}, but {} records {recorded}: rebuilding it", path.display(), record.display());
+        log::warn!(
+            "{} has sha256 {actual}, but {} records {recorded}: rebuilding it",
+            path.display(),
+            record.display()
+        );
         return Ok(None);
     }
-    Ok(Some(BaseTarball { path: path.to_path_buf(), sha256: actual, reused: true }))
+    Ok(Some(BaseTarball {
+        path: path.to_path_buf(),
+        sha256: actual,
+        reused: true,
+    }))
 }
 
 /// A root tarball the user supplies (`base.tarball`), hashed.
 pub fn use_tarball(path: &Path) -> Result<BaseTarball> {
     match fs::metadata(path) {
         Ok(m) if m.is_file() => {}
-        Ok(_) => bail!("base tarball {} is not a file: set `base.tarball` to a root filesystem tarball", path.display()),
+        Ok(_) => bail!(
+            "base tarball {} is not a file: set `base.tarball` to a root filesystem tarball",
+            path.display()
+        ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            bail!("base tarball {} does not exist: fix `base.tarball` in the profile (relative paths are relative to the profile), or remove it to build a Debian base", path.display())
+            bail!(
+                "base tarball {} does not exist: fix `base.tarball` in the profile (relative paths are relative to the profile), or remove it to build a Debian base",
+                path.display()
+            )
         }
-        Err(e) => return Err(e).with_context(|| format!("reading base tarball {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading base tarball {}", path.display()));
+        }
     }
     let sha256 = hash_file(path)?;
-    Ok(BaseTarball { path: path.to_path_buf(), sha256, reused: true })
+    Ok(BaseTarball {
+        path: path.to_path_buf(),
+        sha256,
+        reused: true,
+    })
 }
 
 /// The base tarball for `plan`: the user's, or the cached (or freshly
@@ -395,7 +472,11 @@ pub fn use_tarball(path: &Path) -> Result<BaseTarball> {
 pub fn plan_base_tarball(plan: &Plan, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
     match &plan.base {
         BasePlan::Tarball(p) => use_tarball(p),
-        BasePlan::Debian { .. } => ensure_base(&base_spec(plan).expect("a Debian base has a spec"), cache, source_date_epoch),
+        BasePlan::Debian { .. } => ensure_base(
+            &base_spec(plan).expect("a Debian base has a spec"),
+            cache,
+            source_date_epoch,
+        ),
     }
 }
 
@@ -416,11 +497,14 @@ fn hash_file(path: &Path) -> Result<String> {
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
     io::Write::write_all(&mut tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
     tmp.as_file().sync_all()?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
-    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -434,12 +518,17 @@ fn sync_dir(dir: &Path) {
 /// the temp file's drop could run). Called with the digest's lock held, so
 /// no live build of this digest can own one.
 fn remove_orphaned_temps(dir: &Path, digest: &str) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     let prefix = format!(".{digest}.");
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with(&prefix) && name.ends_with(".tmp.tar.zst") {
-            log::info!("removing {}, left by an interrupted build", e.path().display());
+            log::info!(
+                "removing {}, left by an interrupted build",
+                e.path().display()
+            );
             let _ = fs::remove_file(e.path());
         }
     }
@@ -481,31 +570,61 @@ fn lock_base(dir: &Path, digest: &str) -> Result<Option<BaseLock>> {
     let mut said_waiting = false;
     let started = Instant::now();
     loop {
-        let opened = fs::create_dir_all(dir).and_then(|()| fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path));
+        let opened = fs::create_dir_all(dir).and_then(|()| {
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+        });
         let file = match opened {
             Ok(f) => f,
-            Err(e) if matches!(e.kind(), io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem) => {
-                log::warn!("cannot lock {} ({e}): going on without the lock", path.display());
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                log::warn!(
+                    "cannot lock {} ({e}): going on without the lock",
+                    path.display()
+                );
                 return Ok(None);
             }
-            Err(e) => return Err(e).with_context(|| format!("opening the base lock {}", path.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening the base lock {}", path.display()));
+            }
         };
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
                 if !said_waiting {
-                    log::warn!("waiting for another kiln to finish building this base (lock {})", path.display());
+                    log::warn!(
+                        "waiting for another kiln to finish building this base (lock {})",
+                        path.display()
+                    );
                     said_waiting = true;
                 }
-                file.lock().with_context(|| format!("locking {}", path.display()))?;
+                file.lock()
+                    .with_context(|| format!("locking {}", path.display()))?;
             }
-            Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
         }
-        let locked = file.metadata().with_context(|| format!("reading {}", path.display()))?;
-        let still_there = fs::metadata(&path).is_ok_and(|m| m.dev() == locked.dev() && m.ino() == locked.ino());
+        let locked = file
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?;
+        let still_there =
+            fs::metadata(&path).is_ok_and(|m| m.dev() == locked.dev() && m.ino() == locked.ino());
         if still_there {
             if said_waiting {
-                log::info!("got the base lock {} after {:.1} s", path.display(), started.elapsed().as_secs_f64());
+                log::info!(
+                    "got the base lock {} after {:.1} s",
+                    path.display(),
+                    started.elapsed().as_secs_f64()
+                );
             }
             return Ok(Some(BaseLock { path, _file: file }));
         }
@@ -532,7 +651,11 @@ mod tests {
         let path = cached_path(spec, cache);
         fs::write(&path, b"a tarball built by the lock holder").unwrap();
         let sha = hash_file(&path).unwrap();
-        fs::write(record_path(&path), serde_json::json!({ "sha256": sha }).to_string()).unwrap();
+        fs::write(
+            record_path(&path),
+            serde_json::json!({ "sha256": sha }).to_string(),
+        )
+        .unwrap();
         sha
     }
 
@@ -543,12 +666,17 @@ mod tests {
         let digest = spec_digest(&spec);
         let dir = cache.path().join("base");
         // Another kiln is building this base: it holds the lock.
-        let held = lock_base(&dir, &digest).unwrap().expect("the cache is writable");
+        let held = lock_base(&dir, &digest)
+            .unwrap()
+            .expect("the cache is writable");
         assert!(lock_path(&dir, &digest).is_file());
 
         let (tx, rx) = mpsc::channel();
         let (spec2, cache2) = (spec.clone(), cache.path().to_path_buf());
-        let waiter = std::thread::spawn(move || tx.send(ensure_base(&spec2, &cache2, 0).map_err(|e| format!("{e:#}"))).unwrap());
+        let waiter = std::thread::spawn(move || {
+            tx.send(ensure_base(&spec2, &cache2, 0).map_err(|e| format!("{e:#}")))
+                .unwrap()
+        });
         // It must neither find the (missing) tarball nor start mmdebstrap
         // while the lock is held. (Proving a negative needs a time window.)
         match rx.recv_timeout(Duration::from_millis(700)) {
@@ -558,14 +686,26 @@ mod tests {
         let sha = publish_fake(&spec, cache.path());
         drop(held);
 
-        let got = rx.recv_timeout(Duration::from_secs(60)).expect("ensure_base finished").unwrap_or_else(|e| panic!("{e}"));
+        let got = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("ensure_base finished")
+            .unwrap_or_else(|e| panic!("{e}"));
         waiter.join().unwrap();
-        assert!(got.reused, "the waiter rebuilt the base instead of reusing it");
+        assert!(
+            got.reused,
+            "the waiter rebuilt the base instead of reusing it"
+        );
         assert_eq!(got.sha256, sha);
         // Both are done: the lock file is gone, only tarball and record stay.
-        let mut names: Vec<String> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
         names.sort();
-        assert_eq!(names, [format!("{digest}.json"), format!("{digest}.tar.zst")]);
+        assert_eq!(
+            names,
+            [format!("{digest}.json"), format!("{digest}.tar.zst")]
+        );
     }
 
     #[test]
@@ -579,10 +719,22 @@ mod tests {
         let sha = publish_fake(&spec, cache.path());
         let (tx, rx) = mpsc::channel();
         let cache2 = cache.path().to_path_buf();
-        std::thread::spawn(move || tx.send(ensure_base(&spec, &cache2, 0).map(|t| t.sha256).map_err(|e| format!("{e:#}"))).unwrap());
-        let got = rx.recv_timeout(Duration::from_secs(30)).expect("a stale lock file blocked ensure_base");
+        std::thread::spawn(move || {
+            tx.send(
+                ensure_base(&spec, &cache2, 0)
+                    .map(|t| t.sha256)
+                    .map_err(|e| format!("{e:#}")),
+            )
+            .unwrap()
+        });
+        let got = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a stale lock file blocked ensure_base");
         assert_eq!(got.unwrap(), sha);
-        assert!(!lock_path(&dir, &spec_digest(&unbuildable_spec())).exists(), "the lock file was not cleaned up");
+        assert!(
+            !lock_path(&dir, &spec_digest(&unbuildable_spec())).exists(),
+            "the lock file was not cleaned up"
+        );
     }
 
     #[test]
@@ -596,7 +748,19 @@ mod tests {
         let sha = publish_fake(&b, cache.path());
         let (tx, rx) = mpsc::channel();
         let cache2 = cache.path().to_path_buf();
-        std::thread::spawn(move || tx.send(ensure_base(&b, &cache2, 0).map(|t| t.sha256).map_err(|e| format!("{e:#}"))).unwrap());
-        assert_eq!(rx.recv_timeout(Duration::from_secs(30)).expect("another spec's lock blocked ensure_base").unwrap(), sha);
+        std::thread::spawn(move || {
+            tx.send(
+                ensure_base(&b, &cache2, 0)
+                    .map(|t| t.sha256)
+                    .map_err(|e| format!("{e:#}")),
+            )
+            .unwrap()
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(30))
+                .expect("another spec's lock blocked ensure_base")
+                .unwrap(),
+            sha
+        );
     }
 }

@@ -37,7 +37,10 @@ pub fn entry_path(slot: char) -> String {
 /// command line editor (it would give anyone at the keyboard a root
 /// shell through `init=`).
 pub fn loader_conf(plan: &Plan) -> String {
-    format!("timeout {}\ndefault kiln-a.conf\neditor no\nconsole-mode keep\n", plan.boot.menu_timeout)
+    format!(
+        "timeout {}\ndefault kiln-a.conf\neditor no\nconsole-mode keep\n",
+        plan.boot.menu_timeout
+    )
 }
 
 /// The kernel command line of a slot's entry.

@@ -47,14 +47,20 @@ pub struct BuildOptions {
 pub fn inject_test_key(tree: &mut crate::tree::FileTree, public_key: &str) {
     let path = "/etc/ssh/authorized_keys/root";
     let mut text = tree.text(path).unwrap_or("").to_string();
-    text.push_str(&format!("# added by `kiln test` for its checks; not in images from `kiln build`\n{}\n", public_key.trim()));
+    text.push_str(&format!(
+        "# added by `kiln test` for its checks; not in images from `kiln build`\n{}\n",
+        public_key.trim()
+    ));
     tree.file(path, 0o644, text);
 }
 
 /// `SOURCE_DATE_EPOCH`, or [`DEFAULT_EPOCH`].
 pub fn source_date_epoch() -> anyhow::Result<u64> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(s) => s.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH={s} is not a number of seconds")),
+        Ok(s) => s
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={s} is not a number of seconds")),
         Err(_) => Ok(DEFAULT_EPOCH),
     }
 }
@@ -68,7 +74,10 @@ fn install_interrupt_handler() {
         let _ = ctrlc::set_handler(|| {
             if let Some(dir) = STAGING.lock().ok().and_then(|g| g.clone()) {
                 let _ = std::fs::remove_dir_all(&dir);
-                eprintln!("\ninterrupted: removed {}; the output directory is as it was", dir.display());
+                eprintln!(
+                    "\ninterrupted: removed {}; the output directory is as it was",
+                    dir.display()
+                );
             }
             std::process::exit(130);
         });
@@ -83,25 +92,45 @@ struct Staging {
 
 impl Staging {
     fn new(out: &Path) -> anyhow::Result<Self> {
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        let name = out.file_name().context("the output directory needs a name")?.to_string_lossy().to_string();
-        let dir = tempfile::Builder::new().prefix(&format!(".{name}.staging-")).tempdir_in(parent)?.keep();
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let name = out
+            .file_name()
+            .context("the output directory needs a name")?
+            .to_string_lossy()
+            .to_string();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(".{name}.staging-"))
+            .tempdir_in(parent)?
+            .keep();
         *STAGING.lock().unwrap() = Some(dir.clone());
-        Ok(Staging { dir, published: false })
+        Ok(Staging {
+            dir,
+            published: false,
+        })
     }
 
     /// Replace `out` with the staging directory.
     fn publish(mut self, out: &Path) -> anyhow::Result<()> {
-        let old = out.with_file_name(format!(".{}.old-{}", out.file_name().unwrap().to_string_lossy(), std::process::id()));
+        let old = out.with_file_name(format!(
+            ".{}.old-{}",
+            out.file_name().unwrap().to_string_lossy(),
+            std::process::id()
+        ));
         if out.exists() {
-            std::fs::rename(out, &old).with_context(|| format!("moving the previous {} aside", out.display()))?;
+            std::fs::rename(out, &old)
+                .with_context(|| format!("moving the previous {} aside", out.display()))?;
         }
         std::fs::rename(&self.dir, out).with_context(|| format!("publishing {}", out.display()))?;
         self.published = true;
         *STAGING.lock().unwrap() = None;
         if old.exists() {
-            std::fs::remove_dir_all(&old).with_context(|| format!("removing the previous build {}", old.display()))?;
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("removing the previous build {}", old.display()))?;
         }
         Ok(())
     }
@@ -123,7 +152,9 @@ pub struct Progress {
 
 impl Progress {
     pub fn new() -> Self {
-        Progress { start: Instant::now() }
+        Progress {
+            start: Instant::now(),
+        }
     }
 
     pub fn stage<T>(&self, what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
@@ -161,7 +192,10 @@ impl Default for Progress {
 }
 
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?);
+    let mut f = std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?,
+    );
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -178,10 +212,21 @@ fn select_nodes<'p>(plan: &'p Plan, opts: &BuildOptions) -> anyhow::Result<Vec<&
     for n in &opts.nodes {
         if plan.node(n).is_none() {
             let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
-            bail!("no node `{n}` in {}; nodes: {}", plan.profile_path.display(), names.join(", "));
+            bail!(
+                "no node `{n}` in {}; nodes: {}",
+                plan.profile_path.display(),
+                names.join(", ")
+            );
         }
     }
-    let sel: Vec<&NodePlan> = plan.nodes.iter().filter(|n| (opts.nodes.is_empty() || opts.nodes.contains(&n.name)) && opts.role.is_none_or(|r| r == n.role)).collect();
+    let sel: Vec<&NodePlan> = plan
+        .nodes
+        .iter()
+        .filter(|n| {
+            (opts.nodes.is_empty() || opts.nodes.contains(&n.name))
+                && opts.role.is_none_or(|r| r == n.role)
+        })
+        .collect();
     if sel.is_empty() {
         bail!("no node matches the selection (--node/--role)");
     }
@@ -192,10 +237,19 @@ fn select_nodes<'p>(plan: &'p Plan, opts: &BuildOptions) -> anyhow::Result<Vec<&
 /// next to the profile's repository (the profile's directory's parent,
 /// or the profile's directory).
 pub fn overlay_dirs(plan: &Plan, role: Role) -> Vec<PathBuf> {
-    let dir = plan.profile_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let root = [dir.join("overlays"), dir.join("..").join("overlays")].into_iter().find(|p| p.is_dir());
+    let dir = plan
+        .profile_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let root = [dir.join("overlays"), dir.join("..").join("overlays")]
+        .into_iter()
+        .find(|p| p.is_dir());
     let Some(root) = root else { return Vec::new() };
-    [root.join("common"), root.join(role.as_str())].into_iter().filter(|p| p.is_dir()).collect()
+    [root.join("common"), root.join(role.as_str())]
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .collect()
 }
 
 /// What a build produced.
@@ -206,7 +260,11 @@ pub struct BuildResult {
 }
 
 /// Run the whole build.
-pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyhow::Result<BuildResult> {
+pub fn build(
+    plan: &Plan,
+    secrets: &ClusterSecrets,
+    opts: &BuildOptions,
+) -> anyhow::Result<BuildResult> {
     let nodes = select_nodes(plan, opts)?;
     let epoch = source_date_epoch()?;
     let mut tools = vec![rootfs::TAR2SQFS];
@@ -220,17 +278,25 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
     let work = staging.dir.join(".work");
     std::fs::create_dir_all(&work)?;
 
-    let base = progress.stage("base root tarball", || base::plan_base_tarball(plan, &opts.cache, epoch))?;
+    let base = progress.stage("base root tarball", || {
+        base::plan_base_tarball(plan, &opts.cache, epoch)
+    })?;
     let lock = plan.profile_path.with_file_name("kiln.lock");
     let k3s = progress.stage(&format!("k3s {}", plan.k3s.version), || {
         // The test double is never pinned in kiln.lock: a later real build
         // would otherwise meet the double's digest.
         let record = !crate::nodetest::is_double(opts.k3s_binary.as_deref());
-        crate::k3s::Resolver::new(opts.cache.join("k3s"), &lock).with_lock_recording(record).resolve(&plan.k3s.version.to_string(), opts.k3s_binary.as_deref())
+        crate::k3s::Resolver::new(opts.cache.join("k3s"), &lock)
+            .with_lock_recording(record)
+            .resolve(&plan.k3s.version.to_string(), opts.k3s_binary.as_deref())
     })?;
-    let files = progress.stage("kernel, modules, busybox, systemd-boot", || kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES))?;
+    let files = progress.stage("kernel, modules, busybox, systemd-boot", || {
+        kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES)
+    })?;
     let compression = kernel::initramfs_compression(files.config.as_deref())?;
-    let initrd = progress.stage("initramfs", || initramfs::build_initramfs(&files, compression, epoch as u32))?;
+    let initrd = progress.stage("initramfs", || {
+        initramfs::build_initramfs(&files, compression, epoch as u32)
+    })?;
     let initrd_path = work.join("initrd.img");
     std::fs::write(&initrd_path, &initrd)?;
     let vmlinuz_path = work.join("vmlinuz");
@@ -239,7 +305,10 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
     std::fs::write(&sdboot_path, &files.systemd_boot)?;
 
     // One root image per distinct set of overlays (per role at most).
-    let version_text = format!("kiln {KILN_VERSION}\nk3s {}\nk3s-sha256 {}\nbase-sha256 {}\nkernel {}\n", plan.k3s.version, k3s.sha256, base.sha256, files.kernel_version);
+    let version_text = format!(
+        "kiln {KILN_VERSION}\nk3s {}\nk3s-sha256 {}\nbase-sha256 {}\nkernel {}\n",
+        plan.k3s.version, k3s.sha256, base.sha256, files.kernel_version
+    );
     let mut roots: BTreeMap<Vec<PathBuf>, (PathBuf, u64, String)> = BTreeMap::new();
     for role in [Role::Server, Role::Agent] {
         if !nodes.iter().any(|n| n.role == role) {
@@ -250,8 +319,22 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
             continue;
         }
         let out = work.join(format!("root-{}.sqfs", role.as_str()));
-        let inputs = rootfs::RootInputs { base: &base.path, overlays: overlays.clone(), k3s: &k3s.path, image_files: rootfs::image_files(&version_text), mtime: epoch, level: plan.compression_level };
-        let img = progress.stage(&format!("root image ({} overlays: {})", role.as_str(), overlays.len()), || rootfs::build_root(&inputs, &out))?;
+        let inputs = rootfs::RootInputs {
+            base: &base.path,
+            overlays: overlays.clone(),
+            k3s: &k3s.path,
+            image_files: rootfs::image_files(&version_text),
+            mtime: epoch,
+            level: plan.compression_level,
+        };
+        let img = progress.stage(
+            &format!(
+                "root image ({} overlays: {})",
+                role.as_str(),
+                overlays.len()
+            ),
+            || rootfs::build_root(&inputs, &out),
+        )?;
         let sha = sha256_file(&out)?;
         roots.insert(overlays, (out, img.size, sha));
     }
@@ -273,7 +356,10 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
             let esp_files = vec![
                 EspFile::copy_of(boot::BOOTLOADER_PATH, &sdboot_path),
                 EspFile::bytes(boot::LOADER_CONF_PATH, boot::loader_conf(plan)),
-                EspFile::bytes(boot::entry_path('a'), boot::entry(plan, node, 'a', &files.kernel_version)),
+                EspFile::bytes(
+                    boot::entry_path('a'),
+                    boot::entry(plan, node, 'a', &files.kernel_version),
+                ),
                 EspFile::copy_of(boot::kernel_path('a'), &vmlinuz_path),
                 EspFile::copy_of(boot::initrd_path('a'), &initrd_path),
                 EspFile::copy_of(boot::seed_path('a'), &seed_path),
@@ -291,7 +377,13 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
         if opts.qcow2 {
             let q = staging.dir.join(format!("{name}.qcow2"));
             progress.stage(&format!("{name}.qcow2"), || {
-                crate::tool::run(crate::vm::QEMU_IMG.command()?.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&image).arg(&q))?;
+                crate::tool::run(
+                    crate::vm::QEMU_IMG
+                        .command()?
+                        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                        .arg(&image)
+                        .arg(&q),
+                )?;
                 std::fs::set_permissions(&q, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                 Ok(())
             })?;
@@ -302,7 +394,9 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
     std::fs::remove_dir_all(&work)?;
 
     // Checksums and manifest over everything in the staging dir.
-    let mut names: Vec<String> = std::fs::read_dir(&staging.dir)?.map(|e| e.map(|e| e.file_name().to_string_lossy().to_string())).collect::<Result<_, _>>()?;
+    let mut names: Vec<String> = std::fs::read_dir(&staging.dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().to_string()))
+        .collect::<Result<_, _>>()?;
     names.sort();
     let mut sums = String::new();
     let mut art = Vec::new();
@@ -310,7 +404,9 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
         let p = staging.dir.join(n);
         let sha = sha256_file(&p)?;
         sums.push_str(&format!("{sha}  {n}\n"));
-        art.push(serde_json::json!({"path": n, "sha256": sha, "size": std::fs::metadata(&p)?.len()}));
+        art.push(
+            serde_json::json!({"path": n, "sha256": sha, "size": std::fs::metadata(&p)?.len()}),
+        );
     }
     let mut sf = std::fs::File::create(staging.dir.join("SHA256SUMS"))?;
     sf.write_all(sums.as_bytes())?;
@@ -336,18 +432,29 @@ pub fn build(plan: &Plan, secrets: &ClusterSecrets, opts: &BuildOptions) -> anyh
 
     let out = opts.out.clone();
     staging.publish(&out)?;
-    eprintln!("kiln: built {} node(s) in {:.1} s", nodes.len(), progress.total());
+    eprintln!(
+        "kiln: built {} node(s) in {:.1} s",
+        nodes.len(),
+        progress.total()
+    );
     let mut artifacts_out: Vec<PathBuf> = names.iter().map(|n| out.join(n)).collect();
     artifacts_out.push(out.join("SHA256SUMS"));
     artifacts_out.push(out.join("manifest.json"));
     artifacts.extend(artifacts_out);
-    Ok(BuildResult { artifacts, manifest })
+    Ok(BuildResult {
+        artifacts,
+        manifest,
+    })
 }
-
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(data)?;
     Ok(())
 }

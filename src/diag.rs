@@ -42,7 +42,11 @@ pub struct Diagnostics<'s> {
 
 impl<'s> Diagnostics<'s> {
     pub fn new(file: impl Into<String>, source: &'s str) -> Self {
-        Diagnostics { file: file.into(), source, items: Vec::new() }
+        Diagnostics {
+            file: file.into(),
+            source,
+            items: Vec::new(),
+        }
     }
 
     /// Record an error at `span` (byte offsets into the source).
@@ -66,7 +70,13 @@ impl<'s> Diagnostics<'s> {
 
     /// Record that a required key is missing, unless the key is present
     /// but already reported as invalid (one mistake, one error).
-    pub fn missing(&mut self, span: Range<usize>, key: &str, message: impl Into<String>, hint: impl Into<String>) {
+    pub fn missing(
+        &mut self,
+        span: Range<usize>,
+        key: &str,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) {
         if !self.items.iter().any(|d| d.key == key) {
             self.error(span, key, message, hint);
         }
@@ -104,7 +114,11 @@ impl fmt::Display for ProfileErrors {
             writeln!(f, "error: {d}")?;
         }
         let n = self.0.len();
-        write!(f, "{n} error{} in the profile", if n == 1 { "" } else { "s" })
+        write!(
+            f,
+            "{n} error{} in the profile",
+            if n == 1 { "" } else { "s" }
+        )
     }
 }
 

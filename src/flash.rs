@@ -75,7 +75,11 @@ impl FromStr for ByteSize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("`{s}` is not a size: write a whole number with an optional K, M, G or T suffix (powers of 1024), like 32G");
+        let bad = || {
+            format!(
+                "`{s}` is not a size: write a whole number with an optional K, M, G or T suffix (powers of 1024), like 32G"
+            )
+        };
         let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (number, unit) = s.split_at(digits);
         let n: u64 = number.parse().map_err(|_| bad())?;
@@ -87,9 +91,13 @@ impl FromStr for ByteSize {
             "t" | "tib" => 40,
             _ => return Err(bad()),
         };
-        let bytes = n.checked_mul(1 << shift).ok_or_else(|| format!("`{s}` is too large"))?;
+        let bytes = n
+            .checked_mul(1 << shift)
+            .ok_or_else(|| format!("`{s}` is too large"))?;
         if bytes == 0 || !bytes.is_multiple_of(SECTOR_BYTES) {
-            return Err(format!("`{s}` is not a whole, non-zero number of {SECTOR_BYTES}-byte sectors: use a K, M or G suffix, like 32G"));
+            return Err(format!(
+                "`{s}` is not a whole, non-zero number of {SECTOR_BYTES}-byte sectors: use a K, M or G suffix, like 32G"
+            ));
         }
         Ok(ByteSize(bytes))
     }
@@ -104,7 +112,11 @@ pub fn human(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 || value.fract() == 0.0 { format!("{value:.0} {}", UNITS[unit]) } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 || value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// What `kiln flash` was asked to do.
@@ -234,8 +246,14 @@ pub struct ImageFacts {
 /// checksum: that is [`verify_image`]).
 pub fn inspect_image(path: &Path) -> anyhow::Result<ImageFacts> {
     let file = File::open(path).with_context(|| format!("opening image {}", path.display()))?;
-    let meta = file.metadata().with_context(|| format!("reading image {}", path.display()))?;
-    ensure!(meta.is_file(), "image {} is not a regular file", path.display());
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading image {}", path.display()))?;
+    ensure!(
+        meta.is_file(),
+        "image {} is not a regular file",
+        path.display()
+    );
     Ok(ImageFacts {
         path: path.to_path_buf(),
         size_bytes: meta.len(),
@@ -247,8 +265,14 @@ pub fn inspect_image(path: &Path) -> anyhow::Result<ImageFacts> {
 
 /// The sha256 that `SHA256SUMS` in the image's directory lists for it.
 fn expected_sha256(image: &Path) -> Result<String, String> {
-    let dir = image.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = image.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let dir = image
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let sums = dir.join("SHA256SUMS");
     let text = match std::fs::read_to_string(&sums) {
         Ok(t) => t,
@@ -277,47 +301,71 @@ fn parse_sha256sums(text: &str, name: &str) -> Option<String> {
     text.lines().find_map(|line| {
         let (hash, rest) = line.split_once(' ')?;
         let file = rest.strip_prefix(' ').or_else(|| rest.strip_prefix('*'))?;
-        (file == name && hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hash.to_ascii_lowercase())
+        (file == name && hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| hash.to_ascii_lowercase())
     })
 }
 
 /// Every reason not to write `image` to `target`; empty means go ahead.
 /// `can_prompt`: stdin is a terminal, so kiln can ask when `--yes` is absent.
-pub fn check(image: &ImageFacts, target: &TargetFacts, opts: &FlashOptions, can_prompt: bool) -> Vec<String> {
+pub fn check(
+    image: &ImageFacts,
+    target: &TargetFacts,
+    opts: &FlashOptions,
+    can_prompt: bool,
+) -> Vec<String> {
     let t = opts.target.display();
     let mut reasons = Vec::new();
     if let Err(e) = &image.expected_sha256 {
         reasons.push(e.clone());
     }
     if let Err(e) = &image.plan {
-        reasons.push(format!("{} is not a kiln disk image: {e}", image.path.display()));
+        reasons.push(format!(
+            "{} is not a kiln disk image: {e}",
+            image.path.display()
+        ));
     }
     let image_size = human(image.size_bytes);
     match target.kind {
-        TargetKind::Other => reasons.push(format!("{t} is neither a block device nor a regular file")),
+        TargetKind::Other => {
+            reasons.push(format!("{t} is neither a block device nor a regular file"))
+        }
         TargetKind::Missing | TargetKind::File => {
             if target.kind == TargetKind::File && !opts.force {
-                reasons.push(format!("{t} exists ({}): pass --force to overwrite it", human(target.size_bytes)));
+                reasons.push(format!(
+                    "{t} exists ({}): pass --force to overwrite it",
+                    human(target.size_bytes)
+                ));
             }
             if target.file_id == Some(image.file_id) {
                 reasons.push(format!("{t} is the image itself"));
             }
             if let Some(size) = opts.size_bytes.filter(|&s| s < image.size_bytes) {
-                reasons.push(format!("--size {} is smaller than the image ({image_size})", human(size)));
+                reasons.push(format!(
+                    "--size {} is smaller than the image ({image_size})",
+                    human(size)
+                ));
             }
             for s in &target.swaps {
                 reasons.push(format!("{s} is in use as swap: `swapoff {s}` first"));
             }
             for l in &target.loop_devices {
-                reasons.push(format!("{t} backs the loop device {l}: detach it first (`losetup -d {l}`)"));
+                reasons.push(format!(
+                    "{t} backs the loop device {l}: detach it first (`losetup -d {l}`)"
+                ));
             }
         }
         TargetKind::BlockDevice => {
             if opts.size_bytes.is_some() {
-                reasons.push(format!("--size is for regular files only; {t} is a device of {}", human(target.size_bytes)));
+                reasons.push(format!(
+                    "--size is for regular files only; {t} is a device of {}",
+                    human(target.size_bytes)
+                ));
             }
             if let Some(disk) = &target.partition_of {
-                reasons.push(format!("{t} is a partition of {disk}: flash the whole disk, /dev/{disk}"));
+                reasons.push(format!(
+                    "{t} is a partition of {disk}: flash the whole disk, /dev/{disk}"
+                ));
             }
             if target.read_only {
                 reasons.push(format!("{t} is read-only (a write-protect switch?)"));
@@ -329,12 +377,23 @@ pub fn check(image: &ImageFacts, target: &TargetFacts, opts: &FlashOptions, can_
                 ));
             }
             if target.size_bytes < image.size_bytes {
-                reasons.push(format!("{t} ({}) is smaller than the image ({image_size})", human(target.size_bytes)));
+                reasons.push(format!(
+                    "{t} ({}) is smaller than the image ({image_size})",
+                    human(target.size_bytes)
+                ));
             }
             for m in &target.mounts {
                 // Unmounting the running system is no advice to give.
-                let hint = if target.system.is_empty() { format!(": unmount it first (`umount {}`)", m.mount_point.display()) } else { String::new() };
-                reasons.push(format!("{} is mounted on {}{hint}", m.device, m.mount_point.display()));
+                let hint = if target.system.is_empty() {
+                    format!(": unmount it first (`umount {}`)", m.mount_point.display())
+                } else {
+                    String::new()
+                };
+                reasons.push(format!(
+                    "{} is mounted on {}{hint}",
+                    m.device,
+                    m.mount_point.display()
+                ));
             }
             for s in &target.swaps {
                 reasons.push(format!("{s} is in use as swap: `swapoff {s}` first"));
@@ -346,7 +405,9 @@ pub fn check(image: &ImageFacts, target: &TargetFacts, opts: &FlashOptions, can_
                 ));
             }
             for s in &target.system {
-                reasons.push(format!("{t} holds the running system ({s}): choose another device"));
+                reasons.push(format!(
+                    "{t} holds the running system ({s}): choose another device"
+                ));
             }
             if !target.removable && !opts.force {
                 reasons.push(format!(
@@ -355,7 +416,9 @@ pub fn check(image: &ImageFacts, target: &TargetFacts, opts: &FlashOptions, can_
                 ));
             }
             if !opts.yes && !can_prompt {
-                reasons.push(format!("stdin is not a terminal, so kiln cannot ask before erasing {t}: pass --yes"));
+                reasons.push(format!(
+                    "stdin is not a terminal, so kiln cannot ask before erasing {t}: pass --yes"
+                ));
             }
         }
     }
@@ -372,7 +435,12 @@ pub struct Refusal {
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "refusing to write {} to {}:", self.image.display(), self.target.display())?;
+        writeln!(
+            f,
+            "refusing to write {} to {}:",
+            self.image.display(),
+            self.target.display()
+        )?;
         for r in &self.reasons {
             writeln!(f, "  - {r}")?;
         }
@@ -386,7 +454,12 @@ fn refuse_if_any(opts: &FlashOptions, reasons: Vec<String>) -> anyhow::Result<()
     if reasons.is_empty() {
         return Ok(());
     }
-    Err(Refusal { image: opts.image.clone(), target: opts.target.clone(), reasons }.into())
+    Err(Refusal {
+        image: opts.image.clone(),
+        target: opts.target.clone(),
+        reasons,
+    }
+    .into())
 }
 
 /// What was written.
@@ -405,7 +478,9 @@ pub struct FlashReport {
 pub fn flash(opts: &FlashOptions, facts: &dyn DeviceFacts) -> anyhow::Result<FlashReport> {
     let t = opts.target.display().to_string();
     let image = inspect_image(&opts.image)?;
-    let target = facts.inspect(&opts.target).with_context(|| format!("inspecting {t}"))?;
+    let target = facts
+        .inspect(&opts.target)
+        .with_context(|| format!("inspecting {t}"))?;
     let can_prompt = std::io::stdin().is_terminal();
     // Cheap checks first, so every reason shows up in a second; then the
     // full checksum, still before a single byte is written.
@@ -413,7 +488,13 @@ pub fn flash(opts: &FlashOptions, facts: &dyn DeviceFacts) -> anyhow::Result<Fla
     let sha256 = verify_image(&image, &t)?;
     let device = target.kind == TargetKind::BlockDevice;
     if device && !opts.yes {
-        confirm(&mut std::io::stdin().lock(), &mut std::io::stderr(), &opts.target, &target, &image)?;
+        confirm(
+            &mut std::io::stdin().lock(),
+            &mut std::io::stderr(),
+            &opts.target,
+            &target,
+            &image,
+        )?;
     }
 
     let file = open_target(opts, &target)?;
@@ -426,36 +507,71 @@ pub fn flash(opts: &FlashOptions, facts: &dyn DeviceFacts) -> anyhow::Result<Fla
 }
 
 /// Everything after the target is open: size, write, read back, fix up.
-fn write_and_verify(opts: &FlashOptions, facts: &dyn DeviceFacts, image: &ImageFacts, target: &TargetFacts, mut file: File, sha256: &str) -> anyhow::Result<FlashReport> {
+fn write_and_verify(
+    opts: &FlashOptions,
+    facts: &dyn DeviceFacts,
+    image: &ImageFacts,
+    target: &TargetFacts,
+    mut file: File,
+    sha256: &str,
+) -> anyhow::Result<FlashReport> {
     let t = opts.target.display().to_string();
     let device = target.kind == TargetKind::BlockDevice;
     let fd_is_device = file.metadata()?.file_type().is_block_device();
     let target_bytes = if device {
         // Now that kiln holds the device exclusively nothing new can mount
         // it; look again for anything that changed while hashing or asking.
-        let again = facts.inspect(&opts.target).with_context(|| format!("inspecting {t}"))?;
-        refuse_if_any(opts, check(image, &again, &FlashOptions { yes: true, ..opts.clone() }, true))?;
+        let again = facts
+            .inspect(&opts.target)
+            .with_context(|| format!("inspecting {t}"))?;
+        refuse_if_any(
+            opts,
+            check(
+                image,
+                &again,
+                &FlashOptions {
+                    yes: true,
+                    ..opts.clone()
+                },
+                true,
+            ),
+        )?;
         if fd_is_device {
             let rdev = file.metadata()?.rdev();
             let opened = (libc::major(rdev), libc::minor(rdev));
             let inspected = std::fs::metadata(&opts.target).map(|m| m.rdev()).ok();
-            ensure!(inspected == Some(rdev), "{t} changed while kiln opened it (now {}:{}); nothing was written", opened.0, opened.1);
+            ensure!(
+                inspected == Some(rdev),
+                "{t} changed while kiln opened it (now {}:{}); nothing was written",
+                opened.0,
+                opened.1
+            );
         }
-        let size = file.seek(SeekFrom::End(0)).with_context(|| format!("reading the size of {t}"))?;
-        ensure!(size >= image.size_bytes, "{t} ({}) is smaller than the image ({}); nothing was written", human(size), human(image.size_bytes));
+        let size = file
+            .seek(SeekFrom::End(0))
+            .with_context(|| format!("reading the size of {t}"))?;
+        ensure!(
+            size >= image.size_bytes,
+            "{t} ({}) is smaller than the image ({}); nothing was written",
+            human(size),
+            human(image.size_bytes)
+        );
         size
     } else {
         let size = opts.size_bytes.unwrap_or(image.size_bytes);
         // Emptied, then grown: all holes, so no old table survives and
         // skipped zero blocks read back as zeros.
-        file.set_len(0).and_then(|_| file.set_len(size)).with_context(|| format!("sizing {t} to {}", human(size)))?;
+        file.set_len(0)
+            .and_then(|_| file.set_len(size))
+            .with_context(|| format!("sizing {t} to {}", human(size)))?;
         size
     };
 
     write_image(image, &file, &t, target_bytes, device)?;
     verify_written(&file, &t, image.size_bytes, sha256)?;
     if target_bytes > image.size_bytes {
-        gpt::relocate_backup(&mut file, target_bytes).with_context(|| format!("moving the backup GPT to the end of {t}"))?;
+        gpt::relocate_backup(&mut file, target_bytes)
+            .with_context(|| format!("moving the backup GPT to the end of {t}"))?;
         file.sync_all().with_context(|| format!("syncing {t}"))?;
     }
     check_table(&file, &t, image, target_bytes)?;
@@ -469,16 +585,31 @@ fn write_and_verify(opts: &FlashOptions, facts: &dyn DeviceFacts, image: &ImageF
         image.path.display(),
         human(image.size_bytes),
         human(target_bytes),
-        if reread { "; the kernel re-read the partition table" } else { "" }
+        if reread {
+            "; the kernel re-read the partition table"
+        } else {
+            ""
+        }
     );
-    Ok(FlashReport { target: opts.target.clone(), image_bytes: image.size_bytes, target_bytes, sha256: sha256.to_string(), reread })
+    Ok(FlashReport {
+        target: opts.target.clone(),
+        image_bytes: image.size_bytes,
+        target_bytes,
+        sha256: sha256.to_string(),
+        reread,
+    })
 }
 
 /// Hashes the image and compares with `SHA256SUMS`.
 fn verify_image(image: &ImageFacts, target: &str) -> anyhow::Result<String> {
-    let expected = image.expected_sha256.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let file = File::open(&image.path).with_context(|| format!("opening image {}", image.path.display()))?;
-    let got = hash_range(&file, image.size_bytes, "checking image").with_context(|| format!("reading image {}", image.path.display()))?;
+    let expected = image
+        .expected_sha256
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let file = File::open(&image.path)
+        .with_context(|| format!("opening image {}", image.path.display()))?;
+    let got = hash_range(&file, image.size_bytes, "checking image")
+        .with_context(|| format!("reading image {}", image.path.display()))?;
     if &got != expected {
         bail!(
             "{} does not match SHA256SUMS (expected {expected}, got {got}): the image is damaged or was changed after \
@@ -490,7 +621,13 @@ fn verify_image(image: &ImageFacts, target: &str) -> anyhow::Result<String> {
 }
 
 /// Shows what is about to be erased and waits for `yes`.
-fn confirm(input: &mut dyn BufRead, out: &mut dyn Write, path: &Path, target: &TargetFacts, image: &ImageFacts) -> anyhow::Result<()> {
+fn confirm(
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+    path: &Path,
+    target: &TargetFacts,
+    image: &ImageFacts,
+) -> anyhow::Result<()> {
     let unknown = || "unknown".to_string();
     write!(
         out,
@@ -502,14 +639,24 @@ fn confirm(input: &mut dyn BufRead, out: &mut dyn Write, path: &Path, target: &T
         target.serial.clone().unwrap_or_else(unknown),
         human(target.size_bytes),
         target.size_bytes,
-        if target.removable { "yes" } else { "no (--force)" },
+        if target.removable {
+            "yes"
+        } else {
+            "no (--force)"
+        },
         path.display(),
     )?;
     out.flush()?;
     let mut answer = String::new();
-    input.read_line(&mut answer).context("reading the confirmation")?;
+    input
+        .read_line(&mut answer)
+        .context("reading the confirmation")?;
     let answer = answer.trim();
-    ensure!(answer == "yes", "not confirmed (answer {answer:?}, expected \"yes\"); nothing was written to {}", path.display());
+    ensure!(
+        answer == "yes",
+        "not confirmed (answer {answer:?}, expected \"yes\"); nothing was written to {}",
+        path.display()
+    );
     Ok(())
 }
 
@@ -527,7 +674,11 @@ fn open_target(opts: &FlashOptions, target: &TargetFacts) -> anyhow::Result<File
                 format!("opening {t} exclusively: something still uses it (a mounted partition, swap, LVM/RAID/dm or another program); nothing was written")
             })
         }
-        TargetKind::Missing => o.create_new(true).mode(0o600).open(&opts.target).with_context(|| format!("creating {t}")),
+        TargetKind::Missing => o
+            .create_new(true)
+            .mode(0o600)
+            .open(&opts.target)
+            .with_context(|| format!("creating {t}")),
         TargetKind::File => o.open(&opts.target).with_context(|| format!("opening {t}")),
         TargetKind::Other => bail!("{t} is neither a block device nor a regular file"),
     }
@@ -536,16 +687,32 @@ fn open_target(opts: &FlashOptions, target: &TargetFacts) -> anyhow::Result<File
 /// Erases the partition tables, writes all but the first MiB, then the
 /// first MiB. On devices every block is written; files skip zero blocks
 /// (they were emptied first, so those read back as zeros).
-fn write_image(image: &ImageFacts, target: &File, t: &str, target_bytes: u64, device: bool) -> anyhow::Result<()> {
-    let src = File::open(&image.path).with_context(|| format!("opening image {}", image.path.display()))?;
+fn write_image(
+    image: &ImageFacts,
+    target: &File,
+    t: &str,
+    target_bytes: u64,
+    device: bool,
+) -> anyhow::Result<()> {
+    let src = File::open(&image.path)
+        .with_context(|| format!("opening image {}", image.path.display()))?;
     let len = image.size_bytes;
     let head = HEAD_BYTES.min(len);
-    let sync = |what: &str| target.sync_data().with_context(|| format!("syncing {t} ({what})"));
+    let sync = |what: &str| {
+        target
+            .sync_data()
+            .with_context(|| format!("syncing {t} ({what})"))
+    };
     if device {
         let zeros = vec![0u8; MIB as usize];
         let tail = target_bytes.saturating_sub(TAIL_BYTES);
-        for (offset, n) in [(0, HEAD_BYTES.min(target_bytes)), (tail, target_bytes - tail)] {
-            target.write_all_at(&zeros[..n as usize], offset).with_context(|| format!("erasing {t} at byte {offset}"))?;
+        for (offset, n) in [
+            (0, HEAD_BYTES.min(target_bytes)),
+            (tail, target_bytes - tail),
+        ] {
+            target
+                .write_all_at(&zeros[..n as usize], offset)
+                .with_context(|| format!("erasing {t} at byte {offset}"))?;
         }
         sync("after erasing the partition tables")?;
     }
@@ -557,14 +724,19 @@ fn write_image(image: &ImageFacts, target: &File, t: &str, target_bytes: u64, de
     let mut unsynced = 0;
     while offset < len {
         let n = (len - offset).min(BUFFER_BYTES as u64) as usize;
-        src.read_exact_at(&mut buf[..n], offset).with_context(|| format!("reading image {} at byte {offset}", image.path.display()))?;
+        src.read_exact_at(&mut buf[..n], offset)
+            .with_context(|| format!("reading image {} at byte {offset}", image.path.display()))?;
         if device {
-            target.write_all_at(&buf[..n], offset).with_context(|| format!("writing {t} at byte {offset}"))?;
+            target
+                .write_all_at(&buf[..n], offset)
+                .with_context(|| format!("writing {t} at byte {offset}"))?;
         } else {
             for (i, block) in buf[..n].chunks(SPARSE_BLOCK_BYTES).enumerate() {
                 if !is_zero(block) {
                     let at = offset + (i * SPARSE_BLOCK_BYTES) as u64;
-                    target.write_all_at(block, at).with_context(|| format!("writing {t} at byte {at}"))?;
+                    target
+                        .write_all_at(block, at)
+                        .with_context(|| format!("writing {t} at byte {at}"))?;
                 }
             }
         }
@@ -577,8 +749,11 @@ fn write_image(image: &ImageFacts, target: &File, t: &str, target_bytes: u64, de
         meter.inc(n as u64);
     }
     sync("after writing all but the first MiB")?;
-    src.read_exact_at(&mut buf[..head as usize], 0).with_context(|| format!("reading image {}", image.path.display()))?;
-    target.write_all_at(&buf[..head as usize], 0).with_context(|| format!("writing the partition table to {t}"))?;
+    src.read_exact_at(&mut buf[..head as usize], 0)
+        .with_context(|| format!("reading image {}", image.path.display()))?;
+    target
+        .write_all_at(&buf[..head as usize], 0)
+        .with_context(|| format!("writing the partition table to {t}"))?;
     target.sync_all().with_context(|| format!("syncing {t}"))?;
     meter.finish();
     Ok(())
@@ -586,7 +761,10 @@ fn write_image(image: &ImageFacts, target: &File, t: &str, target_bytes: u64, de
 
 fn is_zero(buf: &[u8]) -> bool {
     let mut words = buf.chunks_exact(16);
-    words.by_ref().all(|w| u128::from_ne_bytes(w.try_into().unwrap()) == 0) && words.remainder().iter().all(|&b| b == 0)
+    words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().unwrap()) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }
 
 /// Reads the first `len` bytes back, past the page cache, and compares
@@ -608,10 +786,19 @@ fn verify_written(target: &File, t: &str, len: u64, sha256: &str) -> anyhow::Res
 }
 
 /// The table on the target is the image's, ending at the target's end.
-fn check_table(target: &File, t: &str, image: &ImageFacts, target_bytes: u64) -> anyhow::Result<()> {
-    let written = gpt::read_gpt(target).with_context(|| format!("reading the partition table of {t} back"))?;
+fn check_table(
+    target: &File,
+    t: &str,
+    image: &ImageFacts,
+    target_bytes: u64,
+) -> anyhow::Result<()> {
+    let written = gpt::read_gpt(target)
+        .with_context(|| format!("reading the partition table of {t} back"))?;
     if let Ok(plan) = &image.plan {
-        ensure!(written.partitions == plan.partitions, "the partitions on {t} differ from the image's after moving the backup GPT");
+        ensure!(
+            written.partitions == plan.partitions,
+            "the partitions on {t} differ from the image's after moving the backup GPT"
+        );
     }
     ensure!(
         written.disk_size_bytes == target_bytes,
@@ -643,7 +830,10 @@ fn reread_partitions(target: &File, t: &str) -> bool {
 
 /// Makes a new file's directory entry durable; best effort.
 fn sync_parent(path: &Path) {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
         log::debug!("syncing {}: {e}", dir.display());
     }
@@ -657,7 +847,8 @@ fn hash_range(file: &File, len: u64, what: &str) -> anyhow::Result<String> {
     let mut offset = 0;
     while offset < len {
         let n = (len - offset).min(BUFFER_BYTES as u64) as usize;
-        file.read_exact_at(&mut buf[..n], offset).with_context(|| format!("at byte {offset}"))?;
+        file.read_exact_at(&mut buf[..n], offset)
+            .with_context(|| format!("at byte {offset}"))?;
         h.update(&buf[..n]);
         offset += n as u64;
         meter.inc(n as u64);
@@ -690,7 +881,12 @@ impl Meter {
             eprintln!("kiln: {what} {} …", human(total));
             None
         };
-        Meter { bar, what: what.to_string(), total, start: Instant::now() }
+        Meter {
+            bar,
+            what: what.to_string(),
+            total,
+            start: Instant::now(),
+        }
     }
 
     fn inc(&self, n: u64) {
@@ -705,7 +901,12 @@ impl Meter {
         }
         let secs = self.start.elapsed().as_secs_f64();
         let rate = self.total as f64 / secs.max(0.001);
-        eprintln!("kiln: {} {}: done in {secs:.1} s ({}/s)", self.what, human(self.total), human(rate as u64));
+        eprintln!(
+            "kiln: {} {}: done in {secs:.1} s ({}/s)",
+            self.what,
+            human(self.total),
+            human(rate as u64)
+        );
     }
 }
 
@@ -719,7 +920,9 @@ pub struct SysFacts {
 
 impl Default for SysFacts {
     fn default() -> Self {
-        SysFacts { system_paths: SYSTEM_PATHS.iter().map(PathBuf::from).collect() }
+        SysFacts {
+            system_paths: SYSTEM_PATHS.iter().map(PathBuf::from).collect(),
+        }
     }
 }
 
@@ -735,7 +938,10 @@ impl DeviceFacts for SysFacts {
         } else if meta.is_file() {
             inspect_file(target, &meta)
         } else {
-            Ok(TargetFacts { kind: TargetKind::Other, ..TargetFacts::default() })
+            Ok(TargetFacts {
+                kind: TargetKind::Other,
+                ..TargetFacts::default()
+            })
         }
     }
 }
@@ -753,7 +959,11 @@ impl SysFacts {
             .with_context(|| format!("finding block device {major}:{minor} in /sys"))?;
         let name = file_name(&sys);
         let is_partition = sys.join("partition").exists();
-        let disk_sys = if is_partition { sys.parent().unwrap_or(&sys).to_path_buf() } else { sys.clone() };
+        let disk_sys = if is_partition {
+            sys.parent().unwrap_or(&sys).to_path_buf()
+        } else {
+            sys.clone()
+        };
         let disk = file_name(&disk_sys);
 
         // The device and, for a whole disk, its partitions.
@@ -768,13 +978,24 @@ impl SysFacts {
                 }
             }
         }
-        let in_family = |d: DevNum| family.iter().find(|(_, f, _)| *f == d).map(|(n, _, _)| n.clone());
+        let in_family = |d: DevNum| {
+            family
+                .iter()
+                .find(|(_, f, _)| *f == d)
+                .map(|(n, _, _)| n.clone())
+        };
 
-        let mountinfo = parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?);
+        let mountinfo = parse_mountinfo(
+            &std::fs::read_to_string("/proc/self/mountinfo")
+                .context("reading /proc/self/mountinfo")?,
+        );
         let mut mounts = Vec::new();
         for m in &mountinfo {
             if let Some(n) = mount_devnums(m).into_iter().find_map(in_family) {
-                mounts.push(Mount { device: format!("/dev/{n}"), mount_point: m.mount_point.clone() });
+                mounts.push(Mount {
+                    device: format!("/dev/{n}"),
+                    mount_point: m.mount_point.clone(),
+                });
             }
         }
 
@@ -790,13 +1011,20 @@ impl SysFacts {
 
         let mut holders = Vec::new();
         for (n, _, dir) in &family {
-            for h in std::fs::read_dir(dir.join("holders")).into_iter().flatten().flatten() {
+            for h in std::fs::read_dir(dir.join("holders"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let holder = h.file_name().to_string_lossy().to_string();
                 let holder = match read_trimmed(&h.path().join("dm/name")) {
                     Some(dm) => format!("{holder} ({dm})"),
                     None => holder,
                 };
-                holders.push(Holder { device: n.clone(), holder });
+                holders.push(Holder {
+                    device: n.clone(),
+                    holder,
+                });
             }
         }
 
@@ -804,7 +1032,9 @@ impl SysFacts {
         // device-mapper and RAID; grouped by mount.
         let mut system: Vec<(String, Vec<String>)> = Vec::new();
         for path in &self.system_paths {
-            let Some(m) = governing_mount(&mountinfo, path) else { continue };
+            let Some(m) = governing_mount(&mountinfo, path) else {
+                continue;
+            };
             let on_disk = mount_devnums(m).into_iter().any(|d| {
                 let chain = underlying_devices(d);
                 chain.contains(&name) || chain.contains(&disk)
@@ -823,15 +1053,20 @@ impl SysFacts {
             kind: TargetKind::BlockDevice,
             partition_of: is_partition.then(|| disk.clone()),
             size_bytes: read_u64(&sys.join("size")).unwrap_or(0) * SECTOR_BYTES,
-            logical_sector_bytes: read_u64(&disk_sys.join("queue/logical_block_size")).unwrap_or(SECTOR_BYTES),
+            logical_sector_bytes: read_u64(&disk_sys.join("queue/logical_block_size"))
+                .unwrap_or(SECTOR_BYTES),
             read_only: read_trimmed(&sys.join("ro")).as_deref() == Some("1"),
-            removable: read_trimmed(&disk_sys.join("removable")).as_deref() == Some("1") || disk_sys.to_string_lossy().contains("/usb"),
+            removable: read_trimmed(&disk_sys.join("removable")).as_deref() == Some("1")
+                || disk_sys.to_string_lossy().contains("/usb"),
             model,
             serial,
             mounts,
             swaps,
             holders,
-            system: system.into_iter().map(|(from, paths)| format!("{} {from}", paths.join(", "))).collect(),
+            system: system
+                .into_iter()
+                .map(|(from, paths)| format!("{} {from}", paths.join(", ")))
+                .collect(),
             name,
             ..TargetFacts::default()
         })
@@ -848,7 +1083,11 @@ fn inspect_file(target: &Path, meta: &Metadata) -> anyhow::Result<TargetFacts> {
     // Loop devices name their backing file by path; compare canonically.
     let canonical = std::fs::canonicalize(target).ok();
     let mut loop_devices = Vec::new();
-    for entry in std::fs::read_dir("/sys/class/block").into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir("/sys/class/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Some(backing) = read_trimmed(&entry.path().join("loop/backing_file")) {
             let backing = PathBuf::from(backing.trim_end_matches(" (deleted)"));
             if Some(&backing) == canonical.as_ref() {
@@ -937,7 +1176,11 @@ fn collect_underlying(sys: &Path, out: &mut Vec<String>, depth: u32) {
     {
         collect_underlying(parent, out, depth + 1);
     }
-    for slave in std::fs::read_dir(sys.join("slaves")).into_iter().flatten().flatten() {
+    for slave in std::fs::read_dir(sys.join("slaves"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Ok(s) = std::fs::canonicalize(slave.path()) {
             collect_underlying(&s, out, depth + 1);
         }
@@ -954,7 +1197,11 @@ fn read_swaps() -> anyhow::Result<Vec<PathBuf>> {
 }
 
 fn parse_swaps(text: &str) -> Vec<PathBuf> {
-    text.lines().skip(1).filter_map(|l| l.split_whitespace().next()).map(|f| PathBuf::from(unescape(f))).collect()
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|f| PathBuf::from(unescape(f)))
+        .collect()
 }
 
 /// Undoes the octal escapes of /proc (`\040` for a space).
@@ -980,33 +1227,51 @@ fn unescape(s: &str) -> String {
 /// Model and serial: sysfs first, udev's database second; a loop device
 /// names its backing file.
 fn identify(disk_sys: &Path, d: DevNum) -> (Option<String>, Option<String>) {
-    let udev = std::fs::read_to_string(format!("/run/udev/data/b{}:{}", d.0, d.1)).unwrap_or_default();
+    let udev =
+        std::fs::read_to_string(format!("/run/udev/data/b{}:{}", d.0, d.1)).unwrap_or_default();
     let udev_value = |key: &str| {
-        udev.lines().find_map(|l| l.strip_prefix("E:")?.strip_prefix(key)?.strip_prefix('=')).map(|v| v.replace('_', " "))
+        udev.lines()
+            .find_map(|l| l.strip_prefix("E:")?.strip_prefix(key)?.strip_prefix('='))
+            .map(|v| v.replace('_', " "))
     };
     // `device/vendor` alone is no name (virtio has `0x1af4`); use it only
     // in front of a model.
     let model = read_trimmed(&disk_sys.join("device/model"))
         .filter(|m| !m.is_empty())
-        .map(|m| match read_trimmed(&disk_sys.join("device/vendor")).filter(|v| !v.is_empty()) {
-            Some(v) => format!("{v} {m}"),
-            None => m,
-        })
+        .map(
+            |m| match read_trimmed(&disk_sys.join("device/vendor")).filter(|v| !v.is_empty()) {
+                Some(v) => format!("{v} {m}"),
+                None => m,
+            },
+        )
         .or_else(|| udev_value("ID_MODEL"))
-        .or_else(|| read_trimmed(&disk_sys.join("loop/backing_file")).map(|b| format!("loop device backed by {b}")));
+        .or_else(|| {
+            read_trimmed(&disk_sys.join("loop/backing_file"))
+                .map(|b| format!("loop device backed by {b}"))
+        });
     let serial = udev_value("ID_SERIAL_SHORT")
         .or_else(|| read_trimmed(&disk_sys.join("device/serial")))
-        .or_else(|| disk_sys.ancestors().skip(1).take_while(|a| a.starts_with("/sys/devices/")).find_map(|a| read_trimmed(&a.join("serial"))))
+        .or_else(|| {
+            disk_sys
+                .ancestors()
+                .skip(1)
+                .take_while(|a| a.starts_with("/sys/devices/"))
+                .find_map(|a| read_trimmed(&a.join("serial")))
+        })
         .filter(|s| !s.is_empty());
     (model, serial)
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default()
 }
 
 fn read_trimmed(p: &Path) -> Option<String> {
-    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn read_u64(p: &Path) -> Option<u64> {
@@ -1034,7 +1299,13 @@ mod tests {
     }
 
     fn opts() -> FlashOptions {
-        FlashOptions { image: "out/n1.img".into(), target: "/dev/sdz".into(), yes: true, force: false, size_bytes: None }
+        FlashOptions {
+            image: "out/n1.img".into(),
+            target: "/dev/sdz".into(),
+            yes: true,
+            force: false,
+            size_bytes: None,
+        }
     }
 
     #[test]
@@ -1059,7 +1330,11 @@ mod tests {
         assert_eq!(parse_sha256sums(&text, "n1.img"), Some(a.clone()));
         assert_eq!(parse_sha256sums(&text, "n2.img"), Some("b".repeat(64)));
         assert_eq!(parse_sha256sums(&text, "n3.img"), None);
-        assert_eq!(parse_sha256sums(&format!("{a} n1.img\n"), "n1.img"), None, "one space is not sha256sum's format");
+        assert_eq!(
+            parse_sha256sums(&format!("{a} n1.img\n"), "n1.img"),
+            None,
+            "one space is not sha256sum's format"
+        );
     }
 
     #[test]
@@ -1069,16 +1344,31 @@ mod tests {
                     91 27 0:45 / /home rw - btrfs /dev/sdc2 rw\n";
         let m = parse_mountinfo(text);
         assert_eq!(m.len(), 3);
-        assert_eq!(m[1], MountEntry { devnum: (8, 17), mount_point: "/media/my stick".into(), source: "/dev/sdb1".into() });
+        assert_eq!(
+            m[1],
+            MountEntry {
+                devnum: (8, 17),
+                mount_point: "/media/my stick".into(),
+                source: "/dev/sdb1".into()
+            }
+        );
         assert_eq!(m[2].devnum, (0, 45));
-        let swaps = parse_swaps("Filename\tType\tSize\tUsed\tPriority\n/dev/sdb2  partition\t1\t0\t-2\n/swap\\040file file 1 0 -3\n");
-        assert_eq!(swaps, vec![PathBuf::from("/dev/sdb2"), PathBuf::from("/swap file")]);
+        let swaps = parse_swaps(
+            "Filename\tType\tSize\tUsed\tPriority\n/dev/sdb2  partition\t1\t0\t-2\n/swap\\040file file 1 0 -3\n",
+        );
+        assert_eq!(
+            swaps,
+            vec![PathBuf::from("/dev/sdb2"), PathBuf::from("/swap file")]
+        );
     }
 
     #[test]
     fn clean_removable_disk_passes() {
         let target = TargetFacts::block_device("sdz", 8 << 30);
-        assert_eq!(check(&image(406 * MIB), &target, &opts(), false), Vec::<String>::new());
+        assert_eq!(
+            check(&image(406 * MIB), &target, &opts(), false),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -1088,55 +1378,153 @@ mod tests {
         target.read_only = true;
         target.logical_sector_bytes = 4096;
         target.removable = false;
-        target.mounts = vec![Mount { device: "/dev/sdz1".into(), mount_point: "/media/x".into() }];
+        target.mounts = vec![Mount {
+            device: "/dev/sdz1".into(),
+            mount_point: "/media/x".into(),
+        }];
         target.swaps = vec!["/dev/sdz2".into()];
-        target.holders = vec![Holder { device: "sdz3".into(), holder: "dm-0 (vg-root)".into() }];
+        target.holders = vec![Holder {
+            device: "sdz3".into(),
+            holder: "dm-0 (vg-root)".into(),
+        }];
         target.system = vec!["/, /usr from /dev/dm-0".into()];
         let mut img = image(406 * MIB);
         img.expected_sha256 = Err("no SHA256SUMS".into());
         img.plan = Err("no GPT".into());
-        let o = FlashOptions { yes: false, size_bytes: Some(1 << 30), ..opts() };
+        let o = FlashOptions {
+            yes: false,
+            size_bytes: Some(1 << 30),
+            ..opts()
+        };
         let reasons = check(&img, &target, &o, false);
         let expect = [
-            "no SHA256SUMS", "no GPT", "--size is for regular files", "is a partition of sdz", "read-only", "4096-byte",
-            "smaller than the image", "mounted on /media/x", "/dev/sdz2 is in use as swap", "held by dm-0 (vg-root)",
-            "holds the running system", "not removable", "pass --yes",
+            "no SHA256SUMS",
+            "no GPT",
+            "--size is for regular files",
+            "is a partition of sdz",
+            "read-only",
+            "4096-byte",
+            "smaller than the image",
+            "mounted on /media/x",
+            "/dev/sdz2 is in use as swap",
+            "held by dm-0 (vg-root)",
+            "holds the running system",
+            "not removable",
+            "pass --yes",
         ];
         assert_eq!(reasons.len(), expect.len(), "{reasons:#?}");
         for (r, e) in reasons.iter().zip(expect) {
             assert!(r.contains(e), "{r:?} lacks {e:?}");
         }
         // --force lifts only the removable refusal; a terminal, only --yes.
-        let forced = check(&img, &target, &FlashOptions { force: true, ..o.clone() }, true);
+        let forced = check(
+            &img,
+            &target,
+            &FlashOptions {
+                force: true,
+                ..o.clone()
+            },
+            true,
+        );
         assert_eq!(forced.len(), expect.len() - 2, "{forced:#?}");
     }
 
     #[test]
     fn file_targets() {
         let img = image(406 * MIB);
-        let existing = TargetFacts { kind: TargetKind::File, size_bytes: 5, file_id: Some((7, 7)), ..TargetFacts::default() };
+        let existing = TargetFacts {
+            kind: TargetKind::File,
+            size_bytes: 5,
+            file_id: Some((7, 7)),
+            ..TargetFacts::default()
+        };
         let r = check(&img, &existing, &opts(), false);
         assert!(r.len() == 1 && r[0].contains("pass --force"), "{r:?}");
-        assert!(check(&img, &existing, &FlashOptions { force: true, ..opts() }, false).is_empty());
-        let itself = TargetFacts { file_id: Some((1, 2)), ..existing };
-        assert!(check(&img, &itself, &FlashOptions { force: true, ..opts() }, false)[0].contains("the image itself"));
-        let small = FlashOptions { size_bytes: Some(MIB), ..opts() };
-        assert!(check(&img, &TargetFacts::default(), &small, false)[0].contains("smaller than the image"));
+        assert!(
+            check(
+                &img,
+                &existing,
+                &FlashOptions {
+                    force: true,
+                    ..opts()
+                },
+                false
+            )
+            .is_empty()
+        );
+        let itself = TargetFacts {
+            file_id: Some((1, 2)),
+            ..existing
+        };
+        assert!(
+            check(
+                &img,
+                &itself,
+                &FlashOptions {
+                    force: true,
+                    ..opts()
+                },
+                false
+            )[0]
+            .contains("the image itself")
+        );
+        let small = FlashOptions {
+            size_bytes: Some(MIB),
+            ..opts()
+        };
+        assert!(
+            check(&img, &TargetFacts::default(), &small, false)[0]
+                .contains("smaller than the image")
+        );
         // No prompt for files: a missing file is fine without --yes or a terminal.
-        assert!(check(&img, &TargetFacts::default(), &FlashOptions { yes: false, ..opts() }, false).is_empty());
+        assert!(
+            check(
+                &img,
+                &TargetFacts::default(),
+                &FlashOptions {
+                    yes: false,
+                    ..opts()
+                },
+                false
+            )
+            .is_empty()
+        );
     }
 
     #[test]
     fn confirmation_needs_yes() {
-        let target = TargetFacts { model: Some("SanDisk Ultra".into()), serial: Some("4C53".into()), ..TargetFacts::block_device("sdz", 8 << 30) };
+        let target = TargetFacts {
+            model: Some("SanDisk Ultra".into()),
+            serial: Some("4C53".into()),
+            ..TargetFacts::block_device("sdz", 8 << 30)
+        };
         let mut out = Vec::new();
-        confirm(&mut "yes\n".as_bytes(), &mut out, Path::new("/dev/sdz"), &target, &image(MIB)).unwrap();
+        confirm(
+            &mut "yes\n".as_bytes(),
+            &mut out,
+            Path::new("/dev/sdz"),
+            &target,
+            &image(MIB),
+        )
+        .unwrap();
         let shown = String::from_utf8(out).unwrap();
-        for s in ["SanDisk Ultra", "4C53", "8 GiB (8589934592 bytes)", "Type \"yes\" to erase /dev/sdz"] {
+        for s in [
+            "SanDisk Ultra",
+            "4C53",
+            "8 GiB (8589934592 bytes)",
+            "Type \"yes\" to erase /dev/sdz",
+        ] {
             assert!(shown.contains(s), "{shown}");
         }
         for answer in ["y\n", "no\n", ""] {
-            let err = confirm(&mut answer.as_bytes(), &mut Vec::new(), Path::new("/dev/sdz"), &target, &image(MIB)).unwrap_err();
+            let err = confirm(
+                &mut answer.as_bytes(),
+                &mut Vec::new(),
+                Path::new("/dev/sdz"),
+                &target,
+                &image(MIB),
+            )
+            .unwrap_err();
             assert!(err.to_string().contains("nothing was written"), "{err}");
         }
     }
@@ -1147,15 +1535,36 @@ mod tests {
     #[test]
     fn root_disk_is_recognised_as_the_system_disk() {
         let mounts = parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap());
-        let Some(root) = governing_mount(&mounts, Path::new("/")).filter(|m| m.source.starts_with("/dev/")) else {
+        let Some(root) =
+            governing_mount(&mounts, Path::new("/")).filter(|m| m.source.starts_with("/dev/"))
+        else {
             eprintln!("skipped: / is not mounted from a /dev device here (container?)");
             return;
         };
-        let facts = SysFacts::default().inspect(Path::new(&root.source)).unwrap();
+        let facts = SysFacts::default()
+            .inspect(Path::new(&root.source))
+            .unwrap();
         assert_eq!(facts.kind, TargetKind::BlockDevice);
-        assert!(facts.system.iter().any(|s| s.starts_with('/')), "{facts:#?}");
+        assert!(
+            facts.system.iter().any(|s| s.starts_with('/')),
+            "{facts:#?}"
+        );
         assert!(!facts.mounts.is_empty(), "{facts:#?}");
-        let reasons = check(&image(MIB), &facts, &FlashOptions { target: root.source.clone().into(), force: true, ..opts() }, true);
-        assert!(reasons.iter().any(|r| r.contains("holds the running system")), "{reasons:#?}");
+        let reasons = check(
+            &image(MIB),
+            &facts,
+            &FlashOptions {
+                target: root.source.clone().into(),
+                force: true,
+                ..opts()
+            },
+            true,
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("holds the running system")),
+            "{reasons:#?}"
+        );
     }
 }

@@ -18,15 +18,37 @@ pub const INIT_SCRIPT: &str = include_str!("initramfs/init.sh");
 /// in are skipped.
 pub const INITRAMFS_MODULES: &[&str] = &[
     // QEMU and cloud VMs
-    "virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "virtio_net",
     // SATA and NVMe disks
-    "ahci", "sd_mod", "nvme",
+    "ahci",
+    "sd_mod",
+    "nvme",
     // USB sticks: host controllers, storage, UAS
-    "xhci_pci", "xhci_hcd", "ehci_pci", "ehci_hcd", "ohci_pci", "uhci_hcd", "usb_storage", "uas",
+    "xhci_pci",
+    "xhci_hcd",
+    "ehci_pci",
+    "ehci_hcd",
+    "ohci_pci",
+    "uhci_hcd",
+    "usb_storage",
+    "uas",
     // SD cards and eMMC (laptops)
-    "sdhci_pci", "sdhci_acpi", "mmc_block",
+    "sdhci_pci",
+    "sdhci_acpi",
+    "mmc_block",
     // file systems: root, /etc overlay, state, ESP
-    "squashfs", "overlay", "ext4", "crc32c_generic", "crc32c_intel", "vfat", "nls_cp437", "nls_iso8859_1", "loop",
+    "squashfs",
+    "overlay",
+    "ext4",
+    "crc32c_generic",
+    "crc32c_intel",
+    "vfat",
+    "nls_cp437",
+    "nls_iso8859_1",
+    "loop",
     // which slot booted (systemd-boot's LoaderEntrySelected)
     "efivarfs",
 ];
@@ -35,9 +57,26 @@ pub const INITRAMFS_MODULES: &[&str] = &[
 const DIR_MODE: u32 = 0o755;
 
 /// Build the initramfs: a compressed newc cpio.
-pub fn build_initramfs(base: &BaseFiles, compression: Compression, mtime: u32) -> anyhow::Result<Vec<u8>> {
+pub fn build_initramfs(
+    base: &BaseFiles,
+    compression: Compression,
+    mtime: u32,
+) -> anyhow::Result<Vec<u8>> {
     let mut w = CpioWriter::new(Vec::new(), mtime);
-    for d in ["bin", "sbin", "dev", "etc", "etc/kiln", "lib", "lib/modules", "proc", "run", "sys", "sysroot", "tmp"] {
+    for d in [
+        "bin",
+        "sbin",
+        "dev",
+        "etc",
+        "etc/kiln",
+        "lib",
+        "lib/modules",
+        "proc",
+        "run",
+        "sys",
+        "sysroot",
+        "tmp",
+    ] {
         w.dir(d, DIR_MODE, 0, 0)?;
     }
     w.char_dev("dev/console", 0o600, 5, 1)?;
@@ -48,11 +87,17 @@ pub fn build_initramfs(base: &BaseFiles, compression: Compression, mtime: u32) -
     w.file("init", 0o755, 0, 0, INIT_SCRIPT.as_bytes())?;
     let kmod_dir = format!("lib/modules/{}", base.kernel_version);
     let mut dirs = std::collections::BTreeSet::new();
-    let order = crate::kernel::resolve_modules(&base.modules_dep, &base.modules_softdep, INITRAMFS_MODULES);
+    let order =
+        crate::kernel::resolve_modules(&base.modules_dep, &base.modules_softdep, INITRAMFS_MODULES);
     for rel in &order {
         let mut acc = kmod_dir.clone();
         dirs.insert(acc.clone());
-        for part in rel.split('/').collect::<Vec<_>>().split_last().map_or(&[][..], |(_, p)| p) {
+        for part in rel
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |(_, p)| p)
+        {
             acc = format!("{acc}/{part}");
             dirs.insert(acc.clone());
         }
@@ -61,7 +106,10 @@ pub fn build_initramfs(base: &BaseFiles, compression: Compression, mtime: u32) -
         w.dir(d, DIR_MODE, 0, 0)?;
     }
     for rel in &order {
-        let data = base.modules.get(rel).with_context(|| format!("module {rel} was not read from the base"))?;
+        let data = base
+            .modules
+            .get(rel)
+            .with_context(|| format!("module {rel} was not read from the base"))?;
         w.file(&format!("{kmod_dir}/{rel}"), 0o644, 0, 0, data)?;
     }
     let list: String = order.iter().map(|m| format!("{m}\n")).collect();
@@ -102,7 +150,12 @@ pub fn build_seed(tree: &FileTree, mtime: u32) -> anyhow::Result<Vec<u8>> {
     for (path, e) in tree.iter() {
         let p = format!("seed{path}");
         match e {
-            Entry::File { content, mode, uid, gid } => w.file(&p, *mode, *uid, *gid, content)?,
+            Entry::File {
+                content,
+                mode,
+                uid,
+                gid,
+            } => w.file(&p, *mode, *uid, *gid, content)?,
             Entry::Symlink { target } => w.symlink(&p, target)?,
             Entry::Dir { .. } => {}
         }

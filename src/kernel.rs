@@ -33,7 +33,11 @@ pub struct BaseFiles {
 /// (`lib/x` and `usr/lib/x` are the same file on Debian 12).
 pub fn norm_path(p: &str) -> String {
     let p = p.trim_start_matches("./").trim_start_matches('/');
-    for (from, to) in [("lib/", "usr/lib/"), ("bin/", "usr/bin/"), ("sbin/", "usr/sbin/")] {
+    for (from, to) in [
+        ("lib/", "usr/lib/"),
+        ("bin/", "usr/bin/"),
+        ("sbin/", "usr/sbin/"),
+    ] {
         if let Some(rest) = p.strip_prefix(from) {
             return format!("{to}{rest}");
         }
@@ -42,7 +46,8 @@ pub fn norm_path(p: &str) -> String {
 }
 
 fn open_tar(path: &Path) -> anyhow::Result<tar::Archive<Box<dyn Read>>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening base tarball {}", path.display()))?;
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("opening base tarball {}", path.display()))?;
     let f = std::io::BufReader::with_capacity(1 << 20, f);
     let name = path.to_string_lossy();
     let r: Box<dyn Read> = if name.ends_with(".zst") || name.ends_with(".zstd") {
@@ -79,11 +84,12 @@ pub fn read_base_files(tarball: &Path, want: &[&str]) -> anyhow::Result<BaseFile
             configs.insert(ver.to_string(), s);
         } else if let Some(rest) = path.strip_prefix("usr/lib/modules/") {
             if let Some((ver, file)) = rest.split_once('/')
-                && ["modules.dep", "modules.builtin", "modules.softdep"].contains(&file) {
-                    let mut s = String::new();
-                    e.read_to_string(&mut s)?;
-                    index.insert((ver.to_string(), file.to_string()), s);
-                }
+                && ["modules.dep", "modules.builtin", "modules.softdep"].contains(&file)
+            {
+                let mut s = String::new();
+                e.read_to_string(&mut s)?;
+                index.insert((ver.to_string(), file.to_string()), s);
+            }
         } else if path == norm_path(BUSYBOX) {
             if kind.is_file() {
                 e.read_to_end(&mut b.busybox)?;
@@ -95,36 +101,60 @@ pub fn read_base_files(tarball: &Path, want: &[&str]) -> anyhow::Result<BaseFile
         }
     }
     let Some((ver, vmlinuz)) = kernels.into_iter().next_back() else {
-        bail!("{} has no kernel (boot/vmlinuz-*): add linux-image-amd64 or linux-image-cloud-amd64 to the base packages", tarball.display());
+        bail!(
+            "{} has no kernel (boot/vmlinuz-*): add linux-image-amd64 or linux-image-cloud-amd64 to the base packages",
+            tarball.display()
+        );
     };
     b.kernel_version = ver.clone();
     b.vmlinuz = vmlinuz;
     b.config = configs.remove(&ver);
-    b.modules_dep = index.remove(&(ver.clone(), "modules.dep".into())).with_context(|| format!("{} has no lib/modules/{ver}/modules.dep", tarball.display()))?;
-    b.modules_builtin = index.remove(&(ver.clone(), "modules.builtin".into())).unwrap_or_default();
-    b.modules_softdep = index.remove(&(ver.clone(), "modules.softdep".into())).unwrap_or_default();
+    b.modules_dep = index
+        .remove(&(ver.clone(), "modules.dep".into()))
+        .with_context(|| format!("{} has no lib/modules/{ver}/modules.dep", tarball.display()))?;
+    b.modules_builtin = index
+        .remove(&(ver.clone(), "modules.builtin".into()))
+        .unwrap_or_default();
+    b.modules_softdep = index
+        .remove(&(ver.clone(), "modules.softdep".into()))
+        .unwrap_or_default();
     if b.busybox.is_empty() {
-        bail!("{} has no {BUSYBOX}{}: add busybox-static to the base packages", tarball.display(), busybox_link.map(|l| format!(" (only a link to {l})")).unwrap_or_default());
+        bail!(
+            "{} has no {BUSYBOX}{}: add busybox-static to the base packages",
+            tarball.display(),
+            busybox_link
+                .map(|l| format!(" (only a link to {l})"))
+                .unwrap_or_default()
+        );
     }
     if b.systemd_boot.is_empty() {
-        bail!("{} has no {SYSTEMD_BOOT_EFI}: add systemd-boot-efi to the base packages", tarball.display());
+        bail!(
+            "{} has no {SYSTEMD_BOOT_EFI}: add systemd-boot-efi to the base packages",
+            tarball.display()
+        );
     }
     // Pass 2: the modules.
-    let needed: BTreeSet<String> = resolve_modules(&b.modules_dep, &b.modules_softdep, want).into_iter().collect();
+    let needed: BTreeSet<String> = resolve_modules(&b.modules_dep, &b.modules_softdep, want)
+        .into_iter()
+        .collect();
     if !needed.is_empty() {
         let prefix = format!("usr/lib/modules/{ver}/");
         for e in open_tar(tarball)?.entries()? {
             let mut e = e?;
             let path = norm_path(&e.path()?.to_string_lossy());
             if let Some(rel) = path.strip_prefix(&prefix)
-                && needed.contains(rel) {
-                    let mut v = Vec::new();
-                    e.read_to_end(&mut v)?;
-                    b.modules.insert(rel.to_string(), v);
-                }
+                && needed.contains(rel)
+            {
+                let mut v = Vec::new();
+                e.read_to_end(&mut v)?;
+                b.modules.insert(rel.to_string(), v);
+            }
         }
         if let Some(m) = needed.iter().find(|m| !b.modules.contains_key(*m)) {
-            bail!("{} lists {m} in modules.dep but the file is missing", tarball.display());
+            bail!(
+                "{} lists {m} in modules.dep but the file is missing",
+                tarball.display()
+            );
         }
     }
     Ok(b)
@@ -144,8 +174,16 @@ pub fn module_name(path: &str) -> String {
 pub fn resolve_modules(modules_dep: &str, softdep: &str, want: &[&str]) -> Vec<String> {
     let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     for line in modules_dep.lines() {
-        let Some((file, rest)) = line.split_once(':') else { continue };
-        deps.insert(module_name(file), (file.to_string(), rest.split_whitespace().map(str::to_string).collect()));
+        let Some((file, rest)) = line.split_once(':') else {
+            continue;
+        };
+        deps.insert(
+            module_name(file),
+            (
+                file.to_string(),
+                rest.split_whitespace().map(str::to_string).collect(),
+            ),
+        );
     }
     // softdep NAME pre: A B post: C  → load A, B before NAME.
     let mut pre: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -160,19 +198,34 @@ pub fn resolve_modules(modules_dep: &str, softdep: &str, want: &[&str]) -> Vec<S
             match t {
                 "pre:" => in_pre = true,
                 "post:" => in_pre = false,
-                m if in_pre => pre.entry(name.replace('-', "_")).or_default().push(m.replace('-', "_")),
+                m if in_pre => pre
+                    .entry(name.replace('-', "_"))
+                    .or_default()
+                    .push(m.replace('-', "_")),
                 _ => {}
             }
         }
     }
-    let file_to_name: BTreeMap<String, String> = deps.iter().map(|(n, (f, _))| (f.clone(), n.clone())).collect();
+    let file_to_name: BTreeMap<String, String> = deps
+        .iter()
+        .map(|(n, (f, _))| (f.clone(), n.clone()))
+        .collect();
     let mut order = Vec::new();
     let mut seen = BTreeSet::new();
-    fn visit(name: &str, deps: &BTreeMap<String, (String, Vec<String>)>, pre: &BTreeMap<String, Vec<String>>, f2n: &BTreeMap<String, String>, seen: &mut BTreeSet<String>, order: &mut Vec<String>) {
+    fn visit(
+        name: &str,
+        deps: &BTreeMap<String, (String, Vec<String>)>,
+        pre: &BTreeMap<String, Vec<String>>,
+        f2n: &BTreeMap<String, String>,
+        seen: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+    ) {
         if !seen.insert(name.to_string()) {
             return;
         }
-        let Some((file, ds)) = deps.get(name) else { return };
+        let Some((file, ds)) = deps.get(name) else {
+            return;
+        };
         for p in pre.get(name).into_iter().flatten() {
             visit(p, deps, pre, f2n, seen, order);
         }
@@ -185,7 +238,14 @@ pub fn resolve_modules(modules_dep: &str, softdep: &str, want: &[&str]) -> Vec<S
         order.push(file.clone());
     }
     for w in want {
-        visit(&w.replace('-', "_"), &deps, &pre, &file_to_name, &mut seen, &mut order);
+        visit(
+            &w.replace('-', "_"),
+            &deps,
+            &pre,
+            &file_to_name,
+            &mut seen,
+            &mut order,
+        );
     }
     order
 }
@@ -195,14 +255,18 @@ pub fn resolve_modules(modules_dep: &str, softdep: &str, want: &[&str]) -> Vec<S
 /// `CONFIG_RD_GZIP=y`; without a config, gzip (every distribution kernel
 /// has it).
 pub fn initramfs_compression(config: Option<&str>) -> anyhow::Result<Compression> {
-    let Some(c) = config else { return Ok(Compression::Gzip) };
+    let Some(c) = config else {
+        return Ok(Compression::Gzip);
+    };
     let has = |k: &str| c.lines().any(|l| l.trim() == format!("{k}=y"));
     if has("CONFIG_RD_ZSTD") {
         Ok(Compression::Zstd)
     } else if has("CONFIG_RD_GZIP") {
         Ok(Compression::Gzip)
     } else {
-        bail!("the kernel supports neither zstd nor gzip initramfs (CONFIG_RD_ZSTD, CONFIG_RD_GZIP); use a Debian kernel")
+        bail!(
+            "the kernel supports neither zstd nor gzip initramfs (CONFIG_RD_ZSTD, CONFIG_RD_GZIP); use a Debian kernel"
+        )
     }
 }
 
@@ -220,26 +284,50 @@ mod tests {
 
     #[test]
     fn modules_come_after_their_dependencies() {
-        let order = resolve_modules(DEP, "softdep ext4 pre: crc32c\nsoftdep crc32c pre: crc32c_generic\n", &["ext4", "virtio_blk", "usb_storage", "nvme"]);
-        let pos = |m: &str| order.iter().position(|f| f.ends_with(m)).unwrap_or_else(|| panic!("{m} missing from {order:?}"));
+        let order = resolve_modules(
+            DEP,
+            "softdep ext4 pre: crc32c\nsoftdep crc32c pre: crc32c_generic\n",
+            &["ext4", "virtio_blk", "usb_storage", "nvme"],
+        );
+        let pos = |m: &str| {
+            order
+                .iter()
+                .position(|f| f.ends_with(m))
+                .unwrap_or_else(|| panic!("{m} missing from {order:?}"))
+        };
         assert!(pos("jbd2.ko") < pos("ext4.ko"));
         assert!(pos("mbcache.ko") < pos("ext4.ko"));
         assert!(pos("virtio.ko") < pos("virtio_blk.ko"));
-        assert!(pos("usbcore.ko") < pos("usb-storage.ko"), "dash and underscore are one");
-        assert!(!order.iter().any(|f| f.contains("nvme")), "unknown (built-in) modules are skipped");
+        assert!(
+            pos("usbcore.ko") < pos("usb-storage.ko"),
+            "dash and underscore are one"
+        );
+        assert!(
+            !order.iter().any(|f| f.contains("nvme")),
+            "unknown (built-in) modules are skipped"
+        );
         assert_eq!(order.len(), 8, "{order:?}");
     }
 
     #[test]
     fn compression_follows_the_kernel_config() {
-        assert_eq!(initramfs_compression(Some("CONFIG_RD_GZIP=y\nCONFIG_RD_ZSTD=y\n")).unwrap(), Compression::Zstd);
-        assert_eq!(initramfs_compression(Some("CONFIG_RD_GZIP=y\n# CONFIG_RD_ZSTD is not set\n")).unwrap(), Compression::Gzip);
+        assert_eq!(
+            initramfs_compression(Some("CONFIG_RD_GZIP=y\nCONFIG_RD_ZSTD=y\n")).unwrap(),
+            Compression::Zstd
+        );
+        assert_eq!(
+            initramfs_compression(Some("CONFIG_RD_GZIP=y\n# CONFIG_RD_ZSTD is not set\n")).unwrap(),
+            Compression::Gzip
+        );
         assert!(initramfs_compression(Some("")).is_err());
     }
 
     #[test]
     fn paths_are_merged_usr() {
-        assert_eq!(norm_path("./lib/modules/6.1/modules.dep"), "usr/lib/modules/6.1/modules.dep");
+        assert_eq!(
+            norm_path("./lib/modules/6.1/modules.dep"),
+            "usr/lib/modules/6.1/modules.dep"
+        );
         assert_eq!(norm_path("bin/busybox"), "usr/bin/busybox");
         assert_eq!(norm_path("./boot/vmlinuz-6.1"), "boot/vmlinuz-6.1");
     }

@@ -3,25 +3,25 @@
 //! The pipeline, one module per stage:
 //! profile → plan → render → (rootfs → initramfs → esp → disk / pxe) → verify.
 
-pub mod diag;
-pub mod types;
-pub mod profile;
-pub mod plan;
-pub mod secrets;
-pub mod tree;
-pub mod kernel;
-pub mod vm;
-pub mod verify;
-pub mod nodetest;
-pub mod build;
-pub mod boot;
-pub mod initramfs;
-pub mod rootfs;
-pub mod cache;
-pub mod tool;
-pub mod commands;
-pub mod render;
-pub mod k3s;
-pub mod image;
 pub mod base;
+pub mod boot;
+pub mod build;
+pub mod cache;
+pub mod commands;
+pub mod diag;
 pub mod flash;
+pub mod image;
+pub mod initramfs;
+pub mod k3s;
+pub mod kernel;
+pub mod nodetest;
+pub mod plan;
+pub mod profile;
+pub mod render;
+pub mod rootfs;
+pub mod secrets;
+pub mod tool;
+pub mod tree;
+pub mod types;
+pub mod verify;
+pub mod vm;

@@ -182,7 +182,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
             print!("{}", commands::keys(&plan, &secrets));
         }
-        Command::Build { profile, nodes, role, out, k3s_binary, format, state_dir } => {
+        Command::Build {
+            profile,
+            nodes,
+            role,
+            out,
+            k3s_binary,
+            format,
+            state_dir,
+        } => {
             let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
             let opts = kiln::build::BuildOptions {
                 out,
@@ -201,14 +209,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", a.display());
             }
         }
-        Command::Test { profile, node, image, ssh_key, user_keys, k3s_binary, keep, state_dir } => {
+        Command::Test {
+            profile,
+            node,
+            image,
+            ssh_key,
+            user_keys,
+            k3s_binary,
+            keep,
+            state_dir,
+        } => {
             let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
             let mut keys = Vec::new();
             for u in user_keys {
-                let (user, path) = u.split_once('=').ok_or_else(|| anyhow::anyhow!("--user-key {u}: write USER=PATH"))?;
+                let (user, path) = u
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--user-key {u}: write USER=PATH"))?;
                 keys.push((user.to_string(), PathBuf::from(path)));
             }
-            let opts = kiln::nodetest::TestOptions { node, image, ssh_key, k3s_binary, user_keys: keys, cache: kiln::cache::cache_dir(), keep };
+            let opts = kiln::nodetest::TestOptions {
+                node,
+                image,
+                ssh_key,
+                k3s_binary,
+                user_keys: keys,
+                cache: kiln::cache::cache_dir(),
+                keep,
+            };
             let report = kiln::nodetest::test_node(&plan, &secrets, &opts)?;
             print!("{}", report.table());
             if !report.passed() {
@@ -216,15 +243,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Run { image } => kiln::nodetest::run_interactive(&image)?,
-        Command::Render { profile, node, out, state_dir } => {
+        Command::Render {
+            profile,
+            node,
+            out,
+            state_dir,
+        } => {
             let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
             let files = commands::render_node(&plan, &node, &secrets)?;
             files.tree.write_to(&out)?;
             println!("{}", out.display());
-            eprintln!("rendered {} files for {node}; kernel command line: {}", files.tree.paths().count(), files.cmdline);
+            eprintln!(
+                "rendered {} files for {node}; kernel command line: {}",
+                files.tree.paths().count(),
+                files.cmdline
+            );
         }
-        Command::Flash { image, device, yes, force, size } => {
-            let opts = kiln::flash::FlashOptions { image, target: device, yes, force, size_bytes: size.map(|s| s.0) };
+        Command::Flash {
+            image,
+            device,
+            yes,
+            force,
+            size,
+        } => {
+            let opts = kiln::flash::FlashOptions {
+                image,
+                target: device,
+                yes,
+                force,
+                size_bytes: size.map(|s| s.0),
+            };
             let report = kiln::flash::flash(&opts, &kiln::flash::SysFacts::default())?;
             println!("{}", report.target.display());
         }
@@ -233,7 +281,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().filter_or("KILN_LOG", "warn")).format_timestamp(None).init();
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("KILN_LOG", "warn"))
+        .format_timestamp(None)
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -27,13 +27,21 @@ pub struct TestOptions {
 }
 
 /// Build (or take) the node's image, boot it and check it.
-pub fn test_node(plan: &Plan, secrets: &ClusterSecrets, opts: &TestOptions) -> anyhow::Result<Report> {
-    let node = plan.node(&opts.node).with_context(|| format!("no node `{}` in {}", opts.node, plan.profile_path.display()))?;
+pub fn test_node(
+    plan: &Plan,
+    secrets: &ClusterSecrets,
+    opts: &TestOptions,
+) -> anyhow::Result<Report> {
+    let node = plan
+        .node(&opts.node)
+        .with_context(|| format!("no node `{}` in {}", opts.node, plan.profile_path.display()))?;
     let tmp = tempfile::Builder::new().prefix("kiln-test-").tempdir()?;
     let mut files = crate::render::render_node(plan, node, &secrets.for_node(&node.name));
     let (image, key) = match (&opts.image, &opts.ssh_key) {
         (Some(img), Some(k)) => (img.clone(), k.clone()),
-        (Some(_), None) => bail!("--image needs --ssh-key: a private key the profile authorizes for root (kiln adds its own test key only to images it builds)"),
+        (Some(_), None) => bail!(
+            "--image needs --ssh-key: a private key the profile authorizes for root (kiln adds its own test key only to images it builds)"
+        ),
         (None, given) => {
             let (key, public) = match given {
                 Some(k) => (k.clone(), None),
@@ -44,30 +52,56 @@ pub fn test_node(plan: &Plan, secrets: &ClusterSecrets, opts: &TestOptions) -> a
             };
             if let Some(p) = &public {
                 build::inject_test_key(&mut files.tree, p);
-                eprintln!("kiln test: the image under test carries a test access key for root (only `kiln test` adds it)");
+                eprintln!(
+                    "kiln test: the image under test carries a test access key for root (only `kiln test` adds it)"
+                );
             }
             let out = opts.keep.clone().unwrap_or_else(|| tmp.path().join("out"));
-            let b = BuildOptions { out: out.clone(), nodes: vec![node.name.clone()], k3s_binary: opts.k3s_binary.clone(), cache: opts.cache.clone(), test_access_key: public, ..BuildOptions::default() };
+            let b = BuildOptions {
+                out: out.clone(),
+                nodes: vec![node.name.clone()],
+                k3s_binary: opts.k3s_binary.clone(),
+                cache: opts.cache.clone(),
+                test_access_key: public,
+                ..BuildOptions::default()
+            };
             build::build(plan, secrets, &b)?;
             (out.join(format!("{}.img", node.name)), key)
         }
     };
     let real_k3s = !is_double(opts.k3s_binary.as_deref());
-    let e = Expect { plan, node, files: &files, wg_public_key: secrets.private[&node.name].public_key().to_base64(), user_keys: opts.user_keys.clone(), real_k3s };
-    let log = opts.keep.as_ref().map(|d| d.join(format!("{}.console.log", node.name)));
+    let e = Expect {
+        plan,
+        node,
+        files: &files,
+        wg_public_key: secrets.private[&node.name].public_key().to_base64(),
+        user_keys: opts.user_keys.clone(),
+        real_k3s,
+    };
+    let log = opts
+        .keep
+        .as_ref()
+        .map(|d| d.join(format!("{}.console.log", node.name)));
     verify::test_node(&image, &key, &e, log.as_deref())
 }
 
 /// Is this k3s binary kiln's test double? (`--version` says so.)
 pub fn is_double(k3s: Option<&Path>) -> bool {
     let Some(p) = k3s else { return false };
-    std::process::Command::new(p).arg("--version").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("k3s-double"))
+    std::process::Command::new(p)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("k3s-double"))
 }
 
 /// `kiln run`: boot an image (on an overlay) with the console here.
 pub fn run_interactive(image: &Path) -> anyhow::Result<()> {
     let cfg = crate::vm::VmConfig::new("run", image);
-    eprintln!("kiln run: booting {} under {:?} on an overlay (the image is not modified); quit with Ctrl-A X", image.display(), cfg.accel);
+    eprintln!(
+        "kiln run: booting {} under {:?} on an overlay (the image is not modified); quit with Ctrl-A X",
+        image.display(),
+        cfg.accel
+    );
     let status = crate::vm::interactive(&cfg)?;
     if !status.success() {
         bail!("qemu exited with {status}");

@@ -27,7 +27,11 @@ pub struct At<T> {
 
 impl<T> At<T> {
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> At<U> {
-        At { v: f(self.v), span: self.span, key: self.key }
+        At {
+            v: f(self.v),
+            span: self.span,
+            key: self.key,
+        }
     }
 }
 
@@ -235,14 +239,21 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Profile {
     for e in errors {
         let span = e.span().unwrap_or(0..0);
         let msg = e.message().trim().to_string();
-        d.error(span, "", format!("TOML syntax: {msg}"), "fix the syntax at this position (see https://toml.io)");
+        d.error(
+            span,
+            "",
+            format!("TOML syntax: {msg}"),
+            "fix the syntax at this position (see https://toml.io)",
+        );
     }
     let mut p = Profile::default();
     let root_span = root.span();
     let mut t = Tab::new(root.get_ref(), root_span, "");
 
     if let Some(mut c) = t.table(d, "cluster") {
-        p.cluster_name = c.parse(d, "name", |s: &str| types::parse_hostname(s).and_then(|n| label_only(&n, s)));
+        p.cluster_name = c.parse(d, "name", |s: &str| {
+            types::parse_hostname(s).and_then(|n| label_only(&n, s))
+        });
         c.finish(d);
     }
     if let Some(mut k) = t.table(d, "k3s") {
@@ -257,15 +268,35 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Profile {
     }
     if let Some(mut b) = t.table(d, "base") {
         p.base.suite = b.parse(d, "suite", |s| {
-            if types::is_dns_label(s) { Ok(s.to_string()) } else { Err(inv(format!("`{s}` is not a Debian suite name"), "write a codename like \"bookworm\"")) }
+            if types::is_dns_label(s) {
+                Ok(s.to_string())
+            } else {
+                Err(inv(
+                    format!("`{s}` is not a Debian suite name"),
+                    "write a codename like \"bookworm\"",
+                ))
+            }
         });
         p.base.kernel = b.parse(d, "kernel", |s| match s {
             "generic" => Ok(KernelFlavour::Generic),
             "cloud" => Ok(KernelFlavour::Cloud),
-            _ => Err(inv(format!("unknown kernel flavour `{s}`"), "write \"generic\" (real hardware) or \"cloud\" (virtual machines only)")),
+            _ => Err(inv(
+                format!("unknown kernel flavour `{s}`"),
+                "write \"generic\" (real hardware) or \"cloud\" (virtual machines only)",
+            )),
         });
         p.base.packages = b.parse_list(d, "packages", |s| {
-            if !s.is_empty() && s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+-.".contains(&c)) { Ok(s.to_string()) } else { Err(inv(format!("`{s}` is not a Debian package name"), "use lowercase letters, digits and + - .")) }
+            if !s.is_empty()
+                && s.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"+-.".contains(&c))
+            {
+                Ok(s.to_string())
+            } else {
+                Err(inv(
+                    format!("`{s}` is not a Debian package name"),
+                    "use lowercase letters, digits and + - .",
+                ))
+            }
         });
         p.base.tarball = b.str(d, "tarball").map(|a| a.map(PathBuf::from));
         b.finish(d);
@@ -301,34 +332,63 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Profile {
 
 fn label_only(name: &str, raw: &str) -> Result<String, Invalid> {
     if name.contains('.') {
-        Err(inv(format!("`{raw}` contains a dot"), "use a single label like \"club\"; it names files and hosts"))
+        Err(inv(
+            format!("`{raw}` contains a dot"),
+            "use a single label like \"club\"; it names files and hosts",
+        ))
     } else {
         Ok(name.to_string())
     }
 }
 
 fn inv(message: impl Into<String>, hint: impl Into<String>) -> Invalid {
-    Invalid { message: message.into(), hint: hint.into() }
+    Invalid {
+        message: message.into(),
+        hint: hint.into(),
+    }
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
-    s.parse().map_err(|_| inv(format!("`{s}` is not an IP address"), "write an address like \"10.0.0.11\", without a /prefix"))
+    s.parse().map_err(|_| {
+        inv(
+            format!("`{s}` is not an IP address"),
+            "write an address like \"10.0.0.11\", without a /prefix",
+        )
+    })
 }
 
 fn parse_cidr(s: &str) -> Result<IpNet, Invalid> {
-    s.parse().map_err(|_| inv(format!("`{s}` is not a CIDR"), "write an address and prefix length, like \"10.0.0.0/24\""))
+    s.parse().map_err(|_| {
+        inv(
+            format!("`{s}` is not a CIDR"),
+            "write an address and prefix length, like \"10.0.0.0/24\"",
+        )
+    })
 }
 
 fn parse_port(n: i64) -> Result<u16, Invalid> {
     match u16::try_from(n) {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(inv(format!("{n} is not a port number"), "use a port between 1 and 65535")),
+        _ => Err(inv(
+            format!("{n} is not a port number"),
+            "use a port between 1 and 65535",
+        )),
     }
 }
 
 fn parse_iface(s: &str) -> Result<String, Invalid> {
-    let ok = !s.is_empty() && s.len() <= 15 && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
-    if ok { Ok(s.to_string()) } else { Err(inv(format!("`{s}` is not a network interface name"), "use at most 15 letters, digits, '-', '_' or '.', like \"wg0\"")) }
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(inv(
+            format!("`{s}` is not a network interface name"),
+            "use at most 15 letters, digits, '-', '_' or '.', like \"wg0\"",
+        ))
+    }
 }
 
 fn read_k3s(k: &mut Tab, d: &mut Diagnostics) -> K3s {
@@ -340,7 +400,10 @@ fn read_k3s(k: &mut Tab, d: &mut Diagnostics) -> K3s {
         disable: k.str_list(d, "disable").unwrap_or_default(),
         flannel_backend: k.parse(d, "flannel-backend", |s| match s {
             "wireguard-native" | "vxlan" | "host-gw" | "none" => Ok(s.to_string()),
-            _ => Err(inv(format!("unknown flannel backend `{s}`"), "use \"wireguard-native\", \"vxlan\", \"host-gw\" or \"none\"")),
+            _ => Err(inv(
+                format!("unknown flannel backend `{s}`"),
+                "use \"wireguard-native\", \"vxlan\", \"host-gw\" or \"none\"",
+            )),
         }),
         registration_address: k.parse(d, "registration-address", Host::parse),
         tls_san: k.parse_list(d, "tls-san", Host::parse),
@@ -353,7 +416,14 @@ fn read_k3s(k: &mut Tab, d: &mut Diagnostics) -> K3s {
             let key = format!("{}.{}", m.path, quote_key(&name));
             if let Some(mut e) = m.table(d, &name) {
                 let endpoints = e.str_list(d, "endpoints").unwrap_or_default();
-                out.mirrors.push((At { v: name.clone(), span, key }, endpoints));
+                out.mirrors.push((
+                    At {
+                        v: name.clone(),
+                        span,
+                        key,
+                    },
+                    endpoints,
+                ));
                 e.finish(d);
             }
         }
@@ -366,10 +436,20 @@ fn read_k3s(k: &mut Tab, d: &mut Diagnostics) -> K3s {
                 let cfg = RegistryConfig {
                     username: c.str(d, "username").map(|a| a.v),
                     password: c.str(d, "password").map(|a| a.v),
-                    insecure_skip_verify: c.bool(d, "insecure-skip-verify").map(|a| a.v).unwrap_or(false),
+                    insecure_skip_verify: c
+                        .bool(d, "insecure-skip-verify")
+                        .map(|a| a.v)
+                        .unwrap_or(false),
                     ca_file: c.str(d, "ca-file").map(|a| a.v),
                 };
-                out.registry_configs.push((At { v: name.clone(), span, key }, cfg));
+                out.registry_configs.push((
+                    At {
+                        v: name.clone(),
+                        span,
+                        key,
+                    },
+                    cfg,
+                ));
                 c.finish(d);
             }
         }
@@ -403,8 +483,12 @@ fn read_wireguard(w: &mut Tab, d: &mut Diagnostics) -> WireGuard {
                 public_key: p.parse(d, "public-key", WgKey::parse),
                 endpoint: p.parse(d, "endpoint", Endpoint::parse),
                 address: p.parse(d, "address", parse_ip),
-                allowed_ips: p.str_list(d, "allowed-ips").map(|l| parse_each(l, d, parse_cidr)),
-                persistent_keepalive: p.int(d, "persistent-keepalive").and_then(|a| keepalive_at(a, d)),
+                allowed_ips: p
+                    .str_list(d, "allowed-ips")
+                    .map(|l| parse_each(l, d, parse_cidr)),
+                persistent_keepalive: p
+                    .int(d, "persistent-keepalive")
+                    .and_then(|a| keepalive_at(a, d)),
             });
             p.finish(d);
         }
@@ -416,8 +500,12 @@ fn read_firewall(f: &mut Tab, d: &mut Diagnostics) -> Firewall {
     let mut out = Firewall {
         allow_tcp: f.int_list(d, "allow-tcp").map(|l| ports(l, d)),
         allow_udp: f.int_list(d, "allow-udp").map(|l| ports(l, d)),
-        accept_interfaces: f.str_list(d, "accept-interfaces").map(|l| parse_each(l, d, parse_iface)),
-        accept_cidrs: f.str_list(d, "accept-cidrs").map(|l| parse_each(l, d, parse_cidr)),
+        accept_interfaces: f
+            .str_list(d, "accept-interfaces")
+            .map(|l| parse_each(l, d, parse_iface)),
+        accept_cidrs: f
+            .str_list(d, "accept-cidrs")
+            .map(|l| parse_each(l, d, parse_cidr)),
         icmp: f.bool(d, "icmp").map(|a| a.v),
         rules: Vec::new(),
     };
@@ -428,8 +516,14 @@ fn read_firewall(f: &mut Tab, d: &mut Diagnostics) -> Firewall {
                 key: format!("firewall.rules[{i}]"),
                 interface: r.parse(d, "interface", parse_iface),
                 from: r.parse_list(d, "from", parse_cidr),
-                tcp: r.int_list(d, "tcp").map(|l| ports(l, d)).unwrap_or_default(),
-                udp: r.int_list(d, "udp").map(|l| ports(l, d)).unwrap_or_default(),
+                tcp: r
+                    .int_list(d, "tcp")
+                    .map(|l| ports(l, d))
+                    .unwrap_or_default(),
+                udp: r
+                    .int_list(d, "udp")
+                    .map(|l| ports(l, d))
+                    .unwrap_or_default(),
             });
             r.finish(d);
         }
@@ -440,7 +534,17 @@ fn read_firewall(f: &mut Tab, d: &mut Diagnostics) -> Firewall {
 fn read_first_boot(f: &mut Tab, d: &mut Diagnostics) -> FirstBoot {
     let mut out = FirstBoot {
         modules: f.parse_list(d, "modules", |s| {
-            if !s.is_empty() && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-') { Ok(s.to_string()) } else { Err(inv(format!("`{s}` is not a kernel module name"), "use the module's name as `modprobe` takes it, like \"br_netfilter\"")) }
+            if !s.is_empty()
+                && s.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+            {
+                Ok(s.to_string())
+            } else {
+                Err(inv(
+                    format!("`{s}` is not a kernel module name"),
+                    "use the module's name as `modprobe` takes it, like \"br_netfilter\"",
+                ))
+            }
         }),
         run_once: f.str_list(d, "run-once").unwrap_or_default(),
         boot_cmd: f.str_list(d, "boot-cmd").unwrap_or_default(),
@@ -452,12 +556,25 @@ fn read_first_boot(f: &mut Tab, d: &mut Diagnostics) -> FirstBoot {
         for (name, span) in s.keys() {
             let key = format!("{}.{}", s.path, quote_key(&name));
             let value = s.scalar_string(d, &name);
-            let ok = !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-/*".contains(&c));
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"._-/*".contains(&c));
             if !ok {
-                d.error(span.clone(), &key, format!("`{name}` is not a sysctl name"), "write a dotted name like \"net.ipv4.ip_forward\" in quotes");
+                d.error(
+                    span.clone(),
+                    &key,
+                    format!("`{name}` is not a sysctl name"),
+                    "write a dotted name like \"net.ipv4.ip_forward\" in quotes",
+                );
             } else if let Some(v) = value {
                 if v.v.chars().any(|c| c.is_control()) {
-                    d.error(v.span.clone(), &v.key, "the value contains a control character (a newline?)", "write the value on one line");
+                    d.error(
+                        v.span.clone(),
+                        &v.key,
+                        "the value contains a control character (a newline?)",
+                        "write the value on one line",
+                    );
                     continue;
                 }
                 out.sysctl.push((At { v: name, span, key }, v));
@@ -465,19 +582,49 @@ fn read_first_boot(f: &mut Tab, d: &mut Diagnostics) -> FirstBoot {
         }
         s.finish(d);
     }
-    for (i, (mut u, span)) in f.array_of_tables(d, "users").map(|x| x.0).unwrap_or_default().into_iter().enumerate() {
+    for (i, (mut u, span)) in f
+        .array_of_tables(d, "users")
+        .map(|x| x.0)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         out.users.push(User {
             span,
             key: format!("first-boot.users[{i}]"),
-            name: u.parse(d, "name", |s| if types::is_unix_name(s) { Ok(s.to_string()) } else { Err(inv(format!("`{s}` is not a valid user name"), "start with a lowercase letter; use lowercase letters, digits, '-' and '_'")) }),
+            name: u.parse(d, "name", |s| {
+                if types::is_unix_name(s) {
+                    Ok(s.to_string())
+                } else {
+                    Err(inv(
+                        format!("`{s}` is not a valid user name"),
+                        "start with a lowercase letter; use lowercase letters, digits, '-' and '_'",
+                    ))
+                }
+            }),
             uid: u.int(d, "uid"),
-            groups: u.parse_list(d, "groups", |s| if types::is_unix_name(s) { Ok(s.to_string()) } else { Err(inv(format!("`{s}` is not a valid group name"), "use lowercase letters, digits, '-' and '_'")) }),
+            groups: u.parse_list(d, "groups", |s| {
+                if types::is_unix_name(s) {
+                    Ok(s.to_string())
+                } else {
+                    Err(inv(
+                        format!("`{s}` is not a valid group name"),
+                        "use lowercase letters, digits, '-' and '_'",
+                    ))
+                }
+            }),
             shell: u.str(d, "shell"),
             ssh_authorized_keys: u.str_list(d, "ssh-authorized-keys").unwrap_or_default(),
         });
         u.finish(d);
     }
-    for (i, (mut w, span)) in f.array_of_tables(d, "write-files").map(|x| x.0).unwrap_or_default().into_iter().enumerate() {
+    for (i, (mut w, span)) in f
+        .array_of_tables(d, "write-files")
+        .map(|x| x.0)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
         out.write_files.push(WriteFile {
             span,
             key: format!("first-boot.write-files[{i}]"),
@@ -494,11 +641,16 @@ fn read_first_boot(f: &mut Tab, d: &mut Diagnostics) -> FirstBoot {
 fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) -> Node {
     let mut node = Node {
         span,
-        name: n.parse(d, "name", |s: &str| types::parse_hostname(s).and_then(|h| label_only(&h, s))),
+        name: n.parse(d, "name", |s: &str| {
+            types::parse_hostname(s).and_then(|h| label_only(&h, s))
+        }),
         role: n.parse(d, "role", |s| match s {
             "server" => Ok(Role::Server),
             "agent" => Ok(Role::Agent),
-            _ => Err(inv(format!("unknown role `{s}`"), "use \"server\" or \"agent\"")),
+            _ => Err(inv(
+                format!("unknown role `{s}`"),
+                "use \"server\" or \"agent\"",
+            )),
         }),
         hostname: n.parse(d, "hostname", types::parse_hostname),
         mac: n.parse(d, "mac", MacAddr::parse),
@@ -510,8 +662,15 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
         taints: n.parse_list(d, "taints", |s| {
             // key[=value]:Effect
             match s.rsplit_once(':') {
-                Some((kv, "NoSchedule" | "PreferNoSchedule" | "NoExecute")) if !kv.is_empty() && !kv.contains(char::is_whitespace) => Ok(s.to_string()),
-                _ => Err(inv(format!("`{s}` is not a taint"), "write key=value:Effect with Effect NoSchedule, PreferNoSchedule or NoExecute")),
+                Some((kv, "NoSchedule" | "PreferNoSchedule" | "NoExecute"))
+                    if !kv.is_empty() && !kv.contains(char::is_whitespace) =>
+                {
+                    Ok(s.to_string())
+                }
+                _ => Err(inv(
+                    format!("`{s}` is not a taint"),
+                    "write key=value:Effect with Effect NoSchedule, PreferNoSchedule or NoExecute",
+                )),
             }
         }),
         cmdline: n.str_list(d, "cmdline").unwrap_or_default(),
@@ -521,11 +680,23 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
     if let Some(mut l) = n.table(d, "labels") {
         for (name, span) in l.keys() {
             let key = format!("{}.{}", l.path, quote_key(&name));
-            let ok = !name.is_empty() && name.len() <= 316 && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c));
+            let ok = !name.is_empty()
+                && name.len() <= 316
+                && name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c));
             if let Some(v) = l.str(d, &name) {
-                let value_ok = v.v.len() <= 63 && v.v.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
+                let value_ok = v.v.len() <= 63
+                    && v.v
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
                 if !value_ok {
-                    d.error(v.span.clone(), &v.key, format!("`{}` is not a Kubernetes label value", v.v), "use at most 63 letters, digits, '-', '_' or '.'");
+                    d.error(
+                        v.span.clone(),
+                        &v.key,
+                        format!("`{}` is not a Kubernetes label value", v.v),
+                        "use at most 63 letters, digits, '-', '_' or '.'",
+                    );
                 } else if !ok {
                     d.error(span.clone(), &key, format!("`{name}` is not a Kubernetes label key"), "use letters, digits, '-', '_', '.' and one optional prefix/ like \"kiln.dev/gpu\"");
                 } else {
@@ -542,7 +713,10 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
             interface: w.parse(d, "interface", parse_iface),
             address: w.parse(d, "address", |s| {
                 if !s.contains('/') {
-                    return Err(inv(format!("`{s}` has no prefix length"), "write the address with its prefix, like \"192.168.1.11/24\""));
+                    return Err(inv(
+                        format!("`{s}` has no prefix length"),
+                        "write the address with its prefix, like \"192.168.1.11/24\"",
+                    ));
                 }
                 parse_cidr(s)
             }),
@@ -559,7 +733,11 @@ fn ports(l: Vec<At<i64>>, d: &mut Diagnostics) -> Vec<At<u16>> {
 
 fn port_at(a: At<i64>, d: &mut Diagnostics) -> Option<At<u16>> {
     match parse_port(a.v) {
-        Ok(p) => Some(At { v: p, span: a.span, key: a.key }),
+        Ok(p) => Some(At {
+            v: p,
+            span: a.span,
+            key: a.key,
+        }),
         Err(e) => {
             d.error(a.span, &a.key, e.message, e.hint);
             None
@@ -569,18 +747,35 @@ fn port_at(a: At<i64>, d: &mut Diagnostics) -> Option<At<u16>> {
 
 fn keepalive_at(a: At<i64>, d: &mut Diagnostics) -> Option<At<u16>> {
     match u16::try_from(a.v) {
-        Ok(v) => Some(At { v, span: a.span, key: a.key }),
+        Ok(v) => Some(At {
+            v,
+            span: a.span,
+            key: a.key,
+        }),
         Err(_) => {
-            d.error(a.span, &a.key, format!("{} is not a keepalive interval", a.v), "use seconds between 0 (off) and 65535; 25 keeps most NAT mappings open");
+            d.error(
+                a.span,
+                &a.key,
+                format!("{} is not a keepalive interval", a.v),
+                "use seconds between 0 (off) and 65535; 25 keeps most NAT mappings open",
+            );
             None
         }
     }
 }
 
-fn parse_each<T>(l: Vec<At<String>>, d: &mut Diagnostics, f: impl Fn(&str) -> Result<T, Invalid>) -> Vec<At<T>> {
+fn parse_each<T>(
+    l: Vec<At<String>>,
+    d: &mut Diagnostics,
+    f: impl Fn(&str) -> Result<T, Invalid>,
+) -> Vec<At<T>> {
     l.into_iter()
         .filter_map(|a| match f(&a.v) {
-            Ok(v) => Some(At { v, span: a.span, key: a.key }),
+            Ok(v) => Some(At {
+                v,
+                span: a.span,
+                key: a.key,
+            }),
             Err(e) => {
                 d.error(a.span, &a.key, e.message, e.hint);
                 None
@@ -590,7 +785,10 @@ fn parse_each<T>(l: Vec<At<String>>, d: &mut Diagnostics, f: impl Fn(&str) -> Re
 }
 
 fn quote_key(k: &str) -> String {
-    if !k.is_empty() && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+    if !k.is_empty()
+        && k.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    {
         k.to_string()
     } else {
         format!("{k:?}")
@@ -622,11 +820,20 @@ fn type_name(v: &DeValue) -> &'static str {
 
 impl<'t, 'i> Tab<'t, 'i> {
     fn new(t: &'t DeTable<'i>, span: Range<usize>, path: &str) -> Self {
-        Tab { t, span, path: path.to_string(), asked: Vec::new() }
+        Tab {
+            t,
+            span,
+            path: path.to_string(),
+            asked: Vec::new(),
+        }
     }
 
     fn child_path(&self, key: &str) -> String {
-        if self.path.is_empty() { key.to_string() } else { format!("{}.{}", self.path, key) }
+        if self.path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{}", self.path, key)
+        }
     }
 
     fn get(&mut self, key: &str) -> Option<&'t Spanned<DeValue<'i>>> {
@@ -637,20 +844,33 @@ impl<'t, 'i> Tab<'t, 'i> {
     /// Keys present in the table (for maps with user-chosen keys); marks
     /// them all as known.
     fn keys(&mut self) -> Vec<(String, Range<usize>)> {
-        let keys: Vec<(String, Range<usize>)> = self.t.iter().map(|(k, _)| (k.get_ref().to_string(), k.span())).collect();
+        let keys: Vec<(String, Range<usize>)> = self
+            .t
+            .iter()
+            .map(|(k, _)| (k.get_ref().to_string(), k.span()))
+            .collect();
         self.asked.extend(keys.iter().map(|(k, _)| k.clone()));
         keys
     }
 
     fn wrong_type(&self, d: &mut Diagnostics, key: &str, v: &Spanned<DeValue>, want: &str) {
         let path = self.child_path(key);
-        d.error(v.span(), &path, format!("expected {want}, found {}", type_name(v.get_ref())), format!("write `{key}` as {want}"));
+        d.error(
+            v.span(),
+            &path,
+            format!("expected {want}, found {}", type_name(v.get_ref())),
+            format!("write `{key}` as {want}"),
+        );
     }
 
     fn str(&mut self, d: &mut Diagnostics, key: &str) -> Option<At<String>> {
         let v = self.get(key)?;
         match v.get_ref() {
-            DeValue::String(s) => Some(At { v: s.to_string(), span: v.span(), key: self.child_path(key) }),
+            DeValue::String(s) => Some(At {
+                v: s.to_string(),
+                span: v.span(),
+                key: self.child_path(key),
+            }),
             _ => {
                 self.wrong_type(d, key, v, "a string");
                 None
@@ -671,13 +891,21 @@ impl<'t, 'i> Tab<'t, 'i> {
                 return None;
             }
         };
-        Some(At { v: s, span: v.span(), key: self.child_path(key) })
+        Some(At {
+            v: s,
+            span: v.span(),
+            key: self.child_path(key),
+        })
     }
 
     fn bool(&mut self, d: &mut Diagnostics, key: &str) -> Option<At<bool>> {
         let v = self.get(key)?;
         match v.get_ref() {
-            DeValue::Boolean(b) => Some(At { v: *b, span: v.span(), key: self.child_path(key) }),
+            DeValue::Boolean(b) => Some(At {
+                v: *b,
+                span: v.span(),
+                key: self.child_path(key),
+            }),
             _ => {
                 self.wrong_type(d, key, v, "true or false");
                 None
@@ -688,12 +916,24 @@ impl<'t, 'i> Tab<'t, 'i> {
     fn int_value(&self, d: &mut Diagnostics, key: &str, v: &Spanned<DeValue>) -> Option<At<i64>> {
         if let DeValue::Integer(i) = v.get_ref() {
             let digits = i.as_str().replace('_', "");
-            let digits = digits.trim_start_matches("0x").trim_start_matches("0o").trim_start_matches("0b");
+            let digits = digits
+                .trim_start_matches("0x")
+                .trim_start_matches("0o")
+                .trim_start_matches("0b");
             if let Ok(n) = i64::from_str_radix(digits, i.radix()) {
-                return Some(At { v: n, span: v.span(), key: key.to_string() });
+                return Some(At {
+                    v: n,
+                    span: v.span(),
+                    key: key.to_string(),
+                });
             }
         }
-        d.error(v.span(), key, format!("expected an integer, found {}", type_name(v.get_ref())), "write a whole number without quotes");
+        d.error(
+            v.span(),
+            key,
+            format!("expected an integer, found {}", type_name(v.get_ref())),
+            "write a whole number without quotes",
+        );
         None
     }
 
@@ -703,12 +943,21 @@ impl<'t, 'i> Tab<'t, 'i> {
         self.int_value(d, &path, v)
     }
 
-    fn array(&mut self, d: &mut Diagnostics, key: &str) -> Option<Vec<(&'t Spanned<DeValue<'i>>, String)>> {
+    fn array(
+        &mut self,
+        d: &mut Diagnostics,
+        key: &str,
+    ) -> Option<Vec<(&'t Spanned<DeValue<'i>>, String)>> {
         let v = self.get(key)?;
         match v.get_ref() {
             DeValue::Array(a) => {
                 let path = self.child_path(key);
-                Some(a.iter().enumerate().map(|(i, e)| (e, format!("{path}[{i}]"))).collect())
+                Some(
+                    a.iter()
+                        .enumerate()
+                        .map(|(i, e)| (e, format!("{path}[{i}]")))
+                        .collect(),
+                )
             }
             _ => {
                 self.wrong_type(d, key, v, "an array");
@@ -722,8 +971,17 @@ impl<'t, 'i> Tab<'t, 'i> {
         let mut out = Vec::new();
         for (e, path) in items {
             match e.get_ref() {
-                DeValue::String(s) => out.push(At { v: s.to_string(), span: e.span(), key: path }),
-                other => d.error(e.span(), &path, format!("expected a string, found {}", type_name(other)), "put the item in double quotes"),
+                DeValue::String(s) => out.push(At {
+                    v: s.to_string(),
+                    span: e.span(),
+                    key: path,
+                }),
+                other => d.error(
+                    e.span(),
+                    &path,
+                    format!("expected a string, found {}", type_name(other)),
+                    "put the item in double quotes",
+                ),
             }
         }
         Some(out)
@@ -731,13 +989,27 @@ impl<'t, 'i> Tab<'t, 'i> {
 
     fn int_list(&mut self, d: &mut Diagnostics, key: &str) -> Option<Vec<At<i64>>> {
         let items = self.array(d, key)?;
-        Some(items.into_iter().filter_map(|(e, path)| self.int_value(d, &path, e)).collect())
+        Some(
+            items
+                .into_iter()
+                .filter_map(|(e, path)| self.int_value(d, &path, e))
+                .collect(),
+        )
     }
 
-    fn parse<T>(&mut self, d: &mut Diagnostics, key: &str, f: impl FnOnce(&str) -> Result<T, Invalid>) -> Option<At<T>> {
+    fn parse<T>(
+        &mut self,
+        d: &mut Diagnostics,
+        key: &str,
+        f: impl FnOnce(&str) -> Result<T, Invalid>,
+    ) -> Option<At<T>> {
         let a = self.str(d, key)?;
         match f(&a.v) {
-            Ok(v) => Some(At { v, span: a.span, key: a.key }),
+            Ok(v) => Some(At {
+                v,
+                span: a.span,
+                key: a.key,
+            }),
             Err(e) => {
                 d.error(a.span, &a.key, e.message, e.hint);
                 None
@@ -745,12 +1017,21 @@ impl<'t, 'i> Tab<'t, 'i> {
         }
     }
 
-    fn parse_list<T>(&mut self, d: &mut Diagnostics, key: &str, f: impl Fn(&str) -> Result<T, Invalid>) -> Vec<At<T>> {
+    fn parse_list<T>(
+        &mut self,
+        d: &mut Diagnostics,
+        key: &str,
+        f: impl Fn(&str) -> Result<T, Invalid>,
+    ) -> Vec<At<T>> {
         let l = self.str_list(d, key).unwrap_or_default();
         parse_each(l, d, f)
     }
 
-    fn table_with_span(&mut self, d: &mut Diagnostics, key: &str) -> Option<(Tab<'t, 'i>, Range<usize>)> {
+    fn table_with_span(
+        &mut self,
+        d: &mut Diagnostics,
+        key: &str,
+    ) -> Option<(Tab<'t, 'i>, Range<usize>)> {
         let v = self.get(key)?;
         match v.get_ref() {
             DeValue::Table(t) => Some((Tab::new(t, v.span(), &self.child_path(key)), v.span())),
@@ -766,7 +1047,11 @@ impl<'t, 'i> Tab<'t, 'i> {
     }
 
     #[allow(clippy::type_complexity)]
-    fn array_of_tables(&mut self, d: &mut Diagnostics, key: &str) -> Option<(Vec<(Tab<'t, 'i>, Range<usize>)>, Range<usize>)> {
+    fn array_of_tables(
+        &mut self,
+        d: &mut Diagnostics,
+        key: &str,
+    ) -> Option<(Vec<(Tab<'t, 'i>, Range<usize>)>, Range<usize>)> {
         let v = self.get(key)?;
         let path = self.child_path(key);
         match v.get_ref() {
@@ -774,8 +1059,15 @@ impl<'t, 'i> Tab<'t, 'i> {
                 let mut out = Vec::new();
                 for (i, e) in a.iter().enumerate() {
                     match e.get_ref() {
-                        DeValue::Table(t) => out.push((Tab::new(t, e.span(), &format!("{path}[{i}]")), e.span())),
-                        other => d.error(e.span(), &format!("{path}[{i}]"), format!("expected a table, found {}", type_name(other)), format!("write each entry as a [[{path}]] section")),
+                        DeValue::Table(t) => {
+                            out.push((Tab::new(t, e.span(), &format!("{path}[{i}]")), e.span()))
+                        }
+                        other => d.error(
+                            e.span(),
+                            &format!("{path}[{i}]"),
+                            format!("expected a table, found {}", type_name(other)),
+                            format!("write each entry as a [[{path}]] section"),
+                        ),
                     }
                 }
                 Some((out, v.span()))
@@ -799,7 +1091,12 @@ impl<'t, 'i> Tab<'t, 'i> {
                     None if known.is_empty() => "remove it".to_string(),
                     None => format!("remove it; known keys here: {known}"),
                 };
-                d.error(k.span(), &self.child_path(name), format!("unknown key `{name}`"), hint);
+                d.error(
+                    k.span(),
+                    &self.child_path(name),
+                    format!("unknown key `{name}`"),
+                    hint,
+                );
             }
         }
     }
@@ -814,7 +1111,10 @@ fn closest<'a>(name: &str, known: &'a [String]) -> Option<&'a str> {
     // `mac-address` for `mac`, `wireguard` for `wireguard-address`.
     let by_prefix = known
         .iter()
-        .filter(|k| k.len() >= 3 && (norm.starts_with(&format!("{k}-")) || k.starts_with(&format!("{norm}-"))))
+        .filter(|k| {
+            k.len() >= 3
+                && (norm.starts_with(&format!("{k}-")) || k.starts_with(&format!("{norm}-")))
+        })
         .max_by_key(|k| k.len());
     by_prefix.map(String::as_str).or_else(|| {
         known

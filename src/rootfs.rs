@@ -70,7 +70,12 @@ pub struct RootImage {
 /// One file added on top of the base.
 enum Added {
     Dir(u32),
-    File { mode: u32, uid: u32, gid: u32, source: Source },
+    File {
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        source: Source,
+    },
     Symlink(String),
 }
 
@@ -83,10 +88,16 @@ enum Source {
 /// and k3s's node password kept on /var.
 pub fn image_files(version_text: &str) -> FileTree {
     let mut t = FileTree::new();
-    t.symlink("/etc/systemd/system/default.target", "/lib/systemd/system/multi-user.target");
+    t.symlink(
+        "/etc/systemd/system/default.target",
+        "/lib/systemd/system/multi-user.target",
+    );
     // The root is a read-only squashfs: nothing to check or remount.
     t.symlink("/etc/systemd/system/systemd-fsck-root.service", "/dev/null");
-    t.symlink("/etc/systemd/system/systemd-remount-fs.service", "/dev/null");
+    t.symlink(
+        "/etc/systemd/system/systemd-remount-fs.service",
+        "/dev/null",
+    );
     // No package updates on an immutable node.
     t.symlink("/etc/systemd/system/apt-daily.timer", "/dev/null");
     t.symlink("/etc/systemd/system/apt-daily-upgrade.timer", "/dev/null");
@@ -99,35 +110,63 @@ pub fn image_files(version_text: &str) -> FileTree {
 }
 
 fn collect_overlay(dir: &Path, rel: &str, out: &mut BTreeMap<String, Added>) -> anyhow::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).with_context(|| format!("reading overlay {}", dir.display()))?.collect::<Result<_, _>>()?;
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading overlay {}", dir.display()))?
+        .collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = e.file_name().to_string_lossy().to_string();
         if rel.is_empty() && (name == ".gitkeep" || name == "README.md") {
             continue;
         }
-        let path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        let path = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
         let meta = std::fs::symlink_metadata(e.path())?;
         let mode = meta.permissions().mode() & 0o7777;
         if meta.file_type().is_symlink() {
-            out.insert(path, Added::Symlink(std::fs::read_link(e.path())?.to_string_lossy().to_string()));
+            out.insert(
+                path,
+                Added::Symlink(std::fs::read_link(e.path())?.to_string_lossy().to_string()),
+            );
         } else if meta.is_dir() {
             out.insert(path.clone(), Added::Dir(mode));
             collect_overlay(&e.path(), &path, out)?;
         } else if meta.is_file() {
             // Overlay files belong to root whoever checked them out.
-            out.insert(path, Added::File { mode, uid: 0, gid: 0, source: Source::Path(e.path()) });
+            out.insert(
+                path,
+                Added::File {
+                    mode,
+                    uid: 0,
+                    gid: 0,
+                    source: Source::Path(e.path()),
+                },
+            );
         } else {
-            bail!("{} is not a file, directory or symlink; overlays hold only those", e.path().display());
+            bail!(
+                "{} is not a file, directory or symlink; overlays hold only those",
+                e.path().display()
+            );
         }
     }
     Ok(())
 }
 
 fn open_base(path: &Path) -> anyhow::Result<Box<dyn Read>> {
-    let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).with_context(|| format!("opening base tarball {}", path.display()))?);
+    let f = std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(path)
+            .with_context(|| format!("opening base tarball {}", path.display()))?,
+    );
     let name = path.to_string_lossy();
-    Ok(if name.ends_with(".zst") || name.ends_with(".zstd") { Box::new(zstd::stream::read::Decoder::with_buffer(f)?) } else { Box::new(f) })
+    Ok(if name.ends_with(".zst") || name.ends_with(".zstd") {
+        Box::new(zstd::stream::read::Decoder::with_buffer(f)?)
+    } else {
+        Box::new(f)
+    })
 }
 
 /// Map a base path into the image: `/var` moves to the factory.
@@ -138,7 +177,14 @@ fn relocate(path: &str) -> String {
     }
 }
 
-fn header_for(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, mtime: u64, size: u64) -> tar::Header {
+fn header_for(
+    kind: tar::EntryType,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: u64,
+    size: u64,
+) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(mode);
@@ -160,13 +206,31 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
         added.insert(
             p,
             match e {
-                Entry::File { content, mode, uid, gid } => Added::File { mode: *mode, uid: *uid, gid: *gid, source: Source::Bytes(content.clone()) },
+                Entry::File {
+                    content,
+                    mode,
+                    uid,
+                    gid,
+                } => Added::File {
+                    mode: *mode,
+                    uid: *uid,
+                    gid: *gid,
+                    source: Source::Bytes(content.clone()),
+                },
                 Entry::Symlink { target } => Added::Symlink(target.clone()),
                 Entry::Dir { mode } => Added::Dir(*mode),
             },
         );
     }
-    added.insert(K3S_PATH.to_string(), Added::File { mode: 0o755, uid: 0, gid: 0, source: Source::Path(inputs.k3s.to_path_buf()) });
+    added.insert(
+        K3S_PATH.to_string(),
+        Added::File {
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            source: Source::Path(inputs.k3s.to_path_buf()),
+        },
+    );
 
     let mut tar = tar::Builder::new(out);
     tar.mode(tar::HeaderMode::Complete);
@@ -178,20 +242,29 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
     for e in archive.entries().context("reading the base tarball")? {
         let mut e = e.context("reading the base tarball")?;
         let raw = e.path()?.to_string_lossy().to_string();
-        let path = raw.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/').to_string();
+        let path = raw
+            .trim_start_matches("./")
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+            .to_string();
         if path.is_empty() || path == "." || is_host_state(&path) {
             continue;
         }
         let kind = e.header().entry_type();
         // Overlay and kiln files replace the base's (directories merge).
         if let Some(a) = added.get(&path)
-            && !(kind.is_dir() && matches!(a, Added::Dir(_))) {
-                continue;
-            }
+            && !(kind.is_dir() && matches!(a, Added::Dir(_)))
+        {
+            continue;
+        }
         if let Some(rest) = path.strip_prefix("var/") {
             let parts: Vec<&str> = rest.split('/').collect();
             let top = format!("var/{}", parts[0]);
-            let child = if SPLIT_VAR.contains(&top.as_str()) && parts.len() > 1 { format!("{top}/{}", parts[1]) } else { top };
+            let child = if SPLIT_VAR.contains(&top.as_str()) && parts.len() > 1 {
+                format!("{top}/{}", parts[1])
+            } else {
+                top
+            };
             var_children.insert(child);
         }
         let target = relocate(&path);
@@ -214,15 +287,27 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
         if !xattrs.is_empty() {
             tar.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
         }
-        let size = if kind.is_file() { e.header().size()? } else { 0 };
+        let size = if kind.is_file() {
+            e.header().size()?
+        } else {
+            0
+        };
         let mut nh = header_for(kind, mode, uid, gid, mtime, size);
         if kind.is_character_special() || kind.is_block_special() {
             nh.set_device_major(e.header().device_major()?.unwrap_or(0))?;
             nh.set_device_minor(e.header().device_minor()?.unwrap_or(0))?;
         }
         if kind.is_symlink() || kind.is_hard_link() {
-            let link = e.link_name()?.context("link without a target")?.to_string_lossy().to_string();
-            let link = if kind.is_hard_link() { relocate(link.trim_start_matches("./").trim_start_matches('/')) } else { link };
+            let link = e
+                .link_name()?
+                .context("link without a target")?
+                .to_string_lossy()
+                .to_string();
+            let link = if kind.is_hard_link() {
+                relocate(link.trim_start_matches("./").trim_start_matches('/'))
+            } else {
+                link
+            };
             tar.append_link(&mut nh, &target, &link)?;
         } else if kind.is_file() {
             tar.append_data(&mut nh, &target, &mut e)?;
@@ -234,7 +319,9 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
     present.insert("var".into());
 
     // The factory /var, seeded by systemd-tmpfiles.
-    let mut tmpfiles = String::from("# kiln: seed /var (the state partition) from the image's own /var.\n# C: copy if missing; L+: always link (package state follows the slot).\n");
+    let mut tmpfiles = String::from(
+        "# kiln: seed /var (the state partition) from the image's own /var.\n# C: copy if missing; L+: always link (package state follows the slot).\n",
+    );
     for child in &var_children {
         let src = format!("/{FACTORY_VAR}/{}", child.trim_start_matches("var/"));
         if LINKED_VAR.contains(&child.as_str()) {
@@ -243,7 +330,15 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
             tmpfiles.push_str(&format!("C /{child} - - - - {src}\n"));
         }
     }
-    added.insert("usr/lib/tmpfiles.d/kiln-factory.conf".into(), Added::File { mode: 0o644, uid: 0, gid: 0, source: Source::Bytes(tmpfiles.into_bytes()) });
+    added.insert(
+        "usr/lib/tmpfiles.d/kiln-factory.conf".into(),
+        Added::File {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            source: Source::Bytes(tmpfiles.into_bytes()),
+        },
+    );
 
     // Added entries, parents first.
     for (path, a) in &added {
@@ -274,15 +369,35 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
                 let mut h = header_for(tar::EntryType::Symlink, 0o777, 0, 0, inputs.mtime, 0);
                 tar.append_link(&mut h, path, target)?;
             }
-            Added::File { mode, uid, gid, source } => match source {
+            Added::File {
+                mode,
+                uid,
+                gid,
+                source,
+            } => match source {
                 Source::Bytes(b) => {
-                    let mut h = header_for(tar::EntryType::Regular, *mode, u64::from(*uid), u64::from(*gid), inputs.mtime, b.len() as u64);
+                    let mut h = header_for(
+                        tar::EntryType::Regular,
+                        *mode,
+                        u64::from(*uid),
+                        u64::from(*gid),
+                        inputs.mtime,
+                        b.len() as u64,
+                    );
                     tar.append_data(&mut h, path, b.as_slice())?;
                 }
                 Source::Path(p) => {
-                    let f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+                    let f = std::fs::File::open(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
                     let len = f.metadata()?.len();
-                    let mut h = header_for(tar::EntryType::Regular, *mode, u64::from(*uid), u64::from(*gid), inputs.mtime, len);
+                    let mut h = header_for(
+                        tar::EntryType::Regular,
+                        *mode,
+                        u64::from(*uid),
+                        u64::from(*gid),
+                        inputs.mtime,
+                        len,
+                    );
                     tar.append_data(&mut h, path, std::io::BufReader::with_capacity(1 << 20, f))?;
                 }
             },
@@ -328,16 +443,25 @@ pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> 
     // only complains about the cut-off input. Its status matters when the
     // stream broke because tar2sqfs died first (EPIPE) or succeeded.
     if let Err(e) = &streamed {
-        let epipe = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
+        let epipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
         if !epipe {
             let tail = String::from_utf8_lossy(&err);
-            return Err(streamed.unwrap_err().context(format!("streaming the root image into {line} (its stderr: {})", tail.trim())));
+            return Err(streamed.unwrap_err().context(format!(
+                "streaming the root image into {line} (its stderr: {})",
+                tail.trim()
+            )));
         }
     }
     crate::tool::check_status(&line, status, &err)?;
     streamed.context("streaming the root image")?;
     let size = std::fs::metadata(out)?.len();
-    Ok(RootImage { path: out.to_path_buf(), size })
+    Ok(RootImage {
+        path: out.to_path_buf(),
+        size,
+    })
 }
 
 /// Stream the image as a plain tar (for tests and listings).

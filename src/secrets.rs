@@ -72,26 +72,46 @@ pub struct StateDir {
 impl StateDir {
     /// The default state directory of a profile: `<dir>/<stem>.state`.
     pub fn default_for(profile: &Path) -> PathBuf {
-        let stem = profile.file_stem().map_or("profile".into(), |s| s.to_string_lossy().to_string());
-        profile.parent().unwrap_or(Path::new(".")).join(format!("{stem}.state"))
+        let stem = profile
+            .file_stem()
+            .map_or("profile".into(), |s| s.to_string_lossy().to_string());
+        profile
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!("{stem}.state"))
     }
 
     /// Open (and create on first use) a state directory. Refuses one that
     /// others can read.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         if !dir.exists() {
-            fs::DirBuilder::new().recursive(true).mode(STATE_DIR_MODE).create(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(STATE_DIR_MODE)
+                .create(dir)
+                .with_context(|| format!("creating state directory {}", dir.display()))?;
         }
-        let meta = fs::metadata(dir).with_context(|| format!("reading state directory {}", dir.display()))?;
+        let meta = fs::metadata(dir)
+            .with_context(|| format!("reading state directory {}", dir.display()))?;
         if !meta.is_dir() {
             bail!("state directory {} is not a directory", dir.display());
         }
         if meta.mode() & 0o077 != 0 {
-            bail!("state directory {} is readable by others (mode {:o}); it holds private keys: run `chmod 700 {}`", dir.display(), meta.mode() & 0o777, dir.display());
+            bail!(
+                "state directory {} is readable by others (mode {:o}); it holds private keys: run `chmod 700 {}`",
+                dir.display(),
+                meta.mode() & 0o777,
+                dir.display()
+            );
         }
         fs::create_dir_all(dir.join("wireguard"))?;
-        fs::set_permissions(dir.join("wireguard"), std::os::unix::fs::PermissionsExt::from_mode(STATE_DIR_MODE))?;
-        Ok(StateDir { dir: dir.to_path_buf() })
+        fs::set_permissions(
+            dir.join("wireguard"),
+            std::os::unix::fs::PermissionsExt::from_mode(STATE_DIR_MODE),
+        )?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -115,7 +135,10 @@ impl StateDir {
         })?;
         let t = t.trim().to_string();
         if t.is_empty() {
-            bail!("{} is empty; restore the token from a running server (/var/lib/rancher/k3s/server/token)", path.display());
+            bail!(
+                "{} is empty; restore the token from a running server (/var/lib/rancher/k3s/server/token)",
+                path.display()
+            );
         }
         Ok(t)
     }
@@ -123,11 +146,19 @@ impl StateDir {
 
 /// Read a secret file, or create it atomically with `make()` (0600; an
 /// existing file is never replaced). A file others can read is refused.
-fn read_or_create(path: &Path, make: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<String> {
+fn read_or_create(
+    path: &Path,
+    make: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
     match fs::metadata(path) {
         Ok(m) => {
             if m.mode() & 0o077 != 0 {
-                bail!("{} is readable by others (mode {:o}); run `chmod 600 {}`", path.display(), m.mode() & 0o777, path.display());
+                bail!(
+                    "{} is readable by others (mode {:o}); run `chmod 600 {}`",
+                    path.display(),
+                    m.mode() & 0o777,
+                    path.display()
+                );
             }
             return fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
         }
@@ -136,10 +167,19 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> anyhow::Result<String>) ->
     }
     let value = make()?;
     let dir = path.parent().expect("secret files live in a directory");
-    let tmp = dir.join(format!(".{}.tmp{}", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().unwrap().to_string_lossy(),
+        std::process::id()
+    ));
     let _ = fs::remove_file(&tmp);
     {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(SECRET_FILE_MODE).open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(SECRET_FILE_MODE)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(value.as_bytes())?;
         f.write_all(b"\n")?;
         f.sync_all()?;
@@ -152,7 +192,9 @@ fn read_or_create(path: &Path, make: impl FnOnce() -> anyhow::Result<String>) ->
             fs::File::open(dir)?.sync_all()?;
             Ok(value)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => fs::read_to_string(path).with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        }
         Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
     }
 }

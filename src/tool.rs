@@ -25,7 +25,12 @@ impl Tool {
 
     /// The tool's path, or an error saying how to install it.
     pub fn find(&self) -> anyhow::Result<PathBuf> {
-        which(self.name).with_context(|| format!("`{}` is not installed: run `apt-get install --no-install-recommends {}`", self.name, self.package))
+        which(self.name).with_context(|| {
+            format!(
+                "`{}` is not installed: run `apt-get install --no-install-recommends {}`",
+                self.name, self.package
+            )
+        })
     }
 
     /// A command for this tool (after checking it exists).
@@ -43,7 +48,11 @@ pub fn preflight(tools: &[Tool]) -> anyhow::Result<()> {
     let names: Vec<&str> = missing.iter().map(|t| t.name).collect();
     let mut pkgs: Vec<&str> = missing.iter().map(|t| t.package).collect();
     pkgs.dedup();
-    bail!("missing tools: {}; install them with `apt-get install --no-install-recommends {}`", names.join(", "), pkgs.join(" "))
+    bail!(
+        "missing tools: {}; install them with `apt-get install --no-install-recommends {}`",
+        names.join(", "),
+        pkgs.join(" ")
+    )
 }
 
 /// Search PATH (and the sbin directories, which a non-root PATH may lack).
@@ -60,7 +69,11 @@ pub fn display(cmd: &Command) -> String {
     let mut parts = vec![cmd.get_program().to_string_lossy().to_string()];
     parts.extend(cmd.get_args().map(|a: &OsStr| {
         let s = a.to_string_lossy();
-        if s.contains(' ') { format!("'{s}'") } else { s.to_string() }
+        if s.contains(' ') {
+            format!("'{s}'")
+        } else {
+            s.to_string()
+        }
     }));
     parts.join(" ")
 }
@@ -76,7 +89,10 @@ fn tail(bytes: &[u8]) -> String {
 pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     let line = display(cmd);
     log::debug!("running {line}");
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("starting {line}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {line}"))?;
     if !out.status.success() {
         bail!("{line} failed ({}):\n{}", out.status, tail(&out.stderr));
     }
@@ -85,7 +101,11 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
 
 /// Check the result of a command that was spawned by the caller (for
 /// streaming stdin); `stderr` is what the caller collected.
-pub fn check_status(line: &str, status: std::process::ExitStatus, stderr: &[u8]) -> anyhow::Result<()> {
+pub fn check_status(
+    line: &str,
+    status: std::process::ExitStatus,
+    stderr: &[u8],
+) -> anyhow::Result<()> {
     if !status.success() {
         bail!("{line} failed ({status}):\n{}", tail(stderr));
     }
@@ -98,15 +118,34 @@ mod tests {
 
     #[test]
     fn missing_tool_names_the_package() {
-        let err = Tool::new("kiln-no-such-tool", "kiln-pkg").find().unwrap_err().to_string();
-        assert!(err.contains("apt-get install --no-install-recommends kiln-pkg"), "{err}");
-        let err = preflight(&[Tool::new("sh", "dash"), Tool::new("kiln-no-such-tool", "kiln-pkg")]).unwrap_err().to_string();
-        assert!(err.contains("kiln-no-such-tool") && !err.contains("sh,"), "{err}");
+        let err = Tool::new("kiln-no-such-tool", "kiln-pkg")
+            .find()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("apt-get install --no-install-recommends kiln-pkg"),
+            "{err}"
+        );
+        let err = preflight(&[
+            Tool::new("sh", "dash"),
+            Tool::new("kiln-no-such-tool", "kiln-pkg"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("kiln-no-such-tool") && !err.contains("sh,"),
+            "{err}"
+        );
     }
 
     #[test]
     fn failing_command_carries_stderr() {
-        let err = run(Command::new("sh").args(["-c", "echo boom >&2; exit 3"])).unwrap_err().to_string();
-        assert!(err.contains("boom") && err.contains("exit status: 3"), "{err}");
+        let err = run(Command::new("sh").args(["-c", "echo boom >&2; exit 3"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("boom") && err.contains("exit status: 3"),
+            "{err}"
+        );
     }
 }

@@ -10,9 +10,18 @@ use anyhow::{Context as _, bail};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    File { content: Vec<u8>, mode: u32, uid: u32, gid: u32 },
-    Symlink { target: String },
-    Dir { mode: u32 },
+    File {
+        content: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Symlink {
+        target: String,
+    },
+    Dir {
+        mode: u32,
+    },
 }
 
 impl Entry {
@@ -38,14 +47,34 @@ impl FileTree {
         self.file_owned(path, mode, 0, 0, content);
     }
 
-    pub fn file_owned(&mut self, path: &str, mode: u32, uid: u32, gid: u32, content: impl Into<Vec<u8>>) {
+    pub fn file_owned(
+        &mut self,
+        path: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        content: impl Into<Vec<u8>>,
+    ) {
         assert!(path.starts_with('/'), "tree paths are absolute: {path}");
-        self.entries.insert(path.to_string(), Entry::File { content: content.into(), mode, uid, gid });
+        self.entries.insert(
+            path.to_string(),
+            Entry::File {
+                content: content.into(),
+                mode,
+                uid,
+                gid,
+            },
+        );
     }
 
     pub fn symlink(&mut self, path: &str, target: &str) {
         assert!(path.starts_with('/'), "tree paths are absolute: {path}");
-        self.entries.insert(path.to_string(), Entry::Symlink { target: target.to_string() });
+        self.entries.insert(
+            path.to_string(),
+            Entry::Symlink {
+                target: target.to_string(),
+            },
+        );
     }
 
     pub fn dir(&mut self, path: &str, mode: u32) {
@@ -99,7 +128,10 @@ impl FileTree {
     /// start, never widened.
     pub fn write_to(&self, root: &Path) -> anyhow::Result<()> {
         if root.exists() {
-            bail!("{} already exists; choose a new directory or remove it first", root.display());
+            bail!(
+                "{} already exists; choose a new directory or remove it first",
+                root.display()
+            );
         }
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
         for (dir, mode) in self.parent_dirs() {
@@ -111,11 +143,17 @@ impl FileTree {
             let p = root.join(path.trim_start_matches('/'));
             match e {
                 Entry::File { content, mode, .. } => {
-                    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(*mode).open(&p).with_context(|| format!("writing {}", p.display()))?;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(*mode)
+                        .open(&p)
+                        .with_context(|| format!("writing {}", p.display()))?;
                     f.write_all(content)?;
                     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
                 }
-                Entry::Symlink { target } => std::os::unix::fs::symlink(target, &p).with_context(|| format!("linking {}", p.display()))?,
+                Entry::Symlink { target } => std::os::unix::fs::symlink(target, &p)
+                    .with_context(|| format!("linking {}", p.display()))?,
                 Entry::Dir { .. } => {}
             }
         }

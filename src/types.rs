@@ -16,7 +16,10 @@ pub struct Invalid {
 }
 
 fn invalid(message: impl Into<String>, hint: impl Into<String>) -> Invalid {
-    Invalid { message: message.into(), hint: hint.into() }
+    Invalid {
+        message: message.into(),
+        hint: hint.into(),
+    }
 }
 
 /// A k3s release tag such as `v1.31.1+k3s1`.
@@ -43,18 +46,30 @@ impl K3sVersion {
             return Err(bad());
         }
         let num = |t: &str| -> Result<u32, Invalid> {
-            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) || (t.len() > 1 && t.starts_with('0')) {
+            if t.is_empty()
+                || !t.bytes().all(|b| b.is_ascii_digit())
+                || (t.len() > 1 && t.starts_with('0'))
+            {
                 return Err(bad());
             }
             t.parse().map_err(|_| bad())
         };
-        Ok(K3sVersion { major: num(nums[0])?, minor: num(nums[1])?, patch: num(nums[2])?, k3s: num(build)? })
+        Ok(K3sVersion {
+            major: num(nums[0])?,
+            minor: num(nums[1])?,
+            patch: num(nums[2])?,
+            k3s: num(build)?,
+        })
     }
 }
 
 impl fmt::Display for K3sVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "v{}.{}.{}+k3s{}", self.major, self.minor, self.patch, self.k3s)
+        write!(
+            f,
+            "v{}.{}.{}+k3s{}",
+            self.major, self.minor, self.patch, self.k3s
+        )
     }
 }
 
@@ -64,7 +79,12 @@ pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
     pub fn parse(s: &str) -> Result<Self, Invalid> {
-        let bad = || invalid(format!("`{s}` is not a MAC address"), "write six hex pairs separated by colons, like \"52:54:00:12:34:56\"");
+        let bad = || {
+            invalid(
+                format!("`{s}` is not a MAC address"),
+                "write six hex pairs separated by colons, like \"52:54:00:12:34:56\"",
+            )
+        };
         let parts: Vec<&str> = s.split([':', '-']).collect();
         if parts.len() != 6 {
             return Err(bad());
@@ -77,7 +97,10 @@ impl MacAddr {
             *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         if out[0] & 1 == 1 {
-            return Err(invalid(format!("`{s}` is a multicast MAC address, not a NIC's"), "copy the address printed by `ip link` on the machine"));
+            return Err(invalid(
+                format!("`{s}` is a multicast MAC address, not a NIC's"),
+                "copy the address printed by `ip link` on the machine",
+            ));
         }
         Ok(MacAddr(out))
     }
@@ -86,7 +109,11 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -130,10 +157,16 @@ impl Host {
             return Ok(Host::Ip(ip));
         }
         if s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-            return Err(invalid(format!("`{s}` is not a valid IP address"), "write four numbers 0-255 separated by dots"));
+            return Err(invalid(
+                format!("`{s}` is not a valid IP address"),
+                "write four numbers 0-255 separated by dots",
+            ));
         }
         parse_hostname(s).map(Host::Name).map_err(|_| {
-            invalid(format!("`{s}` is neither an IP address nor a valid host name"), "write an IP like \"10.0.0.1\" or a DNS name like \"hub.example.org\"")
+            invalid(
+                format!("`{s}` is neither an IP address nor a valid host name"),
+                "write an IP like \"10.0.0.1\" or a DNS name like \"hub.example.org\"",
+            )
         })
     }
 }
@@ -157,7 +190,12 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn parse(s: &str) -> Result<Self, Invalid> {
-        let bad = || invalid(format!("`{s}` is not host:port"), "write a host and a port, like \"hub.example.org:51820\" or \"[2001:db8::1]:51820\"");
+        let bad = || {
+            invalid(
+                format!("`{s}` is not host:port"),
+                "write a host and a port, like \"hub.example.org:51820\" or \"[2001:db8::1]:51820\"",
+            )
+        };
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (h, p) = rest.split_once("]:").ok_or_else(bad)?;
             (h, p)
@@ -165,7 +203,10 @@ impl Endpoint {
             s.rsplit_once(':').ok_or_else(bad)?
         };
         let port = parse_port_str(port).map_err(|_| bad())?;
-        Ok(Endpoint { host: Host::parse(host)?, port })
+        Ok(Endpoint {
+            host: Host::parse(host)?,
+            port,
+        })
     }
 }
 
@@ -188,9 +229,17 @@ pub struct WgKey(pub [u8; 32]);
 
 impl WgKey {
     pub fn parse(s: &str) -> Result<Self, Invalid> {
-        let bad = |why: &str| invalid(format!("`{s}` is not a WireGuard key: {why}"), "paste the output of `wg pubkey` on that host: 44 characters of base64 ending in '='");
+        let bad = |why: &str| {
+            invalid(
+                format!("`{s}` is not a WireGuard key: {why}"),
+                "paste the output of `wg pubkey` on that host: 44 characters of base64 ending in '='",
+            )
+        };
         let bytes = B64.decode(s.trim()).map_err(|_| bad("not base64"))?;
-        let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| bad(&format!("{} bytes, not 32", bytes.len())))?;
+        let arr: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| bad(&format!("{} bytes, not 32", bytes.len())))?;
         Ok(WgKey(arr))
     }
 
@@ -209,11 +258,21 @@ impl fmt::Display for WgKey {
 /// line: no whitespace, no quotes, no control characters.
 pub fn check_cmdline_item(s: &str) -> Result<(), Invalid> {
     if s.is_empty() {
-        return Err(invalid("empty kernel command line item", "remove the empty string"));
-    }
-    if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control() || *c == '"' || *c == '\'') {
         return Err(invalid(
-            format!("kernel command line item `{}` contains {:?}", s.escape_debug(), c),
+            "empty kernel command line item",
+            "remove the empty string",
+        ));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || *c == '"' || *c == '\'')
+    {
+        return Err(invalid(
+            format!(
+                "kernel command line item `{}` contains {:?}",
+                s.escape_debug(),
+                c
+            ),
             "give each item as its own string, without spaces, quotes or control characters, like \"pcie_aspm=off\"",
         ));
     }
@@ -226,7 +285,8 @@ pub fn is_unix_name(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= 32
         && (b[0].is_ascii_lowercase() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
 }
 
 #[cfg(test)]
@@ -238,14 +298,25 @@ mod tests {
         let v = K3sVersion::parse("v1.31.1+k3s1").unwrap();
         assert_eq!(v.to_string(), "v1.31.1+k3s1");
         assert!(v < K3sVersion::parse("v1.31.10+k3s1").unwrap());
-        for bad in ["1.31.1+k3s1", "v1.31+k3s1", "v1.31.1", "v1.31.1-k3s1", "latest", "v1.31.1+k3s", "v01.31.1+k3s1"] {
+        for bad in [
+            "1.31.1+k3s1",
+            "v1.31+k3s1",
+            "v1.31.1",
+            "v1.31.1-k3s1",
+            "latest",
+            "v1.31.1+k3s",
+            "v01.31.1+k3s1",
+        ] {
             assert!(K3sVersion::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn macs() {
-        assert_eq!(MacAddr::parse("52:54:00:AB:cd:01").unwrap().to_string(), "52:54:00:ab:cd:01");
+        assert_eq!(
+            MacAddr::parse("52:54:00:AB:cd:01").unwrap().to_string(),
+            "52:54:00:ab:cd:01"
+        );
         assert!(MacAddr::parse("52:54:00:ab:cd").is_err());
         assert!(MacAddr::parse("01:00:5e:00:00:01").is_err());
         assert!(MacAddr::parse("52:54:00:ab:cd:zz").is_err());
@@ -264,7 +335,10 @@ mod tests {
     fn endpoints() {
         let e = Endpoint::parse("hub.example.org:51820").unwrap();
         assert_eq!(e.to_string(), "hub.example.org:51820");
-        assert_eq!(Endpoint::parse("[2001:db8::1]:51820").unwrap().to_string(), "[2001:db8::1]:51820");
+        assert_eq!(
+            Endpoint::parse("[2001:db8::1]:51820").unwrap().to_string(),
+            "[2001:db8::1]:51820"
+        );
         assert!(Endpoint::parse("hub.example.org").is_err());
         assert!(Endpoint::parse("hub:0").is_err());
         assert!(Endpoint::parse("hub:70000").is_err());
@@ -274,7 +348,12 @@ mod tests {
     fn wg_keys() {
         let k = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
         assert_eq!(WgKey::parse(k).unwrap().to_base64(), k);
-        assert!(WgKey::parse("AAAA").unwrap_err().message.contains("3 bytes"));
+        assert!(
+            WgKey::parse("AAAA")
+                .unwrap_err()
+                .message
+                .contains("3 bytes")
+        );
         assert!(WgKey::parse("not base64!").is_err());
     }
 

@@ -24,11 +24,21 @@ pub struct Check {
 
 impl Check {
     fn new(name: &str, expected: impl Into<String>, seen: impl Into<String>, pass: bool) -> Check {
-        Check { name: name.to_string(), expected: expected.into(), seen: seen.into(), pass }
+        Check {
+            name: name.to_string(),
+            expected: expected.into(),
+            seen: seen.into(),
+            pass,
+        }
     }
 
     fn eq(name: &str, expected: &str, seen: &str) -> Check {
-        Check::new(name, expected.trim(), seen.trim(), expected.trim() == seen.trim())
+        Check::new(
+            name,
+            expected.trim(),
+            seen.trim(),
+            expected.trim() == seen.trim(),
+        )
     }
 }
 
@@ -59,9 +69,24 @@ impl Report {
     pub fn table(&self) -> String {
         let clip = |s: &str| {
             let one = s.replace('\n', " ⏎ ");
-            if one.chars().count() > 60 { format!("{}…", one.chars().take(59).collect::<String>()) } else { one }
+            if one.chars().count() > 60 {
+                format!("{}…", one.chars().take(59).collect::<String>())
+            } else {
+                one
+            }
         };
-        let rows: Vec<[String; 4]> = self.checks.iter().map(|c| [c.name.clone(), clip(&c.expected), clip(&c.seen), if c.pass { "pass".into() } else { "FAIL".into() }]).collect();
+        let rows: Vec<[String; 4]> = self
+            .checks
+            .iter()
+            .map(|c| {
+                [
+                    c.name.clone(),
+                    clip(&c.expected),
+                    clip(&c.seen),
+                    if c.pass { "pass".into() } else { "FAIL".into() },
+                ]
+            })
+            .collect();
         let head = ["CHECK", "EXPECTED", "SEEN", "RESULT"];
         let mut w = head.map(|h| h.chars().count());
         for r in &rows {
@@ -71,15 +96,28 @@ impl Report {
         }
         let mut s = String::new();
         for r in std::iter::once(head.map(String::from)).chain(rows) {
-            let cells: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c}{}", " ".repeat(w[i] - c.chars().count()))).collect();
+            let cells: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c}{}", " ".repeat(w[i] - c.chars().count())))
+                .collect();
             s.push_str(cells.join("  ").trim_end());
             s.push('\n');
         }
         let failed = self.checks.iter().filter(|c| !c.pass).count();
-        s.push_str(&format!("{} checks, {} passed, {} failed\n", self.checks.len(), self.checks.len() - failed, failed));
+        s.push_str(&format!(
+            "{} checks, {} passed, {} failed\n",
+            self.checks.len(),
+            self.checks.len() - failed,
+            failed
+        ));
         s.push_str("\nboot timeline (host seconds since QEMU started)\n");
         for m in &self.timeline {
-            s.push_str(&format!("  {:<28} {}\n", m.what, m.at.map_or("-".into(), |t| format!("{t:6.1} s"))));
+            s.push_str(&format!(
+                "  {:<28} {}\n",
+                m.what,
+                m.at.map_or("-".into(), |t| format!("{t:6.1} s"))
+            ));
         }
         s
     }
@@ -116,7 +154,11 @@ fn start_probe(vm: &Vm, key: &Path, port: u16) -> anyhow::Result<()> {
 
 /// Connect to a forwarded host port and read the greeting, if any.
 fn greeting(port: u16) -> String {
-    let Ok(mut s) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5)) else { return "connection refused".into() };
+    let Ok(mut s) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5))
+    else {
+        return "connection refused".into();
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let mut buf = [0u8; 64];
     match s.read(&mut buf) {
@@ -137,46 +179,123 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     let cmdline = sh("cat /proc/cmdline")?;
     let mut want = plan.cmdline(node);
     want.push("kiln.slot=a".into());
-    let missing: Vec<&String> = want.iter().filter(|w| !cmdline.split_whitespace().any(|a| a == w.as_str())).collect();
-    out.push(Check::new("kernel command line", want.join(" "), cmdline.trim(), missing.is_empty()));
+    let missing: Vec<&String> = want
+        .iter()
+        .filter(|w| !cmdline.split_whitespace().any(|a| a == w.as_str()))
+        .collect();
+    out.push(Check::new(
+        "kernel command line",
+        want.join(" "),
+        cmdline.trim(),
+        missing.is_empty(),
+    ));
 
     // Root: the slot's read-only squashfs.
-    let root = sh("set -- $(findmnt -no SOURCE,FSTYPE,OPTIONS /); d=$(basename $1); echo \"$2 $(echo $3 | cut -d, -f1) $(sed -n 's/^PARTNAME=//p' /sys/class/block/$d/uevent)\"")?;
-    out.push(Check::eq("/ is the slot's read-only squashfs", "squashfs ro root-a", &root));
+    let root = sh(
+        "set -- $(findmnt -no SOURCE,FSTYPE,OPTIONS /); d=$(basename $1); echo \"$2 $(echo $3 | cut -d, -f1) $(sed -n 's/^PARTNAME=//p' /sys/class/block/$d/uevent)\"",
+    )?;
+    out.push(Check::eq(
+        "/ is the slot's read-only squashfs",
+        "squashfs ro root-a",
+        &root,
+    ));
     let write = sh("touch /usr/.kiln-probe 2>&1; echo \"exit $?\"")?;
-    out.push(Check::new("a write under /usr fails", "Read-only file system", write.trim(), write.contains("Read-only file system") && !write.contains("exit 0")));
+    out.push(Check::new(
+        "a write under /usr fails",
+        "Read-only file system",
+        write.trim(),
+        write.contains("Read-only file system") && !write.contains("exit 0"),
+    ));
     let etc = sh("findmnt -no FSTYPE /etc")?;
     out.push(Check::eq("/etc is writable in RAM", "overlay", &etc));
 
     // Identity.
     out.push(Check::eq("hostname", &node.hostname, &sh("hostname")?));
-    out.push(Check::eq("/etc/hosts", &rendered(e.files, "/etc/hosts"), &sh("cat /etc/hosts")?));
+    out.push(Check::eq(
+        "/etc/hosts",
+        &rendered(e.files, "/etc/hosts"),
+        &sh("cat /etc/hosts")?,
+    ));
 
     // SSH: keys in, passwords out.
     for u in &plan.first_boot.users {
         let expected = rendered(e.files, &format!("/etc/ssh/authorized_keys/{}", u.name));
-        out.push(Check::eq(&format!("authorized keys of {}", u.name), &expected, &sh(&format!("cat /etc/ssh/authorized_keys/{}", u.name))?));
+        out.push(Check::eq(
+            &format!("authorized keys of {}", u.name),
+            &expected,
+            &sh(&format!("cat /etc/ssh/authorized_keys/{}", u.name))?,
+        ));
     }
     for (user, k) in &e.user_keys {
         let o = vm.ssh_as(k, user, "id -un", b"")?;
-        let seen = if o.status.success() { String::from_utf8_lossy(&o.stdout).trim().to_string() } else { String::from_utf8_lossy(&o.stderr).trim().to_string() };
-        out.push(Check::eq(&format!("{user} logs in with its SSH key"), user, &seen));
+        let seen = if o.status.success() {
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        } else {
+            String::from_utf8_lossy(&o.stderr).trim().to_string()
+        };
+        out.push(Check::eq(
+            &format!("{user} logs in with its SSH key"),
+            user,
+            &seen,
+        ));
     }
     let pw = std::process::Command::new("ssh")
-        .args(["-p", &vm.ssh_port().to_string(), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "ConnectTimeout=10", "root@127.0.0.1", "true"])
+        .args([
+            "-p",
+            &vm.ssh_port().to_string(),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-o",
+            "ConnectTimeout=10",
+            "root@127.0.0.1",
+            "true",
+        ])
         .output()?;
     let pw_err = String::from_utf8_lossy(&pw.stderr).trim().to_string();
-    out.push(Check::new("password login is refused", "Permission denied (publickey)", &pw_err, !pw.status.success() && pw_err.contains("Permission denied (publickey)")));
+    out.push(Check::new(
+        "password login is refused",
+        "Permission denied (publickey)",
+        &pw_err,
+        !pw.status.success() && pw_err.contains("Permission denied (publickey)"),
+    ));
 
     // WireGuard.
     if let Some(wg) = &plan.wireguard {
         let iface = &wg.interface;
-        let addr = format!("{}/{}", node.wireguard_address.expect("validated"), wg.network.prefix_len());
-        let seen = sh(&format!("ip -o -4 addr show dev {iface} | awk '{{print $4}}'; ip -o link show dev {iface} | grep -o 'state [A-Z]*\\|,UP' | head -1"))?;
-        out.push(Check::new("WireGuard interface up with its address", &addr, seen.trim(), seen.lines().next() == Some(addr.as_str())));
-        out.push(Check::eq("WireGuard public key (kiln keys)", &e.wg_public_key, &sh(&format!("wg show {iface} public-key"))?));
+        let addr = format!(
+            "{}/{}",
+            node.wireguard_address.expect("validated"),
+            wg.network.prefix_len()
+        );
+        let seen = sh(&format!(
+            "ip -o -4 addr show dev {iface} | awk '{{print $4}}'; ip -o link show dev {iface} | grep -o 'state [A-Z]*\\|,UP' | head -1"
+        ))?;
+        out.push(Check::new(
+            "WireGuard interface up with its address",
+            &addr,
+            seen.trim(),
+            seen.lines().next() == Some(addr.as_str()),
+        ));
+        out.push(Check::eq(
+            "WireGuard public key (kiln keys)",
+            &e.wg_public_key,
+            &sh(&format!("wg show {iface} public-key"))?,
+        ));
         let conf = rendered(e.files, &format!("/etc/wireguard/{iface}.conf"));
-        let mut want: Vec<&str> = conf.lines().filter_map(|l| l.strip_prefix("PublicKey = ")).collect();
+        let mut want: Vec<&str> = conf
+            .lines()
+            .filter_map(|l| l.strip_prefix("PublicKey = "))
+            .collect();
         want.sort();
         let seen = sh(&format!("wg show {iface} peers | sort"))?;
         out.push(Check::eq("WireGuard peers", &want.join("\n"), &seen));
@@ -186,48 +305,141 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     // scratch network namespace of the same guest (same nft version).
     let ruleset = rendered(e.files, "/etc/nftables.conf");
     let o = vm.ssh_as(key, "root", "set -e; ip netns add kiln-check; trap 'ip netns del kiln-check' EXIT; cat > /run/kiln-check.nft; ip netns exec kiln-check nft -f /run/kiln-check.nft; ip netns exec kiln-check nft list table inet kiln", ruleset.as_bytes())?;
-    let expected = if o.status.success() { String::from_utf8_lossy(&o.stdout).to_string() } else { format!("(rendered ruleset did not load: {})", String::from_utf8_lossy(&o.stderr).trim()) };
+    let expected = if o.status.success() {
+        String::from_utf8_lossy(&o.stdout).to_string()
+    } else {
+        format!(
+            "(rendered ruleset did not load: {})",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )
+    };
     let live = normalise_counters(&sh("nft list table inet kiln 2>&1 || true")?);
     let expected = normalise_counters(&expected);
-    out.push(Check::new("nft ruleset is the rendered one", format!("{} lines", expected.lines().count()), if live.trim() == expected.trim() { format!("{} lines, identical", live.lines().count()) } else { format!("differs: {}", first_difference(&expected, &live)) }, live.trim() == expected.trim()));
+    out.push(Check::new(
+        "nft ruleset is the rendered one",
+        format!("{} lines", expected.lines().count()),
+        if live.trim() == expected.trim() {
+            format!("{} lines, identical", live.lines().count())
+        } else {
+            format!("differs: {}", first_difference(&expected, &live))
+        },
+        live.trim() == expected.trim(),
+    ));
     if let Some(p) = vm.host_port(22) {
         let g = greeting(p);
-        out.push(Check::new("allowed port connects from outside (tcp/22)", "SSH-2.0 banner", &g, g.starts_with("SSH-2.0")));
+        out.push(Check::new(
+            "allowed port connects from outside (tcp/22)",
+            "SSH-2.0 banner",
+            &g,
+            g.starts_with("SSH-2.0"),
+        ));
     }
     if let Some(p) = vm.host_port(PROBE_PORT)
-        && !plan.firewall.allow_tcp.contains(&PROBE_PORT) {
-            start_probe(vm, key, PROBE_PORT)?;
-            let inside = sh(&format!("for i in 1 2 3 4 5; do exec 3<>/dev/tcp/127.0.0.1/{PROBE_PORT} && head -1 <&3 && break; sleep 1; done"))?;
-            let g = greeting(p);
-            out.push(Check::new(&format!("blocked port does not connect from outside (tcp/{PROBE_PORT})"), "no greeting (inside: kiln-probe)".to_string(), format!("{g} (inside: {})", inside.trim()), inside.trim() == "kiln-probe" && g != "kiln-probe"));
-        }
+        && !plan.firewall.allow_tcp.contains(&PROBE_PORT)
+    {
+        start_probe(vm, key, PROBE_PORT)?;
+        let inside = sh(&format!(
+            "for i in 1 2 3 4 5; do exec 3<>/dev/tcp/127.0.0.1/{PROBE_PORT} && head -1 <&3 && break; sleep 1; done"
+        ))?;
+        let g = greeting(p);
+        out.push(Check::new(
+            &format!("blocked port does not connect from outside (tcp/{PROBE_PORT})"),
+            "no greeting (inside: kiln-probe)".to_string(),
+            format!("{g} (inside: {})", inside.trim()),
+            inside.trim() == "kiln-probe" && g != "kiln-probe",
+        ));
+    }
 
     // k3s.
-    out.push(Check::eq("k3s unit active", "active", &sh("systemctl is-active k3s || true")?));
-    let wg_unit = plan.wireguard.as_ref().map(|w| format!("wg-quick@{}.service", w.interface));
-    let units: Vec<String> = ["nftables.service".to_string()].into_iter().chain(wg_unit).chain(["k3s.service".to_string()]).collect();
-    let ts = sh(&format!("for u in {}; do systemctl show -p ActiveEnterTimestampMonotonic --value $u; done", units.join(" ")))?;
+    out.push(Check::eq(
+        "k3s unit active",
+        "active",
+        &sh("systemctl is-active k3s || true")?,
+    ));
+    let wg_unit = plan
+        .wireguard
+        .as_ref()
+        .map(|w| format!("wg-quick@{}.service", w.interface));
+    let units: Vec<String> = ["nftables.service".to_string()]
+        .into_iter()
+        .chain(wg_unit)
+        .chain(["k3s.service".to_string()])
+        .collect();
+    let ts = sh(&format!(
+        "for u in {}; do systemctl show -p ActiveEnterTimestampMonotonic --value $u; done",
+        units.join(" ")
+    ))?;
     let ts: Vec<u64> = ts.lines().map(|l| l.trim().parse().unwrap_or(0)).collect();
-    let ordered = ts.len() == units.len() && ts.iter().all(|t| *t > 0) && ts.windows(2).all(|w| w[0] <= w[1]);
-    out.push(Check::new("k3s started after nftables and WireGuard", units.join(" < "), ts.iter().map(|t| format!("{:.2}s", *t as f64 / 1e6)).collect::<Vec<_>>().join(" < "), ordered));
-    out.push(Check::eq("k3s config.yaml", &rendered(e.files, "/etc/rancher/k3s/config.yaml"), &sh("cat /etc/rancher/k3s/config.yaml")?));
-    let state_dev = sh("for u in /sys/class/block/*/uevent; do grep -qx PARTNAME=state $u && basename $(dirname $u); done")?;
-    let data = sh("mkdir -p /var/lib/rancher/k3s && basename $(findmnt -no SOURCE -T /var/lib/rancher/k3s)")?;
-    out.push(Check::eq("k3s data is on the state partition", state_dev.trim(), &data));
+    let ordered =
+        ts.len() == units.len() && ts.iter().all(|t| *t > 0) && ts.windows(2).all(|w| w[0] <= w[1]);
+    out.push(Check::new(
+        "k3s started after nftables and WireGuard",
+        units.join(" < "),
+        ts.iter()
+            .map(|t| format!("{:.2}s", *t as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(" < "),
+        ordered,
+    ));
+    out.push(Check::eq(
+        "k3s config.yaml",
+        &rendered(e.files, "/etc/rancher/k3s/config.yaml"),
+        &sh("cat /etc/rancher/k3s/config.yaml")?,
+    ));
+    let state_dev = sh(
+        "for u in /sys/class/block/*/uevent; do grep -qx PARTNAME=state $u && basename $(dirname $u); done",
+    )?;
+    let data = sh(
+        "mkdir -p /var/lib/rancher/k3s && basename $(findmnt -no SOURCE -T /var/lib/rancher/k3s)",
+    )?;
+    out.push(Check::eq(
+        "k3s data is on the state partition",
+        state_dev.trim(),
+        &data,
+    ));
     if !e.real_k3s {
         let verb = node.role.as_str();
-        let rec = sh(&format!("cat /var/lib/rancher/k3s/double/{verb} 2>&1 || true"))?;
-        let want = format!("verb={verb} version={} node-ip={}", plan.k3s.version, plan.cluster_address(node).map(|a| a.to_string()).unwrap_or_default());
-        let get = |k: &str| rec.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
-        let seen = format!("verb={} version={} node-ip={}", get("verb"), get("version"), get("config.node-ip"));
-        out.push(Check::eq("k3s (test double) runs with the rendered config", &want, &seen));
+        let rec = sh(&format!(
+            "cat /var/lib/rancher/k3s/double/{verb} 2>&1 || true"
+        ))?;
+        let want = format!(
+            "verb={verb} version={} node-ip={}",
+            plan.k3s.version,
+            plan.cluster_address(node)
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        let get = |k: &str| {
+            rec.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or("")
+                .to_string()
+        };
+        let seen = format!(
+            "verb={} version={} node-ip={}",
+            get("verb"),
+            get("version"),
+            get("config.node-ip")
+        );
+        out.push(Check::eq(
+            "k3s (test double) runs with the rendered config",
+            &want,
+            &seen,
+        ));
     }
 
     // State partition fills the disk.
-    let fill = sh("d=$(basename $(findmnt -no SOURCE /var)); p=$(basename $(readlink -f /sys/class/block/$d/..)); echo $(( $(cat /sys/class/block/$p/size) - $(cat /sys/class/block/$d/start) - $(cat /sys/class/block/$d/size) ))")?;
+    let fill = sh(
+        "d=$(basename $(findmnt -no SOURCE /var)); p=$(basename $(readlink -f /sys/class/block/$d/..)); echo $(( $(cat /sys/class/block/$p/size) - $(cat /sys/class/block/$d/start) - $(cat /sys/class/block/$d/size) ))",
+    )?;
     let gap: i64 = fill.trim().parse().unwrap_or(-1);
     // The backup GPT (33 sectors) and sfdisk's 1 MiB alignment may remain.
-    out.push(Check::new("state partition reaches the end of the disk", "≤ 2081 sectors left", format!("{gap} sectors left"), (0..=2081).contains(&gap)));
+    out.push(Check::new(
+        "state partition reaches the end of the disk",
+        "≤ 2081 sectors left",
+        format!("{gap} sectors left"),
+        (0..=2081).contains(&gap),
+    ));
     Ok(out)
 }
 
@@ -274,17 +486,32 @@ pub struct BootOptions {
 
 impl Default for BootOptions {
     fn default() -> Self {
-        BootOptions { reboot: true, grow_bytes: 2 * 1024 * 1024 * 1024, boot_as: None }
+        BootOptions {
+            reboot: true,
+            grow_bytes: 2 * 1024 * 1024 * 1024,
+            boot_as: None,
+        }
     }
 }
 
 /// Boot a node image, run every check, reboot, run the checks that need a
 /// second boot, and power off.
-pub fn test_node(image: &Path, key: &Path, e: &Expect, log: Option<&Path>) -> anyhow::Result<Report> {
+pub fn test_node(
+    image: &Path,
+    key: &Path,
+    e: &Expect,
+    log: Option<&Path>,
+) -> anyhow::Result<Report> {
     test_node_with(image, key, e, log, &BootOptions::default())
 }
 
-pub fn test_node_with(image: &Path, key: &Path, e: &Expect, log: Option<&Path>, opts: &BootOptions) -> anyhow::Result<Report> {
+pub fn test_node_with(
+    image: &Path,
+    key: &Path,
+    e: &Expect,
+    log: Option<&Path>,
+    opts: &BootOptions,
+) -> anyhow::Result<Report> {
     let mut cfg = VmConfig::new(&e.node.name, image);
     if opts.grow_bytes > 0 {
         let size = std::fs::metadata(image)?.len();
@@ -302,11 +529,19 @@ pub fn test_node_with(image: &Path, key: &Path, e: &Expect, log: Option<&Path>, 
     if let Some(l) = log {
         vm.keep_log(l);
     }
-    let mut report = Report { node: e.node.name.clone(), ..Report::default() };
+    let mut report = Report {
+        node: e.node.name.clone(),
+        ..Report::default()
+    };
     vm.wait_serial("kiln-init: switch_root", 0, BOOT_TIMEOUT)?;
     vm.wait_ssh(key, BOOT_TIMEOUT)?;
     // k3s (or its double) may still be starting: give it time to settle.
-    let _ = vm.wait_until("k3s to become active", Duration::from_secs(120), |vm| Ok(vm.sh(key, "systemctl is-active k3s").ok().filter(|s| s.trim() == "active")));
+    let _ = vm.wait_until("k3s to become active", Duration::from_secs(120), |vm| {
+        Ok(vm
+            .sh(key, "systemctl is-active k3s")
+            .ok()
+            .filter(|s| s.trim() == "active"))
+    });
     report.timeline = timeline(&vm, key, 0);
     report.checks = checks_first_boot(&vm, key, e)?;
     if !opts.reboot {
@@ -315,22 +550,53 @@ pub fn test_node_with(image: &Path, key: &Path, e: &Expect, log: Option<&Path>, 
         return Ok(report);
     }
     let marker_before = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
-    vm.sh(key, &format!("mkdir -p $(dirname {PERSIST_FILE}) && echo kiln-check > {PERSIST_FILE} && sync"))?;
+    vm.sh(
+        key,
+        &format!("mkdir -p $(dirname {PERSIST_FILE}) && echo kiln-check > {PERSIST_FILE} && sync"),
+    )?;
 
     // Second boot.
     let _ = vm.ssh_as(key, "root", "systemctl reboot", b"");
     vm.wait_serial("kiln-init: switch_root", 1, BOOT_TIMEOUT)?;
     vm.wait_ssh(key, BOOT_TIMEOUT)?;
-    let _ = vm.wait_until("kiln-firstboot to finish", Duration::from_secs(120), |vm| Ok(vm.sh(key, "systemctl is-active kiln-firstboot").ok().filter(|s| s.trim() == "active")));
-    report.checks.push(Check::eq("a file under /var survives a reboot", "kiln-check", &vm.sh(key, &format!("cat {PERSIST_FILE} 2>&1"))?));
+    let _ = vm.wait_until("kiln-firstboot to finish", Duration::from_secs(120), |vm| {
+        Ok(vm
+            .sh(key, "systemctl is-active kiln-firstboot")
+            .ok()
+            .filter(|s| s.trim() == "active"))
+    });
+    report.checks.push(Check::eq(
+        "a file under /var survives a reboot",
+        "kiln-check",
+        &vm.sh(key, &format!("cat {PERSIST_FILE} 2>&1"))?,
+    ));
     let marker_after = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
     let second = vm.sh(key, "journalctl -b 0 -u kiln-firstboot --no-pager -o cat | grep -c 'run-once commands already ran' || true")?;
-    report.checks.push(Check::new("run-once commands ran exactly once", format!("marker {} kept; second boot skips them", marker_before.trim()), format!("marker {}; skipped on boot 2: {}", marker_after.trim(), second.trim()), marker_before == marker_after && !marker_before.contains("No such file") && second.trim() == "1"));
+    report.checks.push(Check::new(
+        "run-once commands ran exactly once",
+        format!(
+            "marker {} kept; second boot skips them",
+            marker_before.trim()
+        ),
+        format!(
+            "marker {}; skipped on boot 2: {}",
+            marker_after.trim(),
+            second.trim()
+        ),
+        marker_before == marker_after
+            && !marker_before.contains("No such file")
+            && second.trim() == "1",
+    ));
     let n = e.plan.first_boot.boot_cmd.len();
     if n > 0 {
         let counts = vm.sh(key, "for b in -1 0; do journalctl -b $b -u kiln-firstboot --no-pager -o cat | grep -c '^kiln-firstboot: boot-cmd:' || true; done")?;
         let counts: Vec<&str> = counts.lines().collect();
-        out_push_eq(&mut report, "boot commands ran on each boot", &format!("{n} {n}"), &counts.join(" "));
+        out_push_eq(
+            &mut report,
+            "boot commands ran on each boot",
+            &format!("{n} {n}"),
+            &counts.join(" "),
+        );
     }
     let _ = vm.ssh_as(key, "root", "systemctl poweroff", b"");
     let _ = vm.wait_exit(Duration::from_secs(120));
@@ -347,25 +613,58 @@ pub fn timeline(vm: &Vm, key: &Path, nth: usize) -> Vec<Mark> {
     let at = |needle: &str| vm.serial_find(needle, nth).map(|l| l.at.as_secs_f64());
     let kernel = at("Linux version");
     let k3s = vm
-        .sh(key, "systemctl show -p ActiveEnterTimestampMonotonic --value k3s")
+        .sh(
+            key,
+            "systemctl show -p ActiveEnterTimestampMonotonic --value k3s",
+        )
         .ok()
         .and_then(|s| s.trim().parse::<f64>().ok())
         .filter(|us| *us > 0.0)
         .and_then(|us| kernel.map(|k| k + us / 1e6));
     vec![
-        Mark { what: "QEMU started".into(), at: Some(0.0) },
-        Mark { what: "kernel started".into(), at: kernel },
-        Mark { what: "kiln-init started".into(), at: at("kiln-init: started") },
-        Mark { what: "switch_root".into(), at: at("kiln-init: switch_root") },
-        Mark { what: "k3s unit active".into(), at: k3s },
+        Mark {
+            what: "QEMU started".into(),
+            at: Some(0.0),
+        },
+        Mark {
+            what: "kernel started".into(),
+            at: kernel,
+        },
+        Mark {
+            what: "kiln-init started".into(),
+            at: at("kiln-init: started"),
+        },
+        Mark {
+            what: "switch_root".into(),
+            at: at("kiln-init: switch_root"),
+        },
+        Mark {
+            what: "k3s unit active".into(),
+            at: k3s,
+        },
     ]
 }
 
 /// Make an ed25519 key pair for test access (private key 0600).
 pub fn make_test_key(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
     let key = dir.join("kiln-test-access");
-    crate::tool::run(crate::tool::Tool::new("ssh-keygen", "openssh-client").command()?.args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-test-access", "-f"]).arg(&key))?;
-    let public = std::fs::read_to_string(key.with_extension("pub")).with_context(|| "reading the test key")?;
+    crate::tool::run(
+        crate::tool::Tool::new("ssh-keygen", "openssh-client")
+            .command()?
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "kiln-test-access",
+                "-f",
+            ])
+            .arg(&key),
+    )?;
+    let public = std::fs::read_to_string(key.with_extension("pub"))
+        .with_context(|| "reading the test key")?;
     Ok((key, public.trim().to_string()))
 }
 
@@ -379,12 +678,25 @@ pub struct ClusterNode<'a> {
 
 /// Boot a server and an agent of one profile on a shared virtual LAN and
 /// check the tunnel, the firewall between them and the agent's join.
-pub fn test_cluster(plan: &Plan, server: &ClusterNode, agent: &ClusterNode, key: &Path, real_k3s: bool, logs: Option<&Path>) -> anyhow::Result<Report> {
+pub fn test_cluster(
+    plan: &Plan,
+    server: &ClusterNode,
+    agent: &ClusterNode,
+    key: &Path,
+    real_k3s: bool,
+    logs: Option<&Path>,
+) -> anyhow::Result<Report> {
     let port = crate::vm::free_port()?;
     let start = |n: &ClusterNode, lan: crate::vm::Lan| -> anyhow::Result<Vm> {
         let mut cfg = VmConfig::new(&n.node.name, n.image);
         cfg.mac = n.mgmt_mac.clone();
-        cfg.lan = Some((lan, n.node.mac.context("multi-node tests need a MAC per node")?.to_string()));
+        cfg.lan = Some((
+            lan,
+            n.node
+                .mac
+                .context("multi-node tests need a MAC per node")?
+                .to_string(),
+        ));
         let mut vm = Vm::start(&cfg)?;
         if let Some(d) = logs {
             vm.keep_log(&d.join(format!("{}.console.log", n.node.name)));
@@ -397,29 +709,94 @@ pub fn test_cluster(plan: &Plan, server: &ClusterNode, agent: &ClusterNode, key:
     let mut a = start(agent, crate::vm::Lan::Connect(port))?;
     s.wait_ssh(key, BOOT_TIMEOUT)?;
     a.wait_ssh(key, BOOT_TIMEOUT)?;
-    let mut r = Report { node: format!("{}+{}", server.node.name, agent.node.name), ..Report::default() };
-    let wg = plan.wireguard.as_ref().context("the multi-node check needs WireGuard in the profile")?;
-    let s_wg = server.node.wireguard_address.expect("validated").to_string();
+    let mut r = Report {
+        node: format!("{}+{}", server.node.name, agent.node.name),
+        ..Report::default()
+    };
+    let wg = plan
+        .wireguard
+        .as_ref()
+        .context("the multi-node check needs WireGuard in the profile")?;
+    let s_wg = server
+        .node
+        .wireguard_address
+        .expect("validated")
+        .to_string();
     let a_wg = agent.node.wireguard_address.expect("validated").to_string();
-    let s_lan = server.node.lan_address.context("the server needs a LAN address")?.to_string();
+    let s_lan = server
+        .node
+        .lan_address
+        .context("the server needs a LAN address")?
+        .to_string();
 
     // Tunnel: ping both ways (busybox ping: minbase has no iputils).
-    let ping = |vm: &Vm, to: &str| vm.sh(key, &format!("for i in $(seq 30); do busybox ping -c 1 -W 1 {to} >/dev/null 2>&1 && echo ok && exit 0; sleep 1; done; echo no reply")).unwrap_or_else(|e| e.to_string());
-    r.checks.push(Check::eq(&format!("{} pings {} over the tunnel", agent.node.name, server.node.name), "ok", &ping(&a, &s_wg)));
-    r.checks.push(Check::eq(&format!("{} pings {} over the tunnel", server.node.name, agent.node.name), "ok", &ping(&s, &a_wg)));
-    let hs = a.sh(key, &format!("wg show {} latest-handshakes | awk '{{print $2}}'", wg.interface))?;
-    let hs_ok = hs.lines().next().and_then(|t| t.trim().parse::<u64>().ok()).is_some_and(|t| t > 0);
-    r.checks.push(Check::new("WireGuard handshake completed", "a handshake time", hs.trim(), hs_ok));
+    let ping = |vm: &Vm, to: &str| {
+        vm.sh(key, &format!("for i in $(seq 30); do busybox ping -c 1 -W 1 {to} >/dev/null 2>&1 && echo ok && exit 0; sleep 1; done; echo no reply")).unwrap_or_else(|e| e.to_string())
+    };
+    r.checks.push(Check::eq(
+        &format!(
+            "{} pings {} over the tunnel",
+            agent.node.name, server.node.name
+        ),
+        "ok",
+        &ping(&a, &s_wg),
+    ));
+    r.checks.push(Check::eq(
+        &format!(
+            "{} pings {} over the tunnel",
+            server.node.name, agent.node.name
+        ),
+        "ok",
+        &ping(&s, &a_wg),
+    ));
+    let hs = a.sh(
+        key,
+        &format!(
+            "wg show {} latest-handshakes | awk '{{print $2}}'",
+            wg.interface
+        ),
+    )?;
+    let hs_ok = hs
+        .lines()
+        .next()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .is_some_and(|t| t > 0);
+    r.checks.push(Check::new(
+        "WireGuard handshake completed",
+        "a handshake time",
+        hs.trim(),
+        hs_ok,
+    ));
 
     // Firewall between the nodes: 6443 over the tunnel, not over the LAN.
-    let connect = |vm: &Vm, host: &str| vm.sh(key, &format!("timeout 5 bash -c '</dev/tcp/{host}/{}' 2>/dev/null && echo connects || echo refused", crate::plan::K3S_API_PORT)).unwrap_or_else(|e| e.to_string());
-    r.checks.push(Check::eq(&format!("{} reaches {}:6443 over WireGuard", agent.node.name, server.node.name), "connects", &connect(&a, &s_wg)));
-    r.checks.push(Check::eq(&format!("{} cannot reach {}:6443 over the LAN", agent.node.name, server.node.name), "refused", &connect(&a, &s_lan)));
+    let connect = |vm: &Vm, host: &str| {
+        vm.sh(key, &format!("timeout 5 bash -c '</dev/tcp/{host}/{}' 2>/dev/null && echo connects || echo refused", crate::plan::K3S_API_PORT)).unwrap_or_else(|e| e.to_string())
+    };
+    r.checks.push(Check::eq(
+        &format!(
+            "{} reaches {}:6443 over WireGuard",
+            agent.node.name, server.node.name
+        ),
+        "connects",
+        &connect(&a, &s_wg),
+    ));
+    r.checks.push(Check::eq(
+        &format!(
+            "{} cannot reach {}:6443 over the LAN",
+            agent.node.name, server.node.name
+        ),
+        "refused",
+        &connect(&a, &s_lan),
+    ));
 
     // The agent joins the server's tunnel address.
     let want = plan.join_url(agent.node).unwrap_or_default();
-    let conf = a.sh(key, "sed -n 's/^server: *//p' /etc/rancher/k3s/config.yaml | tr -d '\"'")?;
-    r.checks.push(Check::eq("agent's k3s server URL", &want, &conf));
+    let conf = a.sh(
+        key,
+        "sed -n 's/^server: *//p' /etc/rancher/k3s/config.yaml | tr -d '\"'",
+    )?;
+    r.checks
+        .push(Check::eq("agent's k3s server URL", &want, &conf));
     if real_k3s {
         let names = format!("{} {}", server.node.name, agent.node.name);
         let seen = s
@@ -430,21 +807,58 @@ pub fn test_cluster(plan: &Plan, server: &ClusterNode, agent: &ClusterNode, key:
             .unwrap_or_else(|e| e.to_string());
         let mut want: Vec<&str> = names.split(' ').collect();
         want.sort();
-        r.checks.push(Check::eq("k3s kubectl get nodes: both Ready", &want.join(" "), &seen));
+        r.checks.push(Check::eq(
+            "k3s kubectl get nodes: both Ready",
+            &want.join(" "),
+            &seen,
+        ));
     } else {
         let host = want.trim_start_matches("https://").to_string();
         let seen = a
-            .wait_until("the agent double to connect", Duration::from_secs(120), |vm| {
-                let rec = vm.sh(key, "cat /var/lib/rancher/k3s/double/agent 2>/dev/null || true").unwrap_or_default();
-                let get = |k: &str| rec.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
-                Ok(Some(format!("server={} connected={}", get("server"), get("connected"))).filter(|s| s.ends_with("connected=true")))
-            })
+            .wait_until(
+                "the agent double to connect",
+                Duration::from_secs(120),
+                |vm| {
+                    let rec = vm
+                        .sh(
+                            key,
+                            "cat /var/lib/rancher/k3s/double/agent 2>/dev/null || true",
+                        )
+                        .unwrap_or_default();
+                    let get = |k: &str| {
+                        rec.lines()
+                            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    Ok(Some(format!(
+                        "server={} connected={}",
+                        get("server"),
+                        get("connected")
+                    ))
+                    .filter(|s| s.ends_with("connected=true")))
+                },
+            )
             .unwrap_or_else(|e| e.to_string());
-        r.checks.push(Check::eq("agent (test double) got through to the server", &format!("server={host} connected=true"), &seen));
+        r.checks.push(Check::eq(
+            "agent (test double) got through to the server",
+            &format!("server={host} connected=true"),
+            &seen,
+        ));
     }
     r.timeline = vec![
-        Mark { what: format!("{} switch_root", server.node.name), at: s.serial_find("kiln-init: switch_root", 0).map(|l| l.at.as_secs_f64()) },
-        Mark { what: format!("{} switch_root", agent.node.name), at: a.serial_find("kiln-init: switch_root", 0).map(|l| l.at.as_secs_f64()) },
+        Mark {
+            what: format!("{} switch_root", server.node.name),
+            at: s
+                .serial_find("kiln-init: switch_root", 0)
+                .map(|l| l.at.as_secs_f64()),
+        },
+        Mark {
+            what: format!("{} switch_root", agent.node.name),
+            at: a
+                .serial_find("kiln-init: switch_root", 0)
+                .map(|l| l.at.as_secs_f64()),
+        },
     ];
     Ok(r)
 }

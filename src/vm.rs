@@ -64,7 +64,12 @@ pub fn detect_accel() -> Accel {
     }
     static DETECTED: std::sync::OnceLock<Accel> = std::sync::OnceLock::new();
     *DETECTED.get_or_init(|| {
-        let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() && probe(Accel::Kvm, Duration::from_secs(10)).unwrap_or(false);
+        let usable = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+            && probe(Accel::Kvm, Duration::from_secs(10)).unwrap_or(false);
         if usable { Accel::Kvm } else { Accel::Tcg }
     })
 }
@@ -82,8 +87,24 @@ pub fn probe(accel: Accel, deadline: Duration) -> anyhow::Result<bool> {
     image[at..at + code.len()].copy_from_slice(&code);
     std::fs::write(&bios, &image)?;
     let mut cmd = QEMU.command()?;
-    cmd.args(accel.args()).args(["-machine", "q35", "-nodefaults", "-display", "none", "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-bios"]).arg(&bios);
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    cmd.args(accel.args())
+        .args([
+            "-machine",
+            "q35",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-bios",
+        ])
+        .arg(&bios);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
@@ -166,10 +187,17 @@ fn prepare_disk(cfg: &VmConfig, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)
         }
     }
     let overlay = dir.join("disk.qcow2");
-    let image = std::fs::canonicalize(&cfg.image).with_context(|| format!("image {}", cfg.image.display()))?;
-    let fmt = if image.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+    let image = std::fs::canonicalize(&cfg.image)
+        .with_context(|| format!("image {}", cfg.image.display()))?;
+    let fmt = if image.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    };
     let mut img = QEMU_IMG.command()?;
-    img.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"]).arg(&image).arg(&overlay);
+    img.args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+        .arg(&image)
+        .arg(&overlay);
     if let Some(b) = cfg.disk_bytes {
         img.arg(b.to_string());
     }
@@ -181,7 +209,12 @@ fn prepare_disk(cfg: &VmConfig, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)
 
 /// QEMU with firmware, disk, RNG and the management NIC (`user_net` is
 /// the `-netdev user,…` value); the caller adds the console.
-fn qemu_command(cfg: &VmConfig, overlay: &Path, vars: &Path, user_net: &str) -> anyhow::Result<Command> {
+fn qemu_command(
+    cfg: &VmConfig,
+    overlay: &Path,
+    vars: &Path,
+    user_net: &str,
+) -> anyhow::Result<Command> {
     let mut cmd = QEMU.command()?;
     cmd.args(cfg.accel.args())
         .args(["-machine", "q35", "-nodefaults"])
@@ -209,7 +242,14 @@ pub fn interactive(cfg: &VmConfig) -> anyhow::Result<std::process::ExitStatus> {
     let (overlay, vars) = prepare_disk(cfg, dir.path())?;
     let port = free_port()?;
     eprintln!("kiln run: SSH is forwarded from 127.0.0.1:{port}");
-    let status = qemu_command(cfg, &overlay, &vars, &format!(",hostfwd=tcp:127.0.0.1:{port}-:22"))?.args(["-nographic", "-serial", "mon:stdio"]).status()?;
+    let status = qemu_command(
+        cfg,
+        &overlay,
+        &vars,
+        &format!(",hostfwd=tcp:127.0.0.1:{port}-:22"),
+    )?
+    .args(["-nographic", "-serial", "mon:stdio"])
+    .status()?;
     Ok(status)
 }
 
@@ -230,15 +270,23 @@ impl Vm {
     /// timestamps.
     pub fn start(cfg: &VmConfig) -> anyhow::Result<Vm> {
         crate::tool::preflight(&[QEMU, QEMU_IMG])?;
-        let dir = tempfile::Builder::new().prefix(&format!("kiln-vm-{}-", cfg.name)).tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kiln-vm-{}-", cfg.name))
+            .tempdir()?;
         let (overlay, vars) = prepare_disk(cfg, dir.path())?;
 
         let mut ports = vec![(free_port()?, 22u16)];
         for p in &cfg.forward {
             ports.push((free_port()?, *p));
         }
-        let guest = cfg.user_net.map(|(_, ip)| ip.to_string()).unwrap_or_default();
-        let mut fwd: String = ports.iter().map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-{guest}:{g}")).collect();
+        let guest = cfg
+            .user_net
+            .map(|(_, ip)| ip.to_string())
+            .unwrap_or_default();
+        let mut fwd: String = ports
+            .iter()
+            .map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-{guest}:{g}"))
+            .collect();
         if let Some((net, _)) = cfg.user_net {
             fwd = format!(",net={}{fwd}", net.trunc());
         }
@@ -249,9 +297,14 @@ impl Vm {
                 Lan::Listen(p) => format!("socket,id=lan,listen=127.0.0.1:{p}"),
                 Lan::Connect(p) => format!("socket,id=lan,connect=127.0.0.1:{p}"),
             };
-            cmd.arg("-netdev").arg(spec).arg("-device").arg(format!("virtio-net-pci,netdev=lan,mac={mac}"));
+            cmd.arg("-netdev")
+                .arg(spec)
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=lan,mac={mac}"));
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         log::info!("starting {}: {}", cfg.name, crate::tool::display(&cmd));
         let started = Instant::now();
         let mut child = cmd.spawn().context("starting qemu")?;
@@ -261,9 +314,18 @@ impl Vm {
         std::thread::spawn(move || {
             let mut r = std::io::BufReader::new(out);
             let mut buf = Vec::new();
-            while r.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
-                let text = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
-                sink.lock().unwrap().push(SerialLine { at: started.elapsed(), text });
+            while r
+                .read_until(b'\n', &mut buf)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                let text = String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                sink.lock().unwrap().push(SerialLine {
+                    at: started.elapsed(),
+                    text,
+                });
                 buf.clear();
             }
         });
@@ -273,10 +335,21 @@ impl Vm {
             let mut s = String::new();
             let _ = err.read_to_string(&mut s);
             for l in s.lines() {
-                err_sink.lock().unwrap().push(SerialLine { at: started.elapsed(), text: format!("[qemu stderr] {l}") });
+                err_sink.lock().unwrap().push(SerialLine {
+                    at: started.elapsed(),
+                    text: format!("[qemu stderr] {l}"),
+                });
             }
         });
-        Ok(Vm { name: cfg.name.clone(), child, dir, started, serial, ports, keep_log: None })
+        Ok(Vm {
+            name: cfg.name.clone(),
+            child,
+            dir,
+            started,
+            serial,
+            ports,
+            keep_log: None,
+        })
     }
 
     /// Keep the serial log at `path` when the VM is dropped.
@@ -290,7 +363,10 @@ impl Vm {
 
     /// The host port forwarded to `guest` port.
     pub fn host_port(&self, guest: u16) -> Option<u16> {
-        self.ports.iter().find(|(_, g)| *g == guest).map(|(h, _)| *h)
+        self.ports
+            .iter()
+            .find(|(_, g)| *g == guest)
+            .map(|(h, _)| *h)
     }
 
     pub fn serial_lines(&self) -> Vec<SerialLine> {
@@ -298,13 +374,19 @@ impl Vm {
     }
 
     pub fn serial_text(&self) -> String {
-        self.serial_lines().iter().map(|l| format!("[{:7.2}] {}\n", l.at.as_secs_f64(), l.text)).collect()
+        self.serial_lines()
+            .iter()
+            .map(|l| format!("[{:7.2}] {}\n", l.at.as_secs_f64(), l.text))
+            .collect()
     }
 
     /// The first serial line containing `needle` after the `nth` earlier
     /// ones (0 = first occurrence).
     pub fn serial_find(&self, needle: &str, nth: usize) -> Option<SerialLine> {
-        self.serial_lines().into_iter().filter(|l| l.text.contains(needle)).nth(nth)
+        self.serial_lines()
+            .into_iter()
+            .filter(|l| l.text.contains(needle))
+            .nth(nth)
     }
 
     /// Is QEMU still running?
@@ -313,23 +395,42 @@ impl Vm {
     }
 
     /// Wait until `needle` has appeared `nth + 1` times on the console.
-    pub fn wait_serial(&mut self, needle: &str, nth: usize, timeout: Duration) -> anyhow::Result<SerialLine> {
+    pub fn wait_serial(
+        &mut self,
+        needle: &str,
+        nth: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<SerialLine> {
         let what = format!("{} console line {needle:?} (#{})", self.name, nth + 1);
         self.wait_until(&what, timeout, |vm| Ok(vm.serial_find(needle, nth)))
     }
 
     /// Poll `f` until it returns `Some`, QEMU exits, or `timeout` passes.
-    pub fn wait_until<T>(&mut self, what: &str, timeout: Duration, mut f: impl FnMut(&mut Self) -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    pub fn wait_until<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&mut Self) -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<T> {
         let start = Instant::now();
         loop {
             if let Some(v) = f(self)? {
                 return Ok(v);
             }
             if !self.running() {
-                bail!("{}: QEMU exited while waiting for {what}\n{}", self.name, self.tail(60));
+                bail!(
+                    "{}: QEMU exited while waiting for {what}\n{}",
+                    self.name,
+                    self.tail(60)
+                );
             }
             if start.elapsed() > timeout {
-                bail!("{}: timed out after {} s waiting for {what}\n{}", self.name, timeout.as_secs(), self.tail(60));
+                bail!(
+                    "{}: timed out after {} s waiting for {what}\n{}",
+                    self.name,
+                    timeout.as_secs(),
+                    self.tail(60)
+                );
             }
             std::thread::sleep(POLL);
         }
@@ -339,7 +440,11 @@ impl Vm {
     pub fn tail(&self, n: usize) -> String {
         let lines = self.serial_lines();
         let from = lines.len().saturating_sub(n);
-        let mut s = format!("--- last {} console lines of {} ---\n", lines.len() - from, self.name);
+        let mut s = format!(
+            "--- last {} console lines of {} ---\n",
+            lines.len() - from,
+            self.name
+        );
         for l in &lines[from..] {
             s.push_str(&format!("[{:7.2}] {}\n", l.at.as_secs_f64(), l.text));
         }
@@ -350,12 +455,24 @@ impl Vm {
     /// checks run dozens). The master is started with no stdio of ours: a
     /// master inheriting a command's pipes would keep them open.
     fn ensure_master(&self, key: &Path, user: &str) {
-        let Ok(mut check) = self.ssh_base(key, user, "no") else { return };
-        let alive = check.args(["-O", "check"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
-        if !alive
-            && let Ok(mut m) = self.ssh_base(key, user, "yes") {
-                let _ = m.args(["-o", "ControlPersist=300", "-f", "-N"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
-            }
+        let Ok(mut check) = self.ssh_base(key, user, "no") else {
+            return;
+        };
+        let alive = check
+            .args(["-O", "check"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !alive && let Ok(mut m) = self.ssh_base(key, user, "yes") {
+            let _ = m
+                .args(["-o", "ControlPersist=300", "-f", "-N"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 
     fn ssh_base(&self, key: &Path, user: &str, master: &str) -> anyhow::Result<Command> {
@@ -368,16 +485,38 @@ impl Vm {
             .arg("-o")
             .arg(format!("ControlMaster={master}"))
             .args(["-p", &self.ssh_port().to_string()])
-            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "ConnectTimeout=10",
+            ])
             .arg(format!("{user}@127.0.0.1"));
         Ok(c)
     }
 
     /// Run a shell command in the guest as `user`, with `stdin`.
-    pub fn ssh_as(&self, key: &Path, user: &str, script: &str, stdin: &[u8]) -> anyhow::Result<Output> {
+    pub fn ssh_as(
+        &self,
+        key: &Path,
+        user: &str,
+        script: &str,
+        stdin: &[u8],
+    ) -> anyhow::Result<Output> {
         self.ensure_master(key, user);
         let mut c = self.ssh_base(key, user, "no")?;
-        c.arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = c.spawn().context("starting ssh")?;
         child.stdin.take().expect("piped").write_all(stdin)?;
         Ok(child.wait_with_output()?)
@@ -388,7 +527,12 @@ impl Vm {
     pub fn sh(&self, key: &Path, script: &str) -> anyhow::Result<String> {
         let out = self.ssh_as(key, "root", script, b"")?;
         if !out.status.success() {
-            bail!("{}: `{script}` failed ({}): {}", self.name, out.status, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{}: `{script}` failed ({}): {}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
@@ -397,7 +541,13 @@ impl Vm {
     pub fn wait_ssh(&mut self, key: &Path, timeout: Duration) -> anyhow::Result<Duration> {
         let what = format!("SSH on {}", self.name);
         let key = key.to_path_buf();
-        self.wait_until(&what, timeout, |vm| Ok(vm.ssh_as(&key, "root", "true", b"").ok().filter(|o| o.status.success()).map(|_| vm.started.elapsed())))
+        self.wait_until(&what, timeout, |vm| {
+            Ok(vm
+                .ssh_as(&key, "root", "true", b"")
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| vm.started.elapsed()))
+        })
     }
 
     /// Wait for QEMU to exit (after a poweroff in the guest).

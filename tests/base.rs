@@ -65,11 +65,28 @@ fn default_spec_is_generic_bookworm_with_everything_design_names() {
     assert_eq!(s.architecture, "amd64");
     for p in [
         // DESIGN "Inputs" and the issue.
-        "systemd", "systemd-sysv", "systemd-resolved", "systemd-timesyncd", "udev", "dbus", "busybox-static",
-        "systemd-boot-efi", "wireguard-tools", "nftables", "iptables", "openssh-server", "e2fsprogs", "fdisk", "kmod",
-        "iproute2", "ca-certificates", "bash",
+        "systemd",
+        "systemd-sysv",
+        "systemd-resolved",
+        "systemd-timesyncd",
+        "udev",
+        "dbus",
+        "busybox-static",
+        "systemd-boot-efi",
+        "wireguard-tools",
+        "nftables",
+        "iptables",
+        "openssh-server",
+        "e2fsprogs",
+        "fdisk",
+        "kmod",
+        "iproute2",
+        "ca-certificates",
+        "bash",
         // The kernel for real machines and its NIC firmware.
-        "linux-image-amd64", "firmware-realtek", "firmware-misc-nonfree",
+        "linux-image-amd64",
+        "firmware-realtek",
+        "firmware-misc-nonfree",
     ] {
         assert!(has(&s, p), "{p} missing from {:?}", s.packages);
     }
@@ -82,7 +99,11 @@ fn cloud_spec_has_the_cloud_kernel_and_no_firmware() {
     let s = spec("cloud");
     assert!(has(&s, "linux-image-cloud-amd64"));
     assert!(!has(&s, "linux-image-amd64"));
-    assert!(!s.packages.iter().any(|p| p.starts_with("firmware-")), "{:?}", s.packages);
+    assert!(
+        !s.packages.iter().any(|p| p.starts_with("firmware-")),
+        "{:?}",
+        s.packages
+    );
     assert_eq!(s.components, ["main"]);
     for p in base::DEFAULT_PACKAGES {
         assert!(has(&s, p), "{p}");
@@ -91,7 +112,10 @@ fn cloud_spec_has_the_cloud_kernel_and_no_firmware() {
 
 #[test]
 fn profile_packages_are_merged_sorted_and_deduplicated() {
-    let s = base::base_spec(&plan("[base]\nkernel = \"cloud\"\npackages = [\"zstd\", \"bash\", \"curl\", \"curl\"]")).unwrap();
+    let s = base::base_spec(&plan(
+        "[base]\nkernel = \"cloud\"\npackages = [\"zstd\", \"bash\", \"curl\", \"curl\"]",
+    ))
+    .unwrap();
     let mut sorted = s.packages.clone();
     sorted.sort();
     sorted.dedup();
@@ -99,13 +123,19 @@ fn profile_packages_are_merged_sorted_and_deduplicated() {
     assert!(has(&s, "zstd") && has(&s, "curl"));
     assert_eq!(s.packages.iter().filter(|p| *p == "bash").count(), 1);
     // Asking for firmware on the cloud kernel enables its component.
-    let s = base::base_spec(&plan("[base]\nkernel = \"cloud\"\npackages = [\"firmware-iwlwifi\"]")).unwrap();
+    let s = base::base_spec(&plan(
+        "[base]\nkernel = \"cloud\"\npackages = [\"firmware-iwlwifi\"]",
+    ))
+    .unwrap();
     assert_eq!(s.components, ["main", "non-free-firmware"]);
 }
 
 #[test]
 fn a_supplied_tarball_has_no_spec() {
-    assert_eq!(base::base_spec(&plan("[base]\ntarball = \"root.tar\"")), None);
+    assert_eq!(
+        base::base_spec(&plan("[base]\ntarball = \"root.tar\"")),
+        None
+    );
 }
 
 #[test]
@@ -134,7 +164,12 @@ fn digest_is_stable() {
     assert_eq!(base::spec_digest(&s).len(), 64);
     // Pinned: if this changes, every user's cached base is rebuilt. When
     // that is intended (new defaults, hook, format), update the value.
-    assert_eq!(base::spec_digest(&s), "0466794eab2869fbe2b8914c2f665e84be22e09693bf3d44fab0eca3b9f2f9b4", "canonical text:\n{}", base::canonical_text(&s));
+    assert_eq!(
+        base::spec_digest(&s),
+        "0466794eab2869fbe2b8914c2f665e84be22e09693bf3d44fab0eca3b9f2f9b4",
+        "canonical text:\n{}",
+        base::canonical_text(&s)
+    );
 }
 
 #[test]
@@ -162,24 +197,44 @@ fn digest_changes_with_every_field() {
     let mut v = s.clone();
     v.excludes.reverse();
     variants.push(("exclude order", v));
-    let digests: BTreeMap<String, &str> = variants.iter().map(|(n, v)| (base::spec_digest(v), *n)).collect();
-    assert_eq!(digests.len(), variants.len(), "some field does not change the digest: {digests:?}");
+    let digests: BTreeMap<String, &str> = variants
+        .iter()
+        .map(|(n, v)| (base::spec_digest(v), *n))
+        .collect();
+    assert_eq!(
+        digests.len(),
+        variants.len(),
+        "some field does not change the digest: {digests:?}"
+    );
 }
 
 #[test]
 fn cache_path_is_named_by_digest() {
     let s = spec("cloud");
     let p = base::cached_path(&s, Path::new("/c"));
-    assert_eq!(p, Path::new("/c/base").join(format!("{}.tar.zst", base::spec_digest(&s))));
+    assert_eq!(
+        p,
+        Path::new("/c/base").join(format!("{}.tar.zst", base::spec_digest(&s)))
+    );
 }
 
 #[test]
 fn the_command_names_no_mirror_and_uses_the_spec() {
     let s = spec("generic");
     let cmd = base::mmdebstrap_command(&s, Path::new("/tmp/x.tar.zst"));
-    let Ok(cmd) = cmd else { panic!("mmdebstrap is missing: apt-get install --no-install-recommends mmdebstrap") };
-    let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().to_string()).collect();
-    assert!(!args.iter().any(|a| a.contains("://") || a.starts_with("deb ")), "a mirror is named: {args:?}");
+    let Ok(cmd) = cmd else {
+        panic!("mmdebstrap is missing: apt-get install --no-install-recommends mmdebstrap")
+    };
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().to_string())
+        .collect();
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.contains("://") || a.starts_with("deb ")),
+        "a mirror is named: {args:?}"
+    );
     assert_eq!(args[args.len() - 3..], ["--", "bookworm", "/tmp/x.tar.zst"]);
     assert!(args.contains(&"--variant=minbase".to_string()));
     assert!(args.contains(&"--components=main,non-free-firmware".to_string()));
@@ -187,7 +242,10 @@ fn the_command_names_no_mirror_and_uses_the_spec() {
     assert!(args.contains(&format!("--include={}", s.packages.join(","))));
     assert!(args.contains(&"--dpkgopt=path-exclude=/usr/share/man/*".to_string()));
     // Debian's initramfs is not built (kiln makes its own).
-    assert!(cmd.get_envs().any(|(k, v)| k == "INITRD" && v == Some("No".as_ref())));
+    assert!(
+        cmd.get_envs()
+            .any(|(k, v)| k == "INITRD" && v == Some("No".as_ref()))
+    );
 }
 
 // ---- supplied tarballs
@@ -198,14 +256,25 @@ fn use_tarball_hashes_the_file() {
     let p = dir.path().join("root.tar");
     fs::write(&p, b"abc").unwrap();
     let t = base::use_tarball(&p).unwrap();
-    assert_eq!(t.sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_eq!(
+        t.sha256,
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
     assert_eq!(t.path, p);
 }
 
 #[test]
 fn use_tarball_names_a_missing_file() {
-    let err = format!("{:#}", base::use_tarball(Path::new("/nonexistent/root.tar.zst")).unwrap_err());
-    assert!(err.contains("/nonexistent/root.tar.zst") && err.contains("does not exist") && err.contains("base.tarball"), "{err}");
+    let err = format!(
+        "{:#}",
+        base::use_tarball(Path::new("/nonexistent/root.tar.zst")).unwrap_err()
+    );
+    assert!(
+        err.contains("/nonexistent/root.tar.zst")
+            && err.contains("does not exist")
+            && err.contains("base.tarball"),
+        "{err}"
+    );
 }
 
 // ---- real builds
@@ -217,8 +286,18 @@ fn entries(path: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for e in archive.entries().unwrap() {
         let e = e.unwrap();
-        let name = e.path().unwrap().to_string_lossy().trim_start_matches("./").trim_end_matches('/').to_string();
-        let link = e.link_name().unwrap().map(|l| l.to_string_lossy().to_string()).unwrap_or_default();
+        let name = e
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .trim_end_matches('/')
+            .to_string();
+        let link = e
+            .link_name()
+            .unwrap()
+            .map(|l| l.to_string_lossy().to_string())
+            .unwrap_or_default();
         out.insert(name, link);
     }
     out
@@ -227,7 +306,10 @@ fn entries(path: &Path) -> BTreeMap<String, String> {
 /// `*` matches within one path component.
 fn glob(pattern: &str, name: &str) -> bool {
     let (p, n): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), name.split('/').collect());
-    p.len() == n.len() && p.iter().zip(&n).all(|(p, n)| component_glob(p.as_bytes(), n.as_bytes()))
+    p.len() == n.len()
+        && p.iter()
+            .zip(&n)
+            .all(|(p, n)| component_glob(p.as_bytes(), n.as_bytes()))
 }
 
 fn component_glob(p: &[u8], n: &[u8]) -> bool {
@@ -247,7 +329,9 @@ fn contains(entries: &BTreeMap<String, String>, pattern: &str) -> bool {
     {
         candidates.push(format!("{}/{rest}", target.trim_start_matches('/')));
     }
-    candidates.iter().any(|c| entries.keys().any(|e| glob(c, e)))
+    candidates
+        .iter()
+        .any(|c| entries.keys().any(|e| glob(c, e)))
 }
 
 fn check_common(entries: &BTreeMap<String, String>) {
@@ -279,21 +363,36 @@ fn check_common(entries: &BTreeMap<String, String>) {
         "usr/share/lintian/overrides/*",
         "etc/hostname",
     ] {
-        let hits: Vec<&String> = entries.keys().filter(|e| glob(unwanted, e)).take(3).collect();
-        assert!(hits.is_empty(), "{unwanted} should be excluded, found {hits:?}");
+        let hits: Vec<&String> = entries
+            .keys()
+            .filter(|e| glob(unwanted, e))
+            .take(3)
+            .collect();
+        assert!(
+            hits.is_empty(),
+            "{unwanted} should be excluded, found {hits:?}"
+        );
     }
     // The host's resolver config is not carried: only resolved's symlink.
     if let Some(target) = entries.get("etc/resolv.conf") {
-        assert!(target.contains("run/systemd/resolve"), "etc/resolv.conf is a copy from the build host");
+        assert!(
+            target.contains("run/systemd/resolve"),
+            "etc/resolv.conf is a copy from the build host"
+        );
     }
 }
 
 fn check_record(t: &base::BaseTarball, spec: &BaseSpec) {
-    let record = t.path.with_file_name(format!("{}.json", base::spec_digest(spec)));
+    let record = t
+        .path
+        .with_file_name(format!("{}.json", base::spec_digest(spec)));
     let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(&record).unwrap()).unwrap();
     assert_eq!(v["sha256"], t.sha256);
     assert_eq!(v["digest"], base::spec_digest(spec));
-    assert_eq!(v["spec"]["packages"].as_array().unwrap().len(), spec.packages.len());
+    assert_eq!(
+        v["spec"]["packages"].as_array().unwrap().len(),
+        spec.packages.len()
+    );
 }
 
 #[test]
@@ -302,19 +401,31 @@ fn cloud_base_builds_clean_and_is_reused() {
     let s = spec("cloud");
     let started = Instant::now();
     let t = base::ensure_base(&s, &cache, SOURCE_DATE_EPOCH).unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("cloud base: {} in {:.1} s (reused: {})", t.path.display(), started.elapsed().as_secs_f64(), t.reused);
+    eprintln!(
+        "cloud base: {} in {:.1} s (reused: {})",
+        t.path.display(),
+        started.elapsed().as_secs_f64(),
+        t.reused
+    );
     assert_eq!(t.path, base::cached_path(&s, &cache));
     check_record(&t, &s);
 
     let e = entries(&t.path);
     check_common(&e);
-    assert!(!contains(&e, "lib/firmware/rtl_nic"), "the cloud base has no firmware");
+    assert!(
+        !contains(&e, "lib/firmware/rtl_nic"),
+        "the cloud base has no firmware"
+    );
 
     let started = Instant::now();
     let again = base::ensure_base(&s, &cache, SOURCE_DATE_EPOCH).unwrap();
     assert!(again.reused, "the second call rebuilt the base");
     assert_eq!(again.sha256, t.sha256);
-    assert!(started.elapsed() < Duration::from_secs(10), "reuse took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "reuse took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -329,13 +440,26 @@ fn a_cached_tarball_that_does_not_match_its_record_is_not_reused() {
     let path = base::cached_path(&s, dir.path());
     fs::create_dir_all(path.parent().unwrap()).unwrap();
     fs::write(&path, b"not a tarball").unwrap();
-    fs::write(path.with_extension("").with_extension("json"), r#"{"sha256": "0000"}"#).unwrap();
-    let err = format!("{:#}", base::ensure_base(&s, dir.path(), SOURCE_DATE_EPOCH).unwrap_err());
-    assert!(err.contains("kiln-no-such-package") && err.contains("mmdebstrap"), "{err}");
+    fs::write(
+        path.with_extension("").with_extension("json"),
+        r#"{"sha256": "0000"}"#,
+    )
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        base::ensure_base(&s, dir.path(), SOURCE_DATE_EPOCH).unwrap_err()
+    );
+    assert!(
+        err.contains("kiln-no-such-package") && err.contains("mmdebstrap"),
+        "{err}"
+    );
     // The bad entry is still the old bytes (nothing new was published) and
     // no temp file was left behind.
     assert_eq!(fs::read(&path).unwrap(), b"not a tarball");
-    let names: BTreeSet<String> = fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let names: BTreeSet<String> = fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
 
@@ -344,9 +468,18 @@ fn a_failed_build_leaves_nothing_that_looks_cached() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = spec("cloud");
     s.packages = vec!["kiln-no-such-package".into()];
-    let err = format!("{:#}", base::ensure_base(&s, dir.path(), SOURCE_DATE_EPOCH).unwrap_err());
-    assert!(err.contains("kiln-no-such-package"), "the error should carry mmdebstrap's complaint: {err}");
-    let left: Vec<_> = fs::read_dir(dir.path().join("base")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let err = format!(
+        "{:#}",
+        base::ensure_base(&s, dir.path(), SOURCE_DATE_EPOCH).unwrap_err()
+    );
+    assert!(
+        err.contains("kiln-no-such-package"),
+        "the error should carry mmdebstrap's complaint: {err}"
+    );
+    let left: Vec<_> = fs::read_dir(dir.path().join("base"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -359,17 +492,32 @@ fn build_default_bases_into_the_cache() {
     for kernel in ["cloud", "generic"] {
         let s = spec(kernel);
         let started = Instant::now();
-        let t = base::ensure_base(&s, &cache, SOURCE_DATE_EPOCH).unwrap_or_else(|e| panic!("{e:#}"));
+        let t =
+            base::ensure_base(&s, &cache, SOURCE_DATE_EPOCH).unwrap_or_else(|e| panic!("{e:#}"));
         let secs = started.elapsed().as_secs_f64();
         let e = entries(&t.path);
         check_common(&e);
         check_record(&t, &s);
         if kernel == "generic" {
-            for want in ["lib/firmware/rtl_nic/*", "lib/modules/*/kernel/drivers/ata/ahci.ko", "lib/modules/*/kernel/drivers/usb/storage/usb-storage.ko"] {
-                assert!(contains(&e, want), "{want} is missing from the generic base");
+            for want in [
+                "lib/firmware/rtl_nic/*",
+                "lib/modules/*/kernel/drivers/ata/ahci.ko",
+                "lib/modules/*/kernel/drivers/usb/storage/usb-storage.ko",
+            ] {
+                assert!(
+                    contains(&e, want),
+                    "{want} is missing from the generic base"
+                );
             }
         }
         let bytes = fs::metadata(&t.path).unwrap().len();
-        println!("{kernel}: {} {:.1} MB, {} entries, {secs:.1} s (reused: {}), sha256 {}", t.path.display(), bytes as f64 / 1e6, e.len(), t.reused, t.sha256);
+        println!(
+            "{kernel}: {} {:.1} MB, {} entries, {secs:.1} s (reused: {}), sha256 {}",
+            t.path.display(),
+            bytes as f64 / 1e6,
+            e.len(),
+            t.reused,
+            t.sha256
+        );
     }
 }

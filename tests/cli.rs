@@ -8,7 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn text(b: &[u8]) -> String {
@@ -28,7 +31,10 @@ fn check_passes_on_both_examples() {
         let out = kiln(&["check", &common::repo().join(rel).to_string_lossy()]);
         assert!(out.status.success(), "{rel}: {}", text(&out.stderr));
         let s = text(&out.stdout);
-        assert!(s.contains("v1.31.1+k3s1") && s.contains("NAME") && s.contains("server"), "{s}");
+        assert!(
+            s.contains("v1.31.1+k3s1") && s.contains("NAME") && s.contains("server"),
+            "{s}"
+        );
     }
 }
 
@@ -40,7 +46,10 @@ fn check_reports_every_error_and_fails() {
     let out = kiln(&["check", &p.to_string_lossy()]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("bad.toml:3:1: cluster.colour: unknown key"), "{err}");
+    assert!(
+        err.contains("bad.toml:3:1: cluster.colour: unknown key"),
+        "{err}"
+    );
     assert!(err.contains("bad.toml:5:11: k3s.version"), "{err}");
     assert!(err.contains("bad.toml:9:7: nodes[0].mac"), "{err}");
     assert!(err.contains("3 errors in the profile"), "{err}");
@@ -51,7 +60,11 @@ fn check_reports_every_error_and_fails() {
 fn missing_profile_is_a_clear_error() {
     let out = kiln(&["check", "/nonexistent/profile.toml"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("reading profile /nonexistent/profile.toml"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("reading profile /nonexistent/profile.toml"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -61,14 +74,24 @@ fn keys_are_stable_private_and_never_printed() {
     let first = kiln(&["keys", &profile]);
     assert!(first.status.success(), "{}", text(&first.stderr));
     let second = kiln(&["keys", &profile]);
-    assert_eq!(text(&first.stdout), text(&second.stdout), "keys changed between runs");
+    assert_eq!(
+        text(&first.stdout),
+        text(&second.stdout),
+        "keys changed between runs"
+    );
     let out = text(&first.stdout);
     assert_eq!(out.matches("\n[Peer]\n").count(), 5, "{out}");
     let state = tmp.path().join("club.state");
-    assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     for n in ["rgb1", "rgb2", "rgb3", "rgb4", "rgb5"] {
         let key_file = state.join(format!("wireguard/{n}.key"));
-        assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let private = std::fs::read_to_string(&key_file).unwrap();
         assert!(!out.contains(private.trim()), "private key of {n} printed");
     }
@@ -97,30 +120,71 @@ fn render_writes_the_tree_with_private_modes() {
     let tmp = tempfile::tempdir().unwrap();
     let profile = example_in(tmp.path(), "profiles/club.toml");
     let out_dir = tmp.path().join("rgb1");
-    let out = kiln(&["render", &profile, "--node", "rgb1", "--out", &out_dir.to_string_lossy()]);
+    let out = kiln(&[
+        "render",
+        &profile,
+        "--node",
+        "rgb1",
+        "--out",
+        &out_dir.to_string_lossy(),
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), out_dir.to_string_lossy());
-    let mode = |p: &str| std::fs::metadata(out_dir.join(p)).unwrap().permissions().mode() & 0o777;
+    let mode = |p: &str| {
+        std::fs::metadata(out_dir.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode("etc/wireguard/wg0.conf"), 0o600);
     assert_eq!(mode("etc/rancher/k3s/cluster-token"), 0o600);
     assert_eq!(mode("etc/rancher/k3s/config.yaml"), 0o600);
     assert_eq!(mode("etc/kiln/firstboot.sh"), 0o755);
-    assert_eq!(std::fs::read_to_string(out_dir.join("etc/hostname")).unwrap(), "rgb1\n");
-    assert!(std::fs::read_to_string(out_dir.join("etc/kiln/cmdline")).unwrap().contains("pcie_aspm=off"));
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("etc/hostname")).unwrap(),
+        "rgb1\n"
+    );
+    assert!(
+        std::fs::read_to_string(out_dir.join("etc/kiln/cmdline"))
+            .unwrap()
+            .contains("pcie_aspm=off")
+    );
     // A second render into the same place refuses instead of mixing trees.
-    let again = kiln(&["render", &profile, "--node", "rgb1", "--out", &out_dir.to_string_lossy()]);
+    let again = kiln(&[
+        "render",
+        &profile,
+        "--node",
+        "rgb1",
+        "--out",
+        &out_dir.to_string_lossy(),
+    ]);
     assert_eq!(again.status.code(), Some(1));
-    assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("already exists"),
+        "{}",
+        text(&again.stderr)
+    );
 }
 
 #[test]
 fn render_of_an_unknown_node_lists_the_nodes() {
     let tmp = tempfile::tempdir().unwrap();
     let profile = example_in(tmp.path(), "profiles/ha.toml");
-    let out = kiln(&["render", &profile, "--node", "nope", "--out", &tmp.path().join("x").to_string_lossy()]);
+    let out = kiln(&[
+        "render",
+        &profile,
+        "--node",
+        "nope",
+        "--out",
+        &tmp.path().join("x").to_string_lossy(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("no node `nope`") && err.contains("cp1, cp2, cp3, w1, w2"), "{err}");
+    assert!(
+        err.contains("no node `nope`") && err.contains("cp1, cp2, cp3, w1, w2"),
+        "{err}"
+    );
     assert!(!tmp.path().join("x").exists());
 }
 

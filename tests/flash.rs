@@ -13,7 +13,9 @@ use std::os::unix::fs::{FileExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln::flash::{DeviceFacts, FakeFacts, FlashOptions, Holder, Mount, Refusal, SysFacts, TargetFacts, flash};
+use kiln::flash::{
+    DeviceFacts, FakeFacts, FlashOptions, Holder, Mount, Refusal, SysFacts, TargetFacts, flash,
+};
 use kiln::image::gpt::{self, PartitionPlan};
 
 const MIB: u64 = 1024 * 1024;
@@ -36,8 +38,13 @@ fn make_image(dir: &Path) -> TestImage {
     file.set_len(plan.disk_size_bytes).unwrap();
     gpt::write_gpt(&mut file, &plan).unwrap();
     for (i, p) in plan.partitions.iter().enumerate() {
-        file.write_all_at(&pattern(i as u64, MIB as usize), p.offset_bytes()).unwrap();
-        file.write_all_at(&pattern(100 + i as u64, 4096), p.offset_bytes() + p.size_bytes() - 4096).unwrap();
+        file.write_all_at(&pattern(i as u64, MIB as usize), p.offset_bytes())
+            .unwrap();
+        file.write_all_at(
+            &pattern(100 + i as u64, 4096),
+            p.offset_bytes() + p.size_bytes() - 4096,
+        )
+        .unwrap();
     }
     file.sync_all().unwrap();
     let sha256 = kiln::build::sha256_file(&path).unwrap();
@@ -59,7 +66,13 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 fn opts(image: &TestImage, target: &Path) -> FlashOptions {
-    FlashOptions { image: image.path.clone(), target: target.to_path_buf(), yes: true, force: false, size_bytes: None }
+    FlashOptions {
+        image: image.path.clone(),
+        target: target.to_path_buf(),
+        yes: true,
+        force: false,
+        size_bytes: None,
+    }
 }
 
 fn sha(path: &Path) -> String {
@@ -68,9 +81,17 @@ fn sha(path: &Path) -> String {
 
 /// Runs a tool, panicking with its output unless it succeeds.
 fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).env("LC_ALL", "C").output().unwrap_or_else(|e| panic!("running {program}: {e}"));
+    let out = Command::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{program} {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
@@ -78,7 +99,9 @@ fn run(program: &str, args: &[&str]) -> String {
 fn refusal(result: anyhow::Result<kiln::flash::FlashReport>) -> Refusal {
     match result {
         Ok(r) => panic!("flash wrote {} instead of refusing", r.target.display()),
-        Err(e) => e.downcast::<Refusal>().unwrap_or_else(|e| panic!("not a refusal: {e:#}")),
+        Err(e) => e
+            .downcast::<Refusal>()
+            .unwrap_or_else(|e| panic!("not a refusal: {e:#}")),
     }
 }
 
@@ -86,16 +109,28 @@ fn refusal(result: anyhow::Result<kiln::flash::FlashReport>) -> Refusal {
 fn assert_table_at_end(target: &Path, image: &TestImage, size: u64) {
     let t = target.to_str().unwrap();
     let verify = run("sgdisk", &["-v", t]);
-    assert!(verify.contains("No problems found"), "sgdisk -v {t}:\n{verify}");
+    assert!(
+        verify.contains("No problems found"),
+        "sgdisk -v {t}:\n{verify}"
+    );
     let dump = run("sfdisk", &["-d", t]);
     let last_usable = size / 512 - 1 - BACKUP_GPT_SECTORS;
-    assert!(dump.contains(&format!("last-lba: {last_usable}\n")), "sfdisk -d {t} (expected last-lba {last_usable}):\n{dump}");
+    assert!(
+        dump.contains(&format!("last-lba: {last_usable}\n")),
+        "sfdisk -d {t} (expected last-lba {last_usable}):\n{dump}"
+    );
     let table = gpt::read_gpt(&File::open(target).unwrap()).unwrap();
     assert_eq!(table, image.plan.clone().with_disk_size(size).unwrap());
     // The data of every partition is where the image had it.
-    let (img, dst) = (File::open(&image.path).unwrap(), File::open(target).unwrap());
+    let (img, dst) = (
+        File::open(&image.path).unwrap(),
+        File::open(target).unwrap(),
+    );
     for p in &image.plan.partitions {
-        for (offset, len) in [(p.offset_bytes(), MIB), (p.offset_bytes() + p.size_bytes() - 4096, 4096)] {
+        for (offset, len) in [
+            (p.offset_bytes(), MIB),
+            (p.offset_bytes() + p.size_bytes() - 4096, 4096),
+        ] {
             let (mut a, mut b) = (vec![0u8; len as usize], vec![0u8; len as usize]);
             img.read_exact_at(&mut a, offset).unwrap();
             dst.read_exact_at(&mut b, offset).unwrap();
@@ -116,14 +151,33 @@ fn file_target_is_a_verified_copy_of_the_image() {
     let image = make_image(dir.path());
     let target = dir.path().join("copy.img");
     // Files are never prompted for: no --yes needed.
-    let report = flash(&FlashOptions { yes: false, ..opts(&image, &target) }, &SysFacts::default()).unwrap();
+    let report = flash(
+        &FlashOptions {
+            yes: false,
+            ..opts(&image, &target)
+        },
+        &SysFacts::default(),
+    )
+    .unwrap();
     assert_eq!(report.sha256, image.sha256);
     assert_eq!(report.target_bytes, image.plan.disk_size_bytes);
     assert!(!report.reread);
-    assert_eq!(sha(&target), image.sha256, "same size: the copy is byte for byte the image");
-    assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600, "images hold node secrets");
+    assert_eq!(
+        sha(&target),
+        image.sha256,
+        "same size: the copy is byte for byte the image"
+    );
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "images hold node secrets"
+    );
     assert_table_at_end(&target, &image, image.plan.disk_size_bytes);
-    assert!(allocated_bytes(&target) < 32 * MIB, "zero blocks of a file are skipped: {} allocated", allocated_bytes(&target));
+    assert!(
+        allocated_bytes(&target) < 32 * MIB,
+        "zero blocks of a file are skipped: {} allocated",
+        allocated_bytes(&target)
+    );
 }
 
 #[test]
@@ -131,14 +185,27 @@ fn file_target_with_size_gets_the_backup_gpt_at_its_end() {
     let dir = tempfile::tempdir().unwrap();
     let image = make_image(dir.path());
     let target = dir.path().join("big.img");
-    let report = flash(&FlashOptions { size_bytes: Some(GIB), ..opts(&image, &target) }, &SysFacts::default()).unwrap();
+    let report = flash(
+        &FlashOptions {
+            size_bytes: Some(GIB),
+            ..opts(&image, &target)
+        },
+        &SysFacts::default(),
+    )
+    .unwrap();
     assert_eq!(report.target_bytes, GIB);
     assert_eq!(std::fs::metadata(&target).unwrap().len(), GIB);
     assert_table_at_end(&target, &image, GIB);
     // The old backup header at the image's end is gone.
     let mut old = [0u8; 512];
-    File::open(&target).unwrap().read_exact_at(&mut old, image.plan.disk_size_bytes - 512).unwrap();
-    assert!(old.iter().all(|&b| b == 0), "stale backup GPT header left behind");
+    File::open(&target)
+        .unwrap()
+        .read_exact_at(&mut old, image.plan.disk_size_bytes - 512)
+        .unwrap();
+    assert!(
+        old.iter().all(|&b| b == 0),
+        "stale backup GPT header left behind"
+    );
 }
 
 #[test]
@@ -149,10 +216,20 @@ fn existing_file_is_overwritten_only_with_force() {
     std::fs::write(&target, "precious").unwrap();
     let r = refusal(flash(&opts(&image, &target), &SysFacts::default()));
     assert_eq!(r.reasons.len(), 1, "{r}");
-    assert!(r.reasons[0].contains("exists") && r.reasons[0].contains("--force"), "{r}");
+    assert!(
+        r.reasons[0].contains("exists") && r.reasons[0].contains("--force"),
+        "{r}"
+    );
     assert_eq!(std::fs::read(&target).unwrap(), b"precious");
 
-    flash(&FlashOptions { force: true, ..opts(&image, &target) }, &SysFacts::default()).unwrap();
+    flash(
+        &FlashOptions {
+            force: true,
+            ..opts(&image, &target)
+        },
+        &SysFacts::default(),
+    )
+    .unwrap();
     assert_eq!(sha(&target), image.sha256);
 }
 
@@ -161,8 +238,17 @@ fn image_cannot_be_flashed_onto_itself() {
     let dir = tempfile::tempdir().unwrap();
     let image = make_image(dir.path());
     let before = sha(&image.path);
-    let r = refusal(flash(&FlashOptions { force: true, ..opts(&image, &image.path) }, &SysFacts::default()));
-    assert!(r.reasons.iter().any(|r| r.contains("the image itself")), "{r}");
+    let r = refusal(flash(
+        &FlashOptions {
+            force: true,
+            ..opts(&image, &image.path)
+        },
+        &SysFacts::default(),
+    ));
+    assert!(
+        r.reasons.iter().any(|r| r.contains("the image itself")),
+        "{r}"
+    );
     assert_eq!(sha(&image.path), before);
 }
 
@@ -172,22 +258,46 @@ fn tampered_image_is_refused_before_writing_a_byte() {
     let image = make_image(dir.path());
     // One flipped bit in root-a, after SHA256SUMS was written.
     let root = image.plan.partition("root-a").unwrap().offset_bytes() + 12345;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&image.path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image.path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, root).unwrap();
     f.write_all_at(&[b[0] ^ 1], root).unwrap();
 
     let existing = dir.path().join("existing.img");
     std::fs::write(&existing, "precious").unwrap();
-    let err = flash(&FlashOptions { force: true, ..opts(&image, &existing) }, &SysFacts::default()).unwrap_err();
+    let err = flash(
+        &FlashOptions {
+            force: true,
+            ..opts(&image, &existing)
+        },
+        &SysFacts::default(),
+    )
+    .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("does not match SHA256SUMS") && msg.contains(&image.sha256), "{msg}");
-    assert!(msg.contains("rebuild it with `kiln build`") && msg.contains("Nothing was written"), "{msg}");
-    assert_eq!(std::fs::read(&existing).unwrap(), b"precious", "target changed");
+    assert!(
+        msg.contains("does not match SHA256SUMS") && msg.contains(&image.sha256),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("rebuild it with `kiln build`") && msg.contains("Nothing was written"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(&existing).unwrap(),
+        b"precious",
+        "target changed"
+    );
 
     let missing = dir.path().join("new.img");
     flash(&opts(&image, &missing), &SysFacts::default()).unwrap_err();
-    assert!(!missing.exists(), "target created although the image is bad");
+    assert!(
+        !missing.exists(),
+        "target created although the image is bad"
+    );
 }
 
 #[test]
@@ -196,15 +306,30 @@ fn image_without_sha256sums_is_refused_with_a_fix() {
     let image = make_image(dir.path());
     let target = dir.path().join("new.img");
 
-    std::fs::write(dir.path().join("SHA256SUMS"), format!("{}  other.img\n", image.sha256)).unwrap();
+    std::fs::write(
+        dir.path().join("SHA256SUMS"),
+        format!("{}  other.img\n", image.sha256),
+    )
+    .unwrap();
     let r = refusal(flash(&opts(&image, &target), &SysFacts::default()));
-    assert!(r.reasons[0].contains("has no line for node.img") && r.reasons[0].contains("sha256sum node.img >> SHA256SUMS"), "{r}");
+    assert!(
+        r.reasons[0].contains("has no line for node.img")
+            && r.reasons[0].contains("sha256sum node.img >> SHA256SUMS"),
+        "{r}"
+    );
 
     std::fs::remove_file(dir.path().join("SHA256SUMS")).unwrap();
     let r = refusal(flash(&opts(&image, &target), &SysFacts::default()));
     assert_eq!(r.reasons.len(), 1, "{r}");
-    assert!(r.reasons[0].contains("no ") && r.reasons[0].contains("SHA256SUMS beside it"), "{r}");
-    assert!(r.reasons[0].contains("kiln build") && r.reasons[0].contains("sha256sum node.img > SHA256SUMS"), "{r}");
+    assert!(
+        r.reasons[0].contains("no ") && r.reasons[0].contains("SHA256SUMS beside it"),
+        "{r}"
+    );
+    assert!(
+        r.reasons[0].contains("kiln build")
+            && r.reasons[0].contains("sha256sum node.img > SHA256SUMS"),
+        "{r}"
+    );
     assert!(r.to_string().ends_with("nothing was written"), "{r}");
     assert!(!target.exists());
 }
@@ -220,23 +345,53 @@ fn fake_cases() -> Vec<Case> {
     vec![
         (
             "mounted partition",
-            |f| f.mounts.push(Mount { device: "/dev/sdz1".into(), mount_point: "/media/stick".into() }),
+            |f| {
+                f.mounts.push(Mount {
+                    device: "/dev/sdz1".into(),
+                    mount_point: "/media/stick".into(),
+                })
+            },
             "/dev/sdz1 is mounted on /media/stick".into(),
         ),
-        ("swap", |f| f.swaps.push("/dev/sdz2".into()), "/dev/sdz2 is in use as swap: `swapoff /dev/sdz2`".into()),
+        (
+            "swap",
+            |f| f.swaps.push("/dev/sdz2".into()),
+            "/dev/sdz2 is in use as swap: `swapoff /dev/sdz2`".into(),
+        ),
         (
             "holders",
-            |f| f.holders.push(Holder { device: "sdz3".into(), holder: "dm-0 (vg-data)".into() }),
+            |f| {
+                f.holders.push(Holder {
+                    device: "sdz3".into(),
+                    holder: "dm-0 (vg-data)".into(),
+                })
+            },
             "sdz3 is held by dm-0 (vg-data) (LVM, RAID or device-mapper)".into(),
         ),
-        ("system disk", |f| f.system.push("/, /usr from /dev/sdz2".into()), "holds the running system (/, /usr from /dev/sdz2)".into()),
-        ("too small", |f| f.size_bytes = 128 * MIB, "(128 MiB) is smaller than the image (406 MiB)".into()),
-        ("non-removable", |f| f.removable = false, "is not removable media (Fixed Disk 9000): pass --force".into()),
+        (
+            "system disk",
+            |f| f.system.push("/, /usr from /dev/sdz2".into()),
+            "holds the running system (/, /usr from /dev/sdz2)".into(),
+        ),
+        (
+            "too small",
+            |f| f.size_bytes = 128 * MIB,
+            "(128 MiB) is smaller than the image (406 MiB)".into(),
+        ),
+        (
+            "non-removable",
+            |f| f.removable = false,
+            "is not removable media (Fixed Disk 9000): pass --force".into(),
+        ),
     ]
 }
 
 fn stick() -> TargetFacts {
-    TargetFacts { model: Some("Fixed Disk 9000".into()), serial: Some("S3R1AL".into()), ..TargetFacts::block_device("sdz", 8 * GIB) }
+    TargetFacts {
+        model: Some("Fixed Disk 9000".into()),
+        serial: Some("S3R1AL".into()),
+        ..TargetFacts::block_device("sdz", 8 * GIB)
+    }
 }
 
 #[test]
@@ -253,17 +408,33 @@ fn fake_device_refusals_each_and_all_at_once_write_nothing() {
         apply(&mut facts);
         let r = refusal(flash(&opts(&image, &target), &FakeFacts(facts)));
         assert_eq!(r.reasons.len(), 1, "{what}: {r}");
-        assert!(r.reasons[0].contains(expect.as_str()), "{what}: {r}\nexpected: {expect}");
-        assert_eq!(std::fs::read(&target).unwrap(), b"precious", "{what}: target changed");
+        assert!(
+            r.reasons[0].contains(expect.as_str()),
+            "{what}: {r}\nexpected: {expect}"
+        );
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            b"precious",
+            "{what}: target changed"
+        );
     }
 
     let mut all = stick();
     for (_, apply, _) in &cases {
         apply(&mut all);
     }
-    let r = refusal(flash(&FlashOptions { yes: false, ..opts(&image, &target) }, &FakeFacts(all)));
+    let r = refusal(flash(
+        &FlashOptions {
+            yes: false,
+            ..opts(&image, &target)
+        },
+        &FakeFacts(all),
+    ));
     for (what, _, expect) in &cases {
-        assert!(r.reasons.iter().any(|x| x.contains(expect.as_str())), "{what} missing from:\n{r}");
+        assert!(
+            r.reasons.iter().any(|x| x.contains(expect.as_str())),
+            "{what} missing from:\n{r}"
+        );
     }
     // Tests run without a terminal on stdin only in CI; either way
     // nothing is written.
@@ -280,16 +451,36 @@ fn fake_fixed_disk_is_written_whole_with_force() {
     let target = dir.path().join("sdz");
     let size = 512 * MIB;
     File::create_new(&target).unwrap().set_len(size).unwrap();
-    let facts = TargetFacts { removable: false, ..TargetFacts::block_device("sdz", size) };
+    let facts = TargetFacts {
+        removable: false,
+        ..TargetFacts::block_device("sdz", size)
+    };
 
     let r = refusal(flash(&opts(&image, &target), &FakeFacts(facts.clone())));
-    assert!(r.reasons.len() == 1 && r.reasons[0].contains("--force"), "{r}");
-    assert!(allocated_bytes(&target) == 0, "refused, yet something was written");
+    assert!(
+        r.reasons.len() == 1 && r.reasons[0].contains("--force"),
+        "{r}"
+    );
+    assert!(
+        allocated_bytes(&target) == 0,
+        "refused, yet something was written"
+    );
 
-    let report = flash(&FlashOptions { force: true, ..opts(&image, &target) }, &FakeFacts(facts)).unwrap();
+    let report = flash(
+        &FlashOptions {
+            force: true,
+            ..opts(&image, &target)
+        },
+        &FakeFacts(facts),
+    )
+    .unwrap();
     assert_eq!(report.target_bytes, size);
     assert!(!report.reread, "not a block device, so no BLKRRPART");
-    assert!(allocated_bytes(&target) >= image.plan.disk_size_bytes, "devices get every block: {} allocated", allocated_bytes(&target));
+    assert!(
+        allocated_bytes(&target) >= image.plan.disk_size_bytes,
+        "devices get every block: {} allocated",
+        allocated_bytes(&target)
+    );
     assert_table_at_end(&target, &image, size);
 }
 
@@ -304,7 +495,17 @@ fn interrupted_write_leaves_no_partition_table() {
     let dir = tempfile::tempdir().unwrap();
     let image = make_image(dir.path());
     let small = tempfile::tempdir().unwrap();
-    run("mount", &["-t", "tmpfs", "-o", "size=64m", "kiln-flash-test", small.path().to_str().unwrap()]);
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64m",
+            "kiln-flash-test",
+            small.path().to_str().unwrap(),
+        ],
+    );
     let _mounted = Mounted(small.path().to_path_buf());
 
     // The "device" held a valid old table (primary and backup).
@@ -312,25 +513,60 @@ fn interrupted_write_leaves_no_partition_table() {
     let target = small.path().join("sdz");
     let mut f = File::create_new(&target).unwrap();
     f.set_len(size).unwrap();
-    gpt::write_gpt(&mut f, &gpt::plan_partitions("old/disk", 260, 100, 100, 40).unwrap().with_disk_size(size).unwrap()).unwrap();
+    gpt::write_gpt(
+        &mut f,
+        &gpt::plan_partitions("old/disk", 260, 100, 100, 40)
+            .unwrap()
+            .with_disk_size(size)
+            .unwrap(),
+    )
+    .unwrap();
     drop(f);
     assert!(gpt::read_gpt(&File::open(&target).unwrap()).is_ok());
 
-    let err = flash(&opts(&image, &target), &FakeFacts(TargetFacts::block_device("sdz", size))).unwrap_err();
+    let err = flash(
+        &opts(&image, &target),
+        &FakeFacts(TargetFacts::block_device("sdz", size)),
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("No space left"), "{err:#}");
     let f = File::open(&target).unwrap();
-    assert!(gpt::read_gpt(&f).is_err(), "a primary GPT survived the interrupted write");
+    assert!(
+        gpt::read_gpt(&f).is_err(),
+        "a primary GPT survived the interrupted write"
+    );
     let (mut head, mut tail) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
     f.read_exact_at(&mut head, 0).unwrap();
     f.read_exact_at(&mut tail, size - MIB).unwrap();
     assert!(head.iter().all(|&b| b == 0), "first MiB not zero");
-    assert!(tail.iter().all(|&b| b == 0), "old backup GPT at the end survived");
-    let out = Command::new("sfdisk").arg("-d").arg(&target).output().unwrap();
-    assert!(!out.status.success(), "sfdisk still finds a table:\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        tail.iter().all(|&b| b == 0),
+        "old backup GPT at the end survived"
+    );
+    let out = Command::new("sfdisk")
+        .arg("-d")
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "sfdisk still finds a table:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // A file kiln created and could not finish is removed.
     let tiny = tempfile::tempdir().unwrap();
-    run("mount", &["-t", "tmpfs", "-o", "size=2m", "kiln-flash-test", tiny.path().to_str().unwrap()]);
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=2m",
+            "kiln-flash-test",
+            tiny.path().to_str().unwrap(),
+        ],
+    );
     let _tiny_mounted = Mounted(tiny.path().to_path_buf());
     let new = tiny.path().join("new.img");
     let err = flash(&opts(&image, &new), &SysFacts::default()).unwrap_err();
@@ -349,7 +585,8 @@ fn kernel_reads_gpt() -> bool {
         let _ = flate2::read::GzDecoder::new(f).read_to_string(&mut config);
     } else {
         let release = run("uname", &["-r"]);
-        config = std::fs::read_to_string(format!("/boot/config-{}", release.trim())).unwrap_or_default();
+        config =
+            std::fs::read_to_string(format!("/boot/config-{}", release.trim())).unwrap_or_default();
     }
     config.is_empty() || config.lines().any(|l| l == "CONFIG_EFI_PARTITION=y")
 }
@@ -371,9 +608,18 @@ impl Loop {
         let dir = tempfile::tempdir().unwrap();
         let backing = dir.path().join("backing");
         File::create_new(&backing).unwrap().set_len(size).unwrap();
-        let dev = run("losetup", &["--find", "--show", "--partscan", backing.to_str().unwrap()]).trim().to_string();
+        let dev = run(
+            "losetup",
+            &["--find", "--show", "--partscan", backing.to_str().unwrap()],
+        )
+        .trim()
+        .to_string();
         assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        Some(Loop { dev, backing, _dir: dir })
+        Some(Loop {
+            dev,
+            backing,
+            _dir: dir,
+        })
     }
 
     fn path(&self) -> &Path {
@@ -417,40 +663,86 @@ fn loop_device_is_written_whole_verified_grown_and_reread() {
     let image = make_image(dir.path());
     let Some(lo) = Loop::new(GIB) else { return };
     let facts = SysFacts::default().inspect(lo.path()).unwrap();
-    assert_eq!((facts.size_bytes, facts.removable), (GIB, false), "{facts:#?}");
+    assert_eq!(
+        (facts.size_bytes, facts.removable),
+        (GIB, false),
+        "{facts:#?}"
+    );
 
     let report = flash(&opts(&image, lo.path()), &AsRemovable).unwrap();
     assert_eq!((report.target_bytes, report.reread), (GIB, true));
     assert_table_at_end(lo.path(), &image, GIB);
-    assert!(allocated_bytes(&lo.backing) >= image.plan.disk_size_bytes, "devices get every block: {} allocated", allocated_bytes(&lo.backing));
+    assert!(
+        allocated_bytes(&lo.backing) >= image.plan.disk_size_bytes,
+        "devices get every block: {} allocated",
+        allocated_bytes(&lo.backing)
+    );
     // The kernel re-read the table: the four partitions exist, state last.
     if !kernel_reads_gpt() {
-        return eprintln!("skipped the partition check: this kernel has no CONFIG_EFI_PARTITION, so BLKRRPART finds no partitions");
+        return eprintln!(
+            "skipped the partition check: this kernel has no CONFIG_EFI_PARTITION, so BLKRRPART finds no partitions"
+        );
     }
     let sys = Path::new("/sys/class/block").join(lo.name());
     for n in 1..=4 {
-        assert!(sys.join(format!("{}p{n}", lo.name())).exists(), "partition {n} of {} not seen by the kernel", lo.dev);
+        assert!(
+            sys.join(format!("{}p{n}", lo.name())).exists(),
+            "partition {n} of {} not seen by the kernel",
+            lo.dev
+        );
     }
-    let state_sectors: u64 = std::fs::read_to_string(sys.join(format!("{}p4/size", lo.name()))).unwrap().trim().parse().unwrap();
-    assert_eq!(state_sectors * 512, image.plan.partition("state").unwrap().size_bytes());
+    let state_sectors: u64 = std::fs::read_to_string(sys.join(format!("{}p4/size", lo.name())))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        state_sectors * 512,
+        image.plan.partition("state").unwrap().size_bytes()
+    );
 }
 
 #[test]
 fn loop_device_too_small_or_fixed_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let image = make_image(dir.path());
-    let Some(lo) = Loop::new(256 * MIB) else { return };
+    let Some(lo) = Loop::new(256 * MIB) else {
+        return;
+    };
     let r = refusal(flash(&opts(&image, lo.path()), &SysFacts::default()));
     assert_eq!(r.reasons.len(), 2, "{r}");
-    assert!(r.reasons[0].contains("(256 MiB) is smaller than the image (406 MiB)"), "{r}");
-    assert!(r.reasons[1].contains("is not removable media") && r.reasons[1].contains("--force"), "{r}");
-    assert_eq!(allocated_bytes(&lo.backing), 0, "refused, yet something was written");
+    assert!(
+        r.reasons[0].contains("(256 MiB) is smaller than the image (406 MiB)"),
+        "{r}"
+    );
+    assert!(
+        r.reasons[1].contains("is not removable media") && r.reasons[1].contains("--force"),
+        "{r}"
+    );
+    assert_eq!(
+        allocated_bytes(&lo.backing),
+        0,
+        "refused, yet something was written"
+    );
 
     // Nor can the file behind the loop device be overwritten.
-    let r = refusal(flash(&FlashOptions { force: true, ..opts(&image, &lo.backing) }, &SysFacts::default()));
+    let r = refusal(flash(
+        &FlashOptions {
+            force: true,
+            ..opts(&image, &lo.backing)
+        },
+        &SysFacts::default(),
+    ));
     assert_eq!(r.reasons.len(), 1, "{r}");
-    assert!(r.reasons[0].contains(&format!("backs the loop device {}", lo.dev)), "{r}");
-    assert_eq!(allocated_bytes(&lo.backing), 0, "refused, yet something was written");
+    assert!(
+        r.reasons[0].contains(&format!("backs the loop device {}", lo.dev)),
+        "{r}"
+    );
+    assert_eq!(
+        allocated_bytes(&lo.backing),
+        0,
+        "refused, yet something was written"
+    );
 }
 
 #[test]
@@ -458,20 +750,58 @@ fn loop_device_mounted_whole_is_refused_and_system_disk_too() {
     let dir = tempfile::tempdir().unwrap();
     let image = make_image(dir.path());
     let Some(lo) = Loop::new(GIB) else { return };
-    run("mkfs.ext4", &["-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", &lo.dev]);
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            &lo.dev,
+        ],
+    );
     let mnt = tempfile::tempdir().unwrap();
-    run("mount", &["-o", "ro", &lo.dev, mnt.path().to_str().unwrap()]);
+    run(
+        "mount",
+        &["-o", "ro", &lo.dev, mnt.path().to_str().unwrap()],
+    );
     let _mounted = Mounted(mnt.path().to_path_buf());
     let before = sha(&lo.backing);
 
-    let r = refusal(flash(&FlashOptions { force: true, ..opts(&image, lo.path()) }, &SysFacts::default()));
+    let r = refusal(flash(
+        &FlashOptions {
+            force: true,
+            ..opts(&image, lo.path())
+        },
+        &SysFacts::default(),
+    ));
     assert_eq!(r.reasons.len(), 1, "{r}");
-    assert!(r.reasons[0].contains(&format!("{} is mounted on {}", lo.dev, mnt.path().display())), "{r}");
+    assert!(
+        r.reasons[0].contains(&format!(
+            "{} is mounted on {}",
+            lo.dev,
+            mnt.path().display()
+        )),
+        "{r}"
+    );
 
     // The same mount taken for the running system's.
-    let system = SysFacts { system_paths: vec![mnt.path().join("lost+found")] };
-    let r = refusal(flash(&FlashOptions { force: true, ..opts(&image, lo.path()) }, &system));
-    assert!(r.reasons.iter().any(|x| x.contains("holds the running system") && x.contains(&format!("from {}", lo.dev))), "{r}");
+    let system = SysFacts {
+        system_paths: vec![mnt.path().join("lost+found")],
+    };
+    let r = refusal(flash(
+        &FlashOptions {
+            force: true,
+            ..opts(&image, lo.path())
+        },
+        &system,
+    ));
+    assert!(
+        r.reasons
+            .iter()
+            .any(|x| x.contains("holds the running system")
+                && x.contains(&format!("from {}", lo.dev))),
+        "{r}"
+    );
     assert_eq!(sha(&lo.backing), before, "backing file changed");
 }
 
@@ -486,7 +816,10 @@ fn loop_device_with_a_mounted_partition_is_refused() {
         // A kernel without GPT support: add the partitions through BLKPG.
         run("partx", &["--add", &lo.dev]);
     }
-    run("mkfs.ext4", &["-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", &part]);
+    run(
+        "mkfs.ext4",
+        &["-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", &part],
+    );
     let mnt = tempfile::tempdir().unwrap();
     run("mount", &["-o", "ro", &part, mnt.path().to_str().unwrap()]);
     let _mounted = Mounted(mnt.path().to_path_buf());
@@ -494,10 +827,18 @@ fn loop_device_with_a_mounted_partition_is_refused() {
 
     let r = refusal(flash(&opts(&image, lo.path()), &AsRemovable));
     assert_eq!(r.reasons.len(), 1, "{r}");
-    assert!(r.reasons[0].contains(&format!("{part} is mounted on {}", mnt.path().display())), "{r}");
+    assert!(
+        r.reasons[0].contains(&format!("{part} is mounted on {}", mnt.path().display())),
+        "{r}"
+    );
     // Flashing the partition itself is refused for that and for being one.
     let r = refusal(flash(&opts(&image, Path::new(&part)), &AsRemovable));
-    assert!(r.reasons.iter().any(|x| x.contains(&format!("is a partition of {}", lo.name()))), "{r}");
+    assert!(
+        r.reasons
+            .iter()
+            .any(|x| x.contains(&format!("is a partition of {}", lo.name()))),
+        "{r}"
+    );
     assert_eq!(sha(&lo.backing), before, "backing file changed");
 }
 
@@ -509,7 +850,11 @@ fn loop_device_used_as_swap_is_refused() {
     run("mkswap", &[&lo.dev]);
     let on = Command::new("swapon").arg(&lo.dev).output().unwrap();
     if !on.status.success() {
-        eprintln!("skipped: swapon {} failed here: {}", lo.dev, String::from_utf8_lossy(&on.stderr));
+        eprintln!(
+            "skipped: swapon {} failed here: {}",
+            lo.dev,
+            String::from_utf8_lossy(&on.stderr)
+        );
         return;
     }
     struct SwapOff<'a>(&'a str);
@@ -523,14 +868,20 @@ fn loop_device_used_as_swap_is_refused() {
     // page; kiln's first write would zero it.
     let header = || {
         let mut page = vec![0u8; 4096];
-        File::open(&lo.backing).unwrap().read_exact_at(&mut page, 0).unwrap();
+        File::open(&lo.backing)
+            .unwrap()
+            .read_exact_at(&mut page, 0)
+            .unwrap();
         page
     };
     let before = header();
     assert_eq!(&before[4086..], b"SWAPSPACE2");
     let r = refusal(flash(&opts(&image, lo.path()), &AsRemovable));
     assert_eq!(r.reasons.len(), 1, "{r}");
-    assert!(r.reasons[0].contains(&format!("{} is in use as swap", lo.dev)), "{r}");
+    assert!(
+        r.reasons[0].contains(&format!("{} is in use as swap", lo.dev)),
+        "{r}"
+    );
     assert!(header() == before, "swap header changed");
 }
 
@@ -541,10 +892,17 @@ fn loop_device_held_by_device_mapper_is_refused() {
     let Some(lo) = Loop::new(GIB) else { return };
     let name = format!("kiln-flash-test-{}", std::process::id());
     let table = format!("0 {} linear {} 0", GIB / 512, lo.dev);
-    let made = Command::new("dmsetup").args(["create", &name, "--table", &table]).output();
+    let made = Command::new("dmsetup")
+        .args(["create", &name, "--table", &table])
+        .output();
     match made {
         Ok(o) if o.status.success() => {}
-        Ok(o) => return eprintln!("skipped: dmsetup create failed here: {}", String::from_utf8_lossy(&o.stderr)),
+        Ok(o) => {
+            return eprintln!(
+                "skipped: dmsetup create failed here: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
         Err(e) => return eprintln!("skipped: dmsetup is not available: {e}"),
     }
     struct DmRemove(String);
@@ -556,14 +914,25 @@ fn loop_device_held_by_device_mapper_is_refused() {
     let _dm = DmRemove(name.clone());
     let r = refusal(flash(&opts(&image, lo.path()), &AsRemovable));
     assert_eq!(r.reasons.len(), 1, "{r}");
-    assert!(r.reasons[0].contains(&format!("{} is held by dm-", lo.name())) && r.reasons[0].contains(&format!("({name})")), "{r}");
-    assert_eq!(allocated_bytes(&lo.backing), 0, "refused, yet something was written");
+    assert!(
+        r.reasons[0].contains(&format!("{} is held by dm-", lo.name()))
+            && r.reasons[0].contains(&format!("({name})")),
+        "{r}"
+    );
+    assert_eq!(
+        allocated_bytes(&lo.backing),
+        0,
+        "refused, yet something was written"
+    );
 }
 
 // ------------------------------------------------------------ the binary
 
 fn kiln(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -574,8 +943,15 @@ fn cli_flashes_a_file_and_a_loop_device() {
 
     let file = dir.path().join("big.img");
     let out = kiln(&["flash", img, file.to_str().unwrap(), "--size", "1G"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\n", file.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n", file.display())
+    );
     assert_table_at_end(&file, &image, GIB);
 
     let out = kiln(&["flash", img, file.to_str().unwrap(), "--size", "32GB"]);
@@ -587,12 +963,28 @@ fn cli_flashes_a_file_and_a_loop_device() {
     let out = kiln(&["flash", img, &lo.dev]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("is not removable media") && err.contains("pass --yes") && err.contains("nothing was written"), "{err}");
-    assert_eq!(allocated_bytes(&lo.backing), 0, "refused, yet something was written");
+    assert!(
+        err.contains("is not removable media")
+            && err.contains("pass --yes")
+            && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(
+        allocated_bytes(&lo.backing),
+        0,
+        "refused, yet something was written"
+    );
 
     let out = kiln(&["flash", img, &lo.dev, "--yes", "--force"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_table_at_end(lo.path(), &image, GIB);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("verified") && err.contains("re-read the partition table"), "{err}");
+    assert!(
+        err.contains("verified") && err.contains("re-read the partition table"),
+        "{err}"
+    );
 }

@@ -60,8 +60,16 @@ fn text(b: &[u8]) -> String {
 
 /// Run `cmd`, panic with its stderr unless it succeeds; stdout as bytes.
 fn run_bytes(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd.output().unwrap_or_else(|e| panic!("starting {cmd:?}: {e} (run `make setup`)"));
-    assert!(out.status.success(), "{cmd:?} failed ({}):\n{}{}", out.status, text(&out.stderr), text(&out.stdout));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e} (run `make setup`)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        text(&out.stderr),
+        text(&out.stdout)
+    );
     out.stdout
 }
 
@@ -71,7 +79,12 @@ fn run(cmd: &mut Command) -> String {
 
 /// Run `cmd` with `input` on stdin; stdout as bytes.
 fn run_with_input(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
     let writer = std::thread::spawn(move || {
@@ -79,7 +92,12 @@ fn run_with_input(cmd: &mut Command, input: &[u8]) -> Vec<u8> {
     });
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed ({}):\n{}", out.status, text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        text(&out.stderr)
+    );
     out.stdout
 }
 
@@ -94,7 +112,8 @@ fn tool(name: &str) -> Command {
 /// the environment (each test says which binary it wants).
 fn kiln() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env("SOURCE_DATE_EPOCH", EPOCH.to_string()).env_remove("KILN_K3S_BINARY");
+    c.env("SOURCE_DATE_EPOCH", EPOCH.to_string())
+        .env_remove("KILN_K3S_BINARY");
     c
 }
 
@@ -129,13 +148,21 @@ fn copy_range(src: &Path, offset: u64, len: u64, dest: &Path) {
     let mut f = fs::File::open(src).unwrap();
     f.seek(SeekFrom::Start(offset)).unwrap();
     let mut out = fs::File::create(dest).unwrap();
-    let copied = std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, f.take(len)), &mut out).unwrap();
+    let copied = std::io::copy(
+        &mut std::io::BufReader::with_capacity(1 << 20, f.take(len)),
+        &mut out,
+    )
+    .unwrap();
     assert_eq!(copied, len, "short read of {}", src.display());
 }
 
 /// A file name (not a path) that begins with `prefix` in `dir`.
 fn names_starting(dir: &Path, prefix: &str) -> Vec<String> {
-    fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.starts_with(prefix)).collect()
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -158,22 +185,34 @@ struct Shared {
 static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
 
 fn shared() -> &'static Shared {
-    match SHARED.get_or_init(|| std::panic::catch_unwind(build_shared).map_err(|p| panic_text(&p))) {
+    match SHARED.get_or_init(|| std::panic::catch_unwind(build_shared).map_err(|p| panic_text(&p)))
+    {
         Ok(s) => s,
         Err(e) => panic!("the shared build failed:\n{e}"),
     }
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 /// Remove the temp dirs of earlier runs of this binary whose process is gone.
 fn remove_old_temp_dirs() {
-    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = name.strip_prefix(TEMP_PREFIX).and_then(|r| r.split('.').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = name
+            .strip_prefix(TEMP_PREFIX)
+            .and_then(|r| r.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = fs::remove_dir_all(e.path());
         }
@@ -182,7 +221,11 @@ fn remove_old_temp_dirs() {
 
 /// A temp dir named for this process, kept after the process ends.
 fn process_temp_dir() -> PathBuf {
-    tempfile::Builder::new().prefix(&format!("{TEMP_PREFIX}{}.", std::process::id())).tempdir().unwrap().keep()
+    tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{}.", std::process::id()))
+        .tempdir()
+        .unwrap()
+        .keep()
 }
 
 /// The k3s binary for the images: `KILN_K3S_BINARY`, else the test double
@@ -191,9 +234,21 @@ fn k3s_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("KILN_K3S_BINARY") {
         return PathBuf::from(p);
     }
-    let stdout = run(Command::new("make").args(["-s", "--no-print-directory", "k3s-double"]).current_dir(common::repo()));
-    let path = PathBuf::from(stdout.lines().last().expect("make k3s-double prints the path").trim());
-    assert!(path.is_file(), "make k3s-double printed {}, which is not a file", path.display());
+    let stdout = run(Command::new("make")
+        .args(["-s", "--no-print-directory", "k3s-double"])
+        .current_dir(common::repo()));
+    let path = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("make k3s-double prints the path")
+            .trim(),
+    );
+    assert!(
+        path.is_file(),
+        "make k3s-double printed {}, which is not a file",
+        path.display()
+    );
     path
 }
 
@@ -203,7 +258,10 @@ fn write_profile(dir: &Path, public_key: &str) -> PathBuf {
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str(&format!("ssh-authorized-keys = [\"{}\"]\n", public_key.trim()));
+    text.push_str(&format!(
+        "ssh-authorized-keys = [\"{}\"]\n",
+        public_key.trim()
+    ));
     let path = dir.join("vm.toml");
     fs::write(&path, text).unwrap();
     path
@@ -214,8 +272,14 @@ fn build_shared() -> Shared {
     let root = process_temp_dir();
     let k3s = k3s_binary();
     let key = root.join("id_ed25519");
-    run(tool("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-image-test"]).arg("-f").arg(&key));
-    let public_key = fs::read_to_string(key.with_extension("pub")).unwrap().trim().to_string();
+    run(tool("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-image-test"])
+        .arg("-f")
+        .arg(&key));
+    let public_key = fs::read_to_string(key.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string();
     let dir = root.join("profile");
     fs::create_dir(&dir).unwrap();
     let profile = write_profile(&dir, &public_key);
@@ -223,19 +287,41 @@ fn build_shared() -> Shared {
 
     let started = Instant::now();
     let o = kiln_build(&profile, &out, Some(&k3s));
-    assert!(o.status.success(), "kiln build failed:\n{}", text(&o.stderr));
-    eprintln!("image tests: shared build of {PROFILE} ({} nodes) in {:.1} s:\n{}", NODES.len(), started.elapsed().as_secs_f64(), text(&o.stderr));
+    assert!(
+        o.status.success(),
+        "kiln build failed:\n{}",
+        text(&o.stderr)
+    );
+    eprintln!(
+        "image tests: shared build of {PROFILE} ({} nodes) in {:.1} s:\n{}",
+        NODES.len(),
+        started.elapsed().as_secs_f64(),
+        text(&o.stderr)
+    );
     // stdout lists what was written.
     let printed: BTreeSet<String> = text(&o.stdout).lines().map(str::to_string).collect();
     for n in ["s1.img", "a1.img", "SHA256SUMS", "manifest.json"] {
-        assert!(printed.contains(&out.join(n).to_string_lossy().to_string()), "stdout does not list {n}: {printed:?}");
+        assert!(
+            printed.contains(&out.join(n).to_string_lossy().to_string()),
+            "stdout does not list {n}: {printed:?}"
+        );
     }
 
     let plan = kiln::plan::load(&profile).unwrap();
     let spec = kiln::base::base_spec(&plan).expect("vm.toml builds a Debian base");
     let base = kiln::base::cached_path(&spec, &kiln::cache::cache_dir());
-    assert!(base.is_file(), "the build used {}, which is gone", base.display());
-    Shared { profile, out, k3s, public_key, base }
+    assert!(
+        base.is_file(),
+        "the build used {}, which is gone",
+        base.display()
+    );
+    Shared {
+        profile,
+        out,
+        k3s,
+        public_key,
+        base,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -250,17 +336,25 @@ struct Part {
 
 /// The partitions as `sfdisk --json` sees them (sectors).
 fn partitions(image: &Path) -> Vec<Part> {
-    let v: serde_json::Value = serde_json::from_str(&run(tool("sfdisk").arg("--json").arg(image))).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&run(tool("sfdisk").arg("--json").arg(image))).unwrap();
     v["partitiontable"]["partitions"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| Part { name: p["name"].as_str().unwrap_or("").to_string(), start: p["start"].as_u64().unwrap(), size: p["size"].as_u64().unwrap() })
+        .map(|p| Part {
+            name: p["name"].as_str().unwrap_or("").to_string(),
+            start: p["start"].as_u64().unwrap(),
+            size: p["size"].as_u64().unwrap(),
+        })
         .collect()
 }
 
 fn partition(image: &Path, name: &str) -> Part {
-    partitions(image).into_iter().find(|p| p.name == name).unwrap_or_else(|| panic!("{} has no partition {name}", image.display()))
+    partitions(image)
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("{} has no partition {name}", image.display()))
 }
 
 /// Copy partition `name` of `image` into `dest`.
@@ -332,7 +426,9 @@ fn perm_string(kind: char, mode: u32) -> String {
 fn parse_unsquashfs_listing(listing: &str) -> BTreeMap<String, Listed> {
     let mut out = BTreeMap::new();
     for line in listing.lines() {
-        let Some(at) = line.find(" squashfs-root") else { continue };
+        let Some(at) = line.find(" squashfs-root") else {
+            continue;
+        };
         let (meta, name) = (&line[..at], &line[at + " squashfs-root".len()..]);
         let (path, link) = match name.split_once(" -> ") {
             Some((p, l)) => (p, Some(l.to_string())),
@@ -342,11 +438,27 @@ fn parse_unsquashfs_listing(listing: &str) -> BTreeMap<String, Listed> {
         let (uid, gid) = t[1].split_once('/').unwrap();
         let perms = t[0].to_string();
         let (size, dev) = if perms.starts_with(['c', 'b']) {
-            (None, Some((t[2].trim_end_matches(',').parse().unwrap(), t[3].parse().unwrap())))
+            (
+                None,
+                Some((
+                    t[2].trim_end_matches(',').parse().unwrap(),
+                    t[3].parse().unwrap(),
+                )),
+            )
         } else {
             (Some(t[2].parse().unwrap()), None)
         };
-        out.insert(path.trim_start_matches('/').to_string(), Listed { perms, uid: uid.parse().unwrap(), gid: gid.parse().unwrap(), size, dev, link });
+        out.insert(
+            path.trim_start_matches('/').to_string(),
+            Listed {
+                perms,
+                uid: uid.parse().unwrap(),
+                gid: gid.parse().unwrap(),
+                size,
+                dev,
+                link,
+            },
+        );
     }
     out
 }
@@ -358,7 +470,14 @@ fn parse_cpio_listing(listing: &str) -> BTreeMap<String, Listed> {
         let t: Vec<&str> = line.split_whitespace().collect();
         let perms = t[0].to_string();
         let (size, dev, at) = if perms.starts_with(['c', 'b']) {
-            (None, Some((t[4].trim_end_matches(',').parse().unwrap(), t[5].parse().unwrap())), 6)
+            (
+                None,
+                Some((
+                    t[4].trim_end_matches(',').parse().unwrap(),
+                    t[5].parse().unwrap(),
+                )),
+                6,
+            )
         } else {
             (Some(t[4].parse().unwrap()), None, 5)
         };
@@ -368,18 +487,37 @@ fn parse_cpio_listing(listing: &str) -> BTreeMap<String, Listed> {
             Some((p, l)) => (p.to_string(), Some(l.to_string())),
             None => (name, None),
         };
-        out.insert(path, Listed { perms, uid: t[2].parse().unwrap(), gid: t[3].parse().unwrap(), size, dev, link });
+        out.insert(
+            path,
+            Listed {
+                perms,
+                uid: t[2].parse().unwrap(),
+                gid: t[3].parse().unwrap(),
+                size,
+                dev,
+                link,
+            },
+        );
     }
     out
 }
 
 fn cpio_listing(archive: &[u8]) -> BTreeMap<String, Listed> {
-    parse_cpio_listing(&text(&run_with_input(tool("cpio").args(["-tv", "--quiet", "--numeric-uid-gid"]), archive)))
+    parse_cpio_listing(&text(&run_with_input(
+        tool("cpio").args(["-tv", "--quiet", "--numeric-uid-gid"]),
+        archive,
+    )))
 }
 
 /// Unpack a cpio archive into `dir` (directories, files and symlinks only).
 fn cpio_extract(archive: &[u8], dir: &Path, patterns: &[&str]) {
-    run_with_input(tool("cpio").args(["-id", "--quiet", "--no-absolute-filenames"]).args(patterns).current_dir(dir), archive);
+    run_with_input(
+        tool("cpio")
+            .args(["-id", "--quiet", "--no-absolute-filenames"])
+            .args(patterns)
+            .current_dir(dir),
+        archive,
+    );
 }
 
 /// An entry of the base tarball, as the tar headers say.
@@ -406,7 +544,10 @@ struct Base {
 }
 
 fn norm(p: &str) -> String {
-    p.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/').to_string()
+    p.trim_start_matches("./")
+        .trim_start_matches('/')
+        .trim_end_matches('/')
+        .to_string()
 }
 
 fn tar_kind(t: tar::EntryType) -> char {
@@ -427,27 +568,58 @@ fn base() -> &'static Base {
 
 fn read_base(path: &Path) -> Base {
     let mut archive = tar::Archive::new(zstd::Decoder::new(fs::File::open(path).unwrap()).unwrap());
-    let mut b = Base { entries: BTreeMap::new(), order: Vec::new(), systemd_boot: Vec::new(), vmlinuz: (String::new(), Vec::new()), busybox: Vec::new(), modules_dep: String::new(), modules_builtin: String::new() };
+    let mut b = Base {
+        entries: BTreeMap::new(),
+        order: Vec::new(),
+        systemd_boot: Vec::new(),
+        vmlinuz: (String::new(), Vec::new()),
+        busybox: Vec::new(),
+        modules_dep: String::new(),
+        modules_builtin: String::new(),
+    };
     for e in archive.entries().unwrap() {
         let mut e = e.unwrap();
         let path = norm(&e.path().unwrap().to_string_lossy());
         let h = e.header().clone();
         let kind = h.entry_type();
         let mode = h.mode().unwrap();
-        let hard_link = kind.is_hard_link().then(|| norm(&e.link_name().unwrap().unwrap().to_string_lossy()));
-        let link = kind.is_symlink().then(|| e.link_name().unwrap().unwrap().to_string_lossy().to_string());
-        let dev = (kind.is_character_special() || kind.is_block_special()).then(|| (h.device_major().unwrap().unwrap(), h.device_minor().unwrap().unwrap()));
+        let hard_link = kind
+            .is_hard_link()
+            .then(|| norm(&e.link_name().unwrap().unwrap().to_string_lossy()));
+        let link = kind.is_symlink().then(|| {
+            e.link_name()
+                .unwrap()
+                .unwrap()
+                .to_string_lossy()
+                .to_string()
+        });
+        let dev = (kind.is_character_special() || kind.is_block_special()).then(|| {
+            (
+                h.device_major().unwrap().unwrap(),
+                h.device_minor().unwrap().unwrap(),
+            )
+        });
         let mut xattrs = Vec::new();
         if let Some(exts) = e.pax_extensions().unwrap() {
             for x in exts {
                 let key = x.unwrap().key().unwrap().to_string();
-                if let Some(name) = key.strip_prefix("SCHILY.xattr.").or_else(|| key.strip_prefix("LIBARCHIVE.xattr.")) {
+                if let Some(name) = key
+                    .strip_prefix("SCHILY.xattr.")
+                    .or_else(|| key.strip_prefix("LIBARCHIVE.xattr."))
+                {
                     xattrs.push(name.to_string());
                 }
             }
         }
         let size = kind.is_file().then(|| h.size().unwrap());
-        let listed = Listed { perms: perm_string(tar_kind(kind), mode), uid: h.uid().unwrap() as u32, gid: h.gid().unwrap() as u32, size, dev, link };
+        let listed = Listed {
+            perms: perm_string(tar_kind(kind), mode),
+            uid: h.uid().unwrap() as u32,
+            gid: h.gid().unwrap() as u32,
+            size,
+            dev,
+            link,
+        };
         let mut content = || {
             let mut v = Vec::new();
             e.read_to_end(&mut v).unwrap();
@@ -467,9 +639,24 @@ fn read_base(path: &Path) -> Base {
             }
         }
         b.order.push(path.clone());
-        b.entries.insert(path, BaseEntry { listed, hard_link, mtime: h.mtime().unwrap(), xattrs });
+        b.entries.insert(
+            path,
+            BaseEntry {
+                listed,
+                hard_link,
+                mtime: h.mtime().unwrap(),
+                xattrs,
+            },
+        );
     }
-    assert!(!b.systemd_boot.is_empty() && !b.vmlinuz.1.is_empty() && !b.busybox.is_empty() && !b.modules_dep.is_empty(), "{} lacks boot files", path.display());
+    assert!(
+        !b.systemd_boot.is_empty()
+            && !b.vmlinuz.1.is_empty()
+            && !b.busybox.is_empty()
+            && !b.modules_dep.is_empty(),
+        "{} lacks boot files",
+        path.display()
+    );
     b
 }
 
@@ -485,8 +672,17 @@ struct SqfsTarEntry {
 /// Every entry of a squashfs file as `sqfs2tar` (squashfs-tools-ng) writes
 /// it (hard links as tar hard links, xattrs as SCHILY.xattr), with the
 /// contents of `keep` files.
-fn sqfs_tar(sqfs: &Path, keep: &[&str]) -> (BTreeMap<String, SqfsTarEntry>, BTreeMap<String, Vec<u8>>) {
-    let mut child = tool("sqfs2tar").arg("--no-skip").arg(sqfs).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("sqfs2tar (apt-get install squashfs-tools-ng)");
+fn sqfs_tar(
+    sqfs: &Path,
+    keep: &[&str],
+) -> (BTreeMap<String, SqfsTarEntry>, BTreeMap<String, Vec<u8>>) {
+    let mut child = tool("sqfs2tar")
+        .arg("--no-skip")
+        .arg(sqfs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sqfs2tar (apt-get install squashfs-tools-ng)");
     let mut entries = BTreeMap::new();
     let mut contents = BTreeMap::new();
     {
@@ -504,18 +700,33 @@ fn sqfs_tar(sqfs: &Path, keep: &[&str]) -> (BTreeMap<String, SqfsTarEntry>, BTre
                     }
                 }
             }
-            let hard_link = kind.is_hard_link().then(|| norm(&e.link_name().unwrap().unwrap().to_string_lossy()));
+            let hard_link = kind
+                .is_hard_link()
+                .then(|| norm(&e.link_name().unwrap().unwrap().to_string_lossy()));
             let mtime = e.header().mtime().unwrap();
             if kind.is_file() && keep.contains(&path.as_str()) {
                 let mut v = Vec::new();
                 e.read_to_end(&mut v).unwrap();
                 contents.insert(path.clone(), v);
             }
-            entries.insert(path, SqfsTarEntry { kind, mtime, hard_link, xattrs });
+            entries.insert(
+                path,
+                SqfsTarEntry {
+                    kind,
+                    mtime,
+                    hard_link,
+                    xattrs,
+                },
+            );
         }
     }
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "sqfs2tar {} failed:\n{}", sqfs.display(), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "sqfs2tar {} failed:\n{}",
+        sqfs.display(),
+        text(&out.stderr)
+    );
     (entries, contents)
 }
 
@@ -537,9 +748,17 @@ fn normalise_dump(dump: &str, slot_sectors: u64) -> String {
     let mut out = String::new();
     for line in dump.lines() {
         if let Some(v) = line.strip_prefix("last-lba: ") {
-            out += &if v.trim() == last_lba.to_string() { "last-lba: {last-lba}".to_string() } else { line.to_string() };
+            out += &if v.trim() == last_lba.to_string() {
+                "last-lba: {last-lba}".to_string()
+            } else {
+                line.to_string()
+            };
         } else if line.contains(" : start=") {
-            let name = line.split("name=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
+            let name = line
+                .split("name=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("");
             let fields: Vec<String> = line
                 .split(", ")
                 .map(|f| {
@@ -548,9 +767,15 @@ fn normalise_dump(dump: &str, slot_sectors: u64) -> String {
                         None => return f.to_string(),
                     };
                     let token = match (name, key.rsplit(' ').next().unwrap_or(key)) {
-                        ("root-a" | "root-b", "size") if value == slot_sectors.to_string() => Some("{slot}"),
-                        ("root-b", "start") if value == root_b_start.to_string() => Some("{root-b start}"),
-                        ("state", "start") if value == state_start.to_string() => Some("{state start}"),
+                        ("root-a" | "root-b", "size") if value == slot_sectors.to_string() => {
+                            Some("{slot}")
+                        }
+                        ("root-b", "start") if value == root_b_start.to_string() => {
+                            Some("{root-b start}")
+                        }
+                        ("state", "start") if value == state_start.to_string() => {
+                            Some("{state start}")
+                        }
                         _ => None,
                     };
                     match token {
@@ -576,9 +801,19 @@ fn check_golden(name: &str, actual: &str, comment: &str) {
         fs::write(&path, format!("{comment}{actual}")).unwrap();
         return;
     }
-    let expected = fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} is missing (run with UPDATE_GOLDEN=1)", path.display()));
-    let expected: String = expected.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
-    assert_eq!(actual, expected, "{} differs (UPDATE_GOLDEN=1 rewrites it; review the diff)", path.display());
+    let expected = fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} is missing (run with UPDATE_GOLDEN=1)", path.display()));
+    let expected: String = expected
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        actual,
+        expected,
+        "{} differs (UPDATE_GOLDEN=1 rewrites it; review the diff)",
+        path.display()
+    );
 }
 
 /// Are the `len` bytes at `offset` of `path` all zero?
@@ -604,7 +839,12 @@ fn squashfs_bytes_used(image: &Path, offset: u64) -> u64 {
     let mut sb = [0u8; 96];
     f.seek(SeekFrom::Start(offset)).unwrap();
     f.read_exact(&mut sb).unwrap();
-    assert_eq!(&sb[..4], b"hsqs", "no squashfs at byte {offset} of {}", image.display());
+    assert_eq!(
+        &sb[..4],
+        b"hsqs",
+        "no squashfs at byte {offset} of {}",
+        image.display()
+    );
     u64::from_le_bytes(sb[40..48].try_into().unwrap())
 }
 
@@ -627,8 +867,15 @@ fn partition_table_matches_golden_and_the_layout_rule() {
         let root_bytes = squashfs_bytes_used(&image, root_a.start * SECTOR);
         let slot_mib = (root_bytes * 3 / 2).div_ceil(MIB).div_ceil(SLOT_ROUND_MIB) * SLOT_ROUND_MIB;
         let slot_sectors = slot_mib * MIB / SECTOR;
-        assert!(slot_sectors * SECTOR >= root_bytes, "root-a is smaller than the root image");
-        check_golden(&format!("image-{node}-sfdisk.txt"), &normalise_dump(&dump, slot_sectors), GOLDEN_COMMENT);
+        assert!(
+            slot_sectors * SECTOR >= root_bytes,
+            "root-a is smaller than the root image"
+        );
+        check_golden(
+            &format!("image-{node}-sfdisk.txt"),
+            &normalise_dump(&dump, slot_sectors),
+            GOLDEN_COMMENT,
+        );
 
         // kiln's own account of the table is what sfdisk reads.
         let seed = format!("vmtest/{node}");
@@ -637,31 +884,60 @@ fn partition_table_matches_golden_and_the_layout_rule() {
         // The file ends where the plan says: 1 MiB after the state partition.
         assert_eq!(fs::metadata(&image).unwrap().len(), plan.disk_size_bytes);
         let state = partition(&image, "state");
-        assert_eq!((state.start + state.size) * SECTOR + MIB, plan.disk_size_bytes);
+        assert_eq!(
+            (state.start + state.size) * SECTOR + MIB,
+            plan.disk_size_bytes
+        );
 
         // root-b waits for the first upgrade and state is formatted on first
         // boot: both are zeros (no stale bytes, no half-made file system).
         for empty in ["root-b", "state"] {
             let p = partition(&image, empty);
-            assert!(is_zero(&image, p.start * SECTOR, p.size * SECTOR), "{name}: {empty} is not empty");
+            assert!(
+                is_zero(&image, p.start * SECTOR, p.size * SECTOR),
+                "{name}: {empty} is not empty"
+            );
         }
         // sgdisk agrees the table (both headers, CRCs, protective MBR) is sound.
         let verify = run(tool("sgdisk").arg("-v").arg(&image));
-        assert!(verify.contains("No problems found"), "sgdisk -v {name}:\n{verify}");
+        assert!(
+            verify.contains("No problems found"),
+            "sgdisk -v {name}:\n{verify}"
+        );
     }
 }
 
 #[test]
 fn images_are_private_and_the_output_holds_only_the_artifacts() {
     let s = shared();
-    let names: BTreeSet<String> = fs::read_dir(&s.out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
-    assert_eq!(names, ["SHA256SUMS", "a1.img", "manifest.json", "s1.img"].map(String::from).into(), "no work files may be left in the output");
+    let names: BTreeSet<String> = fs::read_dir(&s.out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["SHA256SUMS", "a1.img", "manifest.json", "s1.img"]
+            .map(String::from)
+            .into(),
+        "no work files may be left in the output"
+    );
     for node in NODES {
-        let mode = fs::metadata(s.out.join(format!("{node}.img"))).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode, 0o600, "{node}.img holds the node's secrets but is mode {mode:o}");
+        let mode = fs::metadata(s.out.join(format!("{node}.img")))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(
+            mode, 0o600,
+            "{node}.img holds the node's secrets but is mode {mode:o}"
+        );
     }
     let parent = s.out.parent().unwrap();
-    assert!(names_starting(parent, ".out.").is_empty(), "staging left beside the output: {:?}", names_starting(parent, ".out."));
+    assert!(
+        names_starting(parent, ".out.").is_empty(),
+        "staging left beside the output: {:?}",
+        names_starting(parent, ".out.")
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -675,47 +951,122 @@ fn esp_is_clean_fat32_with_systemd_boot_entry_kernel_and_initrds() {
         let esp = esp_of(node);
         let fsck = tool("fsck.vfat").arg("-n").arg(&esp.path).output().unwrap();
         let report = text(&fsck.stdout) + &text(&fsck.stderr);
-        assert!(fsck.status.success(), "fsck.vfat -n of {node}'s ESP:\n{report}");
+        assert!(
+            fsck.status.success(),
+            "fsck.vfat -n of {node}'s ESP:\n{report}"
+        );
         // Version line and summary only: any complaint is a line more.
-        assert_eq!(report.lines().count(), 2, "fsck.vfat -n of {node}'s ESP is not clean:\n{report}");
+        assert_eq!(
+            report.lines().count(),
+            2,
+            "fsck.vfat -n of {node}'s ESP is not clean:\n{report}"
+        );
         // "…: 12 files, 3847/66426 clusters"
         let words: Vec<&str> = report.split_whitespace().collect();
-        let clusters: u64 = words.iter().position(|w| *w == "clusters").and_then(|i| words[i - 1].split_once('/')).and_then(|(_, n)| n.parse().ok()).unwrap_or_else(|| panic!("{report}"));
-        assert!(clusters >= 65_525, "{clusters} clusters is FAT16 to OVMF, not FAT32");
+        let clusters: u64 = words
+            .iter()
+            .position(|w| *w == "clusters")
+            .and_then(|i| words[i - 1].split_once('/'))
+            .and_then(|(_, n)| n.parse().ok())
+            .unwrap_or_else(|| panic!("{report}"));
+        assert!(
+            clusters >= 65_525,
+            "{clusters} clusters is FAT16 to OVMF, not FAT32"
+        );
 
-        let listing: BTreeSet<String> = run(mtools("mdir", &esp.path).args(["-/", "-b", "::"])).lines().map(str::to_string).collect();
+        let listing: BTreeSet<String> = run(mtools("mdir", &esp.path).args(["-/", "-b", "::"]))
+            .lines()
+            .map(str::to_string)
+            .collect();
         let expected: BTreeSet<String> = [
-            "EFI/", "EFI/BOOT/", "EFI/BOOT/BOOTX64.EFI", "loader/", "loader/loader.conf", "loader/entries/", "loader/entries/kiln-a.conf",
-            "kiln/", "kiln/a/", "kiln/a/vmlinuz", "kiln/a/initrd.img", "kiln/a/seed.img",
+            "EFI/",
+            "EFI/BOOT/",
+            "EFI/BOOT/BOOTX64.EFI",
+            "loader/",
+            "loader/loader.conf",
+            "loader/entries/",
+            "loader/entries/kiln-a.conf",
+            "kiln/",
+            "kiln/a/",
+            "kiln/a/vmlinuz",
+            "kiln/a/initrd.img",
+            "kiln/a/seed.img",
         ]
         .iter()
         .map(|p| format!("::/{p}"))
         .collect();
         assert_eq!(listing, expected, "{node}'s ESP");
 
-        assert!(esp_file(&esp.path, "EFI/BOOT/BOOTX64.EFI") == b.systemd_boot, "BOOTX64.EFI is not the base's systemd-bootx64.efi");
-        assert!(esp_file(&esp.path, "kiln/a/vmlinuz") == b.vmlinuz.1, "kiln/a/vmlinuz is not the base's {}", b.vmlinuz.0);
+        assert!(
+            esp_file(&esp.path, "EFI/BOOT/BOOTX64.EFI") == b.systemd_boot,
+            "BOOTX64.EFI is not the base's systemd-bootx64.efi"
+        );
+        assert!(
+            esp_file(&esp.path, "kiln/a/vmlinuz") == b.vmlinuz.1,
+            "kiln/a/vmlinuz is not the base's {}",
+            b.vmlinuz.0
+        );
         let kernel_version = b.vmlinuz.0.trim_start_matches("boot/vmlinuz-");
 
         let loader = text(&esp_file(&esp.path, "loader/loader.conf"));
         for line in ["timeout 0", "default kiln-a.conf", "editor no"] {
-            assert!(loader.lines().any(|l| l == line), "loader.conf lacks `{line}`:\n{loader}");
+            assert!(
+                loader.lines().any(|l| l == line),
+                "loader.conf lacks `{line}`:\n{loader}"
+            );
         }
         let entry = text(&esp_file(&esp.path, "loader/entries/kiln-a.conf"));
-        let key = |k: &str| -> Vec<String> { entry.lines().filter_map(|l| l.strip_prefix(&format!("{k} "))).map(str::to_string).collect() };
-        assert_eq!(key("title"), [format!("kiln vmtest/{node} (slot a, k3s {K3S_VERSION})")], "{entry}");
+        let key = |k: &str| -> Vec<String> {
+            entry
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("{k} ")))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(
+            key("title"),
+            [format!("kiln vmtest/{node} (slot a, k3s {K3S_VERSION})")],
+            "{entry}"
+        );
         assert_eq!(key("version"), [kernel_version], "{entry}");
         assert_eq!(key("linux"), ["/kiln/a/vmlinuz"], "{entry}");
-        assert_eq!(key("initrd"), ["/kiln/a/initrd.img", "/kiln/a/seed.img"], "base initramfs first, then the node seed:\n{entry}");
-        let options: Vec<String> = key("options").join(" ").split_whitespace().map(str::to_string).collect();
-        for want in ["kiln.slot=a", "pcie_aspm=off", "console=ttyS0,115200", "panic=10"] {
-            assert!(options.iter().any(|o| o == want), "options lack {want}:\n{entry}");
+        assert_eq!(
+            key("initrd"),
+            ["/kiln/a/initrd.img", "/kiln/a/seed.img"],
+            "base initramfs first, then the node seed:\n{entry}"
+        );
+        let options: Vec<String> = key("options")
+            .join(" ")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        for want in [
+            "kiln.slot=a",
+            "pcie_aspm=off",
+            "console=ttyS0,115200",
+            "panic=10",
+        ] {
+            assert!(
+                options.iter().any(|o| o == want),
+                "options lack {want}:\n{entry}"
+            );
         }
-        assert!(!options.iter().any(|o| o.starts_with("root=") || o == "console=tty0"), "{entry}");
+        assert!(
+            !options
+                .iter()
+                .any(|o| o.starts_with("root=") || o == "console=tty0"),
+            "{entry}"
+        );
         // kiln's own FAT reader sees the same entry.
         let mut disk = fs::File::open(s.out.join(format!("{node}.img"))).unwrap();
         let p = partition(&s.out.join(format!("{node}.img")), "ESP");
-        let via_kiln = kiln::image::esp::read_esp_file(&mut disk, p.start * SECTOR, p.size * SECTOR, "loader/entries/kiln-a.conf").unwrap();
+        let via_kiln = kiln::image::esp::read_esp_file(
+            &mut disk,
+            p.start * SECTOR,
+            p.size * SECTOR,
+            "loader/entries/kiln-a.conf",
+        )
+        .unwrap();
         assert_eq!(text(&via_kiln), entry);
     }
 }
@@ -726,7 +1077,9 @@ fn esp_is_clean_fat32_with_systemd_boot_entry_kernel_and_initrds() {
 /// Files the root stream drops from the base (src/rootfs.rs
 /// `is_host_state`): build-host state every node would otherwise share.
 fn is_dropped(path: &str) -> bool {
-    ["etc/hostname", "etc/machine-id", "var/lib/dbus/machine-id"].contains(&path) || path.starts_with("etc/ssh/ssh_host_") || path.starts_with("boot/initrd.img")
+    ["etc/hostname", "etc/machine-id", "var/lib/dbus/machine-id"].contains(&path)
+        || path.starts_with("etc/ssh/ssh_host_")
+        || path.starts_with("boot/initrd.img")
 }
 
 /// Where a base path is in the image: `/var/*` moves to the factory copy.
@@ -755,14 +1108,50 @@ fn kiln_root_files() -> BTreeMap<String, Option<Listed>> {
         let listed = match e {
             // Its text names versions and digests: checked by content below.
             kiln::tree::Entry::File { .. } if path == "/usr/lib/kiln/image" => None,
-            kiln::tree::Entry::File { content, mode, uid, gid } => Some(Listed { perms: perm_string('-', *mode), uid: *uid, gid: *gid, size: Some(content.len() as u64), dev: None, link: None }),
-            kiln::tree::Entry::Symlink { target } => Some(Listed { perms: "lrwxrwxrwx".into(), uid: 0, gid: 0, size: Some(target.len() as u64), dev: None, link: Some(target.clone()) }),
-            kiln::tree::Entry::Dir { mode } => Some(Listed { perms: perm_string('d', *mode), uid: 0, gid: 0, size: None, dev: None, link: None }),
+            kiln::tree::Entry::File {
+                content,
+                mode,
+                uid,
+                gid,
+            } => Some(Listed {
+                perms: perm_string('-', *mode),
+                uid: *uid,
+                gid: *gid,
+                size: Some(content.len() as u64),
+                dev: None,
+                link: None,
+            }),
+            kiln::tree::Entry::Symlink { target } => Some(Listed {
+                perms: "lrwxrwxrwx".into(),
+                uid: 0,
+                gid: 0,
+                size: Some(target.len() as u64),
+                dev: None,
+                link: Some(target.clone()),
+            }),
+            kiln::tree::Entry::Dir { mode } => Some(Listed {
+                perms: perm_string('d', *mode),
+                uid: 0,
+                gid: 0,
+                size: None,
+                dev: None,
+                link: None,
+            }),
         };
         m.insert(path.trim_start_matches('/').to_string(), listed);
     }
     let k3s_size = fs::metadata(&shared().k3s).unwrap().len();
-    m.insert(kiln::rootfs::K3S_PATH.to_string(), Some(Listed { perms: "-rwxr-xr-x".into(), uid: 0, gid: 0, size: Some(k3s_size), dev: None, link: None }));
+    m.insert(
+        kiln::rootfs::K3S_PATH.to_string(),
+        Some(Listed {
+            perms: "-rwxr-xr-x".into(),
+            uid: 0,
+            gid: 0,
+            size: Some(k3s_size),
+            dev: None,
+            link: None,
+        }),
+    );
     m.insert("usr/lib/tmpfiles.d/kiln-factory.conf".to_string(), None);
     m
 }
@@ -779,7 +1168,9 @@ fn root_a_of(node: &str) -> RootA {
     let p = partition(&image, "root-a");
     let path = dir.path().join("root-a.sqfs");
     // The squashfs only, rounded up to 4 KiB as squashfs pads it.
-    let used = squashfs_bytes_used(&image, p.start * SECTOR).next_multiple_of(4096).min(p.size * SECTOR);
+    let used = squashfs_bytes_used(&image, p.start * SECTOR)
+        .next_multiple_of(4096)
+        .min(p.size * SECTOR);
     copy_range(&image, p.start * SECTOR, used, &path);
     RootA { _dir: dir, path }
 }
@@ -791,12 +1182,33 @@ fn root_a_is_zstd_squashfs_holding_the_base_with_owners_modes_and_types() {
     let image = s.out.join("s1.img");
     let offset = partition(&image, "root-a").start * SECTOR;
 
-    let stats = run(tool("unsquashfs").arg("-s").arg("-o").arg(offset.to_string()).arg(&image));
-    assert!(stats.lines().any(|l| l.trim() == "Compression zstd"), "{stats}");
-    assert!(stats.lines().any(|l| l.trim() == format!("compression-level {ZSTD_LEVEL}")), "{stats}");
-    assert!(stats.lines().any(|l| l.trim() == format!("Block size {SQUASHFS_BLOCK}")), "{stats}");
+    let stats = run(tool("unsquashfs")
+        .arg("-s")
+        .arg("-o")
+        .arg(offset.to_string())
+        .arg(&image));
+    assert!(
+        stats.lines().any(|l| l.trim() == "Compression zstd"),
+        "{stats}"
+    );
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.trim() == format!("compression-level {ZSTD_LEVEL}")),
+        "{stats}"
+    );
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.trim() == format!("Block size {SQUASHFS_BLOCK}")),
+        "{stats}"
+    );
 
-    let listing = parse_unsquashfs_listing(&run(tool("unsquashfs").arg("-lln").arg("-o").arg(offset.to_string()).arg(&image)));
+    let listing = parse_unsquashfs_listing(&run(tool("unsquashfs")
+        .arg("-lln")
+        .arg("-o")
+        .arg(offset.to_string())
+        .arg(&image)));
     let kiln_files = kiln_root_files();
     let mut expected_paths: BTreeSet<String> = BTreeSet::new();
     let mut failures = Vec::new();
@@ -807,10 +1219,15 @@ fn root_a_is_zstd_squashfs_holding_the_base_with_owners_modes_and_types() {
             continue;
         }
         let target = relocated(path);
-        let replaced = kiln_files.contains_key(&target) && !(e.listed.perms.starts_with('d') && matches!(&kiln_files[&target], Some(l) if l.perms.starts_with('d')));
+        let replaced = kiln_files.contains_key(&target)
+            && !(e.listed.perms.starts_with('d')
+                && matches!(&kiln_files[&target], Some(l) if l.perms.starts_with('d')));
         if is_dropped(path) || replaced {
             if !replaced {
-                assert!(!listing.contains_key(&target), "{path} is build-host state but is in the image");
+                assert!(
+                    !listing.contains_key(&target),
+                    "{path} is build-host state but is in the image"
+                );
             }
             continue;
         }
@@ -832,7 +1249,14 @@ fn root_a_is_zstd_squashfs_holding_the_base_with_owners_modes_and_types() {
             // Sizes of directories and symlinks are squashfs's own.
             got.size = None;
         }
-        let want = Listed { size: if want.perms.starts_with('-') { want.size } else { None }, ..want };
+        let want = Listed {
+            size: if want.perms.starts_with('-') {
+                want.size
+            } else {
+                None
+            },
+            ..want
+        };
         if got != want {
             failures.push(format!("/{target}: base {want:?}, image {got:?}"));
         }
@@ -840,13 +1264,30 @@ fn root_a_is_zstd_squashfs_holding_the_base_with_owners_modes_and_types() {
         devices += usize::from(want.dev.is_some());
         symlinks += usize::from(want.link.is_some());
     }
-    assert!(failures.is_empty(), "{} base entries differ in root-a:\n{}", failures.len(), failures.iter().take(40).cloned().collect::<Vec<_>>().join("\n"));
-    assert!(compared > 5000 && devices >= 8 && symlinks > 100 && hard_links >= 2, "compared {compared} entries, {devices} devices, {symlinks} symlinks, {hard_links} hard links");
-    eprintln!("root-a: {compared} base entries match ({devices} device nodes, {symlinks} symlinks, {hard_links} hard links)");
+    assert!(
+        failures.is_empty(),
+        "{} base entries differ in root-a:\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        compared > 5000 && devices >= 8 && symlinks > 100 && hard_links >= 2,
+        "compared {compared} entries, {devices} devices, {symlinks} symlinks, {hard_links} hard links"
+    );
+    eprintln!(
+        "root-a: {compared} base entries match ({devices} device nodes, {symlinks} symlinks, {hard_links} hard links)"
+    );
 
     // kiln's files, with their own modes and owners.
     for (path, want) in &kiln_files {
-        let got = listing.get(path).unwrap_or_else(|| panic!("/{path} is missing from root-a"));
+        let got = listing
+            .get(path)
+            .unwrap_or_else(|| panic!("/{path} is missing from root-a"));
         if let Some(want) = want {
             let mut got = got.clone();
             if want.perms.starts_with('d') {
@@ -854,23 +1295,44 @@ fn root_a_is_zstd_squashfs_holding_the_base_with_owners_modes_and_types() {
             }
             assert_eq!(&got, want, "/{path}");
         } else {
-            assert!(got.perms == "-rw-r--r--" && got.uid == 0 && got.gid == 0, "/{path}: {got:?}");
+            assert!(
+                got.perms == "-rw-r--r--" && got.uid == 0 && got.gid == 0,
+                "/{path}: {got:?}"
+            );
         }
         expected_paths.insert(path.clone());
     }
     // Nothing else, apart from the directories that hold what is expected
     // (the factory's own parents, /etc/rancher for kiln's link), made by
     // tar2sqfs as root-owned 0755 directories.
-    let implied: BTreeSet<String> = expected_paths.iter().flat_map(|p| ancestors(p).collect::<Vec<_>>()).filter(|a| !expected_paths.contains(a)).collect();
+    let implied: BTreeSet<String> = expected_paths
+        .iter()
+        .flat_map(|p| ancestors(p).collect::<Vec<_>>())
+        .filter(|a| !expected_paths.contains(a))
+        .collect();
     for a in &implied {
-        let got = listing.get(a).unwrap_or_else(|| panic!("/{a} is missing from root-a"));
-        assert!(got.perms == "drwxr-xr-x" && got.uid == 0 && got.gid == 0, "/{a}: {got:?}");
+        let got = listing
+            .get(a)
+            .unwrap_or_else(|| panic!("/{a} is missing from root-a"));
+        assert!(
+            got.perms == "drwxr-xr-x" && got.uid == 0 && got.gid == 0,
+            "/{a}: {got:?}"
+        );
     }
-    let extra: Vec<&String> = listing.keys().filter(|p| !p.is_empty() && !expected_paths.contains(*p) && !implied.contains(*p)).collect();
-    assert!(extra.is_empty(), "root-a holds what is neither the base nor kiln's: {extra:?}");
+    let extra: Vec<&String> = listing
+        .keys()
+        .filter(|p| !p.is_empty() && !expected_paths.contains(*p) && !implied.contains(*p))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "root-a holds what is neither the base nor kiln's: {extra:?}"
+    );
     // /var itself stays (the state partition is mounted on it), empty.
     assert!(listing["var"].perms.starts_with('d'));
-    assert!(!listing.keys().any(|p| p.starts_with("var/")), "/var in the image is not empty");
+    assert!(
+        !listing.keys().any(|p| p.starts_with("var/")),
+        "/var in the image is not empty"
+    );
 }
 
 #[test]
@@ -878,15 +1340,32 @@ fn root_a_keeps_hard_links_clamps_mtimes_and_carries_k3s_and_kiln_files() {
     let s = shared();
     let b = base();
     let root = root_a_of("s1");
-    let (entries, contents) = sqfs_tar(&root.path, &[kiln::rootfs::K3S_PATH, "usr/lib/kiln/image", "usr/lib/tmpfiles.d/kiln-factory.conf"]);
+    let (entries, contents) = sqfs_tar(
+        &root.path,
+        &[
+            kiln::rootfs::K3S_PATH,
+            "usr/lib/kiln/image",
+            "usr/lib/tmpfiles.d/kiln-factory.conf",
+        ],
+    );
 
     // Hard links stay hard links (either one may come first).
-    let pairs: Vec<(&String, &String)> = b.entries.iter().filter_map(|(p, e)| e.hard_link.as_ref().map(|t| (p, t))).collect();
+    let pairs: Vec<(&String, &String)> = b
+        .entries
+        .iter()
+        .filter_map(|(p, e)| e.hard_link.as_ref().map(|t| (p, t)))
+        .collect();
     assert!(!pairs.is_empty(), "the base has no hard links to check");
     for (a, t) in pairs {
         let (a, t) = (relocated(a), relocated(t));
-        let linked = entries.get(&a).and_then(|e| e.hard_link.as_ref()) == Some(&t) || entries.get(&t).and_then(|e| e.hard_link.as_ref()) == Some(&a);
-        assert!(linked, "/{a} and /{t} are hard links in the base but not in root-a: {:?} {:?}", entries.get(&a), entries.get(&t));
+        let linked = entries.get(&a).and_then(|e| e.hard_link.as_ref()) == Some(&t)
+            || entries.get(&t).and_then(|e| e.hard_link.as_ref()) == Some(&a);
+        assert!(
+            linked,
+            "/{a} and /{t} are hard links in the base but not in root-a: {:?} {:?}",
+            entries.get(&a),
+            entries.get(&t)
+        );
     }
 
     // Every mtime is the base's, clamped to SOURCE_DATE_EPOCH.
@@ -895,38 +1374,71 @@ fn root_a_keeps_hard_links_clamps_mtimes_and_carries_k3s_and_kiln_files() {
             assert_eq!(got.mtime, e.mtime.min(EPOCH), "/{path}");
         }
     }
-    assert!(entries.values().all(|e| e.mtime <= EPOCH), "an mtime is after SOURCE_DATE_EPOCH");
+    assert!(
+        entries.values().all(|e| e.mtime <= EPOCH),
+        "an mtime is after SOURCE_DATE_EPOCH"
+    );
 
     // xattrs: the base carries only POSIX ACLs (on /var/log/journal), which
     // squashfs cannot store and kiln drops; so the image has none.
     // user_xattrs_survive_the_root_stream shows other xattrs are kept.
     let base_xattrs: BTreeSet<&String> = b.entries.values().flat_map(|e| &e.xattrs).collect();
-    assert!(base_xattrs.iter().all(|x| x.starts_with("system.posix_acl_")), "the base has non-ACL xattrs {base_xattrs:?}: check that they are in the image");
-    assert!(entries.values().all(|e| e.xattrs.is_empty()), "root-a stores xattrs the base did not have");
+    assert!(
+        base_xattrs
+            .iter()
+            .all(|x| x.starts_with("system.posix_acl_")),
+        "the base has non-ACL xattrs {base_xattrs:?}: check that they are in the image"
+    );
+    assert!(
+        entries.values().all(|e| e.xattrs.is_empty()),
+        "root-a stores xattrs the base did not have"
+    );
 
     // The k3s binary is the one given, executable, at /usr/local/bin/k3s.
-    assert_eq!(sha256(&contents[kiln::rootfs::K3S_PATH]), sha256_file(&s.k3s), "usr/local/bin/k3s is not the --k3s-binary");
+    assert_eq!(
+        sha256(&contents[kiln::rootfs::K3S_PATH]),
+        sha256_file(&s.k3s),
+        "usr/local/bin/k3s is not the --k3s-binary"
+    );
     assert!(entries[kiln::rootfs::K3S_PATH].kind.is_file());
 
     // The image's version file names what went in.
     let version = text(&contents["usr/lib/kiln/image"]);
-    for want in [format!("k3s {K3S_VERSION}"), format!("k3s-sha256 {}", sha256_file(&s.k3s)), format!("base-sha256 {}", sha256_file(&s.base)), format!("kernel {}", b.vmlinuz.0.trim_start_matches("boot/vmlinuz-"))] {
-        assert!(version.lines().any(|l| l == want), "usr/lib/kiln/image lacks `{want}`:\n{version}");
+    for want in [
+        format!("k3s {K3S_VERSION}"),
+        format!("k3s-sha256 {}", sha256_file(&s.k3s)),
+        format!("base-sha256 {}", sha256_file(&s.base)),
+        format!("kernel {}", b.vmlinuz.0.trim_start_matches("boot/vmlinuz-")),
+    ] {
+        assert!(
+            version.lines().any(|l| l == want),
+            "usr/lib/kiln/image lacks `{want}`:\n{version}"
+        );
     }
 
     // systemd-tmpfiles seeds /var from the factory: package state is linked
     // (it follows the slot), the rest copied if missing; every source exists.
     let tmpfiles = text(&contents["usr/lib/tmpfiles.d/kiln-factory.conf"]);
-    let rules: Vec<Vec<&str>> = tmpfiles.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(|l| l.split_whitespace().collect()).collect();
+    let rules: Vec<Vec<&str>> = tmpfiles
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     for r in &rules {
         assert_eq!(r.len(), 7, "{r:?}");
         let (kind, dest, src) = (r[0], r[1], r[6]);
         assert!(["C", "L+"].contains(&kind), "{r:?}");
         assert_eq!(src, format!("/usr/share/kiln/factory{dest}"), "{r:?}");
-        assert!(entries.contains_key(src.trim_start_matches('/')), "{src} is not in the image");
+        assert!(
+            entries.contains_key(src.trim_start_matches('/')),
+            "{src} is not in the image"
+        );
     }
     for linked in ["/var/lib/dpkg", "/var/lib/apt"] {
-        assert!(rules.iter().any(|r| r[0] == "L+" && r[1] == linked), "{linked} is not linked to the factory:\n{tmpfiles}");
+        assert!(
+            rules.iter().any(|r| r[0] == "L+" && r[1] == linked),
+            "{linked} is not linked to the factory:\n{tmpfiles}"
+        );
     }
     // Every top-level /var entry of the base is seeded, one level deeper in
     // the directories seeded child by child.
@@ -934,8 +1446,19 @@ fn root_a_keeps_hard_links_clamps_mtimes_and_carries_k3s_and_kiln_files() {
     for path in b.entries.keys().filter(|p| p.starts_with("var/")) {
         let parts: Vec<&str> = path.split('/').collect();
         let top = format!("var/{}", parts[1]);
-        let child = if split.contains(&top.as_str()) { if parts.len() > 2 { format!("{top}/{}", parts[2]) } else { continue } } else { top };
-        assert!(rules.iter().any(|r| r[1] == format!("/{child}")), "/{child} is not seeded:\n{tmpfiles}");
+        let child = if split.contains(&top.as_str()) {
+            if parts.len() > 2 {
+                format!("{top}/{}", parts[2])
+            } else {
+                continue;
+            }
+        } else {
+            top
+        };
+        assert!(
+            rules.iter().any(|r| r[1] == format!("/{child}")),
+            "/{child} is not seeded:\n{tmpfiles}"
+        );
     }
 }
 
@@ -946,48 +1469,102 @@ fn user_xattrs_survive_the_root_stream_and_acls_are_dropped() {
     // security.capability (as setcap writes it, v2, cap_net_raw+ep).
     let dir = tempfile::tempdir().unwrap();
     let tarball = dir.path().join("base.tar");
-    let capability: Vec<u8> = [0x00, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0].to_vec();
+    let capability: Vec<u8> = [
+        0x00, 0x00, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ]
+    .to_vec();
     let acl = b"\x02\x00\x00\x00\x01\x00\x07\x00\xff\xff\xff\xff".to_vec();
     {
         let mut t = tar::Builder::new(fs::File::create(&tarball).unwrap());
-        let mut add = |path: &str, kind: tar::EntryType, mode: u32, data: &[u8], xattrs: &[(&str, &[u8])]| {
-            if !xattrs.is_empty() {
-                t.append_pax_extensions(xattrs.iter().map(|(k, v)| (*k, *v))).unwrap();
-            }
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(kind);
-            h.set_mode(mode);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_size(data.len() as u64);
-            h.set_mtime(EPOCH + 1000);
-            t.append_data(&mut h, path, data).unwrap();
-        };
+        let mut add =
+            |path: &str, kind: tar::EntryType, mode: u32, data: &[u8], xattrs: &[(&str, &[u8])]| {
+                if !xattrs.is_empty() {
+                    t.append_pax_extensions(xattrs.iter().map(|(k, v)| (*k, *v)))
+                        .unwrap();
+                }
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(kind);
+                h.set_mode(mode);
+                h.set_uid(0);
+                h.set_gid(0);
+                h.set_size(data.len() as u64);
+                h.set_mtime(EPOCH + 1000);
+                t.append_data(&mut h, path, data).unwrap();
+            };
         add("./", tar::EntryType::Directory, 0o755, b"", &[]);
         add("./etc/", tar::EntryType::Directory, 0o755, b"", &[]);
-        add("./etc/tagged", tar::EntryType::Regular, 0o644, b"has a user xattr\n", &[("SCHILY.xattr.user.kiln-test", b"kept")]);
+        add(
+            "./etc/tagged",
+            tar::EntryType::Regular,
+            0o644,
+            b"has a user xattr\n",
+            &[("SCHILY.xattr.user.kiln-test", b"kept")],
+        );
         add("./usr/", tar::EntryType::Directory, 0o755, b"", &[]);
         add("./usr/bin/", tar::EntryType::Directory, 0o755, b"", &[]);
-        add("./usr/bin/ping", tar::EntryType::Regular, 0o755, b"#!/bin/sh\n", &[("SCHILY.xattr.security.capability", &capability)]);
+        add(
+            "./usr/bin/ping",
+            tar::EntryType::Regular,
+            0o755,
+            b"#!/bin/sh\n",
+            &[("SCHILY.xattr.security.capability", &capability)],
+        );
         add("./var/", tar::EntryType::Directory, 0o755, b"", &[]);
         add("./var/log/", tar::EntryType::Directory, 0o755, b"", &[]);
-        add("./var/log/journal/", tar::EntryType::Directory, 0o2755, b"", &[("SCHILY.xattr.system.posix_acl_access", &acl), ("SCHILY.xattr.user.journal", b"also kept")]);
+        add(
+            "./var/log/journal/",
+            tar::EntryType::Directory,
+            0o2755,
+            b"",
+            &[
+                ("SCHILY.xattr.system.posix_acl_access", &acl),
+                ("SCHILY.xattr.user.journal", b"also kept"),
+            ],
+        );
         t.into_inner().unwrap().flush().unwrap();
     }
     let k3s = dir.path().join("k3s");
     fs::write(&k3s, b"#!/bin/sh\necho k3s\n").unwrap();
     let out = dir.path().join("root.sqfs");
-    let inputs = kiln::rootfs::RootInputs { base: &tarball, overlays: vec![], k3s: &k3s, image_files: kiln::tree::FileTree::new(), mtime: EPOCH, level: 3 };
+    let inputs = kiln::rootfs::RootInputs {
+        base: &tarball,
+        overlays: vec![],
+        k3s: &k3s,
+        image_files: kiln::tree::FileTree::new(),
+        mtime: EPOCH,
+        level: 3,
+    };
     kiln::rootfs::build_root(&inputs, &out).unwrap_or_else(|e| panic!("{e:#}"));
 
     let stats = run(tool("unsquashfs").arg("-s").arg(&out));
     assert!(!stats.contains("Xattrs are not stored"), "{stats}");
     let (entries, _) = sqfs_tar(&out, &[]);
-    assert_eq!(entries["etc/tagged"].xattrs.get("user.kiln-test").map(Vec::as_slice), Some(&b"kept"[..]), "{:?}", entries["etc/tagged"]);
-    assert_eq!(entries["usr/bin/ping"].xattrs.get("security.capability"), Some(&capability), "{:?}", entries["usr/bin/ping"]);
+    assert_eq!(
+        entries["etc/tagged"]
+            .xattrs
+            .get("user.kiln-test")
+            .map(Vec::as_slice),
+        Some(&b"kept"[..]),
+        "{:?}",
+        entries["etc/tagged"]
+    );
+    assert_eq!(
+        entries["usr/bin/ping"].xattrs.get("security.capability"),
+        Some(&capability),
+        "{:?}",
+        entries["usr/bin/ping"]
+    );
     let journal = &entries["usr/share/kiln/factory/var/log/journal"];
-    assert!(!journal.xattrs.keys().any(|k| k.starts_with("system.")), "{journal:?}");
-    assert_eq!(journal.xattrs.get("user.journal").map(Vec::as_slice), Some(&b"also kept"[..]), "{journal:?}");
+    assert!(
+        !journal.xattrs.keys().any(|k| k.starts_with("system.")),
+        "{journal:?}"
+    );
+    assert_eq!(
+        journal.xattrs.get("user.journal").map(Vec::as_slice),
+        Some(&b"also kept"[..]),
+        "{journal:?}"
+    );
     assert!(entries.values().all(|e| e.mtime <= EPOCH));
 }
 
@@ -999,11 +1576,25 @@ fn a_truncated_base_fails_naming_the_base_not_tar2sqfs() {
     let dir = tempfile::tempdir().unwrap();
     let truncated = dir.path().join("base.tar");
     let mut whole = zstd::Decoder::new(fs::File::open(&shared().base).unwrap()).unwrap();
-    std::io::copy(&mut (&mut whole).take(20 * MIB), &mut fs::File::create(&truncated).unwrap()).unwrap();
+    std::io::copy(
+        &mut (&mut whole).take(20 * MIB),
+        &mut fs::File::create(&truncated).unwrap(),
+    )
+    .unwrap();
     let k3s = dir.path().join("k3s");
     fs::write(&k3s, b"#!/bin/sh\n").unwrap();
-    let inputs = kiln::rootfs::RootInputs { base: &truncated, overlays: vec![], k3s: &k3s, image_files: kiln::tree::FileTree::new(), mtime: EPOCH, level: 3 };
-    let err = format!("{:#}", kiln::rootfs::build_root(&inputs, &dir.path().join("root.sqfs")).unwrap_err());
+    let inputs = kiln::rootfs::RootInputs {
+        base: &truncated,
+        overlays: vec![],
+        k3s: &k3s,
+        image_files: kiln::tree::FileTree::new(),
+        mtime: EPOCH,
+        level: 3,
+    };
+    let err = format!(
+        "{:#}",
+        kiln::rootfs::build_root(&inputs, &dir.path().join("root.sqfs")).unwrap_err()
+    );
     assert!(err.contains("reading the base tarball"), "{err}");
 }
 
@@ -1013,10 +1604,18 @@ fn a_truncated_base_fails_naming_the_base_not_tar2sqfs() {
 /// Decompress an initramfs: one zstd frame, then at most 3 zero bytes of
 /// padding to the 4-byte boundary the next archive (the seed) needs.
 fn unpack_initramfs(data: &[u8]) -> Vec<u8> {
-    assert_eq!(&data[..4], &[0x28, 0xb5, 0x2f, 0xfd], "the initramfs is not zstd");
+    assert_eq!(
+        &data[..4],
+        &[0x28, 0xb5, 0x2f, 0xfd],
+        "the initramfs is not zstd"
+    );
     let frame = zstd::zstd_safe::find_frame_compressed_size(data).expect("one whole zstd frame");
     let padding = &data[frame..];
-    assert!(padding.len() < 4 && padding.iter().all(|b| *b == 0) && data.len().is_multiple_of(4), "{} bytes after the frame: {padding:?}", padding.len());
+    assert!(
+        padding.len() < 4 && padding.iter().all(|b| *b == 0) && data.len().is_multiple_of(4),
+        "{} bytes after the frame: {padding:?}",
+        padding.len()
+    );
     zstd::decode_all(&data[..frame]).unwrap()
 }
 
@@ -1031,13 +1630,30 @@ fn initramfs_has_busybox_init_console_and_the_modules_it_lists() {
     let esp = esp_of("s1");
     let cpio = unpack_initramfs(&esp_file(&esp.path, "kiln/a/initrd.img"));
     // Every node gets the same initramfs.
-    assert!(esp_file(&esp_of("a1").path, "kiln/a/initrd.img") == esp_file(&esp.path, "kiln/a/initrd.img"));
+    assert!(
+        esp_file(&esp_of("a1").path, "kiln/a/initrd.img")
+            == esp_file(&esp.path, "kiln/a/initrd.img")
+    );
 
     let listing = cpio_listing(&cpio);
     let names = text(&run_with_input(tool("cpio").args(["-t", "--quiet"]), &cpio));
     assert_eq!(names.lines().count(), listing.len());
-    for want in ["init", "bin/busybox", "bin/sh", "dev/console", "etc/kiln/modules", "proc", "sys", "sysroot", "run", "tmp"] {
-        assert!(listing.contains_key(want), "{want} is missing from the initramfs");
+    for want in [
+        "init",
+        "bin/busybox",
+        "bin/sh",
+        "dev/console",
+        "etc/kiln/modules",
+        "proc",
+        "sys",
+        "sysroot",
+        "run",
+        "tmp",
+    ] {
+        assert!(
+            listing.contains_key(want),
+            "{want} is missing from the initramfs"
+        );
     }
     assert_eq!(listing["dev/console"].dev, Some((5, 1)));
     assert!(listing["dev/console"].perms.starts_with('c'));
@@ -1045,39 +1661,95 @@ fn initramfs_has_busybox_init_console_and_the_modules_it_lists() {
     assert_eq!(listing["bin/sh"].link.as_deref(), Some("busybox"));
 
     let dir = tempfile::tempdir().unwrap();
-    cpio_extract(&cpio, dir.path(), &["init", "bin/busybox", "etc/kiln/modules", "lib/*"]);
-    assert_eq!(fs::read_to_string(dir.path().join("init")).unwrap(), kiln::initramfs::INIT_SCRIPT);
-    assert!(fs::read(dir.path().join("bin/busybox")).unwrap() == b.busybox, "bin/busybox is not the base's busybox-static");
+    cpio_extract(
+        &cpio,
+        dir.path(),
+        &["init", "bin/busybox", "etc/kiln/modules", "lib/*"],
+    );
+    assert_eq!(
+        fs::read_to_string(dir.path().join("init")).unwrap(),
+        kiln::initramfs::INIT_SCRIPT
+    );
+    assert!(
+        fs::read(dir.path().join("bin/busybox")).unwrap() == b.busybox,
+        "bin/busybox is not the base's busybox-static"
+    );
 
     let kernel_version = b.vmlinuz.0.trim_start_matches("boot/vmlinuz-");
     let modules_text = fs::read_to_string(dir.path().join("etc/kiln/modules")).unwrap();
     let modules: Vec<&str> = modules_text.lines().collect();
     assert!(modules.len() >= 10, "{modules:?}");
-    eprintln!("initramfs: {} entries, {} modules for {kernel_version}", listing.len(), modules.len());
-    let deps: BTreeMap<&str, Vec<&str>> = b.modules_dep.lines().filter_map(|l| l.split_once(':')).map(|(m, d)| (m, d.split_whitespace().collect())).collect();
-    let base_modules: BTreeMap<String, &BaseEntry> = b.entries.iter().filter_map(|(p, e)| p.strip_prefix(&format!("usr/lib/modules/{kernel_version}/")).map(|r| (r.to_string(), e))).collect();
+    eprintln!(
+        "initramfs: {} entries, {} modules for {kernel_version}",
+        listing.len(),
+        modules.len()
+    );
+    let deps: BTreeMap<&str, Vec<&str>> = b
+        .modules_dep
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(m, d)| (m, d.split_whitespace().collect()))
+        .collect();
+    let base_modules: BTreeMap<String, &BaseEntry> = b
+        .entries
+        .iter()
+        .filter_map(|(p, e)| {
+            p.strip_prefix(&format!("usr/lib/modules/{kernel_version}/"))
+                .map(|r| (r.to_string(), e))
+        })
+        .collect();
     for (i, m) in modules.iter().enumerate() {
         let inside = format!("lib/modules/{kernel_version}/{m}");
-        assert!(listing.contains_key(&inside), "{inside} is listed in etc/kiln/modules but not in the initramfs");
+        assert!(
+            listing.contains_key(&inside),
+            "{inside} is listed in etc/kiln/modules but not in the initramfs"
+        );
         let data = fs::read(dir.path().join(&inside)).unwrap();
-        assert_eq!(Some(data.len() as u64), base_modules[*m].listed.size, "{m} differs from the base's");
+        assert_eq!(
+            Some(data.len() as u64),
+            base_modules[*m].listed.size,
+            "{m} differs from the base's"
+        );
         // Dependencies (modules.dep) are in the initramfs and load first.
-        for d in deps.get(m).unwrap_or_else(|| panic!("{m} is not in the base's modules.dep")) {
-            let at = modules.iter().position(|x| x == d).unwrap_or_else(|| panic!("{m} needs {d}, which is not in the initramfs"));
+        for d in deps
+            .get(m)
+            .unwrap_or_else(|| panic!("{m} is not in the base's modules.dep"))
+        {
+            let at = modules
+                .iter()
+                .position(|x| x == d)
+                .unwrap_or_else(|| panic!("{m} needs {d}, which is not in the initramfs"));
             assert!(at < i, "{d} loads after {m}, which needs it");
         }
     }
     // What finding and mounting the root needs, as a module or built in.
     let builtin: BTreeSet<String> = b.modules_builtin.lines().map(module_name).collect();
     let loaded: BTreeSet<String> = modules.iter().map(|m| module_name(m)).collect();
-    for m in ["virtio_pci", "virtio_blk", "squashfs", "overlay", "ext4", "vfat", "efivarfs"] {
-        assert!(loaded.contains(m) || builtin.contains(m), "{m} is neither in the initramfs nor built into {kernel_version}");
+    for m in [
+        "virtio_pci",
+        "virtio_blk",
+        "squashfs",
+        "overlay",
+        "ext4",
+        "vfat",
+        "efivarfs",
+    ] {
+        assert!(
+            loaded.contains(m) || builtin.contains(m),
+            "{m} is neither in the initramfs nor built into {kernel_version}"
+        );
     }
     // Nothing under lib/ that is not listed.
-    let listed: BTreeSet<String> = modules.iter().map(|m| format!("lib/modules/{kernel_version}/{m}")).collect();
+    let listed: BTreeSet<String> = modules
+        .iter()
+        .map(|m| format!("lib/modules/{kernel_version}/{m}"))
+        .collect();
     for (p, e) in &listing {
         if p.ends_with(".ko") || p.ends_with(".ko.xz") || p.ends_with(".ko.zst") {
-            assert!(listed.contains(p), "{p} is in the initramfs but not in etc/kiln/modules");
+            assert!(
+                listed.contains(p),
+                "{p} is in the initramfs but not in etc/kiln/modules"
+            );
         }
         assert!(e.uid == 0 && e.gid == 0, "{p} is not root's");
     }
@@ -1101,43 +1773,122 @@ fn seed_holds_exactly_the_rendered_node_files_with_modes() {
             let inside = format!("seed{path}");
             expected.extend(ancestors(&inside));
             expected.insert(inside.clone());
-            let got = listing.get(&inside).unwrap_or_else(|| panic!("{node}: {inside} is missing from the seed"));
+            let got = listing
+                .get(&inside)
+                .unwrap_or_else(|| panic!("{node}: {inside} is missing from the seed"));
             match e {
-                kiln::tree::Entry::File { content, mode, uid, gid } => {
-                    assert_eq!((got.perms.as_str(), got.uid, got.gid), (perm_string('-', *mode).as_str(), *uid, *gid), "{node}: {inside}");
-                    assert!(&fs::read(dir.path().join(&inside)).unwrap() == content, "{node}: {inside} differs from kiln render");
+                kiln::tree::Entry::File {
+                    content,
+                    mode,
+                    uid,
+                    gid,
+                } => {
+                    assert_eq!(
+                        (got.perms.as_str(), got.uid, got.gid),
+                        (perm_string('-', *mode).as_str(), *uid, *gid),
+                        "{node}: {inside}"
+                    );
+                    assert!(
+                        &fs::read(dir.path().join(&inside)).unwrap() == content,
+                        "{node}: {inside} differs from kiln render"
+                    );
                 }
-                kiln::tree::Entry::Symlink { target } => assert_eq!(got.link.as_ref(), Some(target), "{node}: {inside}"),
-                kiln::tree::Entry::Dir { mode } => assert_eq!(got.perms, perm_string('d', *mode), "{node}: {inside}"),
+                kiln::tree::Entry::Symlink { target } => {
+                    assert_eq!(got.link.as_ref(), Some(target), "{node}: {inside}")
+                }
+                kiln::tree::Entry::Dir { mode } => {
+                    assert_eq!(got.perms, perm_string('d', *mode), "{node}: {inside}")
+                }
             }
         }
         let keys: BTreeSet<String> = listing.keys().cloned().collect();
-        assert_eq!(keys, expected, "{node}: the seed holds more or less than the rendered files");
+        assert_eq!(
+            keys, expected,
+            "{node}: the seed holds more or less than the rendered files"
+        );
 
         // The facts the VM tests rely on, spelled out.
-        let read = |p: &str| fs::read_to_string(dir.path().join("seed").join(p)).unwrap_or_else(|e| panic!("{node}: seed/{p}: {e}"));
+        let read = |p: &str| {
+            fs::read_to_string(dir.path().join("seed").join(p))
+                .unwrap_or_else(|e| panic!("{node}: seed/{p}: {e}"))
+        };
         assert_eq!(read("etc/hostname").trim(), node);
-        for secret in ["etc/wireguard/wg0.conf", "etc/rancher/k3s/cluster-token", "etc/rancher/k3s/config.yaml"] {
-            assert_eq!(listing[&format!("seed/{secret}")].perms, "-rw-------", "{node}: {secret}");
+        for secret in [
+            "etc/wireguard/wg0.conf",
+            "etc/rancher/k3s/cluster-token",
+            "etc/rancher/k3s/config.yaml",
+        ] {
+            assert_eq!(
+                listing[&format!("seed/{secret}")].perms,
+                "-rw-------",
+                "{node}: {secret}"
+            );
         }
         let wg = read("etc/wireguard/wg0.conf");
-        assert!(wg.contains("PrivateKey = ") && wg.contains("ListenPort = 51830"), "{wg}");
-        let (me, peer) = if node == "s1" { ("10.0.0.1", "192.168.76.12:51830") } else { ("10.0.0.2", "192.168.76.11:51830") };
-        assert!(wg.contains(&format!("Address = {me}/24")) && wg.contains(&format!("Endpoint = {peer}")), "{node}: {wg}");
+        assert!(
+            wg.contains("PrivateKey = ") && wg.contains("ListenPort = 51830"),
+            "{wg}"
+        );
+        let (me, peer) = if node == "s1" {
+            ("10.0.0.1", "192.168.76.12:51830")
+        } else {
+            ("10.0.0.2", "192.168.76.11:51830")
+        };
+        assert!(
+            wg.contains(&format!("Address = {me}/24"))
+                && wg.contains(&format!("Endpoint = {peer}")),
+            "{node}: {wg}"
+        );
         let config = read("etc/rancher/k3s/config.yaml");
-        assert!(config.contains(&format!("node-ip: \"{me}\"")) || config.contains(&format!("node-ip: {me}")), "{config}");
+        assert!(
+            config.contains(&format!("node-ip: \"{me}\""))
+                || config.contains(&format!("node-ip: {me}")),
+            "{config}"
+        );
         let role = if node == "s1" { "server" } else { "agent" };
-        assert!(read("etc/systemd/system/k3s.service").lines().any(|l| l == format!("ExecStart=/usr/local/bin/k3s {role}")), "{node}: k3s.service");
-        assert!(read("etc/ssh/authorized_keys/root").lines().any(|l| l == s.public_key), "root's generated key is not authorised");
-        assert_eq!(listing["seed/etc/kiln-test/write-file.txt"].perms, "-rw-r-----");
-        assert_eq!(read("etc/kiln-test/write-file.txt"), "written by kiln from vm.toml\n");
+        assert!(
+            read("etc/systemd/system/k3s.service")
+                .lines()
+                .any(|l| l == format!("ExecStart=/usr/local/bin/k3s {role}")),
+            "{node}: k3s.service"
+        );
+        assert!(
+            read("etc/ssh/authorized_keys/root")
+                .lines()
+                .any(|l| l == s.public_key),
+            "root's generated key is not authorised"
+        );
+        assert_eq!(
+            listing["seed/etc/kiln-test/write-file.txt"].perms,
+            "-rw-r-----"
+        );
+        assert_eq!(
+            read("etc/kiln-test/write-file.txt"),
+            "written by kiln from vm.toml\n"
+        );
         assert!(read("etc/sysctl.d/90-kiln.conf").contains("vm.max_map_count = 262144"));
-        assert!(read("etc/modules-load.d/kiln.conf").lines().any(|l| l == "ip_vs"));
+        assert!(
+            read("etc/modules-load.d/kiln.conf")
+                .lines()
+                .any(|l| l == "ip_vs")
+        );
         let firstboot = read("etc/kiln/firstboot.sh");
-        assert!(firstboot.contains("/var/lib/kiln-test/boot-cmd") && firstboot.contains("/var/lib/kiln-test/run-once"), "{firstboot}");
+        assert!(
+            firstboot.contains("/var/lib/kiln-test/boot-cmd")
+                && firstboot.contains("/var/lib/kiln-test/run-once"),
+            "{firstboot}"
+        );
         let network = read("etc/systemd/network/20-kiln-lan.network");
-        let mac = if node == "s1" { "52:54:00:12:34:01" } else { "52:54:00:12:34:02" };
-        assert!(network.contains(&format!("MACAddress={mac}")) && network.contains("Gateway=192.168.76.2"), "{network}");
+        let mac = if node == "s1" {
+            "52:54:00:12:34:01"
+        } else {
+            "52:54:00:12:34:02"
+        };
+        assert!(
+            network.contains(&format!("MACAddress={mac}"))
+                && network.contains("Gateway=192.168.76.2"),
+            "{network}"
+        );
         assert!(read("etc/kiln/cmdline").contains("pcie_aspm=off"));
     }
 }
@@ -1157,33 +1908,65 @@ fn a_second_build_elsewhere_is_byte_identical_and_checksums_verify() {
     let started = Instant::now();
     let o = kiln_build(&copy.join("vm.toml"), &out, Some(&s.k3s));
     assert!(o.status.success(), "{}", text(&o.stderr));
-    eprintln!("image tests: second build in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "image tests: second build in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     for name in ["SHA256SUMS", "manifest.json"] {
-        assert!(fs::read(out.join(name)).unwrap() == fs::read(s.out.join(name)).unwrap(), "{name} differs between two builds:\n{}\n---\n{}", fs::read_to_string(s.out.join(name)).unwrap(), fs::read_to_string(out.join(name)).unwrap());
+        assert!(
+            fs::read(out.join(name)).unwrap() == fs::read(s.out.join(name)).unwrap(),
+            "{name} differs between two builds:\n{}\n---\n{}",
+            fs::read_to_string(s.out.join(name)).unwrap(),
+            fs::read_to_string(out.join(name)).unwrap()
+        );
     }
     for node in NODES {
         let img = format!("{node}.img");
-        assert_eq!(sha256_file(&out.join(&img)), sha256_file(&s.out.join(&img)), "{img} differs between two builds");
+        assert_eq!(
+            sha256_file(&out.join(&img)),
+            sha256_file(&s.out.join(&img)),
+            "{img} differs between two builds"
+        );
     }
 
     for o in [&s.out, &out] {
-        let check = run(tool("sha256sum").arg("-c").arg("--strict").arg("SHA256SUMS").current_dir(o));
+        let check = run(tool("sha256sum")
+            .arg("-c")
+            .arg("--strict")
+            .arg("SHA256SUMS")
+            .current_dir(o));
         for node in NODES {
-            assert!(check.lines().any(|l| l == format!("{node}.img: OK")), "{check}");
+            assert!(
+                check.lines().any(|l| l == format!("{node}.img: OK")),
+                "{check}"
+            );
         }
     }
 
-    let m: serde_json::Value = serde_json::from_str(&fs::read_to_string(s.out.join("manifest.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(s.out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["cluster"], "vmtest");
     assert_eq!(m["source_date_epoch"], EPOCH);
     assert_eq!(m["k3s"]["version"], K3S_VERSION);
     assert_eq!(m["k3s"]["sha256"], sha256_file(&s.k3s));
     assert_eq!(m["base"]["sha256"], sha256_file(&s.base));
-    let nodes: Vec<(&str, &str)> = m["nodes"].as_array().unwrap().iter().map(|n| (n["name"].as_str().unwrap(), n["role"].as_str().unwrap())).collect();
+    let nodes: Vec<(&str, &str)> = m["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap(), n["role"].as_str().unwrap()))
+        .collect();
     assert_eq!(nodes, [("s1", "server"), ("a1", "agent")]);
     for n in m["nodes"].as_array().unwrap() {
-        assert!(n["cmdline"].as_str().unwrap().split(' ').any(|o| o == "pcie_aspm=off"), "{n}");
+        assert!(
+            n["cmdline"]
+                .as_str()
+                .unwrap()
+                .split(' ')
+                .any(|o| o == "pcie_aspm=off"),
+            "{n}"
+        );
     }
     for a in m["artifacts"].as_array().unwrap() {
         let p = s.out.join(a["path"].as_str().unwrap());
@@ -1230,7 +2013,12 @@ fn previous_out() -> PreviousOut {
         fs::hard_link(e.path(), out.join(e.file_name())).unwrap();
     }
     let snapshot = snapshot(&out);
-    PreviousOut { _dir: dir, parent, out, snapshot }
+    PreviousOut {
+        _dir: dir,
+        parent,
+        out,
+        snapshot,
+    }
 }
 
 /// name → (inode, size, mtime, mode) of every file in `dir`.
@@ -1240,14 +2028,21 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (u64, u64, i64, u32)> {
         .map(|e| {
             let e = e.unwrap();
             let m = e.metadata().unwrap();
-            (e.file_name().to_string_lossy().to_string(), (m.ino(), m.len(), m.mtime(), m.mode()))
+            (
+                e.file_name().to_string_lossy().to_string(),
+                (m.ino(), m.len(), m.mtime(), m.mode()),
+            )
         })
         .collect()
 }
 
 impl PreviousOut {
     fn assert_untouched(&self, what: &str) {
-        assert_eq!(snapshot(&self.out), self.snapshot, "{what}: the previous output was changed");
+        assert_eq!(
+            snapshot(&self.out),
+            self.snapshot,
+            "{what}: the previous output was changed"
+        );
         let left: Vec<String> = names_starting(&self.parent, ".");
         assert!(left.is_empty(), "{what}: left beside the output: {left:?}");
     }
@@ -1255,10 +2050,22 @@ impl PreviousOut {
 
 fn assert_failed(o: &Output, what: &str, wants: &[&str]) -> String {
     let err = text(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{what}: expected failure, got {}:\n{err}", o.status);
-    assert!(text(&o.stdout).is_empty(), "{what}: printed artifacts although it failed: {}", text(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{what}: expected failure, got {}:\n{err}",
+        o.status
+    );
+    assert!(
+        text(&o.stdout).is_empty(),
+        "{what}: printed artifacts although it failed: {}",
+        text(&o.stdout)
+    );
     for w in wants {
-        assert!(err.contains(w), "{what}: the error does not mention `{w}`:\n{err}");
+        assert!(
+            err.contains(w),
+            "{what}: the error does not mention `{w}`:\n{err}"
+        );
     }
     err
 }
@@ -1267,7 +2074,17 @@ fn assert_failed(o: &Output, what: &str, wants: &[&str]) -> String {
 fn a_build_for_an_unknown_node_fails_and_leaves_the_previous_output() {
     let s = shared();
     let prev = previous_out();
-    let o = kiln().arg("build").arg(&s.profile).arg("--node").arg("nosuch").arg("--out").arg(&prev.out).arg("--k3s-binary").arg(&s.k3s).output().unwrap();
+    let o = kiln()
+        .arg("build")
+        .arg(&s.profile)
+        .arg("--node")
+        .arg("nosuch")
+        .arg("--out")
+        .arg(&prev.out)
+        .arg("--k3s-binary")
+        .arg(&s.k3s)
+        .output()
+        .unwrap();
     assert_failed(&o, "unknown node", &["nosuch", "s1, a1"]);
     prev.assert_untouched("unknown node");
 }
@@ -1278,7 +2095,11 @@ fn a_missing_k3s_binary_fails_and_leaves_the_previous_output() {
     let prev = previous_out();
     let missing = prev.parent.join("no-such-k3s");
     let o = kiln_build(&s.profile, &prev.out, Some(&missing));
-    assert_failed(&o, "missing k3s binary", &[&missing.to_string_lossy(), "--k3s-binary"]);
+    assert_failed(
+        &o,
+        "missing k3s binary",
+        &[&missing.to_string_lossy(), "--k3s-binary"],
+    );
     prev.assert_untouched("missing k3s binary");
 }
 
@@ -1296,11 +2117,19 @@ fn a_build_failing_midway_in_the_root_image_leaves_the_previous_output() {
     run(Command::new("mkfifo").arg(fifo_dir.join("fifo")));
     let o = kiln_build(&profile, &prev.out, Some(&s.k3s));
     let err = assert_failed(&o, "FIFO in an overlay", &["fifo", "overlays hold only"]);
-    assert!(err.contains("initramfs: done"), "the build should fail after the initramfs stage:\n{err}");
+    assert!(
+        err.contains("initramfs: done"),
+        "the build should fail after the initramfs stage:\n{err}"
+    );
     prev.assert_untouched("FIFO in an overlay");
     // The profile directory holds nothing new but the state and the lock.
-    let names: BTreeSet<String> = fs::read_dir(&profile_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
-    let allowed: BTreeSet<String> = ["kiln.lock", "overlays", "vm.state", "vm.toml"].map(String::from).into();
+    let names: BTreeSet<String> = fs::read_dir(&profile_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    let allowed: BTreeSet<String> = ["kiln.lock", "overlays", "vm.state", "vm.toml"]
+        .map(String::from)
+        .into();
     assert!(names.is_subset(&allowed), "{names:?}");
 }
 
@@ -1319,15 +2148,33 @@ fn without_k3s_binary_or_network_the_build_fails_naming_both_ways_and_writes_no_
     std::os::unix::fs::symlink(&real_base, cache.join("base")).unwrap();
     let out = dir.path().join("out");
     let mut c = kiln();
-    c.arg("build").arg(&s.profile).arg("--out").arg(&out).env("KILN_CACHE_DIR", &cache);
-    for v in ["ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+    c.arg("build")
+        .arg(&s.profile)
+        .arg("--out")
+        .arg(&out)
+        .env("KILN_CACHE_DIR", &cache);
+    for v in [
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+    ] {
         c.env(v, "http://127.0.0.1:9");
     }
     c.env_remove("NO_PROXY").env_remove("no_proxy");
     let o = c.output().unwrap();
-    assert_failed(&o, "no k3s binary", &[K3S_VERSION, "--k3s-binary", "KILN_K3S_BINARY"]);
+    assert_failed(
+        &o,
+        "no k3s binary",
+        &[K3S_VERSION, "--k3s-binary", "KILN_K3S_BINARY"],
+    );
     assert!(!out.exists(), "an output directory was written");
     let left: Vec<String> = names_starting(dir.path(), ".");
     assert!(left.is_empty(), "left behind: {left:?}");
-    assert!(!cache.join("k3s").join(K3S_VERSION).join("k3s").exists(), "something was cached as k3s");
+    assert!(
+        !cache.join("k3s").join(K3S_VERSION).join("k3s").exists(),
+        "something was cached as k3s"
+    );
 }

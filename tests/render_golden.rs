@@ -13,7 +13,12 @@ fn listing(tree: &kiln::tree::FileTree) -> String {
     let mut s = String::new();
     for (path, e) in tree.iter() {
         let _ = match e {
-            Entry::File { mode, uid, gid, content } => writeln!(s, "{mode:04o} {uid}:{gid} {path} ({} bytes)", content.len()),
+            Entry::File {
+                mode,
+                uid,
+                gid,
+                content,
+            } => writeln!(s, "{mode:04o} {uid}:{gid} {path} ({} bytes)", content.len()),
             Entry::Symlink { target } => writeln!(s, "link {path} -> {target}"),
             Entry::Dir { mode } => writeln!(s, "{mode:04o} dir {path}"),
         };
@@ -35,7 +40,10 @@ fn check_or_update(path: &Path, actual: &[u8], failures: &mut Vec<String>) {
             String::from_utf8_lossy(&expected),
             String::from_utf8_lossy(actual)
         )),
-        Err(_) => failures.push(format!("{} is missing (run with UPDATE_GOLDEN=1)", path.display())),
+        Err(_) => failures.push(format!(
+            "{} is missing (run with UPDATE_GOLDEN=1)",
+            path.display()
+        )),
     }
 }
 
@@ -45,15 +53,27 @@ fn rendered_files_match_golden() {
     for rel in common::EXAMPLES {
         let plan = common::load_example(rel);
         let secrets = common::fixed_secrets(&plan);
-        let stem = Path::new(rel).file_stem().unwrap().to_string_lossy().to_string();
+        let stem = Path::new(rel)
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         let base = common::repo().join("tests/golden/render").join(&stem);
         for node in &plan.nodes {
             let files = kiln::commands::render_node(&plan, &node.name, &secrets).unwrap();
             let dir = base.join(&node.name);
-            check_or_update(&base.join(format!("{}.list", node.name)), listing(&files.tree).as_bytes(), &mut failures);
+            check_or_update(
+                &base.join(format!("{}.list", node.name)),
+                listing(&files.tree).as_bytes(),
+                &mut failures,
+            );
             for (path, e) in files.tree.iter() {
                 if let Entry::File { content, .. } = e {
-                    check_or_update(&dir.join(path.trim_start_matches('/')), content, &mut failures);
+                    check_or_update(
+                        &dir.join(path.trim_start_matches('/')),
+                        content,
+                        &mut failures,
+                    );
                 }
             }
             // No golden file may be left over from a file no longer rendered.
@@ -67,15 +87,26 @@ fn rendered_files_match_golden() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} golden mismatch(es):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} golden mismatch(es):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for e in rd.flatten() {
         let p = e.path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        if p.is_dir() {
+            out.extend(walk(&p))
+        } else {
+            out.push(p)
+        }
     }
     out
 }
@@ -92,13 +123,30 @@ fn secrets_are_only_in_private_files() {
                 if let Entry::File { content, mode, .. } = e {
                     let text = String::from_utf8_lossy(content);
                     if text.contains(&key) || text.contains(&secrets.token) {
-                        assert_eq!(mode & 0o077, 0, "{rel} {}: {path} holds a secret but is mode {mode:o}", node.name);
+                        assert_eq!(
+                            mode & 0o077,
+                            0,
+                            "{rel} {}: {path} holds a secret but is mode {mode:o}",
+                            node.name
+                        );
                     }
                 }
             }
             // And the secrets are there at all.
-            assert!(files.tree.text("/etc/wireguard/wg0.conf").unwrap().contains(&key));
-            assert!(files.tree.text("/etc/rancher/k3s/cluster-token").unwrap().contains(&secrets.token));
+            assert!(
+                files
+                    .tree
+                    .text("/etc/wireguard/wg0.conf")
+                    .unwrap()
+                    .contains(&key)
+            );
+            assert!(
+                files
+                    .tree
+                    .text("/etc/rancher/k3s/cluster-token")
+                    .unwrap()
+                    .contains(&secrets.token)
+            );
         }
     }
 }

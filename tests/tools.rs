@@ -14,7 +14,10 @@ use kiln::tree::Entry;
 
 #[track_caller]
 fn need(cmd: &str, package: &str) {
-    assert!(common::have(cmd), "`{cmd}` is missing: apt-get install --no-install-recommends {package}");
+    assert!(
+        common::have(cmd),
+        "`{cmd}` is missing: apt-get install --no-install-recommends {package}"
+    );
 }
 
 fn rendered() -> Vec<(String, kiln::plan::Plan, kiln::render::NodeFiles)> {
@@ -37,8 +40,17 @@ fn rulesets_pass_nft_check() {
     for (name, _, files) in rendered() {
         let path = dir.path().join("nftables.conf");
         std::fs::write(&path, files.tree.text("/etc/nftables.conf").unwrap()).unwrap();
-        let out = Command::new("nft").arg("-c").arg("-f").arg(&path).output().unwrap();
-        assert!(out.status.success(), "{name}: nft -c rejected the ruleset:\n{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("nft")
+            .arg("-c")
+            .arg("-f")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: nft -c rejected the ruleset:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -47,16 +59,39 @@ fn a_broken_ruleset_fails_nft_check() {
     // The check above can fail: a ruleset with a typo is rejected.
     need("nft", "nftables");
     let (_, _, files) = rendered().remove(0);
-    let broken = files.tree.text("/etc/nftables.conf").unwrap().replace("tcp dport", "tcp dprot");
+    let broken = files
+        .tree
+        .text("/etc/nftables.conf")
+        .unwrap()
+        .replace("tcp dport", "tcp dprot");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.conf");
     std::fs::write(&path, broken).unwrap();
-    assert!(!Command::new("nft").arg("-c").arg("-f").arg(&path).output().unwrap().status.success());
+    assert!(
+        !Command::new("nft")
+            .arg("-c")
+            .arg("-f")
+            .arg(&path)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
 }
 
 fn wg_pubkey(private: &str) -> String {
-    let mut child = Command::new("wg").arg("pubkey").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(format!("{private}\n").as_bytes()).unwrap();
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{private}\n").as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap().trim().to_string()
@@ -72,8 +107,15 @@ fn key_pairs_agree_with_wg_pubkey() {
     // And the keys in rendered configs belong to the public keys peers get.
     for (name, _, files) in rendered() {
         let conf = files.tree.text("/etc/wireguard/wg0.conf").unwrap();
-        let private = conf.lines().find_map(|l| l.strip_prefix("PrivateKey = ")).unwrap();
-        assert_eq!(wg_pubkey(private), PrivateKey::parse(private).unwrap().public_key().to_base64(), "{name}");
+        let private = conf
+            .lines()
+            .find_map(|l| l.strip_prefix("PrivateKey = "))
+            .unwrap();
+        assert_eq!(
+            wg_pubkey(private),
+            PrivateKey::parse(private).unwrap().public_key().to_base64(),
+            "{name}"
+        );
     }
 }
 
@@ -87,10 +129,21 @@ fn wg_configs_parse_with_wg_tools() {
         let path = dir.path().join("wg0.conf");
         std::fs::write(&path, files.tree.text("/etc/wireguard/wg0.conf").unwrap()).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let out = Command::new("wg-quick").arg("strip").arg(&path).output().unwrap();
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("wg-quick")
+            .arg("strip")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stripped = String::from_utf8(out.stdout).unwrap();
-        assert!(!stripped.contains("Address"), "{name}: wg-quick keys left in:\n{stripped}");
+        assert!(
+            !stripped.contains("Address"),
+            "{name}: wg-quick keys left in:\n{stripped}"
+        );
         let peers = stripped.matches("[Peer]").count();
         let wg = plan.wireguard.as_ref().unwrap();
         let expected = match wg.topology {
@@ -110,7 +163,12 @@ fn verify_root(root: &Path, files: &kiln::render::NodeFiles) {
         let d = "usr/lib/systemd/system";
         let dst = root.join(d);
         std::fs::create_dir_all(&dst).unwrap();
-        let st = Command::new("cp").arg("-a").arg(format!("/{d}/.")).arg(&dst).status().unwrap();
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(format!("/{d}/."))
+            .arg(&dst)
+            .status()
+            .unwrap();
         assert!(st.success());
     }
     // Debian 12 is merged-/usr.
@@ -121,9 +179,15 @@ fn verify_root(root: &Path, files: &kiln::render::NodeFiles) {
     let mut exec_paths = Vec::new();
     for dir in ["etc/systemd/system", "usr/lib/systemd/system"] {
         for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
-            let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
             for l in text.lines().filter(|l| l.starts_with("Exec")) {
-                let cmd = l.split_once('=').unwrap().1.trim_start_matches(['-', '@', '+', '!', ':']);
+                let cmd = l
+                    .split_once('=')
+                    .unwrap()
+                    .1
+                    .trim_start_matches(['-', '@', '+', '!', ':']);
                 if let Some(p) = cmd.split_whitespace().next().filter(|p| p.starts_with('/')) {
                     exec_paths.push(p.to_string());
                 }
@@ -144,7 +208,12 @@ fn rendered_units(files: &kiln::render::NodeFiles) -> Vec<String> {
     let mut units: Vec<String> = files
         .tree
         .iter()
-        .filter(|(p, e)| p.starts_with("/etc/systemd/system/") && matches!(e, Entry::File { .. }) && p.ends_with(".service") && p.matches('/').count() == 4)
+        .filter(|(p, e)| {
+            p.starts_with("/etc/systemd/system/")
+                && matches!(e, Entry::File { .. })
+                && p.ends_with(".service")
+                && p.matches('/').count() == 4
+        })
         .map(|(p, _)| p.rsplit('/').next().unwrap().to_string())
         .collect();
     units.push("wg-quick@wg0.service".into());
@@ -159,10 +228,21 @@ fn units_pass_systemd_analyze_verify() {
         let root = tmp.path().join("root");
         verify_root(&root, &files);
         let units = rendered_units(&files);
-        assert!(units.contains(&"k3s.service".to_string()) && units.len() >= 4, "{units:?}");
-        let out = Command::new("systemd-analyze").arg("verify").arg(format!("--root={}", root.display())).args(&units).output().unwrap();
+        assert!(
+            units.contains(&"k3s.service".to_string()) && units.len() >= 4,
+            "{units:?}"
+        );
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", root.display()))
+            .args(&units)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && stderr.trim().is_empty(), "{name}: systemd-analyze verify {units:?}:\n{stderr}");
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "{name}: systemd-analyze verify {units:?}:\n{stderr}"
+        );
     }
 }
 
@@ -170,13 +250,27 @@ fn units_pass_systemd_analyze_verify() {
 fn a_broken_unit_fails_systemd_analyze_verify() {
     need("systemd-analyze", "systemd");
     let (_, _, mut files) = rendered().remove(0);
-    let unit = files.tree.text("/etc/systemd/system/k3s.service").unwrap().replace("[Service]", "[Service]\nRestart=sometimes");
-    files.tree.file("/etc/systemd/system/k3s.service", 0o644, unit);
+    let unit = files
+        .tree
+        .text("/etc/systemd/system/k3s.service")
+        .unwrap()
+        .replace("[Service]", "[Service]\nRestart=sometimes");
+    files
+        .tree
+        .file("/etc/systemd/system/k3s.service", 0o644, unit);
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     verify_root(&root, &files);
-    let out = Command::new("systemd-analyze").arg("verify").arg(format!("--root={}", root.display())).arg("k3s.service").output().unwrap();
-    assert!(!String::from_utf8_lossy(&out.stderr).trim().is_empty(), "verify accepted Restart=sometimes");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.display()))
+        .arg("k3s.service")
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).trim().is_empty(),
+        "verify accepted Restart=sometimes"
+    );
 }
 
 #[test]
@@ -184,13 +278,26 @@ fn rendered_yaml_parses_with_the_expected_values() {
     for (name, plan, files) in rendered() {
         let node = plan.node(name.rsplit(':').next().unwrap()).unwrap();
         let text = files.tree.text("/etc/rancher/k3s/config.yaml").unwrap();
-        let v: serde_yaml::Value = serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
+        let v: serde_yaml::Value =
+            serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
         assert_eq!(v["node-name"].as_str(), Some(node.name.as_str()), "{name}");
-        assert_eq!(v["node-ip"].as_str().map(String::from), node.wireguard_address.map(|a| a.to_string()), "{name}");
-        assert_eq!(v["token-file"].as_str(), Some("/etc/rancher/k3s/cluster-token"));
-        assert_eq!(v["server"].as_str().map(String::from), plan.join_url(node), "{name}");
+        assert_eq!(
+            v["node-ip"].as_str().map(String::from),
+            node.wireguard_address.map(|a| a.to_string()),
+            "{name}"
+        );
+        assert_eq!(
+            v["token-file"].as_str(),
+            Some("/etc/rancher/k3s/cluster-token")
+        );
+        assert_eq!(
+            v["server"].as_str().map(String::from),
+            plan.join_url(node),
+            "{name}"
+        );
         if let Some(r) = files.tree.text("/etc/rancher/k3s/registries.yaml") {
-            let v: serde_yaml::Value = serde_yaml::from_str(r).unwrap_or_else(|e| panic!("{name}: {e}\n{r}"));
+            let v: serde_yaml::Value =
+                serde_yaml::from_str(r).unwrap_or_else(|e| panic!("{name}: {e}\n{r}"));
             assert!(v["mirrors"].is_mapping(), "{name}");
         }
     }

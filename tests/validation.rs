@@ -45,12 +45,23 @@ fn with(from: &str, to: &str) -> String {
 #[track_caller]
 fn one(text: &str, line: usize, key: &str, message: &str) -> Diagnostic {
     let errs = errors(text);
-    assert_eq!(errs.len(), 1, "expected one error, got:\n{}", errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"));
+    assert_eq!(
+        errs.len(),
+        1,
+        "expected one error, got:\n{}",
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let e = errs.into_iter().next().unwrap();
     assert_eq!(e.file, "lab.toml");
     assert_eq!(e.line, line, "{e}");
     assert!(e.key.contains(key), "key {:?} lacks {key:?}: {e}", e.key);
-    assert!(e.message.contains(message), "message lacks {message:?}: {e}");
+    assert!(
+        e.message.contains(message),
+        "message lacks {message:?}: {e}"
+    );
     assert!(!e.hint.is_empty(), "no fix given: {e}");
     e
 }
@@ -70,122 +81,287 @@ fn toml_syntax() {
 
 #[test]
 fn unknown_key_suggests_the_right_one() {
-    let e = one(&with("mac = \"52:54:00:00:00:02\"", "mac-address = \"52:54:00:00:00:02\""), 19, "nodes[1].mac-address", "unknown key");
+    let e = one(
+        &with(
+            "mac = \"52:54:00:00:00:02\"",
+            "mac-address = \"52:54:00:00:00:02\"",
+        ),
+        19,
+        "nodes[1].mac-address",
+        "unknown key",
+    );
     assert!(e.hint.contains("`mac`"), "{e}");
-    let e = one(&with("[wireguard]", "[wireguard]\nlisten_port = 51830"), 8, "wireguard.listen_port", "unknown key");
+    let e = one(
+        &with("[wireguard]", "[wireguard]\nlisten_port = 51830"),
+        8,
+        "wireguard.listen_port",
+        "unknown key",
+    );
     assert!(e.hint.contains("listen-port"), "{e}");
 }
 
 #[test]
 fn wrong_type() {
-    one(&with("[wireguard]", "[wireguard]\nlisten-port = \"51830\""), 8, "wireguard.listen-port", "expected an integer, found a string");
+    one(
+        &with("[wireguard]", "[wireguard]\nlisten-port = \"51830\""),
+        8,
+        "wireguard.listen-port",
+        "expected an integer, found a string",
+    );
 }
 
 #[test]
 fn duplicate_node_name() {
-    one(&with("name = \"a1\"", "name = \"s1\""), 17, "nodes[1].name", "already used");
+    one(
+        &with("name = \"a1\"", "name = \"s1\""),
+        17,
+        "nodes[1].name",
+        "already used",
+    );
 }
 
 #[test]
 fn duplicate_mac() {
-    one(&with("52:54:00:00:00:02", "52:54:00:00:00:01"), 19, "nodes[1].mac", "already used by nodes[0].mac");
+    one(
+        &with("52:54:00:00:00:02", "52:54:00:00:00:01"),
+        19,
+        "nodes[1].mac",
+        "already used by nodes[0].mac",
+    );
 }
 
 #[test]
 fn duplicate_wireguard_address() {
-    one(&with("10.0.0.12", "10.0.0.11"), 20, "nodes[1].wireguard-address", "already used");
+    one(
+        &with("10.0.0.12", "10.0.0.11"),
+        20,
+        "nodes[1].wireguard-address",
+        "already used",
+    );
 }
 
 #[test]
 fn address_outside_network() {
-    one(&with("10.0.0.12", "10.0.1.12"), 20, "nodes[1].wireguard-address", "outside the WireGuard network 10.0.0.0/24");
+    one(
+        &with("10.0.0.12", "10.0.1.12"),
+        20,
+        "nodes[1].wireguard-address",
+        "outside the WireGuard network 10.0.0.0/24",
+    );
 }
 
 #[test]
 fn network_and_broadcast_addresses() {
-    one(&with("10.0.0.12", "10.0.0.0"), 20, "wireguard-address", "network address");
-    one(&with("10.0.0.12", "10.0.0.255"), 20, "wireguard-address", "broadcast address");
+    one(
+        &with("10.0.0.12", "10.0.0.0"),
+        20,
+        "wireguard-address",
+        "network address",
+    );
+    one(
+        &with("10.0.0.12", "10.0.0.255"),
+        20,
+        "wireguard-address",
+        "broadcast address",
+    );
 }
 
 #[test]
 fn invalid_cidr() {
-    one(&with("10.0.0.0/24", "10.0.0.0/33"), 8, "wireguard.network", "not a CIDR");
+    one(
+        &with("10.0.0.0/24", "10.0.0.0/33"),
+        8,
+        "wireguard.network",
+        "not a CIDR",
+    );
 }
 
 #[test]
 fn invalid_ip() {
-    one(&with("10.0.0.12", "10.0.0.300"), 20, "wireguard-address", "not an IP address");
+    one(
+        &with("10.0.0.12", "10.0.0.300"),
+        20,
+        "wireguard-address",
+        "not an IP address",
+    );
 }
 
 #[test]
 fn invalid_mac() {
-    one(&with("52:54:00:00:00:02", "52:54:00:00:02"), 19, "nodes[1].mac", "not a MAC address");
+    one(
+        &with("52:54:00:00:00:02", "52:54:00:00:02"),
+        19,
+        "nodes[1].mac",
+        "not a MAC address",
+    );
 }
 
 #[test]
 fn invalid_port() {
-    one(&with("[wireguard]", "[wireguard]\nlisten-port = 70000"), 8, "wireguard.listen-port", "not a port number");
-    one(&with("[wireguard]", "[firewall]\nallow-tcp = [22, 0]\n\n[wireguard]"), 8, "firewall.allow-tcp[1]", "not a port number");
+    one(
+        &with("[wireguard]", "[wireguard]\nlisten-port = 70000"),
+        8,
+        "wireguard.listen-port",
+        "not a port number",
+    );
+    one(
+        &with(
+            "[wireguard]",
+            "[firewall]\nallow-tcp = [22, 0]\n\n[wireguard]",
+        ),
+        8,
+        "firewall.allow-tcp[1]",
+        "not a port number",
+    );
 }
 
 #[test]
 fn invalid_hostname() {
-    one(&with("name = \"a1\"", "name = \"a_1\""), 17, "nodes[1].name", "not a valid host name");
-    one(&with("name = \"a1\"", "name = \"a1\"\nhostname = \"-bad\""), 18, "nodes[1].hostname", "not a valid host name");
+    one(
+        &with("name = \"a1\"", "name = \"a_1\""),
+        17,
+        "nodes[1].name",
+        "not a valid host name",
+    );
+    one(
+        &with("name = \"a1\"", "name = \"a1\"\nhostname = \"-bad\""),
+        18,
+        "nodes[1].hostname",
+        "not a valid host name",
+    );
 }
 
 #[test]
 fn no_server() {
-    one(&with("role = \"server\"", "role = \"agent\""), 10, "nodes", "no node has `role = \"server\"`");
+    one(
+        &with("role = \"server\"", "role = \"agent\""),
+        10,
+        "nodes",
+        "no node has `role = \"server\"`",
+    );
 }
 
 #[test]
 fn agent_with_no_server_to_join() {
     // Without WireGuard the agent joins the server's LAN address: there is none.
-    let text = with("[wireguard]\nnetwork = \"10.0.0.0/24\"", "[wireguard]\nenabled = false\nnetwork = \"10.0.0.0/24\"");
+    let text = with(
+        "[wireguard]\nnetwork = \"10.0.0.0/24\"",
+        "[wireguard]\nenabled = false\nnetwork = \"10.0.0.0/24\"",
+    );
     one(&text, 17, "nodes[1]", "agent `a1` has no server to join");
 }
 
 #[test]
 fn k3s_version_must_be_a_release_tag() {
-    let e = one(&with("v1.31.1+k3s1", "latest"), 5, "k3s.version", "not a k3s release tag");
+    let e = one(
+        &with("v1.31.1+k3s1", "latest"),
+        5,
+        "k3s.version",
+        "not a k3s release tag",
+    );
     assert!(e.hint.contains("v1.31.1+k3s1"));
-    one(&with("v1.31.1+k3s1", "1.31.1"), 5, "k3s.version", "not a k3s release tag");
+    one(
+        &with("v1.31.1+k3s1", "1.31.1"),
+        5,
+        "k3s.version",
+        "not a k3s release tag",
+    );
 }
 
 #[test]
 fn cmdline_items_that_would_break_the_boot_entry() {
-    one(&with("[wireguard]", "[boot]\ncmdline = [\"pcie_aspm=off quiet\"]\n\n[wireguard]"), 8, "boot.cmdline[0]", "contains ' '");
-    one(&with("[wireguard]", "[boot]\ncmdline = [\"a=\\\"b\\\"\"]\n\n[wireguard]"), 8, "boot.cmdline[0]", "contains '\"'");
-    one(&with("[wireguard]", "[boot]\ncmdline = [\"a\\tb\"]\n\n[wireguard]"), 8, "boot.cmdline[0]", "contains");
+    one(
+        &with(
+            "[wireguard]",
+            "[boot]\ncmdline = [\"pcie_aspm=off quiet\"]\n\n[wireguard]",
+        ),
+        8,
+        "boot.cmdline[0]",
+        "contains ' '",
+    );
+    one(
+        &with(
+            "[wireguard]",
+            "[boot]\ncmdline = [\"a=\\\"b\\\"\"]\n\n[wireguard]",
+        ),
+        8,
+        "boot.cmdline[0]",
+        "contains '\"'",
+    );
+    one(
+        &with(
+            "[wireguard]",
+            "[boot]\ncmdline = [\"a\\tb\"]\n\n[wireguard]",
+        ),
+        8,
+        "boot.cmdline[0]",
+        "contains",
+    );
 }
 
 #[test]
 fn external_peer_key_must_be_32_bytes() {
-    let text = format!("{GOOD}\n[[wireguard.peers]]\nname = \"vps\"\npublic-key = \"AAAAAAAA\"\naddress = \"10.0.0.1\"\n");
-    one(&text, 24, "wireguard.peers[0].public-key", "6 bytes, not 32");
+    let text = format!(
+        "{GOOD}\n[[wireguard.peers]]\nname = \"vps\"\npublic-key = \"AAAAAAAA\"\naddress = \"10.0.0.1\"\n"
+    );
+    one(
+        &text,
+        24,
+        "wireguard.peers[0].public-key",
+        "6 bytes, not 32",
+    );
 }
 
 #[test]
 fn missing_required_keys() {
-    one(&GOOD.replace("version = \"v1.31.1+k3s1\"\n", ""), 1, "k3s.version", "missing required key");
-    one(&with("wireguard-address = \"10.0.0.12\"\n", ""), 16, "nodes[1].wireguard-address", "no WireGuard address");
+    one(
+        &GOOD.replace("version = \"v1.31.1+k3s1\"\n", ""),
+        1,
+        "k3s.version",
+        "missing required key",
+    );
+    one(
+        &with("wireguard-address = \"10.0.0.12\"\n", ""),
+        16,
+        "nodes[1].wireguard-address",
+        "no WireGuard address",
+    );
 }
 
 #[test]
 fn hub_must_exist() {
-    one(&with("network = \"10.0.0.0/24\"", "network = \"10.0.0.0/24\"\ntopology = \"hub\"\nhub = \"nowhere\""), 10, "wireguard.hub", "neither an external peer nor a node");
+    one(
+        &with(
+            "network = \"10.0.0.0/24\"",
+            "network = \"10.0.0.0/24\"\ntopology = \"hub\"\nhub = \"nowhere\"",
+        ),
+        10,
+        "wireguard.hub",
+        "neither an external peer nor a node",
+    );
 }
 
 #[test]
 fn tunnel_port_must_not_clash_with_flannel() {
-    one(&with("[wireguard]", "[wireguard]\nlisten-port = 51820"), 8, "wireguard.listen-port", "flannel");
+    one(
+        &with("[wireguard]", "[wireguard]\nlisten-port = 51820"),
+        8,
+        "wireguard.listen-port",
+        "flannel",
+    );
 }
 
 #[test]
 fn write_files_must_be_on_writable_paths() {
-    let text = format!("{GOOD}\n[[first-boot.write-files]]\npath = \"/usr/local/bin/x\"\ncontent = \"x\"\n");
-    one(&text, 23, "first-boot.write-files[0].path", "not a file under /etc or /var");
+    let text = format!(
+        "{GOOD}\n[[first-boot.write-files]]\npath = \"/usr/local/bin/x\"\ncontent = \"x\"\n"
+    );
+    one(
+        &text,
+        23,
+        "first-boot.write-files[0].path",
+        "not a file under /etc or /var",
+    );
 }
 
 #[test]
@@ -229,37 +405,76 @@ wireguard-address = "10.0.0.13"
 "#;
     let errs = errors(text);
     let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
-    assert_eq!(lines, vec![3, 6, 7, 10, 14, 18, 28, 30, 31, 35], "{}", errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"));
+    assert_eq!(
+        lines,
+        vec![3, 6, 7, 10, 14, 18, 28, 30, 31, 35],
+        "{}",
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     for e in &errs {
         let shown = e.to_string();
-        assert!(shown.starts_with(&format!("lab.toml:{}:", e.line)), "{shown}");
+        assert!(
+            shown.starts_with(&format!("lab.toml:{}:", e.line)),
+            "{shown}"
+        );
         assert!(shown.contains("fix: "), "{shown}");
     }
 }
 
 #[test]
 fn write_files_may_not_replace_what_kiln_renders() {
-    let text = format!("{GOOD}\n[[first-boot.write-files]]\npath = \"/etc/hostname\"\ncontent = \"x\"\n");
-    one(&text, 23, "first-boot.write-files[0].path", "rendered by kiln");
-    let ok = format!("{GOOD}\n[[first-boot.write-files]]\npath = \"/etc/hosts.allow\"\ncontent = \"x\"\n");
+    let text =
+        format!("{GOOD}\n[[first-boot.write-files]]\npath = \"/etc/hostname\"\ncontent = \"x\"\n");
+    one(
+        &text,
+        23,
+        "first-boot.write-files[0].path",
+        "rendered by kiln",
+    );
+    let ok = format!(
+        "{GOOD}\n[[first-boot.write-files]]\npath = \"/etc/hosts.allow\"\ncontent = \"x\"\n"
+    );
     assert!(errors(&ok).is_empty());
 }
 
 #[test]
 fn label_values_are_checked() {
-    one(&with("name = \"a1\"", "name = \"a1\"\nlabels = { \"kiln.dev/gpu\" = \"two words\" }"), 18, "nodes[1].labels", "not a Kubernetes label value");
+    one(
+        &with(
+            "name = \"a1\"",
+            "name = \"a1\"\nlabels = { \"kiln.dev/gpu\" = \"two words\" }",
+        ),
+        18,
+        "nodes[1].labels",
+        "not a Kubernetes label value",
+    );
 }
 
 #[test]
 fn sysctl_values_are_one_line() {
-    let text = format!("{GOOD}\n[first-boot.sysctl]\n\"vm.max_map_count\" = \"1\\nkernel.x = 2\"\n");
+    let text =
+        format!("{GOOD}\n[first-boot.sysctl]\n\"vm.max_map_count\" = \"1\\nkernel.x = 2\"\n");
     one(&text, 23, "first-boot.sysctl", "control character");
 }
 
 #[test]
 fn keepalive_zero_means_off() {
-    assert!(errors(&with("[wireguard]", "[wireguard]\npersistent-keepalive = 0")).is_empty());
-    one(&with("[wireguard]", "[wireguard]\npersistent-keepalive = -1"), 8, "wireguard.persistent-keepalive", "not a keepalive interval");
+    assert!(
+        errors(&with(
+            "[wireguard]",
+            "[wireguard]\npersistent-keepalive = 0"
+        ))
+        .is_empty()
+    );
+    one(
+        &with("[wireguard]", "[wireguard]\npersistent-keepalive = -1"),
+        8,
+        "wireguard.persistent-keepalive",
+        "not a keepalive interval",
+    );
 }
 
 #[test]
@@ -267,14 +482,24 @@ fn joiners_join_the_cluster_init_server() {
     // Three servers, cluster-init on the last: the others join it, not the first.
     let text = with("role = \"agent\"", "role = \"server\"")
         + "\n[[nodes]]\nname = \"s3\"\nrole = \"server\"\ncluster-init = true\nmac = \"52:54:00:00:00:03\"\nwireguard-address = \"10.0.0.13\"\n";
-    let plan = kiln::plan::plan_profile(Path::new("lab.toml"), &text).unwrap_or_else(|e| panic!("{e}"));
+    let plan =
+        kiln::plan::plan_profile(Path::new("lab.toml"), &text).unwrap_or_else(|e| panic!("{e}"));
     for n in ["s1", "a1"] {
-        assert_eq!(plan.join_url(plan.node(n).unwrap()).as_deref(), Some("https://10.0.0.13:6443"), "{n}");
+        assert_eq!(
+            plan.join_url(plan.node(n).unwrap()).as_deref(),
+            Some("https://10.0.0.13:6443"),
+            "{n}"
+        );
     }
     assert_eq!(plan.join_url(plan.node("s3").unwrap()), None);
 }
 
 #[test]
 fn a_hostname_taken_by_another_nodes_name_is_an_error() {
-    one(&with("name = \"s1\"", "name = \"s1\"\nhostname = \"a1\""), 18, "nodes[1].name", "already used by nodes[0].hostname");
+    one(
+        &with("name = \"s1\"", "name = \"s1\"\nhostname = \"a1\""),
+        18,
+        "nodes[1].name",
+        "already used by nodes[0].hostname",
+    );
 }

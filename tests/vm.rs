@@ -35,7 +35,12 @@ fn k3s_binary() -> &'static PathBuf {
             return PathBuf::from(p);
         }
         let manifest = common::repo().join("qemu-tests/k3s-double/Cargo.toml");
-        let st = std::process::Command::new(env!("CARGO")).args(["build", "-q", "--release", "--manifest-path"]).arg(&manifest).env("K3S_DOUBLE_VERSION", "v1.31.1+k3s1").status().unwrap();
+        let st = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-q", "--release", "--manifest-path"])
+            .arg(&manifest)
+            .env("K3S_DOUBLE_VERSION", "v1.31.1+k3s1")
+            .status()
+            .unwrap();
         assert!(st.success(), "building the k3s double failed");
         common::repo().join("qemu-tests/k3s-double/target/release/k3s-double")
     })
@@ -67,12 +72,20 @@ fn fixture_from(text: &str, name: &str) -> Fixture {
     let plan = kiln::plan::plan_profile(&path, &text).unwrap_or_else(|e| panic!("{e}"));
     let state = kiln::secrets::StateDir::open(&dir.path().join("state")).unwrap();
     let secrets = ClusterSecrets::load(&plan, &state).unwrap();
-    Fixture { dir, plan, secrets, key }
+    Fixture {
+        dir,
+        plan,
+        secrets,
+        key,
+    }
 }
 
 fn vm_profile() -> String {
     let text = std::fs::read_to_string(common::repo().join("qemu-tests/profiles/vm.toml")).unwrap();
-    assert!(text.trim_end().ends_with("name = \"root\""), "vm.toml must end with the root user's table");
+    assert!(
+        text.trim_end().ends_with("name = \"root\""),
+        "vm.toml must end with the root user's table"
+    );
     format!("{}\n", text.trim_end())
 }
 
@@ -121,8 +134,17 @@ fn show(r: &Report) {
 #[track_caller]
 fn assert_all_pass(r: &Report) {
     show(r);
-    let failed: Vec<&str> = r.checks.iter().filter(|c| !c.pass).map(|c| c.name.as_str()).collect();
-    assert!(failed.is_empty() && !r.checks.is_empty(), "{}: failed checks: {failed:?}", r.node);
+    let failed: Vec<&str> = r
+        .checks
+        .iter()
+        .filter(|c| !c.pass)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert!(
+        failed.is_empty() && !r.checks.is_empty(),
+        "{}: failed checks: {failed:?}",
+        r.node
+    );
 }
 
 #[test]
@@ -130,7 +152,10 @@ fn the_accelerator_probe_works() {
     // TCG always runs the probe guest, so a `false` for KVM means KVM
     // failed, not that the probe is broken.
     assert!(kiln::vm::probe(kiln::vm::Accel::Tcg, std::time::Duration::from_secs(30)).unwrap());
-    eprintln!("accelerator for the VM tests: {:?}", kiln::vm::detect_accel());
+    eprintln!(
+        "accelerator for the VM tests: {:?}",
+        kiln::vm::detect_accel()
+    );
 }
 
 fn single_node(node: &str) {
@@ -141,7 +166,11 @@ fn single_node(node: &str) {
     let r = verify::test_node(&out.join(format!("{node}.img")), &f.key, &e, None).unwrap();
     assert_all_pass(&r);
     // The timeline is complete.
-    assert!(r.timeline.iter().all(|m| m.at.is_some()), "{:?}", r.timeline);
+    assert!(
+        r.timeline.iter().all(|m| m.at.is_some()),
+        "{:?}",
+        r.timeline
+    );
 }
 
 #[test]
@@ -158,8 +187,16 @@ fn agent_node_passes_every_check() {
 fn server_and_agent_on_one_lan() {
     let (f, out) = built();
     let _g = vm_lock();
-    let s = ClusterNode { image: &out.join("s1.img"), node: f.plan.node("s1").unwrap(), mgmt_mac: MGMT_MACS[0].into() };
-    let a = ClusterNode { image: &out.join("a1.img"), node: f.plan.node("a1").unwrap(), mgmt_mac: MGMT_MACS[1].into() };
+    let s = ClusterNode {
+        image: &out.join("s1.img"),
+        node: f.plan.node("s1").unwrap(),
+        mgmt_mac: MGMT_MACS[0].into(),
+    };
+    let a = ClusterNode {
+        image: &out.join("a1.img"),
+        node: f.plan.node("a1").unwrap(),
+        mgmt_mac: MGMT_MACS[1].into(),
+    };
     let r = verify::test_cluster(&f.plan, &s, &a, &f.key, real_k3s(), None).unwrap();
     assert_all_pass(&r);
 }
@@ -175,7 +212,11 @@ fn check_once_as(image: &Path, node: &str, boot_as: &str) -> Report {
     let (f, _) = built();
     let files = files_for(f, node);
     let e = expect_for(f, node, &files);
-    let opts = BootOptions { reboot: false, boot_as: Some(f.plan.node(boot_as).unwrap().clone()), ..BootOptions::default() };
+    let opts = BootOptions {
+        reboot: false,
+        boot_as: Some(f.plan.node(boot_as).unwrap().clone()),
+        ..BootOptions::default()
+    };
     let r = verify::test_node_with(image, &f.key, &e, None, &opts).unwrap();
     show(&r);
     r
@@ -184,7 +225,13 @@ fn check_once_as(image: &Path, node: &str, boot_as: &str) -> Report {
 #[track_caller]
 fn assert_check(r: &Report, name: &str, pass: bool) {
     let c = r.check(name).unwrap_or_else(|| panic!("no check {name:?}"));
-    assert_eq!(c.pass, pass, "{name}: expected {} but it {}: {c:?}", if pass { "pass" } else { "fail" }, if c.pass { "passed" } else { "failed" });
+    assert_eq!(
+        c.pass,
+        pass,
+        "{name}: expected {} but it {}: {c:?}",
+        if pass { "pass" } else { "fail" },
+        if c.pass { "passed" } else { "failed" }
+    );
 }
 
 /// Build the vm.toml profile changed by `edit`, with the same secrets and
@@ -198,7 +245,13 @@ fn build_variant(edit: impl Fn(&str) -> String, node: &str) -> (tempfile::TempDi
     let path = dir.path().join("vm.toml");
     std::fs::write(&path, &changed).unwrap();
     let plan = kiln::plan::plan_profile(&path, &changed).unwrap();
-    let opts = BuildOptions { out: dir.path().join("out"), nodes: vec![node.into()], k3s_binary: Some(k3s_binary().clone()), cache: kiln::cache::cache_dir(), ..BuildOptions::default() };
+    let opts = BuildOptions {
+        out: dir.path().join("out"),
+        nodes: vec![node.into()],
+        k3s_binary: Some(k3s_binary().clone()),
+        cache: kiln::cache::cache_dir(),
+        ..BuildOptions::default()
+    };
     kiln::build::build(&plan, &f.secrets, &opts).unwrap();
     let img = dir.path().join("out").join(format!("{node}.img"));
     (dir, img)
@@ -206,7 +259,10 @@ fn build_variant(edit: impl Fn(&str) -> String, node: &str) -> (tempfile::TempDi
 
 #[test]
 fn broken_entry_without_the_cmdline_item_fails_that_check() {
-    let (_d, img) = build_variant(|t| t.replace("cmdline = [\"pcie_aspm=off\"]", "cmdline = []"), "s1");
+    let (_d, img) = build_variant(
+        |t| t.replace("cmdline = [\"pcie_aspm=off\"]", "cmdline = []"),
+        "s1",
+    );
     let _g = vm_lock();
     let r = check_once(&img, "s1");
     assert_check(&r, "kernel command line", false);
@@ -216,7 +272,15 @@ fn broken_entry_without_the_cmdline_item_fails_that_check() {
 
 #[test]
 fn broken_ruleset_fails_the_firewall_check() {
-    let (_d, img) = build_variant(|t| t.replace("[wireguard]", "[firewall]\nallow-tcp = [22, 8080]\n\n[wireguard]"), "s1");
+    let (_d, img) = build_variant(
+        |t| {
+            t.replace(
+                "[wireguard]",
+                "[firewall]\nallow-tcp = [22, 8080]\n\n[wireguard]",
+            )
+        },
+        "s1",
+    );
     let _g = vm_lock();
     let r = check_once(&img, "s1");
     assert_check(&r, "nft ruleset is the rendered one", false);
@@ -241,13 +305,30 @@ fn a_flashed_8g_copy_boots_and_the_state_partition_fills_it() {
     let (f, out) = built();
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("stick.img");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).arg("flash").arg(out.join("s1.img")).arg(&target).args(["--size", "8G", "--yes"]).status().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("flash")
+        .arg(out.join("s1.img"))
+        .arg(&target)
+        .args(["--size", "8G", "--yes"])
+        .status()
+        .unwrap();
     assert!(status.success());
     assert_eq!(std::fs::metadata(&target).unwrap().len(), 8 << 30);
     let _g = vm_lock();
     let files = files_for(f, "s1");
     let e = expect_for(f, "s1", &files);
-    let r = verify::test_node_with(&target, &f.key, &e, None, &BootOptions { reboot: false, grow_bytes: 0, boot_as: None }).unwrap();
+    let r = verify::test_node_with(
+        &target,
+        &f.key,
+        &e,
+        None,
+        &BootOptions {
+            reboot: false,
+            grow_bytes: 0,
+            boot_as: None,
+        },
+    )
+    .unwrap();
     show(&r);
     assert_check(&r, "state partition reaches the end of the disk", true);
     assert_check(&r, "/ is the slot's read-only squashfs", true);
@@ -268,9 +349,16 @@ fn club_node(node: &str) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}");
-    assert!(out.status.success(), "kiln test --node {node} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kiln test --node {node} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains(" 0 failed"), "{stdout}");
-    assert!(!common::repo().join("profiles/kiln.lock").exists() || real_k3s(), "the test double was pinned in profiles/kiln.lock");
+    assert!(
+        !common::repo().join("profiles/kiln.lock").exists() || real_k3s(),
+        "the test double was pinned in profiles/kiln.lock"
+    );
 }
 
 #[test]
@@ -290,7 +378,10 @@ struct LoopDev {
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.dev).status();
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .status();
     }
 }
 
@@ -299,18 +390,48 @@ fn a_flashed_loop_device_verifies_and_boots() {
     let (f, out) = built();
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("disk.raw");
-    std::fs::File::create(&backing).unwrap().set_len(4 << 30).unwrap();
-    let o = std::process::Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().unwrap();
-    assert!(o.status.success(), "losetup: {}", String::from_utf8_lossy(&o.stderr));
-    let lo = LoopDev { dev: String::from_utf8_lossy(&o.stdout).trim().to_string() };
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    let o = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let lo = LoopDev {
+        dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
+    };
     // A loop device is not removable: --force, as for a fixed disk.
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).arg("flash").arg(out.join("s1.img")).arg(&lo.dev).args(["--yes", "--force"]).status().unwrap();
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("flash")
+        .arg(out.join("s1.img"))
+        .arg(&lo.dev)
+        .args(["--yes", "--force"])
+        .status()
+        .unwrap();
     assert!(st.success());
     let _g = vm_lock();
     let files = files_for(f, "s1");
     let e = expect_for(f, "s1", &files);
     // Boot the block device itself (through an overlay: it is not modified).
-    let r = verify::test_node_with(Path::new(&lo.dev), &f.key, &e, None, &BootOptions { reboot: false, grow_bytes: 0, boot_as: None }).unwrap();
+    let r = verify::test_node_with(
+        Path::new(&lo.dev),
+        &f.key,
+        &e,
+        None,
+        &BootOptions {
+            reboot: false,
+            grow_bytes: 0,
+            boot_as: None,
+        },
+    )
+    .unwrap();
     show(&r);
     assert_check(&r, "state partition reaches the end of the disk", true);
     assert_check(&r, "hostname", true);

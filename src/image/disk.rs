@@ -44,18 +44,47 @@ pub fn volume_id(guid_seed: &str) -> u32 {
 
 /// Write the disk image at `path` (created 0600: it holds the node's
 /// secrets): GPT, ESP with `esp_files`, `root` copied into root-a.
-pub fn write_disk(path: &Path, plan: &PartitionPlan, guid_seed: &str, root: &Path, esp_files: &[EspFile]) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path).with_context(|| format!("creating {}", path.display()))?;
+pub fn write_disk(
+    path: &Path,
+    plan: &PartitionPlan,
+    guid_seed: &str,
+    root: &Path,
+    esp_files: &[EspFile],
+) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     f.set_len(plan.disk_size_bytes)?;
-    gpt::write_gpt(&mut f, plan).with_context(|| format!("writing the partition table of {}", path.display()))?;
+    gpt::write_gpt(&mut f, plan)
+        .with_context(|| format!("writing the partition table of {}", path.display()))?;
     let esp_part = plan.partition("ESP").expect("planned");
-    esp::write_esp(&mut f, esp_part.offset_bytes(), esp_part.size_bytes(), volume_id(guid_seed), esp_files).with_context(|| format!("writing the ESP of {}", path.display()))?;
+    esp::write_esp(
+        &mut f,
+        esp_part.offset_bytes(),
+        esp_part.size_bytes(),
+        volume_id(guid_seed),
+        esp_files,
+    )
+    .with_context(|| format!("writing the ESP of {}", path.display()))?;
     let slot = plan.partition("root-a").expect("planned");
-    let mut src = File::open(root).with_context(|| format!("reading root image {}", root.display()))?;
+    let mut src =
+        File::open(root).with_context(|| format!("reading root image {}", root.display()))?;
     let len = src.metadata()?.len();
-    ensure!(len <= slot.size_bytes(), "root image {} ({len} bytes) does not fit slot root-a ({} bytes)", root.display(), slot.size_bytes());
+    ensure!(
+        len <= slot.size_bytes(),
+        "root image {} ({len} bytes) does not fit slot root-a ({} bytes)",
+        root.display(),
+        slot.size_bytes()
+    );
     f.seek(SeekFrom::Start(slot.offset_bytes()))?;
-    let copied = std::io::copy(&mut std::io::BufReader::with_capacity(MIB as usize, &mut src), &mut f)?;
+    let copied = std::io::copy(
+        &mut std::io::BufReader::with_capacity(MIB as usize, &mut src),
+        &mut f,
+    )?;
     ensure!(copied == len, "short copy of the root image");
     f.sync_all()?;
     Ok(())

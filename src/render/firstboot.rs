@@ -22,7 +22,10 @@ pub fn render(plan: &Plan, tree: &mut FileTree) {
             header("#", plan)
         ),
     );
-    tree.symlink("/etc/systemd/system/multi-user.target.wants/kiln-firstboot.service", "/etc/systemd/system/kiln-firstboot.service");
+    tree.symlink(
+        "/etc/systemd/system/multi-user.target.wants/kiln-firstboot.service",
+        "/etc/systemd/system/kiln-firstboot.service",
+    );
 }
 
 fn script(plan: &Plan) -> String {
@@ -30,7 +33,10 @@ fn script(plan: &Plan) -> String {
     let mut s = String::from("#!/bin/sh\n");
     s.push_str(&header("#", plan));
     s.push_str("# A failing command is reported and makes the unit fail; run-once\n# commands are still not run again (exactly once, like cloud-init).\nset -u\nstatus=0\nrun() {\n  echo \"kiln-firstboot: $1: $2\"\n  /bin/sh -c \"$2\" || { rc=$?; echo \"kiln-firstboot: $1 failed with status $rc: $2\"; status=1; }\n}\n");
-    let _ = writeln!(s, "marker={RUN_ONCE_MARKER}\nmkdir -p \"$(dirname \"$marker\")\"\n");
+    let _ = writeln!(
+        s,
+        "marker={RUN_ONCE_MARKER}\nmkdir -p \"$(dirname \"$marker\")\"\n"
+    );
     s.push_str("# boot-cmd: every boot\n");
     for c in &fb.boot_cmd {
         let _ = writeln!(s, "run boot-cmd {}", sh_quote(c));

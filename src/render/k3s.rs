@@ -21,7 +21,10 @@ fn kv(k: &str, v: Y) -> (String, Y) {
 /// The `config.yaml` keys of a node.
 pub fn config(plan: &Plan, node: &NodePlan) -> Vec<(String, Y)> {
     let k = &plan.k3s;
-    let mut c = vec![kv("node-name", Y::str(&node.name)), kv("token-file", Y::str(TOKEN_FILE))];
+    let mut c = vec![
+        kv("node-name", Y::str(&node.name)),
+        kv("token-file", Y::str(TOKEN_FILE)),
+    ];
     if let Some(url) = plan.join_url(node) {
         c.push(kv("server", Y::str(url)));
     }
@@ -75,7 +78,15 @@ pub fn registries(plan: &Plan) -> Option<String> {
     }
     let mut doc = Vec::new();
     if !k.mirrors.is_empty() {
-        doc.push(kv("mirrors", Y::Map(k.mirrors.iter().map(|(h, e)| (h.clone(), Y::Map(vec![kv("endpoint", Y::strs(e))]))).collect())));
+        doc.push(kv(
+            "mirrors",
+            Y::Map(
+                k.mirrors
+                    .iter()
+                    .map(|(h, e)| (h.clone(), Y::Map(vec![kv("endpoint", Y::strs(e))])))
+                    .collect(),
+            ),
+        ));
     }
     if !k.registry_configs.is_empty() {
         let configs = k
@@ -115,7 +126,11 @@ fn unit(plan: &Plan, node: &NodePlan) -> String {
         exec.push(' ');
         exec.push_str(&systemd_quote(a));
     }
-    let wg = plan.wireguard.as_ref().map(|w| format!(" wg-quick@{}.service", w.interface)).unwrap_or_default();
+    let wg = plan
+        .wireguard
+        .as_ref()
+        .map(|w| format!(" wg-quick@{}.service", w.interface))
+        .unwrap_or_default();
     format!(
         "{}[Unit]\nDescription=k3s {verb} (kiln)\nDocumentation=https://docs.k3s.io\nWants=network-online.target nftables.service{wg}\nAfter=network-online.target nftables.service{wg} kiln-firstboot.service\nRequiresMountsFor=/var/lib/rancher\n\n[Service]\nType=notify\nEnvironmentFile=-/etc/default/k3s\nKillMode=process\nDelegate=yes\nLimitNOFILE=1048576\nLimitNPROC=infinity\nLimitCORE=infinity\nTasksMax=infinity\nTimeoutStartSec=0\nRestart=always\nRestartSec=5s\nExecStartPre=-/sbin/modprobe br_netfilter\nExecStartPre=-/sbin/modprobe overlay\nExecStart={exec}\n\n[Install]\nWantedBy=multi-user.target\n",
         header("#", plan)
@@ -123,13 +138,31 @@ fn unit(plan: &Plan, node: &NodePlan) -> String {
 }
 
 pub fn render(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets, tree: &mut FileTree) {
-    tree.file("/etc/rancher/k3s/config.yaml", SECRET_MODE, format!("{}{}", header("#", plan), yaml::to_string(&config(plan, node))));
-    let token = plan.k3s.token.clone().unwrap_or_else(|| secrets.token.clone());
+    tree.file(
+        "/etc/rancher/k3s/config.yaml",
+        SECRET_MODE,
+        format!(
+            "{}{}",
+            header("#", plan),
+            yaml::to_string(&config(plan, node))
+        ),
+    );
+    let token = plan
+        .k3s
+        .token
+        .clone()
+        .unwrap_or_else(|| secrets.token.clone());
     tree.file(TOKEN_FILE, SECRET_MODE, format!("{token}\n"));
     if let Some(r) = registries(plan) {
         tree.file("/etc/rancher/k3s/registries.yaml", SECRET_MODE, r);
     }
     tree.file("/etc/systemd/system/k3s.service", 0o644, unit(plan, node));
-    tree.symlink("/etc/systemd/system/multi-user.target.wants/k3s.service", "/etc/systemd/system/k3s.service");
-    tree.symlink("/etc/systemd/system/multi-user.target.wants/nftables.service", "/lib/systemd/system/nftables.service");
+    tree.symlink(
+        "/etc/systemd/system/multi-user.target.wants/k3s.service",
+        "/etc/systemd/system/k3s.service",
+    );
+    tree.symlink(
+        "/etc/systemd/system/multi-user.target.wants/nftables.service",
+        "/lib/systemd/system/nftables.service",
+    );
 }

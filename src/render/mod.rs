@@ -44,7 +44,13 @@ pub struct NodeFiles {
 
 /// Header comment of every rendered text file.
 pub(crate) fn header(comment: &str, plan: &Plan) -> String {
-    format!("{comment} Rendered by kiln from {} (cluster {}). Do not edit: change the profile and rebuild.\n", plan.profile_path.file_name().map_or(String::new(), |f| f.to_string_lossy().to_string()), plan.cluster)
+    format!(
+        "{comment} Rendered by kiln from {} (cluster {}). Do not edit: change the profile and rebuild.\n",
+        plan.profile_path
+            .file_name()
+            .map_or(String::new(), |f| f.to_string_lossy().to_string()),
+        plan.cluster
+    )
 }
 
 /// Render every file of one node.
@@ -57,15 +63,32 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     tree.file("/etc/nftables.conf", 0o755, nft::render_ruleset(plan));
     k3s::render(plan, node, secrets, &mut tree);
     firstboot::render(plan, &mut tree);
-    tree.file("/etc/kiln/node", 0o644, format!("{}name={}\nrole={}\ncluster={}\n", header("#", plan), node.name, node.role.as_str(), plan.cluster));
+    tree.file(
+        "/etc/kiln/node",
+        0o644,
+        format!(
+            "{}name={}\nrole={}\ncluster={}\n",
+            header("#", plan),
+            node.name,
+            node.role.as_str(),
+            plan.cluster
+        ),
+    );
     let cmdline = plan.cmdline(node).join(" ");
     tree.file("/etc/kiln/cmdline", 0o644, format!("{cmdline}\n"));
-    NodeFiles { node: node.name.clone(), tree, cmdline }
+    NodeFiles {
+        node: node.name.clone(),
+        tree,
+        cmdline,
+    }
 }
 
 /// Quote a string for a POSIX shell (single quotes).
 pub(crate) fn sh_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_./=:,@+".contains(&c)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_./=:,@+".contains(&c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))

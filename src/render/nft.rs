@@ -15,7 +15,11 @@ use super::header;
 
 fn set<T: ToString>(items: &[T]) -> String {
     let v: Vec<String> = items.iter().map(|i| i.to_string()).collect();
-    if v.len() == 1 { v[0].clone() } else { format!("{{ {} }}", v.join(", ")) }
+    if v.len() == 1 {
+        v[0].clone()
+    } else {
+        format!("{{ {} }}", v.join(", "))
+    }
 }
 
 fn split_families(nets: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
@@ -52,7 +56,11 @@ pub fn render_ruleset(plan: &Plan) -> String {
         let _ = writeln!(r, "\t\tudp dport {} accept", set(&f.allow_udp));
     }
     for rule in &f.rules {
-        let iface = rule.interface.as_ref().map(|i| format!("iifname \"{i}\" ")).unwrap_or_default();
+        let iface = rule
+            .interface
+            .as_ref()
+            .map(|i| format!("iifname \"{i}\" "))
+            .unwrap_or_default();
         let (v4, v6) = split_families(&rule.from);
         let mut sources: Vec<String> = Vec::new();
         if !v4.is_empty() {

@@ -34,11 +34,19 @@ pub fn render(plan: &Plan, node: &NodePlan, tree: &mut FileTree) {
     let mut sysusers = header("#", plan);
     let mut tmpfiles = header("#", plan);
     for u in fb.users.iter().filter(|u| u.name != "root") {
-        let _ = writeln!(sysusers, "u {} {} \"{}\" {HOME_BASE}/{} {}", u.name, u.uid, u.name, u.name, u.shell);
+        let _ = writeln!(
+            sysusers,
+            "u {} {} \"{}\" {HOME_BASE}/{} {}",
+            u.name, u.uid, u.name, u.name, u.shell
+        );
         for g in &u.groups {
             let _ = writeln!(sysusers, "m {} {g}", u.name);
         }
-        let _ = writeln!(tmpfiles, "d {HOME_BASE}/{} 0700 {} {} -", u.name, u.name, u.name);
+        let _ = writeln!(
+            tmpfiles,
+            "d {HOME_BASE}/{} 0700 {} {} -",
+            u.name, u.name, u.name
+        );
     }
     if fb.users.iter().any(|u| u.name != "root") {
         tree.file("/etc/sysusers.d/kiln-users.conf", 0o644, sysusers);
@@ -52,13 +60,24 @@ pub fn render(plan: &Plan, node: &NodePlan, tree: &mut FileTree) {
         }
         tree.file(&format!("/etc/ssh/authorized_keys/{}", u.name), 0o644, keys);
     }
-    tree.file("/etc/ssh/sshd_config.d/10-kiln.conf", 0o644, sshd_config(plan));
-    tree.file("/etc/kiln/ssh-host-keys.sh", 0o755, ssh_host_keys_script(plan));
+    tree.file(
+        "/etc/ssh/sshd_config.d/10-kiln.conf",
+        0o644,
+        sshd_config(plan),
+    );
+    tree.file(
+        "/etc/kiln/ssh-host-keys.sh",
+        0o755,
+        ssh_host_keys_script(plan),
+    );
     tree.file("/etc/systemd/system/kiln-ssh-host-keys.service", 0o644, format!(
         "{}[Unit]\nDescription=kiln: SSH host keys kept on the state partition\nRequiresMountsFor=/var/lib\nBefore=ssh.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/etc/kiln/ssh-host-keys.sh\n\n[Install]\nWantedBy=multi-user.target ssh.service\n",
         header("#", plan)
     ));
-    tree.symlink("/etc/systemd/system/multi-user.target.wants/kiln-ssh-host-keys.service", "/etc/systemd/system/kiln-ssh-host-keys.service");
+    tree.symlink(
+        "/etc/systemd/system/multi-user.target.wants/kiln-ssh-host-keys.service",
+        "/etc/systemd/system/kiln-ssh-host-keys.service",
+    );
 
     // Kernel settings and modules.
     let mut sysctl = header("#", plan);
@@ -74,7 +93,11 @@ pub fn render(plan: &Plan, node: &NodePlan, tree: &mut FileTree) {
     }
     tree.file("/etc/sysctl.d/90-kiln.conf", 0o644, sysctl);
     let mut modules = header("#", plan);
-    for m in K3S_MODULES.iter().map(|s| s.to_string()).chain(fb.modules.iter().cloned()) {
+    for m in K3S_MODULES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(fb.modules.iter().cloned())
+    {
         if !modules.lines().any(|l| l == m) {
             modules.push_str(&m);
             modules.push('\n');
@@ -83,19 +106,38 @@ pub fn render(plan: &Plan, node: &NodePlan, tree: &mut FileTree) {
     tree.file("/etc/modules-load.d/kiln.conf", 0o644, modules);
 
     // LAN by systemd-networkd; DNS by systemd-resolved; time by timesyncd.
-    tree.file("/etc/systemd/network/20-kiln-lan.network", 0o644, lan_network(plan, node));
-    tree.symlink("/etc/systemd/system/multi-user.target.wants/systemd-networkd.service", "/lib/systemd/system/systemd-networkd.service");
+    tree.file(
+        "/etc/systemd/network/20-kiln-lan.network",
+        0o644,
+        lan_network(plan, node),
+    );
+    tree.symlink(
+        "/etc/systemd/system/multi-user.target.wants/systemd-networkd.service",
+        "/lib/systemd/system/systemd-networkd.service",
+    );
     if !fb.dns_nameservers.is_empty() {
         let list: Vec<String> = fb.dns_nameservers.iter().map(|i| i.to_string()).collect();
-        tree.file("/etc/systemd/resolved.conf.d/kiln.conf", 0o644, format!("{}[Resolve]\nDNS={}\n", header("#", plan), list.join(" ")));
+        tree.file(
+            "/etc/systemd/resolved.conf.d/kiln.conf",
+            0o644,
+            format!("{}[Resolve]\nDNS={}\n", header("#", plan), list.join(" ")),
+        );
     }
     if !fb.ntp_servers.is_empty() {
         // timesyncd wants bare addresses (no [brackets] around IPv6).
-        let list: Vec<String> = fb.ntp_servers.iter().map(|h| match h {
-            crate::types::Host::Ip(ip) => ip.to_string(),
-            crate::types::Host::Name(n) => n.clone(),
-        }).collect();
-        tree.file("/etc/systemd/timesyncd.conf.d/kiln.conf", 0o644, format!("{}[Time]\nNTP={}\n", header("#", plan), list.join(" ")));
+        let list: Vec<String> = fb
+            .ntp_servers
+            .iter()
+            .map(|h| match h {
+                crate::types::Host::Ip(ip) => ip.to_string(),
+                crate::types::Host::Name(n) => n.clone(),
+            })
+            .collect();
+        tree.file(
+            "/etc/systemd/timesyncd.conf.d/kiln.conf",
+            0o644,
+            format!("{}[Time]\nNTP={}\n", header("#", plan), list.join(" ")),
+        );
     }
 
     for w in &fb.write_files {
@@ -109,7 +151,15 @@ fn hosts(plan: &Plan, node: &NodePlan) -> String {
     if plan.cluster_address(node).is_none() {
         let _ = writeln!(s, "127.0.1.1\t{}", names(node));
     }
-    let _ = writeln!(s, "# cluster nodes{}", if plan.wireguard.is_some() { ", by WireGuard address" } else { "" });
+    let _ = writeln!(
+        s,
+        "# cluster nodes{}",
+        if plan.wireguard.is_some() {
+            ", by WireGuard address"
+        } else {
+            ""
+        }
+    );
     for n in &plan.nodes {
         if let Some(ip) = plan.cluster_address(n) {
             let _ = writeln!(s, "{ip}\t{}", names(n));
@@ -124,7 +174,11 @@ fn hosts(plan: &Plan, node: &NodePlan) -> String {
 }
 
 fn names(n: &NodePlan) -> String {
-    if n.hostname == n.name { n.name.clone() } else { format!("{} {}", n.hostname, n.name) }
+    if n.hostname == n.name {
+        n.name.clone()
+    } else {
+        format!("{} {}", n.hostname, n.name)
+    }
 }
 
 fn sshd_config(plan: &Plan) -> String {

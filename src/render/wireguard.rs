@@ -34,9 +34,17 @@ struct Peer {
     keepalive: Option<u16>,
 }
 
-pub fn render(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets, tree: &mut FileTree) {
+pub fn render(
+    plan: &Plan,
+    wg: &WgPlan,
+    node: &NodePlan,
+    secrets: &NodeSecrets,
+    tree: &mut FileTree,
+) {
     let iface = &wg.interface;
-    let addr = node.wireguard_address.expect("validated: WireGuard nodes have an address");
+    let addr = node
+        .wireguard_address
+        .expect("validated: WireGuard nodes have an address");
     let mut s = header("#", plan);
     s.push_str("[Interface]\n");
     let _ = writeln!(s, "Address = {}/{}", addr, wg.network.prefix_len());
@@ -44,10 +52,19 @@ pub fn render(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets, 
     let _ = writeln!(s, "PrivateKey = {}", secrets.private_key.to_base64());
     let mut named = Vec::new();
     for p in peers(plan, wg, node, secrets) {
-        let _ = write!(s, "\n# {}\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\n", p.comment, p.public_key, join(&p.allowed_ips));
+        let _ = write!(
+            s,
+            "\n# {}\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\n",
+            p.comment,
+            p.public_key,
+            join(&p.allowed_ips)
+        );
         match &p.endpoint {
             Some(e) if matches!(e.host, Host::Name(_)) => {
-                let _ = writeln!(s, "# Endpoint = {e} (set by kiln-wg-endpoints.service once the name resolves)");
+                let _ = writeln!(
+                    s,
+                    "# Endpoint = {e} (set by kiln-wg-endpoints.service once the name resolves)"
+                );
                 named.push((p.public_key.clone(), e.clone()));
             }
             Some(e) => {
@@ -65,7 +82,10 @@ pub fn render(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets, 
         0o644,
         format!("{}[Unit]\nAfter=nftables.service\nWants=nftables.service\n\n[Service]\n# Retry when an endpoint does not resolve yet.\nRestart=on-failure\nRestartSec=5s\n", header("#", plan)),
     );
-    tree.symlink(&format!("/etc/systemd/system/multi-user.target.wants/wg-quick@{iface}.service"), "/lib/systemd/system/wg-quick@.service");
+    tree.symlink(
+        &format!("/etc/systemd/system/multi-user.target.wants/wg-quick@{iface}.service"),
+        "/lib/systemd/system/wg-quick@.service",
+    );
     if !named.is_empty() {
         render_endpoint_units(plan, iface, &named, tree);
     }
@@ -74,10 +94,21 @@ pub fn render(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets, 
 /// Seconds between re-resolving named endpoints.
 pub const RERESOLVE_INTERVAL_S: u32 = 300;
 
-fn render_endpoint_units(plan: &Plan, iface: &str, named: &[(WgKey, Endpoint)], tree: &mut FileTree) {
-    let mut sh = format!("#!/bin/sh\n{}# Set WireGuard endpoints given by DNS name; exit 1 (retried) until all resolve.\nstatus=0\n", header("#", plan));
+fn render_endpoint_units(
+    plan: &Plan,
+    iface: &str,
+    named: &[(WgKey, Endpoint)],
+    tree: &mut FileTree,
+) {
+    let mut sh = format!(
+        "#!/bin/sh\n{}# Set WireGuard endpoints given by DNS name; exit 1 (retried) until all resolve.\nstatus=0\n",
+        header("#", plan)
+    );
     for (key, e) in named {
-        let _ = writeln!(sh, "wg set {iface} peer {key} endpoint {e} || {{ echo \"kiln-wg-endpoints: {e} does not resolve yet\"; status=1; }}");
+        let _ = writeln!(
+            sh,
+            "wg set {iface} peer {key} endpoint {e} || {{ echo \"kiln-wg-endpoints: {e} does not resolve yet\"; status=1; }}"
+        );
     }
     sh.push_str("exit $status\n");
     tree.file("/etc/kiln/wg-endpoints.sh", 0o755, sh);
@@ -91,15 +122,30 @@ fn render_endpoint_units(plan: &Plan, iface: &str, named: &[(WgKey, Endpoint)], 
         0o644,
         format!("{}[Unit]\nDescription=kiln: re-resolve WireGuard endpoints (dynamic DNS)\n\n[Timer]\nOnUnitActiveSec={RERESOLVE_INTERVAL_S}s\n\n[Install]\nWantedBy=timers.target\n", header("#", plan)),
     );
-    tree.symlink("/etc/systemd/system/multi-user.target.wants/kiln-wg-endpoints.service", "/etc/systemd/system/kiln-wg-endpoints.service");
-    tree.symlink("/etc/systemd/system/timers.target.wants/kiln-wg-endpoints.timer", "/etc/systemd/system/kiln-wg-endpoints.timer");
+    tree.symlink(
+        "/etc/systemd/system/multi-user.target.wants/kiln-wg-endpoints.service",
+        "/etc/systemd/system/kiln-wg-endpoints.service",
+    );
+    tree.symlink(
+        "/etc/systemd/system/timers.target.wants/kiln-wg-endpoints.timer",
+        "/etc/systemd/system/kiln-wg-endpoints.timer",
+    );
 }
 
 fn join(nets: &[IpNet]) -> String {
-    nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+    nets.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-fn node_peer(plan: &Plan, wg: &WgPlan, n: &NodePlan, secrets: &NodeSecrets, allowed: Vec<IpNet>) -> Peer {
+fn node_peer(
+    plan: &Plan,
+    wg: &WgPlan,
+    n: &NodePlan,
+    secrets: &NodeSecrets,
+    allowed: Vec<IpNet>,
+) -> Peer {
     let _ = plan;
     Peer {
         comment: format!("node {} ({})", n.name, n.role.as_str()),
@@ -140,7 +186,13 @@ fn peers(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets) -> Ve
     let mut out = Vec::new();
     match (wg.topology, wg.hub) {
         (Topology::Hub, Some(HubRef::Node(h))) if plan.nodes[h].name == node.name => all(&mut out),
-        (Topology::Hub, Some(HubRef::Node(h))) => out.push(node_peer(plan, wg, &plan.nodes[h], secrets, vec![wg.network])),
+        (Topology::Hub, Some(HubRef::Node(h))) => out.push(node_peer(
+            plan,
+            wg,
+            &plan.nodes[h],
+            secrets,
+            vec![wg.network],
+        )),
         (Topology::Hub, Some(HubRef::External(i))) => {
             let p = &wg.peers[i];
             let mut allowed = vec![wg.network];
@@ -154,14 +206,31 @@ fn peers(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets) -> Ve
 
 /// `[Peer]` stanzas for every node, to paste into an external hub's
 /// WireGuard config (public keys only).
-pub fn hub_peer_stanzas(plan: &Plan, public_keys: &std::collections::BTreeMap<String, WgKey>) -> String {
+pub fn hub_peer_stanzas(
+    plan: &Plan,
+    public_keys: &std::collections::BTreeMap<String, WgKey>,
+) -> String {
     let mut s = String::new();
     let Some(wg) = &plan.wireguard else { return s };
-    let _ = writeln!(s, "# kiln cluster {}: one [Peer] per node, for the hub's [Interface] on {}", plan.cluster, wg.network);
+    let _ = writeln!(
+        s,
+        "# kiln cluster {}: one [Peer] per node, for the hub's [Interface] on {}",
+        plan.cluster, wg.network
+    );
     for n in &plan.nodes {
-        let _ = write!(s, "\n# {} ({})\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\n", n.name, n.role.as_str(), public_keys[&n.name], n.wireguard_address.expect("validated"));
+        let _ = write!(
+            s,
+            "\n# {} ({})\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\n",
+            n.name,
+            n.role.as_str(),
+            public_keys[&n.name],
+            n.wireguard_address.expect("validated")
+        );
         if let Some(e) = &n.endpoint {
-            let _ = writeln!(s, "# Endpoint = {e}   (only if the hub can reach this address; nodes dial the hub otherwise)");
+            let _ = writeln!(
+                s,
+                "# Endpoint = {e}   (only if the hub can reach this address; nodes dial the hub otherwise)"
+            );
         }
     }
     s

@@ -19,7 +19,12 @@ impl Y {
     }
 
     pub fn strs<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> Y {
-        Y::List(items.into_iter().map(|s| Y::Str(s.as_ref().to_string())).collect())
+        Y::List(
+            items
+                .into_iter()
+                .map(|s| Y::Str(s.as_ref().to_string()))
+                .collect(),
+        )
     }
 }
 
@@ -31,7 +36,11 @@ pub fn to_string(map: &[(String, Y)]) -> String {
 }
 
 fn key(k: &str) -> String {
-    if !k.is_empty() && k.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c)) && !k.starts_with(['-', '.']) {
+    if !k.is_empty()
+        && k.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
+        && !k.starts_with(['-', '.'])
+    {
         k.to_string()
     } else {
         scalar_str(k)
@@ -99,18 +108,39 @@ mod tests {
         let doc = vec![
             ("token-file".to_string(), Y::str("/etc/rancher/k3s/token")),
             ("cluster-init".to_string(), Y::Bool(true)),
-            ("tls-san".to_string(), Y::strs(["10.0.0.10", "yes", "#x: y"])),
+            (
+                "tls-san".to_string(),
+                Y::strs(["10.0.0.10", "yes", "#x: y"]),
+            ),
             ("empty".to_string(), Y::List(vec![])),
-            ("mirrors".to_string(), Y::Map(vec![("docker.io".into(), Y::Map(vec![("endpoint".into(), Y::strs(["http://rgb1:5000"]))]))])),
-            ("list-of-maps".to_string(), Y::List(vec![Y::Map(vec![("a".into(), Y::Int(1)), ("b".into(), Y::str("x"))])])),
+            (
+                "mirrors".to_string(),
+                Y::Map(vec![(
+                    "docker.io".into(),
+                    Y::Map(vec![("endpoint".into(), Y::strs(["http://rgb1:5000"]))]),
+                )]),
+            ),
+            (
+                "list-of-maps".to_string(),
+                Y::List(vec![Y::Map(vec![
+                    ("a".into(), Y::Int(1)),
+                    ("b".into(), Y::str("x")),
+                ])]),
+            ),
         ];
         let text = to_string(&doc);
         let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
         assert_eq!(v["cluster-init"], serde_yaml::Value::Bool(true));
         assert_eq!(v["tls-san"][1], serde_yaml::Value::String("yes".into()));
         assert_eq!(v["tls-san"][2], serde_yaml::Value::String("#x: y".into()));
-        assert_eq!(v["mirrors"]["docker.io"]["endpoint"][0], serde_yaml::Value::String("http://rgb1:5000".into()));
-        assert_eq!(v["list-of-maps"][0]["b"], serde_yaml::Value::String("x".into()));
+        assert_eq!(
+            v["mirrors"]["docker.io"]["endpoint"][0],
+            serde_yaml::Value::String("http://rgb1:5000".into())
+        );
+        assert_eq!(
+            v["list-of-maps"][0]["b"],
+            serde_yaml::Value::String("x".into())
+        );
         assert_eq!(v["empty"].as_sequence().unwrap().len(), 0);
     }
 }

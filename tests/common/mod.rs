@@ -33,10 +33,17 @@ pub fn fixed_secrets(plan: &Plan) -> ClusterSecrets {
             (n.name.clone(), PrivateKey::from_bytes(d))
         })
         .collect();
-    ClusterSecrets { private, token: "golden-token-0123456789abcdef".into() }
+    ClusterSecrets {
+        private,
+        token: "golden-token-0123456789abcdef".into(),
+    }
 }
 
 /// Does a command exist on PATH?
 pub fn have(cmd: &str) -> bool {
-    std::process::Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

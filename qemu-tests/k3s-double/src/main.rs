@@ -27,7 +27,9 @@ const RECORD_DIR: &str = "/var/lib/rancher/k3s/double";
 const API_PORT: u16 = 6443;
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn record(file: &str, lines: &[(String, String)]) {
@@ -52,7 +54,10 @@ fn notify_ready() {
 
 /// The `server:` value from config.yaml (kiln writes it quoted).
 fn server_url(config: &str) -> Option<String> {
-    config.lines().find_map(|l| l.strip_prefix("server:")).map(|v| v.trim().trim_matches('"').to_string())
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("server:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
 }
 
 fn host_port(url: &str) -> Option<String> {
@@ -68,11 +73,20 @@ fn common(verb: &str, args: &[String]) -> Vec<(String, String)> {
         ("verb".to_string(), verb.to_string()),
         ("argv".to_string(), args.join(" ")),
         ("started".to_string(), now().to_string()),
-        ("config_sha_lines".to_string(), config.lines().count().to_string()),
+        (
+            "config_sha_lines".to_string(),
+            config.lines().count().to_string(),
+        ),
     ];
-    for l in config.lines().filter(|l| !l.starts_with('#') && !l.starts_with(' ') && !l.starts_with('-')) {
+    for l in config
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with(' ') && !l.starts_with('-'))
+    {
         if let Some((k, v)) = l.split_once(':') {
-            r.push((format!("config.{k}"), v.trim().trim_matches('"').to_string()));
+            r.push((
+                format!("config.{k}"),
+                v.trim().trim_matches('"').to_string(),
+            ));
         }
     }
     r
@@ -117,7 +131,11 @@ fn agent(args: &[String]) -> ! {
     let mut attempts = 0u64;
     loop {
         attempts += 1;
-        let result = target.to_socket_addrs().ok().and_then(|mut a| a.next()).map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)));
+        let result = target
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)));
         let (ok, detail) = match result {
             Some(Ok(mut s)) => {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
@@ -142,11 +160,15 @@ fn agent(args: &[String]) -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("--version" | "-v") => println!("k3s version {VERSION} (k3s-double: a test double, not k3s)"),
+        Some("--version" | "-v") => {
+            println!("k3s version {VERSION} (k3s-double: a test double, not k3s)")
+        }
         Some("server") => server(&args[1..]),
         Some("agent") => agent(&args[1..]),
         _ => {
-            eprintln!("k3s-double {VERSION}: a test double for k3s; supports --version, server, agent");
+            eprintln!(
+                "k3s-double {VERSION}: a test double for k3s; supports --version, server, agent"
+            );
             std::process::exit(2);
         }
     }
