@@ -37,6 +37,8 @@ pub struct BuildOptions {
     /// `--k3s-binary` / `KILN_K3S_BINARY`.
     pub k3s_binary: Option<PathBuf>,
     pub qcow2: bool,
+    /// Also write the netboot tree (OUT/pxe, see [`crate::pxe`]).
+    pub pxe: bool,
     pub cache: PathBuf,
     /// `kiln test` only: an SSH public key added for root, so the checks
     /// can look inside. Never set by `kiln build`.
@@ -339,6 +341,23 @@ pub fn build(
         roots.insert(overlays, (out, img.size, sha));
     }
 
+    let pxe_dir = staging.dir.join(crate::pxe::DIR);
+    if opts.pxe {
+        for d in ["mac", "seed"] {
+            std::fs::create_dir_all(pxe_dir.join(d))?;
+        }
+        std::fs::set_permissions(
+            pxe_dir.join("seed"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
+        std::fs::copy(&vmlinuz_path, pxe_dir.join(crate::pxe::KERNEL))?;
+        std::fs::copy(&initrd_path, pxe_dir.join(crate::pxe::INITRD))?;
+        std::fs::write(
+            pxe_dir.join(crate::pxe::BOOT_SCRIPT),
+            crate::pxe::boot_script(plan),
+        )?;
+    }
+
     let mut artifacts = Vec::new();
     let mut node_manifest = Vec::new();
     for node in &nodes {
@@ -353,6 +372,9 @@ pub fn build(
             let seed = initramfs::build_seed(&rendered.tree, epoch as u32)?;
             let seed_path = work.join(format!("{name}.seed.img"));
             write_private(&seed_path, &seed)?;
+            if opts.pxe && node.mac.is_some() {
+                write_private(&pxe_dir.join(crate::pxe::seed_path(name)), &seed)?;
+            }
             let esp_files = vec![
                 EspFile::copy_of(boot::BOOTLOADER_PATH, &sdboot_path),
                 EspFile::bytes(boot::LOADER_CONF_PATH, boot::loader_conf(plan)),
@@ -389,15 +411,38 @@ pub fn build(
             })?;
             entry["qcow2"] = serde_json::json!(format!("{name}.qcow2"));
         }
+        if opts.pxe {
+            let root_file = root_path.file_name().unwrap().to_string_lossy().to_string();
+            match node.mac {
+                Some(mac) => {
+                    let script = crate::pxe::mac_script_path(&mac);
+                    std::fs::write(
+                        pxe_dir.join(&script),
+                        crate::pxe::node_script(plan, node, &root_file, &root_sha),
+                    )?;
+                    entry["pxe"] = serde_json::json!({
+                        "script": format!("{}/{script}", crate::pxe::DIR),
+                        "root": format!("{}/{root_file}", crate::pxe::DIR),
+                        "seed": format!("{}/{}", crate::pxe::DIR, crate::pxe::seed_path(name)),
+                    });
+                }
+                None => eprintln!(
+                    "kiln: {name} has no `mac` in {}: it cannot netboot (iPXE picks the script by MAC)",
+                    plan.profile_path.display()
+                ),
+            }
+        }
         node_manifest.push(entry);
+    }
+    if opts.pxe {
+        for (root_path, _, _) in roots.values() {
+            std::fs::rename(root_path, pxe_dir.join(root_path.file_name().unwrap()))?;
+        }
     }
     std::fs::remove_dir_all(&work)?;
 
-    // Checksums and manifest over everything in the staging dir.
-    let mut names: Vec<String> = std::fs::read_dir(&staging.dir)?
-        .map(|e| e.map(|e| e.file_name().to_string_lossy().to_string()))
-        .collect::<Result<_, _>>()?;
-    names.sort();
+    // Checksums and manifest over every file in the staging dir.
+    let names = list_files(&staging.dir)?;
     let mut sums = String::new();
     let mut art = Vec::new();
     for n in &names {
@@ -445,6 +490,26 @@ pub fn build(
         artifacts,
         manifest,
     })
+}
+
+/// Every file under `dir`, as sorted `/`-separated relative paths.
+fn list_files(dir: &Path) -> anyhow::Result<Vec<String>> {
+    fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> anyhow::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+            if e.file_type()?.is_dir() {
+                walk(&e.path(), &format!("{name}/"), out)?;
+            } else {
+                out.push(name);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, "", &mut out)?;
+    out.sort();
+    Ok(out)
 }
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {

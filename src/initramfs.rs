@@ -12,6 +12,8 @@ use crate::tree::{Entry, FileTree};
 
 /// kiln's init script.
 pub const INIT_SCRIPT: &str = include_str!("initramfs/init.sh");
+/// busybox udhcpc's hook, for netboot.
+pub const UDHCPC_SCRIPT: &str = include_str!("initramfs/udhcpc.sh");
 
 /// Modules the initramfs loads, with their dependencies: enough to find
 /// and mount the root on the machines kiln targets. Names a kernel builds
@@ -49,6 +51,17 @@ pub const INITRAMFS_MODULES: &[&str] = &[
     "nls_cp437",
     "nls_iso8859_1",
     "loop",
+    // netboot (root image over HTTP): wired NICs of desktops and laptops,
+    // USB Ethernet adapters
+    "e1000",
+    "e1000e",
+    "igb",
+    "igc",
+    "r8169",
+    "tg3",
+    "alx",
+    "r8152",
+    "cdc_ether",
     // which slot booted (systemd-boot's LoaderEntrySelected)
     "efivarfs",
 ];
@@ -85,6 +98,7 @@ pub fn build_initramfs(
     w.file("bin/busybox", 0o755, 0, 0, &base.busybox)?;
     w.symlink("bin/sh", "busybox")?;
     w.file("init", 0o755, 0, 0, INIT_SCRIPT.as_bytes())?;
+    w.file("etc/kiln/udhcpc.sh", 0o755, 0, 0, UDHCPC_SCRIPT.as_bytes())?;
     let kmod_dir = format!("lib/modules/{}", base.kernel_version);
     let mut dirs = std::collections::BTreeSet::new();
     let order =

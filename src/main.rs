@@ -45,6 +45,7 @@ enum Command {
     ///
     /// Writes OUT/<node>.img (raw GPT: ESP with systemd-boot, root-a with
     /// the read-only squashfs root, an empty root-b, a state partition),
+    /// with --format pxe also the netboot tree OUT/pxe, then
     /// OUT/SHA256SUMS and OUT/manifest.json. Everything is built in a
     /// staging directory beside OUT and moved into place only when the
     /// whole build succeeded. Prints the paths written.
@@ -63,9 +64,9 @@ enum Command {
         /// Use this k3s binary instead of the cache or a download.
         #[arg(long, value_name = "PATH", env = "KILN_K3S_BINARY")]
         k3s_binary: Option<PathBuf>,
-        /// Extra image formats.
-        #[arg(long, value_enum, default_value = "raw")]
-        format: Format,
+        /// Extra outputs, comma-separated or repeated (raw disk images are always written).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "raw")]
+        format: Vec<Format>,
         /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
@@ -130,6 +131,34 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Serve the netboot tree (OUT/pxe from `kiln build --format pxe`) over HTTP.
+    ///
+    /// Prints, on stdout, a dnsmasq configuration for PXE next to an
+    /// existing DHCP server (proxy DHCP + TFTP chainloading iPXE), then
+    /// serves until Ctrl-C, logging one line per request (client, method,
+    /// path, status, bytes) on stderr. iPXE scripts are rendered with the
+    /// address the request came to. A node's seed (its WireGuard key and
+    /// the cluster token) is served only to the client that fetched that
+    /// node's per-MAC script, with the token in it, for 15 minutes;
+    /// directories are never listed.
+    Serve {
+        /// The cluster profile (TOML).
+        profile: PathBuf,
+        /// Address and port to listen on.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:8080")]
+        listen: std::net::SocketAddr,
+        /// The output directory of `kiln build` (holds pxe/).
+        #[arg(long, value_name = "DIR", default_value = "out")]
+        out: PathBuf,
+        /// The URL nodes reach this server by, e.g. http://192.168.1.10:8080
+        /// [default: from --listen, when it names an address]
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Write the TFTP material (iPXE binaries and the kiln.ipxe
+        /// bootstrap script) into DIR, for dnsmasq or another TFTP server.
+        #[arg(long, value_name = "DIR")]
+        tftp: Option<PathBuf>,
+    },
     /// Write an image to a USB stick, a disk or a file, and verify it.
     ///
     /// Checks IMAGE against the SHA256SUMS beside it, then refuses, listing
@@ -164,6 +193,9 @@ enum Format {
     Raw,
     /// Also a qcow2 copy of each image (qemu-img).
     Qcow2,
+    /// Also the netboot tree OUT/pxe (kernel, initramfs, root image, node
+    /// seeds, iPXE scripts by MAC) for `kiln serve`.
+    Pxe,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -200,7 +232,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     RoleArg::Agent => kiln::profile::Role::Agent,
                 }),
                 k3s_binary,
-                qcow2: matches!(format, Format::Qcow2),
+                qcow2: format.iter().any(|f| matches!(f, Format::Qcow2)),
+                pxe: format.iter().any(|f| matches!(f, Format::Pxe)),
                 cache: kiln::cache::cache_dir(),
                 test_access_key: None,
             };
@@ -258,6 +291,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 files.tree.paths().count(),
                 files.cmdline
             );
+        }
+        Command::Serve {
+            profile,
+            listen,
+            out,
+            url,
+            tftp,
+        } => {
+            let plan = kiln::plan::load(&profile)?;
+            let url = url.or_else(|| kiln::serve::default_url(listen));
+            if let Some(u) = &url
+                && !u.starts_with("http://")
+            {
+                anyhow::bail!("--url {u}: write http://ADDRESS:PORT (iPXE and the initramfs fetch over plain HTTP)");
+            }
+            let opts = kiln::serve::ServeOptions {
+                out,
+                listen,
+                url: url.clone(),
+                tftp: tftp.clone(),
+            };
+            let server = kiln::serve::Server::bind(&plan, &opts)?;
+            let tftp_root = match (&tftp, &url) {
+                (Some(dir), Some(u)) => {
+                    for n in kiln::serve::write_tftp(dir, u)? {
+                        eprintln!("kiln serve: {n}");
+                    }
+                    dir.display().to_string()
+                }
+                (Some(_), None) => anyhow::bail!(
+                    "--tftp needs --url: the bootstrap script must name an address nodes can reach, and --listen {listen} does not"
+                ),
+                (None, _) => "/srv/kiln-tftp".to_string(),
+            };
+            let shown = url.clone().unwrap_or_else(|| "http://<this machine's address>:PORT".into());
+            println!(
+                "# dnsmasq for PXE on a LAN with its own DHCP server; kiln serve at {shown}.\n# TFTP root: {tftp_root}{}\n{}",
+                if tftp.is_none() { " (fill it with kiln serve --tftp DIR --url URL)" } else { "" },
+                kiln::pxe::dnsmasq_snippet(
+                    &url.as_deref().map_or("<your LAN's network address>".to_string(), |u| kiln::serve::proxy_range(&plan, u)),
+                    &tftp_root
+                )
+            );
+            eprintln!(
+                "kiln serve: {} on http://{} (netboot nodes: {}); Ctrl-C stops",
+                opts.out.join(kiln::pxe::DIR).display(),
+                server.addr(),
+                server.nodes().join(", ")
+            );
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+                .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))?;
+            server.run(&stop)?;
+            eprintln!("kiln serve: stopped");
         }
         Command::Flash {
             image,

@@ -77,6 +77,7 @@ pub fn test_node(
         wg_public_key: secrets.private[&node.name].public_key().to_base64(),
         user_keys: opts.user_keys.clone(),
         real_k3s,
+        medium: crate::verify::Medium::Disk,
     };
     let log = opts
         .keep

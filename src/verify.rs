@@ -134,6 +134,19 @@ pub struct Expect<'a> {
     pub user_keys: Vec<(String, PathBuf)>,
     /// A real k3s (not the double) is in the image.
     pub real_k3s: bool,
+    /// How the node booted.
+    pub medium: Medium,
+}
+
+/// Where the root came from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Medium {
+    /// Slot A of the disk image.
+    #[default]
+    Disk,
+    /// Netbooted without a disk: the root image over HTTP (with this
+    /// sha256) into RAM, /var in RAM.
+    NetDiskless { root_sha256: String },
 }
 
 /// A guest port kiln's firewall does not open from the LAN, used to show
@@ -178,7 +191,12 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     // Kernel command line.
     let cmdline = sh("cat /proc/cmdline")?;
     let mut want = plan.cmdline(node);
-    want.push("kiln.slot=a".into());
+    match &e.medium {
+        Medium::Disk => want.push("kiln.slot=a".into()),
+        Medium::NetDiskless { root_sha256 } => {
+            want.push(format!("kiln.root.sha256={root_sha256}"))
+        }
+    }
     let missing: Vec<&String> = want
         .iter()
         .filter(|w| !cmdline.split_whitespace().any(|a| a == w.as_str()))
@@ -190,15 +208,36 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
         missing.is_empty(),
     ));
 
-    // Root: the slot's read-only squashfs.
-    let root = sh(
-        "set -- $(findmnt -no SOURCE,FSTYPE,OPTIONS /); d=$(basename $1); echo \"$2 $(echo $3 | cut -d, -f1) $(sed -n 's/^PARTNAME=//p' /sys/class/block/$d/uevent)\"",
-    )?;
-    out.push(Check::eq(
-        "/ is the slot's read-only squashfs",
-        "squashfs ro root-a",
-        &root,
-    ));
+    // Root: the slot's read-only squashfs, or the fetched image on a loop
+    // device.
+    match &e.medium {
+        Medium::Disk => {
+            let root = sh(
+                "set -- $(findmnt -no SOURCE,FSTYPE,OPTIONS /); d=$(basename $1); echo \"$2 $(echo $3 | cut -d, -f1) $(sed -n 's/^PARTNAME=//p' /sys/class/block/$d/uevent)\"",
+            )?;
+            out.push(Check::eq(
+                "/ is the slot's read-only squashfs",
+                "squashfs ro root-a",
+                &root,
+            ));
+        }
+        Medium::NetDiskless { root_sha256 } => {
+            let root = sh(
+                "set -- $(findmnt -no SOURCE,FSTYPE,OPTIONS /); echo \"$2 $(echo $3 | cut -d, -f1) $(cat /sys/class/block/$(basename $1)/loop/backing_file)\"",
+            )?;
+            out.push(Check::eq(
+                "/ is the fetched read-only squashfs, in RAM",
+                "squashfs ro /run/kiln/netroot/root.sqfs",
+                &root,
+            ));
+            let sha = sh("sha256sum /run/kiln/netroot/root.sqfs | cut -d' ' -f1")?;
+            out.push(Check::eq(
+                "the root image in RAM is the built one (sha256)",
+                root_sha256,
+                &sha,
+            ));
+        }
+    }
     let write = sh("touch /usr/.kiln-probe 2>&1; echo \"exit $?\"")?;
     out.push(Check::new(
         "a write under /usr fails",
@@ -386,17 +425,19 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
         &rendered(e.files, "/etc/rancher/k3s/config.yaml"),
         &sh("cat /etc/rancher/k3s/config.yaml")?,
     ));
-    let state_dev = sh(
-        "for u in /sys/class/block/*/uevent; do grep -qx PARTNAME=state $u && basename $(dirname $u); done",
-    )?;
+    let (state_name, state_dev) = match e.medium {
+        Medium::Disk => (
+            "k3s data is on the state partition",
+            sh(
+                "for u in /sys/class/block/*/uevent; do grep -qx PARTNAME=state $u && basename $(dirname $u); done",
+            )?,
+        ),
+        Medium::NetDiskless { .. } => ("k3s data is in RAM (diskless)", "tmpfs".to_string()),
+    };
     let data = sh(
         "mkdir -p /var/lib/rancher/k3s && basename $(findmnt -no SOURCE -T /var/lib/rancher/k3s)",
     )?;
-    out.push(Check::eq(
-        "k3s data is on the state partition",
-        state_dev.trim(),
-        &data,
-    ));
+    out.push(Check::eq(state_name, state_dev.trim(), &data));
     if !e.real_k3s {
         let verb = node.role.as_str();
         let rec = sh(&format!(
@@ -429,17 +470,19 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     }
 
     // State partition fills the disk.
-    let fill = sh(
-        "d=$(basename $(findmnt -no SOURCE /var)); p=$(basename $(readlink -f /sys/class/block/$d/..)); echo $(( $(cat /sys/class/block/$p/size) - $(cat /sys/class/block/$d/start) - $(cat /sys/class/block/$d/size) ))",
-    )?;
-    let gap: i64 = fill.trim().parse().unwrap_or(-1);
-    // The backup GPT (33 sectors) and sfdisk's 1 MiB alignment may remain.
-    out.push(Check::new(
-        "state partition reaches the end of the disk",
-        "≤ 2081 sectors left",
-        format!("{gap} sectors left"),
-        (0..=2081).contains(&gap),
-    ));
+    if e.medium == Medium::Disk {
+        let fill = sh(
+            "d=$(basename $(findmnt -no SOURCE /var)); p=$(basename $(readlink -f /sys/class/block/$d/..)); echo $(( $(cat /sys/class/block/$p/size) - $(cat /sys/class/block/$d/start) - $(cat /sys/class/block/$d/size) ))",
+        )?;
+        let gap: i64 = fill.trim().parse().unwrap_or(-1);
+        // The backup GPT (33 sectors) and sfdisk's 1 MiB alignment may remain.
+        out.push(Check::new(
+            "state partition reaches the end of the disk",
+            "≤ 2081 sectors left",
+            format!("{gap} sectors left"),
+            (0..=2081).contains(&gap),
+        ));
+    }
     Ok(out)
 }
 
@@ -598,6 +641,80 @@ pub fn test_node_with(
             &counts.join(" "),
         );
     }
+    let _ = vm.ssh_as(key, "root", "systemctl poweroff", b"");
+    let _ = vm.wait_exit(Duration::from_secs(120));
+    Ok(report)
+}
+
+/// The console line kiln's init prints when it runs without a disk.
+pub const DISKLESS_LOG: &str = "no state partition: /var is in RAM";
+
+/// A netbooting VM for node `e.node`: no disk, the node's MAC and LAN
+/// address on QEMU user networking, whose DHCP/TFTP hands out `net`.
+pub fn netboot_vm(e: &Expect, net: &crate::vm::NetBoot) -> VmConfig {
+    let mut cfg = VmConfig::diskless(&e.node.name);
+    cfg.netboot = Some(net.clone());
+    cfg.forward = vec![PROBE_PORT];
+    if let Some(mac) = e.node.mac {
+        cfg.mac = mac.to_string();
+    }
+    if let Some(a) = e.node.network.address {
+        cfg.user_net = Some((a.trunc(), a.addr()));
+    }
+    cfg
+}
+
+/// Netboot a diskless node (iPXE → `kiln serve` → root image into RAM)
+/// and run the checks that apply without a disk.
+pub fn test_netboot(
+    net: &crate::vm::NetBoot,
+    key: &Path,
+    e: &Expect,
+    log: Option<&Path>,
+) -> anyhow::Result<Report> {
+    let mut vm = Vm::start(&netboot_vm(e, net))?;
+    if let Some(l) = log {
+        vm.keep_log(l);
+    }
+    let mut report = Report {
+        node: e.node.name.clone(),
+        ..Report::default()
+    };
+    vm.wait_serial("kiln-init: switch_root", 0, BOOT_TIMEOUT)?;
+    vm.wait_ssh(key, BOOT_TIMEOUT)?;
+    let _ = vm.wait_until("k3s to become active", Duration::from_secs(120), |vm| {
+        Ok(vm
+            .sh(key, "systemctl is-active k3s")
+            .ok()
+            .filter(|s| s.trim() == "active"))
+    });
+    report.timeline = timeline(&vm, key, 0);
+    let at = |needle: &str| vm.serial_find(needle, 0).map(|l| l.at.as_secs_f64());
+    report.timeline.insert(
+        1,
+        Mark {
+            what: "iPXE runs kiln's script".into(),
+            at: at("kiln: booting"),
+        },
+    );
+    report.timeline.insert(
+        4,
+        Mark {
+            what: "root fetched, verified".into(),
+            at: at("kiln-init: root image sha256 verified"),
+        },
+    );
+    report.checks = checks_first_boot(&vm, key, e)?;
+    let said = vm
+        .serial_find(DISKLESS_LOG, 0)
+        .map(|l| l.text)
+        .unwrap_or_else(|| "(not in the boot log)".into());
+    report.checks.push(Check::new(
+        "the boot log says /var is in RAM",
+        DISKLESS_LOG,
+        said.trim(),
+        said.contains(DISKLESS_LOG),
+    ));
     let _ = vm.ssh_as(key, "root", "systemctl poweroff", b"");
     let _ = vm.wait_exit(Duration::from_secs(120));
     Ok(report)

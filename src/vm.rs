@@ -136,7 +136,12 @@ pub enum Lan {
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub name: String,
-    pub image: PathBuf,
+    /// The disk image; `None` for a diskless (netbooted) machine.
+    pub image: Option<PathBuf>,
+    /// Boot from the network: QEMU's user networking hands out this
+    /// TFTP directory and boot file (an iPXE script), and the NIC's iPXE
+    /// ROM (ipxe-qemu) runs it.
+    pub netboot: Option<NetBoot>,
     /// Grow the overlay's virtual disk to this many bytes (the image's
     /// size if `None`).
     pub disk_bytes: Option<u64>,
@@ -154,11 +159,26 @@ pub struct VmConfig {
     pub accel: Accel,
 }
 
+/// What QEMU's built-in DHCP/TFTP hands a netbooting guest.
+#[derive(Debug, Clone)]
+pub struct NetBoot {
+    pub tftp: PathBuf,
+    pub bootfile: String,
+}
+
 impl VmConfig {
     pub fn new(name: &str, image: &Path) -> Self {
+        let mut c = Self::diskless(name);
+        c.image = Some(image.to_path_buf());
+        c
+    }
+
+    /// A machine without a disk (set `netboot` to boot it).
+    pub fn diskless(name: &str) -> Self {
         VmConfig {
             name: name.to_string(),
-            image: image.to_path_buf(),
+            image: None,
+            netboot: None,
             disk_bytes: None,
             memory_mib: DEFAULT_MEMORY_MIB,
             cpus: 2,
@@ -178,17 +198,22 @@ pub struct SerialLine {
     pub text: String,
 }
 
-/// The overlay (backed by the image, enlarged to `disk_bytes`) and a
-/// writable copy of the OVMF variables, in `dir`.
-fn prepare_disk(cfg: &VmConfig, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// The overlay (backed by the image, enlarged to `disk_bytes`; `None`
+/// without an image) and a writable copy of the OVMF variables, in `dir`.
+fn prepare_disk(cfg: &VmConfig, dir: &Path) -> anyhow::Result<(Option<PathBuf>, PathBuf)> {
     for f in [OVMF_CODE, OVMF_VARS] {
         if !Path::new(f).exists() {
             bail!("{f} is missing: apt-get install --no-install-recommends ovmf");
         }
     }
+    let vars = dir.join("OVMF_VARS.fd");
+    std::fs::copy(OVMF_VARS, &vars)?;
+    let Some(image) = &cfg.image else {
+        return Ok((None, vars));
+    };
     let overlay = dir.join("disk.qcow2");
-    let image = std::fs::canonicalize(&cfg.image)
-        .with_context(|| format!("image {}", cfg.image.display()))?;
+    let image =
+        std::fs::canonicalize(image).with_context(|| format!("image {}", image.display()))?;
     let fmt = if image.extension().is_some_and(|e| e == "qcow2") {
         "qcow2"
     } else {
@@ -202,16 +227,17 @@ fn prepare_disk(cfg: &VmConfig, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)
         img.arg(b.to_string());
     }
     crate::tool::run(&mut img)?;
-    let vars = dir.join("OVMF_VARS.fd");
-    std::fs::copy(OVMF_VARS, &vars)?;
-    Ok((overlay, vars))
+    Ok((Some(overlay), vars))
 }
+
+/// The iPXE ROM of QEMU's virtio NIC (BIOS and EFI in one file).
+pub const IPXE_ROM: &str = "/usr/lib/ipxe/qemu/efi-virtio.rom";
 
 /// QEMU with firmware, disk, RNG and the management NIC (`user_net` is
 /// the `-netdev user,…` value); the caller adds the console.
 fn qemu_command(
     cfg: &VmConfig,
-    overlay: &Path,
+    overlay: Option<&Path>,
     vars: &Path,
     user_net: &str,
 ) -> anyhow::Result<Command> {
@@ -225,14 +251,31 @@ fn qemu_command(
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
         .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-        .arg("-drive")
-        .arg(format!("if=virtio,format=qcow2,file={}", overlay.display()))
-        .args(["-device", "virtio-rng-pci"])
+        .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+    if let Some(o) = overlay {
+        cmd.arg("-drive")
+            .arg(format!("if=virtio,format=qcow2,file={}", o.display()));
+    }
+    let (netboot, nic_boot) = match &cfg.netboot {
+        Some(nb) => {
+            if !Path::new(IPXE_ROM).exists() {
+                bail!("{IPXE_ROM} is missing: apt-get install --no-install-recommends ipxe-qemu");
+            }
+            (
+                format!(",tftp={},bootfile={}", nb.tftp.display(), nb.bootfile),
+                format!(",bootindex=1,romfile={IPXE_ROM}"),
+            )
+        }
+        None => (String::new(), String::new()),
+    };
+    cmd.args(["-device", "virtio-rng-pci"])
         .arg("-netdev")
-        .arg(format!("user,id=mgmt{user_net}"))
+        .arg(format!("user,id=mgmt{user_net}{netboot}"))
         .arg("-device")
-        .arg(format!("virtio-net-pci,netdev=mgmt,mac={}", cfg.mac));
+        .arg(format!(
+            "virtio-net-pci,netdev=mgmt,mac={}{nic_boot}",
+            cfg.mac
+        ));
     Ok(cmd)
 }
 
@@ -244,7 +287,7 @@ pub fn interactive(cfg: &VmConfig) -> anyhow::Result<std::process::ExitStatus> {
     eprintln!("kiln run: SSH is forwarded from 127.0.0.1:{port}");
     let status = qemu_command(
         cfg,
-        &overlay,
+        overlay.as_deref(),
         &vars,
         &format!(",hostfwd=tcp:127.0.0.1:{port}-:22"),
     )?
@@ -287,10 +330,14 @@ impl Vm {
             .iter()
             .map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-{guest}:{g}"))
             .collect();
-        if let Some((net, _)) = cfg.user_net {
+        if let Some((net, ip)) = cfg.user_net {
             fwd = format!(",net={}{fwd}", net.trunc());
+            if cfg.netboot.is_some() {
+                // iPXE and the initramfs ask DHCP: hand out the node's address.
+                fwd.push_str(&format!(",dhcpstart={ip}"));
+            }
         }
-        let mut cmd = qemu_command(cfg, &overlay, &vars, &fwd)?;
+        let mut cmd = qemu_command(cfg, overlay.as_deref(), &vars, &fwd)?;
         cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"]);
         if let Some((lan, mac)) = &cfg.lan {
             let spec = match lan {

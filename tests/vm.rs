@@ -96,6 +96,8 @@ fn build(f: &Fixture, out: &Path, nodes: &[&str]) {
         k3s_binary: Some(k3s_binary().clone()),
         cache: kiln::cache::cache_dir(),
         test_access_key: None,
+        // The netboot tests serve OUT/pxe.
+        pxe: true,
         ..BuildOptions::default()
     };
     kiln::build::build(&f.plan, &f.secrets, &opts).unwrap();
@@ -120,6 +122,7 @@ fn expect_for<'a>(f: &'a Fixture, node: &str, files: &'a kiln::render::NodeFiles
         wg_public_key: f.secrets.private[node].public_key().to_base64(),
         user_keys: Vec::new(),
         real_k3s: real_k3s(),
+        medium: verify::Medium::Disk,
     }
 }
 
@@ -435,4 +438,180 @@ fn a_flashed_loop_device_verifies_and_boots() {
     show(&r);
     assert_check(&r, "state partition reaches the end of the disk", true);
     assert_check(&r, "hostname", true);
+}
+
+/// `kiln serve` on the host's loopback, in this process, for netboot
+/// tests. QEMU's user networking shows the host to the guest as the
+/// LAN's .2 (vm.toml: 192.168.76.2), and hands out the TFTP directory.
+struct Serving {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    log: std::sync::Arc<Mutex<Vec<String>>>,
+    tftp: tempfile::TempDir,
+}
+
+impl Serving {
+    fn start(plan: &Plan, out: &Path) -> Serving {
+        let opts = kiln::serve::ServeOptions {
+            out: out.to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            url: None,
+            tftp: None,
+        };
+        let log: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
+        let sink = log.clone();
+        let server = kiln::serve::Server::bind(plan, &opts)
+            .unwrap()
+            .with_log(move |l| sink.lock().unwrap().push(l.to_string()));
+        let url = format!("http://192.168.76.2:{}", server.addr().port());
+        let tftp = tempfile::tempdir().unwrap();
+        kiln::serve::write_tftp(tftp.path(), &url).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || server.run(&flag).unwrap());
+        Serving {
+            stop,
+            thread: Some(thread),
+            log,
+            tftp,
+        }
+    }
+
+    fn netboot(&self) -> kiln::vm::NetBoot {
+        kiln::vm::NetBoot {
+            tftp: self.tftp.path().to_path_buf(),
+            bootfile: kiln::pxe::TFTP_SCRIPT.into(),
+        }
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn netboot_expect<'a>(
+    f: &'a Fixture,
+    out: &Path,
+    node: &str,
+    files: &'a kiln::render::NodeFiles,
+) -> Expect<'a> {
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let sha = m["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == node)
+        .unwrap()["root_sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    Expect {
+        medium: verify::Medium::NetDiskless { root_sha256: sha },
+        ..expect_for(f, node, files)
+    }
+}
+
+#[test]
+fn a_diskless_node_netboots_from_kiln_serve() {
+    let (f, out) = built();
+    let _g = vm_lock();
+    let serving = Serving::start(&f.plan, out);
+    let files = files_for(f, "s1");
+    let e = netboot_expect(f, out, "s1", &files);
+    let r = verify::test_netboot(&serving.netboot(), &f.key, &e, None).unwrap();
+    assert_all_pass(&r);
+    assert!(
+        r.timeline.iter().all(|m| m.at.is_some()),
+        "{:?}",
+        r.timeline
+    );
+    let log = serving.log();
+    eprintln!("kiln serve log:\n{}", log.join("\n"));
+    for want in [
+        "GET /boot.ipxe 200",
+        "GET /mac/52-54-00-12-34-01.ipxe 200",
+        "GET /vmlinuz 200",
+        "GET /initrd.img 200",
+        "GET /seed/s1.img 200",
+        "GET /root-server.sqfs 200",
+    ] {
+        assert!(
+            log.iter().any(|l| l.contains(want)),
+            "no `{want}` in the serve log"
+        );
+    }
+    // The token never reaches the log.
+    assert!(!log.iter().any(|l| l.contains("token")), "{log:?}");
+}
+
+#[test]
+fn a_tampered_root_image_stops_the_netboot() {
+    let (f, out) = built();
+    let _g = vm_lock();
+    // A copy of the tree whose root image has one byte changed.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("out");
+    std::fs::create_dir_all(copy.join("pxe")).unwrap();
+    std::fs::copy(out.join("manifest.json"), copy.join("manifest.json")).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(out.join("pxe/."))
+        .arg(copy.join("pxe"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let root = copy.join("pxe/root-server.sqfs");
+    let mut bytes = std::fs::read(&root).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&root, &bytes).unwrap();
+
+    let serving = Serving::start(&f.plan, &copy);
+    let files = files_for(f, "s1");
+    let e = netboot_expect(f, out, "s1", &files);
+    let mut vm = kiln::vm::Vm::start(&verify::netboot_vm(&e, &serving.netboot())).unwrap();
+    let line = vm
+        .wait_serial("FATAL: root image from", 0, verify::BOOT_TIMEOUT)
+        .unwrap();
+    eprintln!("{}", vm.tail(15));
+    assert!(line.text.contains("refusing to boot it"), "{}", line.text);
+    assert!(line.text.contains("root-server.sqfs has sha256"), "{}", line.text);
+    assert!(vm.serial_find("kiln-init: switch_root", 0).is_none());
+}
+
+#[test]
+fn an_unknown_mac_gets_a_clear_message_from_ipxe() {
+    let (f, out) = built();
+    let _g = vm_lock();
+    let serving = Serving::start(&f.plan, out);
+    let files = files_for(f, "s1");
+    let e = netboot_expect(f, out, "s1", &files);
+    let mut cfg = verify::netboot_vm(&e, &serving.netboot());
+    cfg.mac = "52:54:00:99:99:99".into();
+    let mut vm = kiln::vm::Vm::start(&cfg).unwrap();
+    let line = vm
+        .wait_serial(
+            "no node of cluster vmtest has MAC 52:54:00:99:99:99",
+            0,
+            verify::BOOT_TIMEOUT,
+        )
+        .unwrap();
+    eprintln!("{}", vm.tail(10));
+    assert!(line.text.starts_with("kiln:"), "{}", line.text);
+    let log = serving.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("GET /mac/52-54-00-99-99-99.ipxe 404")),
+        "{log:?}"
+    );
 }

@@ -5,8 +5,13 @@
 # needed), copies the node seed into place and hands over to systemd.
 #
 # Kernel arguments it reads:
-#   kiln.slot=a|b     which root partition (root-a / root-b) to boot
-#   kiln.debug        open a shell instead of rebooting on failure
+#   kiln.slot=a|b          which root partition (root-a / root-b) to boot
+#   kiln.root=URL          netboot: fetch the root image over HTTP into RAM
+#                          instead (kiln.slot is then ignored)
+#   kiln.root.sha256=HEX   netboot: the root image's digest (required)
+#   kiln.netif=MAC         netboot: the interface to use (default: every
+#                          wired interface, first DHCP answer wins)
+#   kiln.debug             open a shell instead of rebooting on failure
 #
 # Every step logs "kiln-init: ..." to the kernel log, so the boot
 # timeline can be read from the console with kernel timestamps.
@@ -36,14 +41,25 @@ fail() {
 
 slot=a
 debug=
+root_url=
+root_sha=
+netif=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kiln.slot=*) slot="${arg#kiln.slot=}" ;;
+        kiln.root=*) root_url="${arg#kiln.root=}" ;;
+        kiln.root.sha256=*) root_sha="${arg#kiln.root.sha256=}" ;;
+        kiln.netif=*) netif="${arg#kiln.netif=}" ;;
         kiln.debug) debug=1 ;;
     esac
 done
-case "$slot" in a|b) ;; *) fail "kiln.slot=$slot: expected a or b" ;; esac
-log "started (slot $slot, kernel $(uname -r))"
+if [ -n "$root_url" ]; then
+    slot=net
+    log "started (root from the network, kernel $(uname -r))"
+else
+    case "$slot" in a|b) ;; *) fail "kiln.slot=$slot: expected a or b" ;; esac
+    log "started (slot $slot, kernel $(uname -r))"
+fi
 
 # Modules, in dependency order (resolved when the image was built).
 kver=$(uname -r)
@@ -64,19 +80,78 @@ find_part() {
     return 1
 }
 
-root_name="root-$slot"
-tries=0
-until part=$(find_part "$root_name"); do
-    tries=$((tries + 1))
-    # USB sticks can take several seconds to appear.
-    [ $tries -gt 300 ] && fail "no partition named $root_name after 30 s"
-    sleep 0.1
-done
-disk=$(basename "$(readlink -f "/sys/class/block/$part/..")")
-log "root $root_name is /dev/$part on /dev/$disk"
+# Seconds since boot, to two decimals.
+now() { cut -d' ' -f1 /proc/uptime; }
 
-mount -t squashfs -o ro "/dev/$part" /sysroot || fail "cannot mount /dev/$part ($root_name) as squashfs"
-log "root mounted read-only"
+# Bring up the network for the root image: the interface with MAC
+# $netif, or every wired interface; DHCP until one answers.
+net_up() {
+    ifaces=
+    tries=0
+    while [ -z "$ifaces" ]; do
+        for d in /sys/class/net/*; do
+            [ -e "$d/device" ] || continue
+            n=$(basename "$d")
+            if [ -z "$netif" ] || [ "$(cat "$d/address")" = "$netif" ]; then
+                ifaces="$ifaces $n"
+            fi
+        done
+        tries=$((tries + 1))
+        if [ -z "$ifaces" ] && [ $tries -gt 200 ]; then
+            fail "no network interface${netif:+ with MAC $netif} after 20 s (is its driver in the initramfs?)"
+        fi
+        [ -z "$ifaces" ] && sleep 0.1
+    done
+    for n in $ifaces; do ip link set "$n" up; done
+    for n in $ifaces; do
+        if udhcpc -i "$n" -n -q -t 10 -T 2 -s /etc/kiln/udhcpc.sh >/dev/null 2>&1; then
+            log "network: $n has $(ip -o -4 addr show dev "$n" | awk '{print $4}')"
+            return 0
+        fi
+    done
+    fail "no DHCP answer on$ifaces"
+}
+
+if [ -n "$root_url" ]; then
+    [ -n "$root_sha" ] || fail "kiln.root is set but kiln.root.sha256 is not: a root image that cannot be verified is not booted"
+    net_up
+    # A tmpfs of its own: switch_root empties the initramfs, and the
+    # running system keeps the image at /run/kiln/netroot.
+    mkdir -p /netroot
+    mount -t tmpfs -o mode=0700 tmpfs /netroot
+    log "fetching the root image from $root_url"
+    t0=$(now)
+    n=0
+    until wget -q -O /netroot/root.sqfs "$root_url"; do
+        n=$((n + 1))
+        [ $n -ge 5 ] && fail "cannot fetch the root image from $root_url (5 tries; is kiln serve running and reachable?)"
+        log "fetching $root_url failed; retrying in $n s"
+        rm -f /netroot/root.sqfs
+        sleep $n
+    done
+    size=$(wc -c < /netroot/root.sqfs)
+    log "root image fetched: $size bytes in $(awk "BEGIN{print $(now) - $t0}") s"
+    got=$(sha256sum /netroot/root.sqfs | cut -d' ' -f1)
+    if [ "$got" != "$root_sha" ]; then
+        rm -f /netroot/root.sqfs
+        fail "root image from $root_url has sha256 $got but this boot expects $root_sha: refusing to boot it (a tampered or stale file on the server; rebuild with kiln build --format pxe and serve that tree)"
+    fi
+    log "root image sha256 verified"
+    mount -t squashfs -o ro,loop /netroot/root.sqfs /sysroot || fail "cannot mount the root image from $root_url as squashfs"
+    log "root mounted read-only (from the network, in RAM)"
+else
+    root_name="root-$slot"
+    tries=0
+    until part=$(find_part "$root_name"); do
+        tries=$((tries + 1))
+        # USB sticks can take several seconds to appear.
+        [ $tries -gt 300 ] && fail "no partition named $root_name after 30 s"
+        sleep 0.1
+    done
+    log "root $root_name is /dev/$part"
+    mount -t squashfs -o ro "/dev/$part" /sysroot || fail "cannot mount /dev/$part ($root_name) as squashfs"
+    log "root mounted read-only"
+fi
 
 # /run in RAM (systemd keeps it), and /etc writable in RAM over the image's.
 mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /sysroot/run
@@ -84,6 +159,11 @@ mkdir -p /sysroot/run/kiln/etc-upper /sysroot/run/kiln/etc-work
 mount -t overlay overlay -o lowerdir=/sysroot/etc,upperdir=/sysroot/run/kiln/etc-upper,workdir=/sysroot/run/kiln/etc-work /sysroot/etc \
     || fail "cannot overlay /etc"
 echo "$slot" > /sysroot/run/kiln/slot
+if [ -n "$root_url" ]; then
+    mkdir -p /sysroot/run/kiln/netroot
+    mount --move /netroot /sysroot/run/kiln/netroot
+    echo "$root_url" > /sysroot/run/kiln/root-url
+fi
 # /tmp in RAM: systemd needs a writable /tmp to set up PrivateDevices=.
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /sysroot/tmp
 
@@ -103,6 +183,7 @@ if state=$(find_part state); then
     # Grow the state partition to the end of its disk (a 16 GB stick and a
     # 1 TB disk both get all their space). sfdisk moves the backup GPT to
     # the end first; the kernel learns the new size through BLKPG.
+    disk=$(basename "$(readlink -f "/sys/class/block/$state/..")")
     disk_sectors=$(cat "/sys/class/block/$disk/size")
     start=$(cat "/sys/class/block/$state/start")
     size=$(cat "/sys/class/block/$state/size")
@@ -133,7 +214,7 @@ if state=$(find_part state); then
     log "state /dev/$state mounted on /var"
 else
     mount -t tmpfs -o mode=0755 tmpfs /sysroot/var
-    log "no state partition: /var is in RAM and is lost at shutdown"
+    log "no state partition: /var is in RAM and is lost at shutdown (diskless)"
 fi
 
 # journald keeps the journal on /var only if the directory exists when it
