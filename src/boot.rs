@@ -33,15 +33,24 @@ pub fn entry_path(slot: char) -> String {
     format!("loader/entries/kiln-{slot}.conf")
 }
 
-/// `loader.conf`: boot the slot A entry unless told otherwise; no
-/// command line editor (it would give anyone at the keyboard a root
-/// shell through `init=`).
+/// `loader.conf`: boot the first kiln entry in systemd-boot's order, which
+/// puts entries with no boot tries left last and then sorts by `version`
+/// (the generation), newest first: a new slot on trial boots first, and a
+/// failed one falls back to the other. No command line editor (it would
+/// give anyone at the keyboard a root shell through `init=`).
 pub fn loader_conf(plan: &Plan) -> String {
     format!(
-        "timeout {}\ndefault kiln-a.conf\neditor no\nconsole-mode keep\n",
+        "timeout {}\ndefault kiln-*\neditor no\nconsole-mode keep\n",
         plan.boot.menu_timeout
     )
 }
+
+/// The generation of the entry a disk image starts with; each update
+/// (`kiln-update`) and rollback takes the highest one plus one.
+pub const FIRST_GENERATION: u32 = 1;
+
+/// Placeholder for the slot in an update bundle's kernel command line.
+pub const SLOT_PLACEHOLDER: &str = "@SLOT@";
 
 /// The kernel command line of a slot's entry.
 pub fn options(plan: &Plan, node: &NodePlan, slot: char) -> String {
@@ -51,10 +60,11 @@ pub fn options(plan: &Plan, node: &NodePlan, slot: char) -> String {
     items.join(" ")
 }
 
-/// A Boot Loader Specification entry for `slot`.
+/// A Boot Loader Specification entry for `slot`; `version` is the
+/// generation (see [`loader_conf`]), the kernel's version is in the title.
 pub fn entry(plan: &Plan, node: &NodePlan, slot: char, kernel_version: &str) -> String {
     format!(
-        "title kiln {cluster}/{node} (slot {slot}, k3s {k3s})\nversion {kernel_version}\nsort-key kiln\nlinux /{kernel}\ninitrd /{initrd}\ninitrd /{seed}\noptions {opts}\n",
+        "title kiln {cluster}/{node} (slot {slot}, k3s {k3s}, kernel {kernel_version})\nversion {FIRST_GENERATION}\nsort-key kiln\nlinux /{kernel}\ninitrd /{initrd}\ninitrd /{seed}\noptions {opts}\n",
         cluster = plan.cluster,
         node = node.name,
         k3s = plan.k3s.version,

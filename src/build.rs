@@ -343,7 +343,7 @@ pub fn build(
 
     let pxe_dir = staging.dir.join(crate::pxe::DIR);
     if opts.pxe {
-        for d in ["mac", "seed"] {
+        for d in ["mac", "seed", "update"] {
             std::fs::create_dir_all(pxe_dir.join(d))?;
         }
         std::fs::set_permissions(
@@ -372,7 +372,7 @@ pub fn build(
             let seed = initramfs::build_seed(&rendered.tree, epoch as u32)?;
             let seed_path = work.join(format!("{name}.seed.img"));
             write_private(&seed_path, &seed)?;
-            if opts.pxe && node.mac.is_some() {
+            if opts.pxe {
                 write_private(&pxe_dir.join(crate::pxe::seed_path(name)), &seed)?;
             }
             let esp_files = vec![
@@ -413,6 +413,24 @@ pub fn build(
         }
         if opts.pxe {
             let root_file = root_path.file_name().unwrap().to_string_lossy().to_string();
+            let sha = |p: &str| sha256_file(&pxe_dir.join(p));
+            let bundle = crate::pxe::UpdateBundle {
+                cluster: &plan.cluster,
+                node: name,
+                kiln_version: KILN_VERSION,
+                k3s_version: &plan.k3s.version.to_string(),
+                kernel_version: &files.kernel_version,
+                options: &boot::options(plan, node, 'a').replacen(
+                    "kiln.slot=a",
+                    &format!("kiln.slot={}", boot::SLOT_PLACEHOLDER),
+                    1,
+                ),
+                root: (&root_file, root_size, &root_sha),
+                vmlinuz: &sha(crate::pxe::KERNEL)?,
+                initrd: &sha(crate::pxe::INITRD)?,
+                seed: &sha(&crate::pxe::seed_path(name))?,
+            };
+            std::fs::write(pxe_dir.join(crate::pxe::update_path(name)), bundle.render())?;
             match node.mac {
                 Some(mac) => {
                     let script = crate::pxe::mac_script_path(&mac);

@@ -44,6 +44,15 @@ impl ClusterSecrets {
             .collect()
     }
 
+    /// Every node's update key (what `kiln serve` checks before handing
+    /// a node its seed for an update).
+    pub fn update_keys(&self, cluster: &str) -> BTreeMap<String, String> {
+        self.private
+            .iter()
+            .map(|(n, k)| (n.clone(), crate::render::update_key(cluster, n, k)))
+            .collect()
+    }
+
     pub fn for_node(&self, node: &str) -> NodeSecrets {
         NodeSecrets {
             private_key: self.private[node].clone(),

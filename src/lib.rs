@@ -25,5 +25,6 @@ pub mod serve;
 pub mod tool;
 pub mod tree;
 pub mod types;
+pub mod upgrade;
 pub mod verify;
 pub mod vm;

@@ -158,6 +158,39 @@ enum Command {
         /// bootstrap script) into DIR, for dnsmasq or another TFTP server.
         #[arg(long, value_name = "DIR")]
         tftp: Option<PathBuf>,
+        /// Where node secrets are kept [default: PROFILE's directory/<stem>.state];
+        /// needed to hand seeds to `kiln-update` (never created by serve)
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Move the cluster to another k3s version, or print the plans that
+    /// roll the update out through the cluster.
+    ///
+    /// With --k3s, sets `[k3s] version` in the profile (only that value
+    /// changes; the file is replaced atomically and must still validate).
+    /// Then `kiln build PROFILE --format pxe` rebuilds the root images (the
+    /// base comes from the cache) and writes each node's update bundle,
+    /// which `kiln serve` serves to `kiln-update` on the nodes.
+    ///
+    /// With --plan, prints system-upgrade-controller Plans
+    /// (upgrade.cattle.io/v1) that run `kiln-update --server URL --reboot`
+    /// on every node, servers first, then agents, one node at a time,
+    /// cordoned (agents drained), selected by the kiln.dev/role label.
+    Upgrade {
+        /// The cluster profile (TOML).
+        profile: PathBuf,
+        /// The k3s version to move to, e.g. v1.31.2+k3s1.
+        #[arg(long, value_name = "VERSION")]
+        k3s: Option<String>,
+        /// Print the system-upgrade-controller Plans (or write them into --out).
+        #[arg(long)]
+        plan: bool,
+        /// kiln serve's URL as the nodes reach it (for --plan).
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// Write the plans to DIR/kiln-upgrade-plans.yaml instead of stdout.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Write an image to a USB stick, a disk or a file, and verify it.
     ///
@@ -298,19 +331,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             url,
             tftp,
+            state_dir,
         } => {
             let plan = kiln::plan::load(&profile)?;
+            let dir = commands::state_dir(&profile, state_dir.as_deref());
+            let update_keys = if dir.is_dir() {
+                commands::load_with_secrets(&profile, Some(&dir))?
+                    .1
+                    .update_keys(&plan.cluster)
+            } else {
+                eprintln!(
+                    "kiln serve: no state directory {}: kiln-update cannot fetch seeds (netboot can)",
+                    dir.display()
+                );
+                Default::default()
+            };
             let url = url.or_else(|| kiln::serve::default_url(listen));
             if let Some(u) = &url
                 && !u.starts_with("http://")
             {
-                anyhow::bail!("--url {u}: write http://ADDRESS:PORT (iPXE and the initramfs fetch over plain HTTP)");
+                anyhow::bail!(
+                    "--url {u}: write http://ADDRESS:PORT (iPXE and the initramfs fetch over plain HTTP)"
+                );
             }
             let opts = kiln::serve::ServeOptions {
                 out,
                 listen,
                 url: url.clone(),
                 tftp: tftp.clone(),
+                update_keys,
             };
             let server = kiln::serve::Server::bind(&plan, &opts)?;
             let tftp_root = match (&tftp, &url) {
@@ -325,12 +374,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 (None, _) => "/srv/kiln-tftp".to_string(),
             };
-            let shown = url.clone().unwrap_or_else(|| "http://<this machine's address>:PORT".into());
+            let shown = url
+                .clone()
+                .unwrap_or_else(|| "http://<this machine's address>:PORT".into());
             println!(
                 "# dnsmasq for PXE on a LAN with its own DHCP server; kiln serve at {shown}.\n# TFTP root: {tftp_root}{}\n{}",
-                if tftp.is_none() { " (fill it with kiln serve --tftp DIR --url URL)" } else { "" },
+                if tftp.is_none() {
+                    " (fill it with kiln serve --tftp DIR --url URL)"
+                } else {
+                    ""
+                },
                 kiln::pxe::dnsmasq_snippet(
-                    &url.as_deref().map_or("<your LAN's network address>".to_string(), |u| kiln::serve::proxy_range(&plan, u)),
+                    &url.as_deref()
+                        .map_or("<your LAN's network address>".to_string(), |u| {
+                            kiln::serve::proxy_range(&plan, u)
+                        }),
                     &tftp_root
                 )
             );
@@ -346,6 +404,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))?;
             server.run(&stop)?;
             eprintln!("kiln serve: stopped");
+        }
+        Command::Upgrade {
+            profile,
+            k3s,
+            plan: want_plan,
+            server,
+            out,
+        } => {
+            if k3s.is_none() && !want_plan {
+                anyhow::bail!(
+                    "say what to do: --k3s VERSION (edit the profile) and/or --plan (print the rollout plans)"
+                );
+            }
+            if let Some(v) = k3s {
+                let text = std::fs::read_to_string(&profile)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", profile.display()))?;
+                let (old, new_text) = kiln::upgrade::set_k3s_version(&profile, &text, &v)?;
+                kiln::upgrade::replace_file(&profile, &new_text)?;
+                eprintln!(
+                    "{}: k3s {old} → {v}\nnext: kiln build {} --format pxe --out DIR (rebuilds the root images and writes each node's update bundle), kiln serve {} --out DIR, then kiln-update on the nodes or kiln upgrade {} --plan --server URL",
+                    profile.display(),
+                    profile.display(),
+                    profile.display(),
+                    profile.display()
+                );
+            }
+            if want_plan {
+                let plan = kiln::plan::load(&profile)?;
+                let server = server.ok_or_else(|| {
+                    anyhow::anyhow!("--plan needs --server URL: the address of kiln serve as the nodes reach it, e.g. http://192.168.1.10:8080")
+                })?;
+                if !server.starts_with("http://") {
+                    anyhow::bail!(
+                        "--server {server}: write http://ADDRESS:PORT (kiln-update fetches over plain HTTP and checks every digest)"
+                    );
+                }
+                let text = kiln::upgrade::plans(&plan, &server);
+                match out {
+                    Some(dir) => {
+                        std::fs::create_dir_all(&dir)?;
+                        let p = dir.join("kiln-upgrade-plans.yaml");
+                        kiln::upgrade::replace_file(&p, &text)?;
+                        println!("{}", p.display());
+                    }
+                    None => print!("{text}"),
+                }
+            }
         }
         Command::Flash {
             image,

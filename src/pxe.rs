@@ -8,6 +8,7 @@
 //! pxe/vmlinuz, pxe/initrd.img    the kernel and initramfs of the disk images
 //! pxe/root-<role>.sqfs           the root image (the same bytes as root-a)
 //! pxe/seed/<node>.img            the node seed (secrets: 0600)
+//! pxe/update/<node>.txt          the node's update bundle (kiln-update)
 //! ```
 //!
 //! The scripts say `${kiln-server}` wherever the server's URL goes: an
@@ -40,8 +41,64 @@ pub fn seed_path(node: &str) -> String {
     format!("seed/{node}.img")
 }
 
-pub fn root_path(file_name: &str) -> String {
-    file_name.to_string()
+pub fn update_path(node: &str) -> String {
+    format!("update/{node}.txt")
+}
+
+/// What `kiln-update` on a node reads: the files of its next slot (paths
+/// relative to the tree, as the server serves them) with their sha256,
+/// and the versions. `key=value` lines, so a shell script can read it.
+pub struct UpdateBundle<'a> {
+    pub cluster: &'a str,
+    pub node: &'a str,
+    pub kiln_version: &'a str,
+    pub k3s_version: &'a str,
+    pub kernel_version: &'a str,
+    /// Kernel command line, with [`crate::boot::SLOT_PLACEHOLDER`].
+    pub options: &'a str,
+    /// Root image: file name, size, sha256.
+    pub root: (&'a str, u64, &'a str),
+    pub vmlinuz: &'a str,
+    pub initrd: &'a str,
+    pub seed: &'a str,
+}
+
+impl UpdateBundle<'_> {
+    pub fn render(&self) -> String {
+        format!(
+            "# kiln update bundle for node {node} of cluster {cluster}: run\n\
+             # `kiln-update --server URL` on the node (kiln serve's URL).\n\
+             format=1\n\
+             cluster={cluster}\n\
+             node={node}\n\
+             kiln_version={kiln}\n\
+             k3s_version={k3s}\n\
+             kernel_version={kernel}\n\
+             options={options}\n\
+             root={root}\n\
+             root_size={root_size}\n\
+             root_sha256={root_sha}\n\
+             vmlinuz={KERNEL}\n\
+             vmlinuz_sha256={vmlinuz}\n\
+             initrd={INITRD}\n\
+             initrd_sha256={initrd}\n\
+             seed={seed_path}\n\
+             seed_sha256={seed}\n",
+            node = self.node,
+            cluster = self.cluster,
+            kiln = self.kiln_version,
+            k3s = self.k3s_version,
+            kernel = self.kernel_version,
+            options = self.options,
+            root = self.root.0,
+            root_size = self.root.1,
+            root_sha = self.root.2,
+            vmlinuz = self.vmlinuz,
+            initrd = self.initrd,
+            seed_path = seed_path(self.node),
+            seed = self.seed,
+        )
+    }
 }
 
 /// The kernel command line of a netbooted node (`root` is the root image's
@@ -129,22 +186,32 @@ pub fn render(script: &str, server_url: &str) -> String {
 
 /// A dnsmasq configuration for a LAN whose router already runs DHCP:
 /// proxy DHCP (no addresses handed out) and TFTP for the iPXE binaries and
-/// the bootstrap script; iPXE then loads everything over HTTP.
+/// the bootstrap script; iPXE then loads everything over HTTP. One service
+/// per architecture and tag (several make iPXE reload itself), no prompt
+/// (with one item the client boots at once), BC_EFI as well as X86-64_EFI
+/// (UEFI clients send architecture 7 or 9). Checked with dnsmasq 2.90
+/// (Debian 12) against OVMF and iPXE; dnsmasq 2.92 breaks proxy DHCP on
+/// port 4011 (fixed in 2.93).
 pub fn dnsmasq_snippet(lan: &str, tftp_root: &str) -> String {
     format!(
         "# kiln: PXE next to an existing DHCP server (dnsmasq in proxy-DHCP mode).\n\
-         # No DNS; answer only PXE clients on the LAN; never hand out addresses.\n\
+         # Open UDP 67, 69 and 4011 and kiln serve's TCP port on this machine.\n\
+         # No DNS; never hand out addresses: the router stays the DHCP server.\n\
          port=0\n\
+         # interface=eth0   (the LAN interface; with bind-interfaces)\n\
          dhcp-range={lan},proxy\n\
-         # iPXE says so in its DHCP requests (user class \"iPXE\").\n\
+         log-dhcp\n\
+         # iPXE says so in its requests (user class \"iPXE\", option 175).\n\
          dhcp-userclass=set:ipxe,iPXE\n\
-         # Firmware PXE: load iPXE over TFTP (BIOS and x86-64 UEFI).\n\
-         pxe-prompt=\"kiln\",0\n\
-         pxe-service=tag:!ipxe,x86PC,\"kiln (BIOS)\",undionly.kpxe\n\
-         pxe-service=tag:!ipxe,X86-64_EFI,\"kiln (UEFI)\",ipxe.efi\n\
+         dhcp-match=set:ipxe,175\n\
+         # Firmware PXE: load iPXE over TFTP (BIOS; UEFI x86-64 as arch 7 or 9).\n\
+         pxe-service=tag:!ipxe,x86PC,\"kiln: iPXE (BIOS)\",undionly.kpxe\n\
+         pxe-service=tag:!ipxe,X86-64_EFI,\"kiln: iPXE (UEFI)\",ipxe.efi\n\
+         pxe-service=tag:!ipxe,BC_EFI,\"kiln: iPXE (UEFI)\",ipxe.efi\n\
          # iPXE: the bootstrap script, which chains kiln serve over HTTP.\n\
          pxe-service=tag:ipxe,x86PC,\"kiln\",{TFTP_SCRIPT}\n\
          pxe-service=tag:ipxe,X86-64_EFI,\"kiln\",{TFTP_SCRIPT}\n\
+         pxe-service=tag:ipxe,BC_EFI,\"kiln\",{TFTP_SCRIPT}\n\
          enable-tftp\n\
          tftp-root={tftp_root}\n"
     )
@@ -188,7 +255,9 @@ mod tests {
     #[test]
     fn boot_script_chains_by_mac_and_explains_an_unknown_one() {
         let s = boot_script(&plan());
-        assert!(s.contains("chain --autofree ${kiln-server}/mac/${netX/mac:hexhyp}.ipxe || goto unknown"));
+        assert!(s.contains(
+            "chain --autofree ${kiln-server}/mac/${netX/mac:hexhyp}.ipxe || goto unknown"
+        ));
         assert!(s.contains("no node of cluster lab has MAC ${netX/mac}"));
         assert!(s.contains("lab.toml"));
         assert!(s.trim_end().ends_with("exit 1"));

@@ -106,8 +106,39 @@ pub fn image_files(version_text: &str) -> FileTree {
     t.file("/etc/tmpfiles.d/kiln.conf", 0o644, "# kiln: state that must survive reboots\nd /var/lib/rancher/node 0700 root root -\nd /var/lib/kiln 0755 root root -\n");
     t.file("/etc/machine-id", 0o444, "");
     t.file("/usr/lib/kiln/image", 0o644, version_text.to_string());
+    // A/B updates: the command, and the check that keeps a new slot once
+    // k3s is active (or reports a failed update).
+    t.file("/usr/bin/kiln-update", 0o755, UPDATE_SCRIPT);
+    t.file("/usr/lib/kiln/boot-check", 0o755, BOOT_CHECK_SCRIPT);
+    t.file(
+        "/usr/lib/systemd/system/kiln-boot-check.service",
+        0o644,
+        BOOT_CHECK_UNIT,
+    );
+    t.symlink(
+        "/etc/systemd/system/multi-user.target.wants/kiln-boot-check.service",
+        "/usr/lib/systemd/system/kiln-boot-check.service",
+    );
     t
 }
+
+/// `kiln-update`, shipped in every image.
+pub const UPDATE_SCRIPT: &str = include_str!("update/kiln-update.sh");
+/// Blesses a trial slot once k3s is active; reports failed updates.
+pub const BOOT_CHECK_SCRIPT: &str = include_str!("update/boot-check.sh");
+pub const BOOT_CHECK_UNIT: &str = "[Unit]
+Description=kiln: keep this A/B slot once k3s is active, report failed updates
+After=k3s.service
+ConditionPathExists=/sys/firmware/efi
+
+[Service]
+Type=simple
+ExecStart=/usr/lib/kiln/boot-check
+StandardOutput=journal+console
+
+[Install]
+WantedBy=multi-user.target
+";
 
 fn collect_overlay(dir: &Path, rel: &str, out: &mut BTreeMap<String, Added>) -> anyhow::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)

@@ -40,6 +40,10 @@ pub struct ServeOptions {
     pub url: Option<String>,
     /// Write the TFTP material (bootstrap script, iPXE binaries) here.
     pub tftp: Option<PathBuf>,
+    /// Each node's update key ([`crate::render::update_key`]): a request
+    /// for a seed with `?key=` matching it is served (kiln-update). Empty:
+    /// seeds only to netbooting nodes.
+    pub update_keys: BTreeMap<String, String>,
 }
 
 struct Grant {
@@ -54,6 +58,7 @@ struct State {
     macs: BTreeMap<String, String>,
     fallback_url: String,
     grants: Mutex<BTreeMap<String, Grant>>,
+    update_keys: BTreeMap<String, String>,
     log: Box<dyn Fn(&str) + Send + Sync>,
 }
 
@@ -121,6 +126,7 @@ impl Server {
                 macs,
                 fallback_url,
                 grants: Mutex::default(),
+                update_keys: opts.update_keys.clone(),
                 log: Box::new(|l| eprintln!("{l}")),
             }),
         })
@@ -171,6 +177,13 @@ enum Target {
     File(String),
 }
 
+fn query_value<'q>(query: &'q str, key: &str) -> &'q str {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or("")
+}
+
 /// Map a URL path to a file of the tree, or `None` (404). Only names
 /// kiln writes are accepted: no `..`, no directories, no hidden files.
 fn target(path: &str) -> Option<Target> {
@@ -191,6 +204,7 @@ fn target(path: &str) -> Option<Target> {
         ["seed", n] if ok_name(n) && n.ends_with(".img") => {
             Some(Target::Seed(n.trim_end_matches(".img").to_string()))
         }
+        ["update", n] if ok_name(n) && n.ends_with(".txt") => Some(Target::File(rel.into())),
         _ => None,
     }
 }
@@ -264,13 +278,7 @@ fn error(status: u16, msg: &str) -> Reply {
     text(status, format!("kiln serve: {msg}\n"), "text/plain")
 }
 
-fn respond(
-    state: &State,
-    req: &Request,
-    client: Option<IpAddr>,
-    path: &str,
-    query: &str,
-) -> Reply {
+fn respond(state: &State, req: &Request, client: Option<IpAddr>, path: &str, query: &str) -> Reply {
     if !matches!(req.method(), Method::Get | Method::Head) {
         return error(405, "only GET and HEAD");
     }
@@ -318,26 +326,33 @@ fn respond(
             text(200, pxe::render(&script, &base), "text/plain")
         }
         Target::Seed(node) => {
-            let token = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("token="))
-                .unwrap_or("");
-            let allowed = {
+            let token = query_value(query, "token");
+            let netboot = {
                 let g = state.grants.lock().unwrap();
                 g.get(token).is_some_and(|gr| {
                     gr.node == node && Some(gr.client) == client && gr.until > Instant::now()
                 })
             };
-            if !allowed {
+            let key = query_value(query, "key");
+            let update = !key.is_empty()
+                && state
+                    .update_keys
+                    .get(&node)
+                    .is_some_and(|k| constant_time_eq(k.as_bytes(), key.as_bytes()));
+            if !netboot && !update {
                 return error(
                     403,
-                    "a node seed is served only with the token of its per-MAC script, to the same client",
+                    "a node seed is served only with the token of its per-MAC script (to the same client) or the node's update key",
                 );
             }
             file(req, &state.tree.join(pxe::seed_path(&node)))
         }
         Target::File(name) => file(req, &state.tree.join(name)),
     }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn file(req: &Request, path: &Path) -> Reply {
@@ -461,6 +476,10 @@ mod tests {
         );
         assert_eq!(target("/seed/s1.img"), Some(Target::Seed("s1".into())));
         assert_eq!(
+            target("/update/s1.txt"),
+            Some(Target::File("update/s1.txt".into()))
+        );
+        assert_eq!(
             target("/root-server.sqfs"),
             Some(Target::File("root-server.sqfs".into()))
         );
@@ -477,6 +496,8 @@ mod tests {
             "/s1.img",
             "//etc/passwd",
             "/seed/s1.img/",
+            "/update/../seed/s1.img",
+            "/update/",
         ] {
             assert_eq!(target(bad), None, "{bad}");
         }

@@ -193,9 +193,7 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     let mut want = plan.cmdline(node);
     match &e.medium {
         Medium::Disk => want.push("kiln.slot=a".into()),
-        Medium::NetDiskless { root_sha256 } => {
-            want.push(format!("kiln.root.sha256={root_sha256}"))
-        }
+        Medium::NetDiskless { root_sha256 } => want.push(format!("kiln.root.sha256={root_sha256}")),
     }
     let missing: Vec<&String> = want
         .iter()

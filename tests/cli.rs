@@ -196,3 +196,88 @@ fn help_describes_every_verb() {
         assert!(s.contains(verb), "{s}");
     }
 }
+
+#[test]
+fn upgrade_edits_only_the_k3s_version_and_prints_plans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = example_in(tmp.path(), "profiles/club.toml");
+    let before = std::fs::read_to_string(&p).unwrap();
+    let out = kiln(&["upgrade", &p, "--k3s", "v1.31.2+k3s1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("k3s v1.31.1+k3s1 → v1.31.2+k3s1"),
+        "{}",
+        text(&out.stderr)
+    );
+    let after = std::fs::read_to_string(&p).unwrap();
+    let changed: Vec<(&str, &str)> = before
+        .lines()
+        .zip(after.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(
+        changed,
+        [("version = \"v1.31.1+k3s1\"", "version = \"v1.31.2+k3s1\"")]
+    );
+    assert_eq!(before.lines().count(), after.lines().count());
+    assert!(kiln(&["check", &p]).status.success());
+    // Again: nothing to do, the file is untouched.
+    let out = kiln(&["upgrade", &p, "--k3s", "v1.31.2+k3s1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("already"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = kiln(&["upgrade", &p, "--k3s", "latest"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), after);
+
+    // Plans: need the server's URL; two Plans on stdout.
+    let out = kiln(&["upgrade", &p, "--plan"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--server"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = kiln(&[
+        "upgrade",
+        &p,
+        "--plan",
+        "--server",
+        "http://192.168.1.10:8080",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text(&out.stdout))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &serde_yaml::Value| !v.is_null())
+        .collect();
+    assert_eq!(docs.len(), 2, "{}", text(&out.stdout));
+    for (d, role) in docs.iter().zip(["server", "agent"]) {
+        assert_eq!(d["kind"].as_str(), Some("Plan"));
+        assert_eq!(d["apiVersion"].as_str(), Some("upgrade.cattle.io/v1"));
+        assert_eq!(d["spec"]["version"].as_str(), Some("v1.31.2+k3s1"));
+        assert_eq!(d["spec"]["concurrency"].as_i64(), Some(1));
+        let sel = serde_yaml::to_string(&d["spec"]["nodeSelector"]).unwrap();
+        assert!(sel.contains("kiln.dev/role") && sel.contains(role), "{sel}");
+        let args = serde_yaml::to_string(&d["spec"]["upgrade"]).unwrap();
+        assert!(
+            args.contains("http://192.168.1.10:8080") && args.contains("--reboot"),
+            "{args}"
+        );
+    }
+    // Into a directory.
+    let dir = tmp.path().join("plans");
+    let out = kiln(&[
+        "upgrade",
+        &p,
+        "--plan",
+        "--server",
+        "http://192.168.1.10:8080",
+        "--out",
+        &dir.to_string_lossy(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dir.join("kiln-upgrade-plans.yaml").is_file());
+}

@@ -71,6 +71,7 @@ impl Running {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 url: None,
                 tftp: None,
+                update_keys: Default::default(),
             },
         )
         .unwrap()
@@ -91,7 +92,8 @@ impl Running {
     /// Send a request; (status, headers, body).
     fn req(&self, method: &str, path: &str, extra: &[&str]) -> (u16, String, Vec<u8>) {
         let mut s = TcpStream::connect(self.addr).unwrap();
-        let mut r = format!("{method} {path} HTTP/1.1\r\nHost: 10.9.8.7:8080\r\nConnection: close\r\n");
+        let mut r =
+            format!("{method} {path} HTTP/1.1\r\nHost: 10.9.8.7:8080\r\nConnection: close\r\n");
         for h in extra {
             r.push_str(&format!("{h}\r\n"));
         }
@@ -119,7 +121,9 @@ impl Running {
             .find(|w| w.contains("/seed/"))
             .unwrap()
             .to_string();
-        url.strip_prefix("http://10.9.8.7:8080").unwrap().to_string()
+        url.strip_prefix("http://10.9.8.7:8080")
+            .unwrap()
+            .to_string()
     }
 }
 
@@ -177,7 +181,10 @@ fn a_seed_needs_the_token_of_its_own_per_mac_script() {
     let r = Running::start();
     // No token, a made-up token: refused.
     assert_eq!(r.get("/seed/n1.img").0, 403);
-    assert_eq!(r.get(&format!("/seed/n1.img?token={}", "0".repeat(32))).0, 403);
+    assert_eq!(
+        r.get(&format!("/seed/n1.img?token={}", "0".repeat(32))).0,
+        403
+    );
     // The token from n1's script opens n1's seed, and only n1's.
     let url = r.seed_url("52-54-00-aa-00-01");
     assert!(url.starts_with("/seed/n1.img?token="), "{url}");
@@ -248,6 +255,7 @@ fn a_tree_of_another_cluster_or_no_tree_is_refused() {
         listen: "127.0.0.1:0".parse().unwrap(),
         url: None,
         tftp: None,
+        update_keys: Default::default(),
     };
     let e = Server::bind(&plan, &opts).err().unwrap().to_string();
     assert!(e.contains("built for cluster \"other\", not lab"), "{e}");
@@ -256,7 +264,10 @@ fn a_tree_of_another_cluster_or_no_tree_is_refused() {
         ..opts
     };
     let e = Server::bind(&plan, &opts).err().unwrap().to_string();
-    assert!(e.contains("has no netboot tree") && e.contains("--format pxe"), "{e}");
+    assert!(
+        e.contains("has no netboot tree") && e.contains("--format pxe"),
+        "{e}"
+    );
 }
 
 /// The binary: dnsmasq snippet on stdout, TFTP material written, clean
@@ -267,7 +278,7 @@ fn kiln_serve_prints_dnsmasq_config_writes_tftp_and_stops_on_ctrl_c() {
     let (_, out) = tree(dir.path());
     let tftp = dir.path().join("tftp");
     let port = kiln::vm::free_port().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("serve")
         .arg(dir.path().join("lab.toml"))
         .arg("--out")
@@ -287,7 +298,10 @@ fn kiln_serve_prints_dnsmasq_config_writes_tftp_and_stops_on_ctrl_c() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let script = std::fs::read_to_string(tftp.join(kiln::pxe::TFTP_SCRIPT)).unwrap();
-    assert!(script.contains("set kiln-server http://192.168.1.10:8080"), "{script}");
+    assert!(
+        script.contains("set kiln-server http://192.168.1.10:8080"),
+        "{script}"
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let o = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -295,8 +309,23 @@ fn kiln_serve_prints_dnsmasq_config_writes_tftp_and_stops_on_ctrl_c() {
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("kiln serve: stopped"), "{stderr}");
     assert!(stdout.contains("dhcp-range=192.168.1.10,proxy"), "{stdout}");
-    assert!(stdout.contains(&format!("tftp-root={}", tftp.display())), "{stdout}");
-    if common::have("dnsmasq") {
+    assert!(
+        stdout.contains(&format!("tftp-root={}", tftp.display())),
+        "{stdout}"
+    );
+    // The iPXE binaries from Debian's ipxe package (scripts/setup installs it).
+    for f in ["undionly.kpxe", "ipxe.efi"] {
+        assert!(
+            std::fs::metadata(tftp.join(f)).is_ok_and(|m| m.is_file() && m.len() > 10_000),
+            "{f} not copied into the TFTP directory: {stderr}"
+        );
+    }
+    // The snippet is valid dnsmasq configuration (dnsmasq-base, from scripts/setup).
+    assert!(
+        common::have("dnsmasq"),
+        "dnsmasq is missing: run `make setup` (dnsmasq-base)"
+    );
+    {
         let conf = dir.path().join("dnsmasq.conf");
         std::fs::write(&conf, stdout.as_bytes()).unwrap();
         let t = std::process::Command::new("dnsmasq")
@@ -305,6 +334,9 @@ fn kiln_serve_prints_dnsmasq_config_writes_tftp_and_stops_on_ctrl_c() {
             .output()
             .unwrap();
         let said = String::from_utf8_lossy(&t.stderr);
-        assert!(t.status.success() && said.contains("syntax check OK"), "{said}");
+        assert!(
+            t.status.success() && said.contains("syntax check OK"),
+            "{said}"
+        );
     }
 }

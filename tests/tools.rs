@@ -302,3 +302,38 @@ fn rendered_yaml_parses_with_the_expected_values() {
         }
     }
 }
+
+/// kiln's own scripts parse: the init and udhcpc hook with busybox sh (the
+/// shell that runs them), kiln-update and boot-check with bash; a broken
+/// copy does not.
+#[test]
+fn kiln_scripts_parse_with_their_shells() {
+    need("busybox", "busybox-static");
+    let scripts = [
+        ("busybox", vec!["sh", "-n"], kiln::initramfs::INIT_SCRIPT),
+        ("busybox", vec!["sh", "-n"], kiln::initramfs::UDHCPC_SCRIPT),
+        ("bash", vec!["-n"], kiln::rootfs::UPDATE_SCRIPT),
+        ("bash", vec!["-n"], kiln::rootfs::BOOT_CHECK_SCRIPT),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (shell, args, text)) in scripts.iter().enumerate() {
+        for (broken, body) in [
+            (false, text.to_string()),
+            (true, format!("{text}\nif then fi\n")),
+        ] {
+            let p = dir.path().join(format!("s{i}{broken}"));
+            std::fs::write(&p, &body).unwrap();
+            let o = std::process::Command::new(shell)
+                .args(args)
+                .arg(&p)
+                .output()
+                .unwrap();
+            assert_eq!(
+                o.status.success(),
+                !broken,
+                "{shell} {args:?} on script {i} (broken: {broken}): {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+}

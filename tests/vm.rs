@@ -34,16 +34,38 @@ fn k3s_binary() -> &'static PathBuf {
         if let Some(p) = std::env::var_os("KILN_K3S_BINARY") {
             return PathBuf::from(p);
         }
-        let manifest = common::repo().join("qemu-tests/k3s-double/Cargo.toml");
-        let st = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-q", "--release", "--manifest-path"])
-            .arg(&manifest)
-            .env("K3S_DOUBLE_VERSION", "v1.31.1+k3s1")
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the k3s double failed");
-        common::repo().join("qemu-tests/k3s-double/target/release/k3s-double")
+        build_double("v1.31.1+k3s1", "target")
     })
+}
+
+/// The version the upgrade test moves to.
+const K3S_B: &str = "v1.31.2+k3s1";
+
+/// The k3s binary of version B for the upgrade test: a double built as
+/// B, or with a real k3s the same binary (the image then says B, the
+/// binary's own version is not checked).
+fn k3s_binary_b() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if std::env::var_os("KILN_K3S_BINARY").is_some() {
+            return k3s_binary().clone();
+        }
+        build_double(K3S_B, "target-b")
+    })
+}
+
+fn build_double(version: &str, target: &str) -> PathBuf {
+    let dir = common::repo().join("qemu-tests/k3s-double");
+    let st = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "--release", "--manifest-path"])
+        .arg(dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(dir.join(target))
+        .env("K3S_DOUBLE_VERSION", version)
+        .status()
+        .unwrap();
+    assert!(st.success(), "building the k3s double {version} failed");
+    dir.join(target).join("release/k3s-double")
 }
 
 fn real_k3s() -> bool {
@@ -448,15 +470,26 @@ struct Serving {
     thread: Option<std::thread::JoinHandle<()>>,
     log: std::sync::Arc<Mutex<Vec<String>>>,
     tftp: tempfile::TempDir,
+    /// The server's URL as the guest sees it.
+    guest_url: String,
 }
 
 impl Serving {
     fn start(plan: &Plan, out: &Path) -> Serving {
+        Self::start_with_keys(plan, out, Default::default())
+    }
+
+    fn start_with_keys(
+        plan: &Plan,
+        out: &Path,
+        update_keys: std::collections::BTreeMap<String, String>,
+    ) -> Serving {
         let opts = kiln::serve::ServeOptions {
             out: out.to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
             url: None,
             tftp: None,
+            update_keys,
         };
         let log: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
         let sink = log.clone();
@@ -464,6 +497,7 @@ impl Serving {
             .unwrap()
             .with_log(move |l| sink.lock().unwrap().push(l.to_string()));
         let url = format!("http://192.168.76.2:{}", server.addr().port());
+        let guest_url = url.clone();
         let tftp = tempfile::tempdir().unwrap();
         kiln::serve::write_tftp(tftp.path(), &url).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -474,6 +508,7 @@ impl Serving {
             thread: Some(thread),
             log,
             tftp,
+            guest_url,
         }
     }
 
@@ -585,7 +620,11 @@ fn a_tampered_root_image_stops_the_netboot() {
         .unwrap();
     eprintln!("{}", vm.tail(15));
     assert!(line.text.contains("refusing to boot it"), "{}", line.text);
-    assert!(line.text.contains("root-server.sqfs has sha256"), "{}", line.text);
+    assert!(
+        line.text.contains("root-server.sqfs has sha256"),
+        "{}",
+        line.text
+    );
     assert!(vm.serial_find("kiln-init: switch_root", 0).is_none());
 }
 
@@ -612,6 +651,252 @@ fn an_unknown_mac_gets_a_clear_message_from_ipxe() {
     assert!(
         log.iter()
             .any(|l| l.contains("GET /mac/52-54-00-99-99-99.ipxe 404")),
+        "{log:?}"
+    );
+}
+
+/// A line `key=value` of an update bundle.
+fn bundle_field(bundle: &str, key: &str) -> String {
+    bundle
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The A/B update cycle on one disk: an image of k3s A boots; an update
+/// too big for the slot is refused with nothing written; `kiln-update`
+/// from `kiln serve` moves it to B on the other slot (blessed once k3s is
+/// active); `--rollback` returns to A; an update whose root cannot be
+/// mounted fails its three tries and systemd-boot returns to A, which
+/// reports the failure. A file on /var survives all of it.
+#[test]
+fn ab_updates_good_broken_and_rollback() {
+    let (f, out_a) = built();
+    let _g = vm_lock();
+    let a_version = f.plan.k3s.version.to_string();
+
+    // Version B: the same profile and secrets, another k3s version.
+    let dir = tempfile::tempdir().unwrap();
+    let profile_b = dir.path().join("vm.toml");
+    let text_a = std::fs::read_to_string(&f.plan.profile_path).unwrap();
+    let text_b = text_a.replacen(
+        &format!("version = \"{a_version}\""),
+        &format!("version = \"{K3S_B}\""),
+        1,
+    );
+    assert_ne!(text_a, text_b);
+    std::fs::write(&profile_b, &text_b).unwrap();
+    let plan_b = kiln::plan::plan_profile(&profile_b, &text_b).unwrap();
+    let out_b = dir.path().join("out");
+    let opts = BuildOptions {
+        out: out_b.clone(),
+        nodes: vec!["s1".into()],
+        k3s_binary: Some(k3s_binary_b().clone()),
+        cache: kiln::cache::cache_dir(),
+        pxe: true,
+        ..BuildOptions::default()
+    };
+    kiln::build::build(&plan_b, &f.secrets, &opts).unwrap();
+    let bundle = std::fs::read_to_string(out_b.join("pxe/update/s1.txt")).unwrap();
+    assert_eq!(bundle_field(&bundle, "k3s_version"), K3S_B);
+
+    // Two bundles that must not go in: one too big for the slot, one whose
+    // root image is not a file system (with the right digest).
+    let big = bundle.replace(
+        &format!("root_size={}", bundle_field(&bundle, "root_size")),
+        "root_size=99999999999",
+    );
+    std::fs::write(out_b.join("pxe/update/s1-big.txt"), big).unwrap();
+    let garbage: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(out_b.join("pxe/root-broken.sqfs"), &garbage).unwrap();
+    let broken = bundle
+        .replace(
+            &format!("root={}", bundle_field(&bundle, "root")),
+            "root=root-broken.sqfs",
+        )
+        .replace(
+            &format!("root_size={}", bundle_field(&bundle, "root_size")),
+            &format!("root_size={}", garbage.len()),
+        )
+        .replace(
+            &format!("root_sha256={}", bundle_field(&bundle, "root_sha256")),
+            &format!("root_sha256={}", common::sha256_hex(&garbage)),
+        );
+    std::fs::write(out_b.join("pxe/update/s1-broken.txt"), broken).unwrap();
+
+    let serving = Serving::start_with_keys(&plan_b, &out_b, f.secrets.update_keys(&f.plan.cluster));
+    let server = serving.guest_url.clone();
+
+    let node = f.plan.node("s1").unwrap();
+    let mut cfg = kiln::vm::VmConfig::new("s1", &out_a.join("s1.img"));
+    cfg.disk_bytes = Some(std::fs::metadata(out_a.join("s1.img")).unwrap().len() + (1 << 30));
+    cfg.mac = node.mac.unwrap().to_string();
+    let lan = node.network.address.unwrap();
+    cfg.user_net = Some((lan.trunc(), lan.addr()));
+    let mut vm = kiln::vm::Vm::start(&cfg).unwrap();
+    let key = &f.key;
+    let t = verify::BOOT_TIMEOUT;
+    let mut boots = 0;
+    let boot = |vm: &mut kiln::vm::Vm, boots: &mut usize| {
+        vm.wait_serial("kiln-init: switch_root", *boots, t).unwrap();
+        *boots += 1;
+        vm.wait_ssh(key, t).unwrap();
+        vm.wait_until("k3s active", std::time::Duration::from_secs(180), |vm| {
+            Ok(vm
+                .sh(key, "systemctl is-active k3s")
+                .ok()
+                .filter(|s| s.trim() == "active"))
+        })
+        .unwrap();
+    };
+    let facts = |vm: &kiln::vm::Vm| -> (String, String, String) {
+        let slot = vm.sh(key, "cat /run/kiln/slot").unwrap().trim().to_string();
+        let image = vm
+            .sh(key, "sed -n 's/^k3s //p' /usr/lib/kiln/image")
+            .unwrap()
+            .trim()
+            .to_string();
+        let marker = vm
+            .sh(key, "cat /var/lib/kiln-check/before-update 2>&1")
+            .unwrap()
+            .trim()
+            .to_string();
+        (slot, image, marker)
+    };
+    let double_says = |vm: &kiln::vm::Vm, want: &str| {
+        if !real_k3s() {
+            let v = vm.sh(key, "k3s --version").unwrap();
+            assert!(v.contains(want), "k3s --version: {v}");
+            let rec = vm
+                .sh(key, "cat /var/lib/rancher/k3s/double/server")
+                .unwrap();
+            assert!(rec.contains(&format!("version={want}")), "{rec}");
+        }
+    };
+    let wait_status = |vm: &mut kiln::vm::Vm, prefix: &str| -> String {
+        vm.wait_until(
+            &format!("update-status `{prefix}`"),
+            std::time::Duration::from_secs(240),
+            |vm| {
+                Ok(vm
+                    .sh(key, "cat /var/lib/kiln/update-status 2>/dev/null || true")
+                    .ok()
+                    .filter(|s| s.starts_with(prefix)))
+            },
+        )
+        .unwrap()
+    };
+
+    // Boot A.
+    boot(&mut vm, &mut boots);
+    vm.sh(
+        key,
+        "mkdir -p /var/lib/kiln-check && echo kept > /var/lib/kiln-check/before-update && sync",
+    )
+    .unwrap();
+    assert_eq!(facts(&vm), ("a".into(), a_version.clone(), "kept".into()));
+    double_says(&vm, &a_version);
+
+    // Too big: refused before anything is written.
+    let before = vm.sh(key, "kiln-update --status").unwrap();
+    let o = vm
+        .ssh_as(
+            key,
+            "root",
+            &format!("kiln-update --bundle {server}/update/s1-big.txt"),
+            b"",
+        )
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("too big:\n{err}");
+    assert!(!o.status.success());
+    assert!(
+        err.contains("does not fit slot b") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(vm.sh(key, "kiln-update --status").unwrap(), before);
+
+    // The good update: A → B on slot b.
+    let o = vm
+        .ssh_as(key, "root", &format!("kiln-update --server {server}"), b"")
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("update:\n{err}");
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("slot b verified"), "{err}");
+    let st = vm.sh(key, "kiln-update --status").unwrap();
+    assert!(
+        st.contains("slot b: generation 2, on trial (kiln-b+3.conf)"),
+        "{st}"
+    );
+    let _ = vm.ssh_as(key, "root", "systemctl reboot", b"");
+    boot(&mut vm, &mut boots);
+    let ok = wait_status(&mut vm, "ok:");
+    eprintln!("after the update: {ok}");
+    assert_eq!(facts(&vm), ("b".into(), K3S_B.into(), "kept".into()));
+    double_says(&vm, K3S_B);
+    let st = vm.sh(key, "kiln-update --status").unwrap();
+    assert!(st.contains("slot b: generation 2, good"), "{st}");
+    assert!(st.contains("slot a: generation 1, good"), "{st}");
+
+    // Rollback by hand: back to A.
+    let o = vm
+        .ssh_as(key, "root", "kiln-update --rollback --reboot", b"")
+        .unwrap();
+    eprintln!("rollback: {}", String::from_utf8_lossy(&o.stderr));
+    boot(&mut vm, &mut boots);
+    assert_eq!(facts(&vm), ("a".into(), a_version.clone(), "kept".into()));
+    double_says(&vm, &a_version);
+
+    // The broken update: its root cannot be mounted; three tries, then A.
+    let o = vm
+        .ssh_as(
+            key,
+            "root",
+            &format!("kiln-update --bundle {server}/update/s1-broken.txt --reboot"),
+            b"",
+        )
+        .unwrap();
+    eprintln!("broken update: {}", String::from_utf8_lossy(&o.stderr));
+    boot(&mut vm, &mut boots);
+    let failed = wait_status(&mut vm, "failed:");
+    eprintln!("after the broken update: {failed}");
+    assert_eq!(facts(&vm), ("a".into(), a_version.clone(), "kept".into()));
+    double_says(&vm, &a_version);
+    // One console line per try (the init also logs it to the kernel log,
+    // which the console shows with a timestamp).
+    let tries = vm
+        .serial_lines()
+        .iter()
+        .filter(|l| {
+            l.text.starts_with("kiln-init: FATAL: cannot mount") && l.text.contains("(root-b)")
+        })
+        .count();
+    assert_eq!(tries, 3, "{}", vm.tail(40));
+    assert!(
+        vm.serial_find("kiln-boot-check: update FAILED: slot b", 0)
+            .is_some(),
+        "the console does not report the failed update\n{}",
+        vm.tail(40)
+    );
+    let st = vm.sh(key, "kiln-update --status").unwrap();
+    assert!(
+        st.contains("slot b: generation 4, failed (no tries left)"),
+        "{st}"
+    );
+    // Rolling back to the failed slot is refused.
+    let o = vm
+        .ssh_as(key, "root", "kiln-update --rollback", b"")
+        .unwrap();
+    assert!(!o.status.success());
+    let _ = vm.ssh_as(key, "root", "systemctl poweroff", b"");
+    let _ = vm.wait_exit(std::time::Duration::from_secs(120));
+    let log = serving.log();
+    assert!(
+        log.iter().any(|l| l.contains("GET /seed/s1.img 200")),
         "{log:?}"
     );
 }

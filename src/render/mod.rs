@@ -53,6 +53,22 @@ pub(crate) fn header(comment: &str, plan: &Plan) -> String {
     )
 }
 
+/// Where a node keeps the key that `kiln serve` asks for before it hands
+/// out the node's seed in an update.
+pub const UPDATE_KEY_PATH: &str = "/etc/kiln/update-key";
+
+/// The node's update key: derived from its WireGuard private key, so the
+/// server (which has the state directory) and the node agree without
+/// another secret to keep, and the key says nothing about the private key.
+pub fn update_key(cluster: &str, node: &str, private: &PrivateKey) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(format!(
+        "kiln update key\n{cluster}\n{node}\n{}",
+        private.to_base64()
+    ));
+    hex::encode(d)
+}
+
 /// Render every file of one node.
 pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeFiles {
     let mut tree = FileTree::new();
@@ -76,6 +92,14 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     );
     let cmdline = plan.cmdline(node).join(" ");
     tree.file("/etc/kiln/cmdline", 0o644, format!("{cmdline}\n"));
+    tree.file(
+        UPDATE_KEY_PATH,
+        SECRET_MODE,
+        format!(
+            "{}\n",
+            update_key(&plan.cluster, &node.name, &secrets.private_key)
+        ),
+    );
     NodeFiles {
         node: node.name.clone(),
         tree,
