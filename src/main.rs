@@ -361,7 +361,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tftp: tftp.clone(),
                 update_keys,
             };
-            let server = kiln::serve::Server::bind(&plan, &opts)?;
             let tftp_root = match (&tftp, &url) {
                 (Some(dir), Some(u)) => {
                     for n in kiln::serve::write_tftp(dir, u)? {
@@ -374,6 +373,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 (None, _) => "/srv/kiln-tftp".to_string(),
             };
+            // Ctrl-C stops the server from the moment it answers.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+                .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))?;
+            // Bound last: once it answers, the TFTP material is in place.
+            let server = kiln::serve::Server::bind(&plan, &opts)?;
             let shown = url
                 .clone()
                 .unwrap_or_else(|| "http://<this machine's address>:PORT".into());
@@ -398,10 +404,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 server.addr(),
                 server.nodes().join(", ")
             );
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = stop.clone();
-            ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
-                .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))?;
             server.run(&stop)?;
             eprintln!("kiln serve: stopped");
         }

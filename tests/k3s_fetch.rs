@@ -40,10 +40,16 @@ struct FakeRelease {
 
 impl FakeRelease {
     fn serve(files: Vec<(&str, Vec<u8>)>) -> Self {
-        let files: Vec<(String, Vec<u8>)> = files
-            .into_iter()
-            .map(|(name, body)| (format!("{RELEASE_PATH}/{name}"), body))
-            .collect();
+        Self::serve_paths(
+            files
+                .into_iter()
+                .map(|(name, body)| (format!("{RELEASE_PATH}/{name}"), body))
+                .collect(),
+        )
+    }
+
+    /// Files by full URL path.
+    fn serve_paths(files: Vec<(String, Vec<u8>)>) -> Self {
         let server = Arc::new(Server::http("127.0.0.1:0").unwrap());
         let addr = server.server_addr().to_ip().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -381,4 +387,54 @@ fn cache_is_rehashed_hand_placed_binaries_adopted_and_corruption_reported() {
         "{err}"
     );
     assert!(err.contains("delete"), "{err}");
+}
+
+/// `kiln upgrade --k3s` then a build: the new release is fetched and
+/// verified, kiln.lock moves to it, and the base stays the cached one (its
+/// spec does not involve k3s).
+#[test]
+fn a_k3s_bump_pins_the_new_release_and_keeps_the_base() {
+    const B: &str = "v1.31.2+k3s1";
+    const B_PATH: &str = "/releases/download/v1.31.2%2Bk3s1";
+    let binary_b: &[u8] = b"#!/bin/sh\necho 'k3s test double B'\n";
+    let s = setup();
+    let release = FakeRelease::serve_paths(vec![
+        (format!("{RELEASE_PATH}/k3s"), BINARY.to_vec()),
+        (
+            format!("{RELEASE_PATH}/sha256sum-amd64.txt"),
+            checksum_file(BINARY),
+        ),
+        (format!("{B_PATH}/k3s"), binary_b.to_vec()),
+        (
+            format!("{B_PATH}/sha256sum-amd64.txt"),
+            checksum_file(binary_b),
+        ),
+    ]);
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(release.base_url());
+    resolver.resolve(VERSION, None).unwrap();
+
+    let profile = std::path::Path::new("lab.toml");
+    let text_a = "# the lab\n[cluster]\nname = \"lab\"\n\n[k3s]\nversion = \"v1.31.1+k3s1\" # pinned\n\n[[nodes]]\nname = \"s1\"\nrole = \"server\"\n";
+    let (old, text_b) = kiln::upgrade::set_k3s_version(profile, text_a, B).unwrap();
+    assert_eq!(old, VERSION);
+    assert_eq!(text_b, text_a.replace(VERSION, B));
+    let plan_a = kiln::plan::plan_profile(profile, text_a).unwrap();
+    let plan_b = kiln::plan::plan_profile(profile, &text_b).unwrap();
+    let spec = |p: &kiln::plan::Plan| {
+        kiln::base::spec_digest(&kiln::base::base_spec(p).expect("a Debian base"))
+    };
+    assert_eq!(
+        spec(&plan_a),
+        spec(&plan_b),
+        "a k3s bump must not rebuild the base"
+    );
+
+    let b = resolver
+        .resolve(&plan_b.k3s.version.to_string(), None)
+        .unwrap();
+    assert_eq!(b.source, Source::Download);
+    assert_eq!(b.sha256, sha256_hex(binary_b));
+    let lock = fs::read_to_string(&s.lock).unwrap();
+    assert!(lock.contains(B) && lock.contains(&b.sha256), "{lock}");
+    assert!(!lock.contains(VERSION), "the old pin is replaced: {lock}");
 }

@@ -225,15 +225,20 @@ fn range_requests() {
 #[test]
 fn one_log_line_per_request_with_client_path_status_bytes() {
     let r = Running::start();
-    r.get("/vmlinuz");
-    r.get("/nope");
-    r.req("GET", "/root-server.sqfs", &["Range: bytes=0-99"]);
     // A line is written once the response is sent, maybe after the client
-    // has read it.
-    let start = std::time::Instant::now();
-    while r.log.lock().unwrap().len() < 3 && start.elapsed().as_secs() < 5 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // has read it: wait for each before the next request.
+    let logged = |n: usize| {
+        let start = std::time::Instant::now();
+        while r.log.lock().unwrap().len() < n && start.elapsed().as_secs() < 5 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    r.get("/vmlinuz");
+    logged(1);
+    r.get("/nope");
+    logged(2);
+    r.req("GET", "/root-server.sqfs", &["Range: bytes=0-99"]);
+    logged(3);
     let log = r.log.lock().unwrap().clone();
     assert_eq!(
         log,
