@@ -559,30 +559,12 @@ pub fn test_node_with(
         cfg.disk_bytes = Some(size + opts.grow_bytes);
     }
     cfg.forward = vec![PROBE_PORT];
-    let nic = opts.boot_as.as_ref().unwrap_or(e.node);
-    if let Some(mac) = nic.mac {
-        cfg.mac = mac.to_string();
-    }
-    if let Some(a) = nic.network.address {
-        cfg.user_net = Some((a.trunc(), a.addr()));
-    }
-    let mut vm = Vm::start(&cfg)?;
-    if let Some(l) = log {
-        vm.keep_log(l);
-    }
+    use_nic_of(&mut cfg, opts.boot_as.as_ref().unwrap_or(e.node));
+    let mut vm = start_and_settle(&cfg, key, log)?;
     let mut report = Report {
         node: e.node.name.clone(),
         ..Report::default()
     };
-    vm.wait_serial("kiln-init: switch_root", 0, BOOT_TIMEOUT)?;
-    vm.wait_ssh(key, BOOT_TIMEOUT)?;
-    // k3s (or its double) may still be starting: give it time to settle.
-    let _ = vm.wait_until("k3s to become active", Duration::from_secs(120), |vm| {
-        Ok(vm
-            .sh(key, "systemctl is-active k3s")
-            .ok()
-            .filter(|s| s.trim() == "active"))
-    });
     report.timeline = timeline(&vm, key, 0);
     report.checks = checks_first_boot(&vm, key, e)?;
     if !opts.reboot {
@@ -653,13 +635,37 @@ pub fn netboot_vm(e: &Expect, net: &crate::vm::NetBoot) -> VmConfig {
     let mut cfg = VmConfig::diskless(&e.node.name);
     cfg.netboot = Some(net.clone());
     cfg.forward = vec![PROBE_PORT];
-    if let Some(mac) = e.node.mac {
+    use_nic_of(&mut cfg, e.node);
+    cfg
+}
+
+/// Give the VM `node`'s NIC: its MAC, and its static LAN address (QEMU's
+/// user network then uses that subnet; the host is its .2).
+pub fn use_nic_of(cfg: &mut VmConfig, node: &NodePlan) {
+    if let Some(mac) = node.mac {
         cfg.mac = mac.to_string();
     }
-    if let Some(a) = e.node.network.address {
+    if let Some(a) = node.network.address {
         cfg.user_net = Some((a.trunc(), a.addr()));
     }
-    cfg
+}
+
+/// Start the VM and wait for the first boot to settle: switch_root, SSH,
+/// and k3s (or its double) active if it gets there within 2 minutes.
+fn start_and_settle(cfg: &VmConfig, key: &Path, log: Option<&Path>) -> anyhow::Result<Vm> {
+    let mut vm = Vm::start(cfg)?;
+    if let Some(l) = log {
+        vm.keep_log(l);
+    }
+    vm.wait_serial("kiln-init: switch_root", 0, BOOT_TIMEOUT)?;
+    vm.wait_ssh(key, BOOT_TIMEOUT)?;
+    let _ = vm.wait_until("k3s to become active", Duration::from_secs(120), |vm| {
+        Ok(vm
+            .sh(key, "systemctl is-active k3s")
+            .ok()
+            .filter(|s| s.trim() == "active"))
+    });
+    Ok(vm)
 }
 
 /// Netboot a diskless node (iPXE → `kiln serve` → root image into RAM)
@@ -670,22 +676,11 @@ pub fn test_netboot(
     e: &Expect,
     log: Option<&Path>,
 ) -> anyhow::Result<Report> {
-    let mut vm = Vm::start(&netboot_vm(e, net))?;
-    if let Some(l) = log {
-        vm.keep_log(l);
-    }
+    let mut vm = start_and_settle(&netboot_vm(e, net), key, log)?;
     let mut report = Report {
         node: e.node.name.clone(),
         ..Report::default()
     };
-    vm.wait_serial("kiln-init: switch_root", 0, BOOT_TIMEOUT)?;
-    vm.wait_ssh(key, BOOT_TIMEOUT)?;
-    let _ = vm.wait_until("k3s to become active", Duration::from_secs(120), |vm| {
-        Ok(vm
-            .sh(key, "systemctl is-active k3s")
-            .ok()
-            .filter(|s| s.trim() == "active"))
-    });
     report.timeline = timeline(&vm, key, 0);
     let at = |needle: &str| vm.serial_find(needle, 0).map(|l| l.at.as_secs_f64());
     report.timeline.insert(

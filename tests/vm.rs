@@ -733,9 +733,7 @@ fn ab_updates_good_broken_and_rollback() {
     let node = f.plan.node("s1").unwrap();
     let mut cfg = kiln::vm::VmConfig::new("s1", &out_a.join("s1.img"));
     cfg.disk_bytes = Some(std::fs::metadata(out_a.join("s1.img")).unwrap().len() + (1 << 30));
-    cfg.mac = node.mac.unwrap().to_string();
-    let lan = node.network.address.unwrap();
-    cfg.user_net = Some((lan.trunc(), lan.addr()));
+    verify::use_nic_of(&mut cfg, node);
     let mut vm = kiln::vm::Vm::start(&cfg).unwrap();
     let key = &f.key;
     let t = verify::BOOT_TIMEOUT;
