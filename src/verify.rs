@@ -144,9 +144,9 @@ pub enum Medium {
     /// Slot A of the disk image.
     #[default]
     Disk,
-    /// Netbooted without a disk: the root image over HTTP (with this
-    /// sha256) into RAM, /var in RAM.
-    NetDiskless { root_sha256: String },
+    /// Netbooted: the root image over HTTP (with this sha256) into RAM;
+    /// /var on the disk's state partition if `disk`, else in RAM.
+    Net { root_sha256: String, disk: bool },
 }
 
 /// A guest port kiln's firewall does not open from the LAN, used to show
@@ -193,7 +193,7 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     let mut want = plan.cmdline(node);
     match &e.medium {
         Medium::Disk => want.push("kiln.slot=a".into()),
-        Medium::NetDiskless { root_sha256 } => want.push(format!("kiln.root.sha256={root_sha256}")),
+        Medium::Net { root_sha256, .. } => want.push(format!("kiln.root.sha256={root_sha256}")),
     }
     let missing: Vec<&String> = want
         .iter()
@@ -219,7 +219,7 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
                 &root,
             ));
         }
-        Medium::NetDiskless { root_sha256 } => {
+        Medium::Net { root_sha256, .. } => {
             let root = sh(
                 "set -- $(findmnt -no SOURCE,FSTYPE,OPTIONS /); echo \"$2 $(echo $3 | cut -d, -f1) $(cat /sys/class/block/$(basename $1)/loop/backing_file)\"",
             )?;
@@ -424,13 +424,13 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
         &sh("cat /etc/rancher/k3s/config.yaml")?,
     ));
     let (state_name, state_dev) = match e.medium {
-        Medium::Disk => (
+        Medium::Disk | Medium::Net { disk: true, .. } => (
             "k3s data is on the state partition",
             sh(
                 "for u in /sys/class/block/*/uevent; do grep -qx PARTNAME=state $u && basename $(dirname $u); done",
             )?,
         ),
-        Medium::NetDiskless { .. } => ("k3s data is in RAM (diskless)", "tmpfs".to_string()),
+        Medium::Net { disk: false, .. } => ("k3s data is in RAM (diskless)", "tmpfs".to_string()),
     };
     let data = sh(
         "mkdir -p /var/lib/rancher/k3s && basename $(findmnt -no SOURCE -T /var/lib/rancher/k3s)",
@@ -468,7 +468,7 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     }
 
     // State partition fills the disk.
-    if e.medium == Medium::Disk {
+    if !matches!(e.medium, Medium::Net { disk: false, .. }) {
         let fill = sh(
             "d=$(basename $(findmnt -no SOURCE /var)); p=$(basename $(readlink -f /sys/class/block/$d/..)); echo $(( $(cat /sys/class/block/$p/size) - $(cat /sys/class/block/$d/start) - $(cat /sys/class/block/$d/size) ))",
         )?;
@@ -629,8 +629,9 @@ pub fn test_node_with(
 /// The console line kiln's init prints when it runs without a disk.
 pub const DISKLESS_LOG: &str = "no state partition: /var is in RAM";
 
-/// A netbooting VM for node `e.node`: no disk, the node's MAC and LAN
-/// address on QEMU user networking, whose DHCP/TFTP hands out `net`.
+/// A netbooting VM for node `e.node`: the node's MAC and LAN address on
+/// QEMU user networking, whose DHCP/TFTP hands out `net`; no disk unless
+/// the caller sets `image` (the NIC boots first either way).
 pub fn netboot_vm(e: &Expect, net: &crate::vm::NetBoot) -> VmConfig {
     let mut cfg = VmConfig::diskless(&e.node.name);
     cfg.netboot = Some(net.clone());
@@ -668,15 +669,18 @@ fn start_and_settle(cfg: &VmConfig, key: &Path, log: Option<&Path>) -> anyhow::R
     Ok(vm)
 }
 
-/// Netboot a diskless node (iPXE → `kiln serve` → root image into RAM)
-/// and run the checks that apply without a disk.
+/// Netboot a node (iPXE → `kiln serve` → root image into RAM), with
+/// `disk` attached if given, and run the checks that apply.
 pub fn test_netboot(
     net: &crate::vm::NetBoot,
+    disk: Option<&Path>,
     key: &Path,
     e: &Expect,
     log: Option<&Path>,
 ) -> anyhow::Result<Report> {
-    let mut vm = start_and_settle(&netboot_vm(e, net), key, log)?;
+    let mut cfg = netboot_vm(e, net);
+    cfg.image = disk.map(Path::to_path_buf);
+    let mut vm = start_and_settle(&cfg, key, log)?;
     let mut report = Report {
         node: e.node.name.clone(),
         ..Report::default()
@@ -698,15 +702,24 @@ pub fn test_netboot(
         },
     );
     report.checks = checks_first_boot(&vm, key, e)?;
+    let diskless = matches!(e.medium, Medium::Net { disk: false, .. });
     let said = vm
         .serial_find(DISKLESS_LOG, 0)
         .map(|l| l.text)
         .unwrap_or_else(|| "(not in the boot log)".into());
     report.checks.push(Check::new(
-        "the boot log says /var is in RAM",
-        DISKLESS_LOG,
+        if diskless {
+            "the boot log says /var is in RAM"
+        } else {
+            "the boot log does not say /var is in RAM"
+        },
+        if diskless {
+            DISKLESS_LOG
+        } else {
+            "(not in the boot log)"
+        },
         said.trim(),
-        said.contains(DISKLESS_LOG),
+        said.contains(DISKLESS_LOG) == diskless,
     ));
     let _ = vm.ssh_as(key, "root", "systemctl poweroff", b"");
     let _ = vm.wait_exit(Duration::from_secs(120));

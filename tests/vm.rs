@@ -538,6 +538,7 @@ fn netboot_expect<'a>(
     out: &Path,
     node: &str,
     files: &'a kiln::render::NodeFiles,
+    disk: bool,
 ) -> Expect<'a> {
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
@@ -551,7 +552,10 @@ fn netboot_expect<'a>(
         .unwrap()
         .to_string();
     Expect {
-        medium: verify::Medium::NetDiskless { root_sha256: sha },
+        medium: verify::Medium::Net {
+            root_sha256: sha,
+            disk,
+        },
         ..expect_for(f, node, files)
     }
 }
@@ -562,8 +566,8 @@ fn a_diskless_node_netboots_from_kiln_serve() {
     let _g = vm_lock();
     let serving = Serving::start(&f.plan, out);
     let files = files_for(f, "s1");
-    let e = netboot_expect(f, out, "s1", &files);
-    let r = verify::test_netboot(&serving.netboot(), &f.key, &e, None).unwrap();
+    let e = netboot_expect(f, out, "s1", &files, false);
+    let r = verify::test_netboot(&serving.netboot(), None, &f.key, &e, None).unwrap();
     assert_all_pass(&r);
     assert!(
         r.timeline.iter().all(|m| m.at.is_some()),
@@ -587,6 +591,27 @@ fn a_diskless_node_netboots_from_kiln_serve() {
     }
     // The token never reaches the log.
     assert!(!log.iter().any(|l| l.contains("token")), "{log:?}");
+}
+
+/// A netbooted node whose disk carries a kiln state partition keeps /var
+/// there (the root still comes from the network).
+#[test]
+fn a_netbooted_node_with_a_kiln_disk_keeps_var_on_it() {
+    let (f, out) = built();
+    let _g = vm_lock();
+    let serving = Serving::start(&f.plan, out);
+    let files = files_for(f, "a1");
+    let e = netboot_expect(f, out, "a1", &files, true);
+    let r = verify::test_netboot(
+        &serving.netboot(),
+        Some(&out.join("a1.img")),
+        &f.key,
+        &e,
+        None,
+    )
+    .unwrap();
+    assert_all_pass(&r);
+    assert_check(&r, "k3s data is on the state partition", true);
 }
 
 #[test]
@@ -613,7 +638,7 @@ fn a_tampered_root_image_stops_the_netboot() {
 
     let serving = Serving::start(&f.plan, &copy);
     let files = files_for(f, "s1");
-    let e = netboot_expect(f, out, "s1", &files);
+    let e = netboot_expect(f, out, "s1", &files, false);
     let mut vm = kiln::vm::Vm::start(&verify::netboot_vm(&e, &serving.netboot())).unwrap();
     let line = vm
         .wait_serial("FATAL: root image from", 0, verify::BOOT_TIMEOUT)
@@ -634,7 +659,7 @@ fn an_unknown_mac_gets_a_clear_message_from_ipxe() {
     let _g = vm_lock();
     let serving = Serving::start(&f.plan, out);
     let files = files_for(f, "s1");
-    let e = netboot_expect(f, out, "s1", &files);
+    let e = netboot_expect(f, out, "s1", &files, false);
     let mut cfg = verify::netboot_vm(&e, &serving.netboot());
     cfg.mac = "52:54:00:99:99:99".into();
     let mut vm = kiln::vm::Vm::start(&cfg).unwrap();

@@ -145,7 +145,9 @@ do_rollback() {
 
 do_update() {
     local node cluster
-    node=$(hostname)
+    # The node's name in the profile (its host name may differ).
+    node=$(sed -n 's/^name=//p' /etc/kiln/node 2>/dev/null || true)
+    [ -n "$node" ] || node=$(hostname)
     cluster=$(sed -n 's/^cluster=//p' /etc/kiln/node 2>/dev/null || true)
     if [ -z "$bundle" ]; then
         [ -z "$server" ] && [ -s /etc/kiln/update-server ] && server=$(cat /etc/kiln/update-server)
