@@ -52,8 +52,9 @@ pub const FIRST_GENERATION: u32 = 1;
 /// Placeholder for the slot in an update bundle's kernel command line.
 pub const SLOT_PLACEHOLDER: &str = "@SLOT@";
 
-/// The kernel command line of a slot's entry.
-pub fn options(plan: &Plan, node: &NodePlan, slot: char) -> String {
+/// The kernel command line of a slot's entry (`slot` may also be
+/// [`SLOT_PLACEHOLDER`], for an update bundle).
+pub fn options(plan: &Plan, node: &NodePlan, slot: impl std::fmt::Display) -> String {
     let mut items = vec![format!("kiln.slot={slot}")];
     items.extend(KILN_KERNEL_ARGS.iter().map(|s| s.to_string()));
     items.extend(plan.cmdline(node));

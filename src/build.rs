@@ -342,6 +342,12 @@ pub fn build(
     }
 
     let pxe_dir = staging.dir.join(crate::pxe::DIR);
+    // The same kernel and initramfs for every node's update bundle.
+    let boot_sha = if opts.pxe {
+        Some((sha256_file(&vmlinuz_path)?, sha256_file(&initrd_path)?))
+    } else {
+        None
+    };
     if opts.pxe {
         for d in ["mac", "seed", "update"] {
             std::fs::create_dir_all(pxe_dir.join(d))?;
@@ -364,7 +370,7 @@ pub fn build(
         let (root_path, root_size, root_sha) = roots[&overlay_dirs(plan, node.role)].clone();
         let name = &node.name;
         let image = staging.dir.join(format!("{name}.img"));
-        progress.stage(&format!("{name}.img"), || {
+        let seed_sha = progress.stage(&format!("{name}.img"), || {
             let mut rendered = crate::render::render_node(plan, node, &secrets.for_node(name));
             if let Some(k) = &opts.test_access_key {
                 inject_test_key(&mut rendered.tree, k);
@@ -388,7 +394,8 @@ pub fn build(
             ];
             let guid_seed = format!("{}/{}", plan.cluster, name);
             let parts = disk::plan_disk(&guid_seed, root_size)?;
-            disk::write_disk(&image, &parts, &guid_seed, &root_path, &esp_files)
+            disk::write_disk(&image, &parts, &guid_seed, &root_path, &esp_files)?;
+            Ok(hex::encode(Sha256::digest(&seed)))
         })?;
         let mut entry = serde_json::json!({
             "name": name,
@@ -413,22 +420,18 @@ pub fn build(
         }
         if opts.pxe {
             let root_file = root_path.file_name().unwrap().to_string_lossy().to_string();
-            let sha = |p: &str| sha256_file(&pxe_dir.join(p));
+            let (vmlinuz_sha, initrd_sha) = boot_sha.as_ref().expect("hashed with --format pxe");
             let bundle = crate::pxe::UpdateBundle {
                 cluster: &plan.cluster,
                 node: name,
                 kiln_version: KILN_VERSION,
                 k3s_version: &plan.k3s.version.to_string(),
                 kernel_version: &files.kernel_version,
-                options: &boot::options(plan, node, 'a').replacen(
-                    "kiln.slot=a",
-                    &format!("kiln.slot={}", boot::SLOT_PLACEHOLDER),
-                    1,
-                ),
+                options: &boot::options(plan, node, boot::SLOT_PLACEHOLDER),
                 root: (&root_file, root_size, &root_sha),
-                vmlinuz: &sha(crate::pxe::KERNEL)?,
-                initrd: &sha(crate::pxe::INITRD)?,
-                seed: &sha(&crate::pxe::seed_path(name))?,
+                vmlinuz: vmlinuz_sha,
+                initrd: initrd_sha,
+                seed: &seed_sha,
             };
             std::fs::write(pxe_dir.join(crate::pxe::update_path(name)), bundle.render())?;
             match node.mac {

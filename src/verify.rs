@@ -276,24 +276,15 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
             &seen,
         ));
     }
-    let pw = std::process::Command::new("ssh")
+    let pw = crate::vm::SSH
+        .command()?
+        .args(["-p", &vm.ssh_port().to_string()])
+        .args(crate::vm::SSH_OPTIONS)
         .args([
-            "-p",
-            &vm.ssh_port().to_string(),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "BatchMode=yes",
             "-o",
             "PubkeyAuthentication=no",
             "-o",
             "PreferredAuthentications=password,keyboard-interactive",
-            "-o",
-            "ConnectTimeout=10",
             "root@127.0.0.1",
             "true",
         ])

@@ -28,6 +28,20 @@ use crate::tool::Tool;
 pub const QEMU: Tool = Tool::new("qemu-system-x86_64", "qemu-system-x86");
 pub const QEMU_IMG: Tool = Tool::new("qemu-img", "qemu-utils");
 pub const SSH: Tool = Tool::new("ssh", "openssh-client");
+/// Options of every SSH connection to a guest: a throwaway host key (a
+/// new one per VM), no prompts, quiet, bounded connect time.
+pub const SSH_OPTIONS: &[&str] = &[
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "ConnectTimeout=10",
+];
 /// OVMF firmware (Debian's ovmf package), 4 MiB flash layout.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -532,20 +546,8 @@ impl Vm {
             .arg("-o")
             .arg(format!("ControlMaster={master}"))
             .args(["-p", &self.ssh_port().to_string()])
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "ConnectTimeout=10",
-            ])
+            .args(SSH_OPTIONS)
+            .args(["-o", "IdentitiesOnly=yes"])
             .arg(format!("{user}@127.0.0.1"));
         Ok(c)
     }

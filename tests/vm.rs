@@ -247,6 +247,19 @@ fn check_once_as(image: &Path, node: &str, boot_as: &str) -> Report {
     r
 }
 
+/// Boot `image` once at its own size (a flashed target: the state
+/// partition must fill it as it is) and show the report.
+fn boot_once_as_is(image: &Path, key: &Path, e: &Expect) -> Report {
+    let opts = BootOptions {
+        reboot: false,
+        grow_bytes: 0,
+        boot_as: None,
+    };
+    let r = verify::test_node_with(image, key, e, None, &opts).unwrap();
+    show(&r);
+    r
+}
+
 #[track_caller]
 fn assert_check(r: &Report, name: &str, pass: bool) {
     let c = r.check(name).unwrap_or_else(|| panic!("no check {name:?}"));
@@ -342,19 +355,7 @@ fn a_flashed_8g_copy_boots_and_the_state_partition_fills_it() {
     let _g = vm_lock();
     let files = files_for(f, "s1");
     let e = expect_for(f, "s1", &files);
-    let r = verify::test_node_with(
-        &target,
-        &f.key,
-        &e,
-        None,
-        &BootOptions {
-            reboot: false,
-            grow_bytes: 0,
-            boot_as: None,
-        },
-    )
-    .unwrap();
-    show(&r);
+    let r = boot_once_as_is(&target, &f.key, &e);
     assert_check(&r, "state partition reaches the end of the disk", true);
     assert_check(&r, "/ is the slot's read-only squashfs", true);
 }
@@ -445,19 +446,7 @@ fn a_flashed_loop_device_verifies_and_boots() {
     let files = files_for(f, "s1");
     let e = expect_for(f, "s1", &files);
     // Boot the block device itself (through an overlay: it is not modified).
-    let r = verify::test_node_with(
-        Path::new(&lo.dev),
-        &f.key,
-        &e,
-        None,
-        &BootOptions {
-            reboot: false,
-            grow_bytes: 0,
-            boot_as: None,
-        },
-    )
-    .unwrap();
-    show(&r);
+    let r = boot_once_as_is(Path::new(&lo.dev), &f.key, &e);
     assert_check(&r, "state partition reaches the end of the disk", true);
     assert_check(&r, "hostname", true);
 }
