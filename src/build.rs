@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
@@ -64,86 +63,6 @@ pub fn source_date_epoch() -> anyhow::Result<u64> {
             .parse()
             .with_context(|| format!("SOURCE_DATE_EPOCH={s} is not a number of seconds")),
         Err(_) => Ok(DEFAULT_EPOCH),
-    }
-}
-
-/// The staging directory of the running build, removed on Ctrl-C.
-static STAGING: Mutex<Option<PathBuf>> = Mutex::new(None);
-
-fn install_interrupt_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| {
-            if let Some(dir) = STAGING.lock().ok().and_then(|g| g.clone()) {
-                let _ = std::fs::remove_dir_all(&dir);
-                eprintln!(
-                    "\ninterrupted: removed {}; the output directory is as it was",
-                    dir.display()
-                );
-            }
-            std::process::exit(130);
-        });
-    });
-}
-
-/// A staging directory that removes itself unless published.
-struct Staging {
-    dir: PathBuf,
-    published: bool,
-}
-
-impl Staging {
-    fn new(out: &Path) -> anyhow::Result<Self> {
-        let parent = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-        let name = out
-            .file_name()
-            .context("the output directory needs a name")?
-            .to_string_lossy()
-            .to_string();
-        let dir = tempfile::Builder::new()
-            .prefix(&format!(".{name}.staging-"))
-            .tempdir_in(parent)?
-            .keep();
-        *STAGING.lock().unwrap() = Some(dir.clone());
-        Ok(Staging {
-            dir,
-            published: false,
-        })
-    }
-
-    /// Replace `out` with the staging directory.
-    fn publish(mut self, out: &Path) -> anyhow::Result<()> {
-        let old = out.with_file_name(format!(
-            ".{}.old-{}",
-            out.file_name().unwrap().to_string_lossy(),
-            std::process::id()
-        ));
-        if out.exists() {
-            std::fs::rename(out, &old)
-                .with_context(|| format!("moving the previous {} aside", out.display()))?;
-        }
-        std::fs::rename(&self.dir, out).with_context(|| format!("publishing {}", out.display()))?;
-        self.published = true;
-        *STAGING.lock().unwrap() = None;
-        if old.exists() {
-            std::fs::remove_dir_all(&old)
-                .with_context(|| format!("removing the previous build {}", old.display()))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.published {
-            let _ = std::fs::remove_dir_all(&self.dir);
-            *STAGING.lock().unwrap() = None;
-        }
     }
 }
 
@@ -274,9 +193,41 @@ pub fn build(
         tools.push(crate::vm::QEMU_IMG);
     }
     crate::tool::preflight(&tools)?;
-    install_interrupt_handler();
     let progress = Progress::new();
-    let staging = Staging::new(&opts.out)?;
+    let staging = crate::staging::Staging::new(&opts.out)?;
+    let (names, mut artifacts, manifest) =
+        build_staged(plan, secrets, opts, &nodes, epoch, &progress, &staging)
+            .map_err(|e| crate::staging::explain_no_space(e, &staging.dir))?;
+
+    let out = opts.out.clone();
+    staging.publish(&out)?;
+    eprintln!(
+        "kiln: built {} node(s) in {:.1} s",
+        nodes.len(),
+        progress.total()
+    );
+    let mut artifacts_out: Vec<PathBuf> = names.iter().map(|n| out.join(n)).collect();
+    artifacts_out.push(out.join("SHA256SUMS"));
+    artifacts_out.push(out.join("manifest.json"));
+    artifacts.extend(artifacts_out);
+    Ok(BuildResult {
+        artifacts,
+        manifest,
+    })
+}
+
+/// Everything a build writes, into the staging directory: the file names
+/// (relative), the paths printed before them (none yet), the manifest.
+#[allow(clippy::type_complexity)]
+fn build_staged(
+    plan: &Plan,
+    secrets: &ClusterSecrets,
+    opts: &BuildOptions,
+    nodes: &[&NodePlan],
+    epoch: u64,
+    progress: &Progress,
+    staging: &crate::staging::Staging,
+) -> anyhow::Result<(Vec<String>, Vec<PathBuf>, serde_json::Value)> {
     let work = staging.dir.join(".work");
     std::fs::create_dir_all(&work)?;
 
@@ -364,9 +315,9 @@ pub fn build(
         )?;
     }
 
-    let mut artifacts = Vec::new();
+    let artifacts = Vec::new();
     let mut node_manifest = Vec::new();
-    for node in &nodes {
+    for node in nodes {
         let (root_path, root_size, root_sha) = roots[&overlay_dirs(plan, node.role)].clone();
         let name = &node.name;
         let image = staging.dir.join(format!("{name}.img"));
@@ -495,22 +446,7 @@ pub fn build(
     mf.write_all(b"\n")?;
     mf.sync_all()?;
     std::fs::File::open(&staging.dir)?.sync_all()?;
-
-    let out = opts.out.clone();
-    staging.publish(&out)?;
-    eprintln!(
-        "kiln: built {} node(s) in {:.1} s",
-        nodes.len(),
-        progress.total()
-    );
-    let mut artifacts_out: Vec<PathBuf> = names.iter().map(|n| out.join(n)).collect();
-    artifacts_out.push(out.join("SHA256SUMS"));
-    artifacts_out.push(out.join("manifest.json"));
-    artifacts.extend(artifacts_out);
-    Ok(BuildResult {
-        artifacts,
-        manifest,
-    })
+    Ok((names, artifacts, manifest))
 }
 
 /// Every file under `dir`, as sorted `/`-separated relative paths.

@@ -21,7 +21,9 @@ use std::fmt;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io::{BufRead, IsTerminal as _, Seek as _, SeekFrom, Write};
 use std::os::fd::AsRawFd as _;
-use std::os::unix::fs::{FileExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{
+    FileExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -662,7 +664,8 @@ fn confirm(
 
 /// Opens the target for writing: a device exclusively (the kernel refuses
 /// while anything has it claimed: a mount, swap, a holder), a new file
-/// 0600 (images hold node secrets), an existing file as it is.
+/// 0600 (images hold node secrets), an existing file made 0600 before a
+/// byte of the image reaches it (whatever mode it had).
 fn open_target(opts: &FlashOptions, target: &TargetFacts) -> anyhow::Result<File> {
     let t = opts.target.display();
     let mut o = OpenOptions::new();
@@ -679,7 +682,14 @@ fn open_target(opts: &FlashOptions, target: &TargetFacts) -> anyhow::Result<File
             .mode(0o600)
             .open(&opts.target)
             .with_context(|| format!("creating {t}")),
-        TargetKind::File => o.open(&opts.target).with_context(|| format!("opening {t}")),
+        TargetKind::File => {
+            let f = o
+                .open(&opts.target)
+                .with_context(|| format!("opening {t}"))?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {t} private (0600) before writing node secrets to it; nothing was written"))?;
+            Ok(f)
+        }
         TargetKind::Other => bail!("{t} is neither a block device nor a regular file"),
     }
 }

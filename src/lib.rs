@@ -22,6 +22,7 @@ pub mod render;
 pub mod rootfs;
 pub mod secrets;
 pub mod serve;
+pub mod staging;
 pub mod tool;
 pub mod tree;
 pub mod types;

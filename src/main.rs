@@ -71,10 +71,6 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// Write one node's rendered files into a directory, for inspection.
-    ///
-    /// The tree holds secrets (WireGuard private key, k3s token): files
-    /// that hold them are written 0600.
     /// Boot a node's image in QEMU and check it from inside.
     ///
     /// Builds the node's image (adding a test access key for root, which
@@ -118,6 +114,10 @@ enum Command {
         /// A disk image from `kiln build`.
         image: PathBuf,
     },
+    /// Write one node's rendered files into a directory, for inspection.
+    ///
+    /// The tree holds secrets (WireGuard private key, k3s token): files
+    /// that hold them are written 0600.
     Render {
         /// The cluster profile (TOML).
         profile: PathBuf,
@@ -475,11 +475,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Exit status after SIGINT, SIGTERM or SIGHUP (128 + SIGINT, as shells do).
+const INTERRUPTED: i32 = 130;
+
+/// SIGINT, SIGTERM and SIGHUP: remove what this process staged, say what
+/// the output directory holds, exit. (`serve` installs its own: it stops
+/// answering and returns.)
+fn install_abandon_handler() {
+    let _ = ctrlc::set_handler(|| {
+        for msg in kiln::staging::abandon_all() {
+            eprintln!("\nkiln: {msg}");
+        }
+        std::process::exit(INTERRUPTED);
+    });
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().filter_or("KILN_LOG", "warn"))
         .format_timestamp(None)
         .init();
-    match run(Cli::parse()) {
+    // Modes of what kiln writes must not depend on the caller's umask:
+    // with 000, outputs served by `kiln serve` (as root) would be
+    // world-writable. Secrets are created 0600 explicitly.
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe { libc::umask(0o022) };
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        install_abandon_handler();
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(pe) = e.downcast_ref::<ProfileErrors>() {

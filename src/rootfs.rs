@@ -455,7 +455,7 @@ pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> 
         .arg(out)
         .env("SOURCE_DATE_EPOCH", inputs.mtime.to_string())
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let line = crate::tool::display(&cmd);
     log::debug!("running {line}");

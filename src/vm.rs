@@ -14,7 +14,7 @@
 //! stderr. The serial console is kept for the boot timeline and for
 //! diagnosis when a boot fails.
 
-use std::io::{BufRead as _, Read as _, Write as _};
+use std::io::{BufRead as _, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -29,7 +29,8 @@ pub const QEMU: Tool = Tool::new("qemu-system-x86_64", "qemu-system-x86");
 pub const QEMU_IMG: Tool = Tool::new("qemu-img", "qemu-utils");
 pub const SSH: Tool = Tool::new("ssh", "openssh-client");
 /// Options of every SSH connection to a guest: a throwaway host key (a
-/// new one per VM), no prompts, quiet, bounded connect time.
+/// new one per VM), no prompts, quiet, bounded connect time, and a
+/// keep-alive that gives up on a guest silent for 30 s.
 pub const SSH_OPTIONS: &[&str] = &[
     "-o",
     "StrictHostKeyChecking=no",
@@ -41,7 +42,45 @@ pub const SSH_OPTIONS: &[&str] = &[
     "BatchMode=yes",
     "-o",
     "ConnectTimeout=10",
+    "-o",
+    "ServerAliveInterval=5",
+    "-o",
+    "ServerAliveCountMax=6",
 ];
+/// The longest one command in a guest may run (the slowest, a k3s
+/// start under TCG, takes well under a minute).
+const SSH_COMMAND_DEADLINE: Duration = Duration::from_secs(300);
+
+/// `wait_with_output`, but the child is killed after `deadline`.
+fn wait_with_deadline(mut child: Child, deadline: Duration) -> anyhow::Result<Output> {
+    fn drain(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("no answer within {} s: killed", deadline.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
 /// OVMF firmware (Debian's ovmf package), 4 MiB flash layout.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
@@ -66,15 +105,36 @@ impl Accel {
     }
 }
 
-/// KVM if it actually runs a guest, else TCG. `KILN_ACCEL=kvm|tcg`
-/// overrides. `/dev/kvm` existing is not enough: on some hosts (these CI
-/// machines among them) `-accel kvm` hangs, so a tiny guest is run under
-/// KVM with a deadline.
-pub fn detect_accel() -> Accel {
+/// `KILN_ACCEL=kvm|tcg`, if set: the user's choice, never second-guessed.
+fn forced_accel() -> Option<Accel> {
     match std::env::var("KILN_ACCEL").as_deref() {
-        Ok("kvm") => return Accel::Kvm,
-        Ok("tcg") => return Accel::Tcg,
-        _ => {}
+        Ok("kvm") => Some(Accel::Kvm),
+        Ok("tcg") => Some(Accel::Tcg),
+        _ => None,
+    }
+}
+
+/// Set once a guest under KVM failed: every later VM of this process
+/// uses TCG.
+static KVM_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// How long OVMF may take to print its first line under KVM (it takes
+/// about 1 s; under TCG about 6 s).
+const KVM_FIRST_OUTPUT: Duration = Duration::from_secs(20);
+
+/// QEMU's words when KVM cannot emulate what the guest does (seen on
+/// nested hosts: OVMF's first FPU instruction, then the guest pauses and
+/// QEMU waits forever).
+const KVM_INTERNAL_ERROR: &str = "KVM internal error";
+
+/// KVM if it really runs the firmware the tests boot, else TCG.
+/// `KILN_ACCEL=kvm|tcg` overrides. `/dev/kvm` opening is not enough, nor
+/// is a tiny guest: on some hosts `-accel kvm` exits at once, on others a
+/// tiny guest runs but OVMF stops with a KVM internal error. So the probe
+/// boots OVMF itself to its first serial output under a deadline.
+pub fn detect_accel() -> Accel {
+    if let Some(a) = forced_accel() {
+        return a;
     }
     static DETECTED: std::sync::OnceLock<Accel> = std::sync::OnceLock::new();
     *DETECTED.get_or_init(|| {
@@ -83,54 +143,21 @@ pub fn detect_accel() -> Accel {
             .write(true)
             .open("/dev/kvm")
             .is_ok()
-            && probe(Accel::Kvm, Duration::from_secs(10)).unwrap_or(false);
+            && probe(Accel::Kvm, KVM_FIRST_OUTPUT).unwrap_or(false);
         if usable { Accel::Kvm } else { Accel::Tcg }
     })
 }
 
-/// Run a 64 KiB firmware whose reset vector writes to QEMU's
-/// `isa-debug-exit` port; QEMU then exits with status (0x31 << 1) | 1.
-/// True if that happened within `deadline`.
+/// Boot OVMF with no disk and wait for its first line on the serial
+/// console. True if it came within `deadline`; false if QEMU exited,
+/// reported a KVM internal error, or stayed silent.
 pub fn probe(accel: Accel, deadline: Duration) -> anyhow::Result<bool> {
-    let dir = tempfile::tempdir()?;
-    let bios = dir.path().join("probe.bin");
-    let mut image = vec![0xf4u8; 64 * 1024]; // hlt everywhere
-    // Reset vector (last 16 bytes): mov al, 0x31; out 0xf4, al; hlt; jmp $
-    let code = [0xb0, 0x31, 0xe6, 0xf4, 0xf4, 0xeb, 0xfe];
-    let at = image.len() - 16;
-    image[at..at + code.len()].copy_from_slice(&code);
-    std::fs::write(&bios, &image)?;
-    let mut cmd = QEMU.command()?;
-    cmd.args(accel.args())
-        .args([
-            "-machine",
-            "q35",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-bios",
-        ])
-        .arg(&bios);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status.code() == Some((0x31 << 1) | 1));
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(false);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut cfg = VmConfig::diskless("accel-probe");
+    cfg.accel = accel;
+    cfg.memory_mib = 256;
+    cfg.cpus = 1;
+    let mut vm = Vm::spawn(&cfg, accel)?;
+    Ok(vm.firmware_runs(deadline).is_ok())
 }
 
 /// A free TCP port on the loopback interface.
@@ -313,6 +340,8 @@ pub fn interactive(cfg: &VmConfig) -> anyhow::Result<std::process::ExitStatus> {
 /// A running VM. Dropping it kills QEMU.
 pub struct Vm {
     pub name: String,
+    /// What this VM really runs under (TCG after a KVM failure).
+    pub accel: Accel,
     child: Child,
     dir: tempfile::TempDir,
     pub started: Instant,
@@ -324,9 +353,73 @@ pub struct Vm {
 
 impl Vm {
     /// Start QEMU. The serial console is read line by line with host
-    /// timestamps.
+    /// timestamps. Under KVM the firmware must print within
+    /// [`KVM_FIRST_OUTPUT`]; if it does not (a KVM internal error, QEMU
+    /// exiting), the VM is restarted under TCG, and so is every later one,
+    /// unless `KILN_ACCEL=kvm` asked for KVM.
     pub fn start(cfg: &VmConfig) -> anyhow::Result<Vm> {
         crate::tool::preflight(&[QEMU, QEMU_IMG])?;
+        let kvm_wanted = cfg.accel == Accel::Kvm;
+        if !kvm_wanted || KVM_BROKEN.load(std::sync::atomic::Ordering::SeqCst) {
+            return Vm::spawn(cfg, Accel::Tcg);
+        }
+        let mut vm = Vm::spawn(cfg, Accel::Kvm)?;
+        let Err(why) = vm.firmware_runs(KVM_FIRST_OUTPUT) else {
+            return Ok(vm);
+        };
+        if forced_accel() == Some(Accel::Kvm) {
+            bail!(
+                "{}: KILN_ACCEL=kvm, but {why}; unset KILN_ACCEL to fall back to TCG\n{}",
+                cfg.name,
+                vm.tail(20)
+            );
+        }
+        drop(vm);
+        if !KVM_BROKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!(
+                "kiln: {why}: using TCG (software emulation) from now on; KILN_ACCEL=tcg skips KVM"
+            );
+        }
+        Vm::spawn(cfg, Accel::Tcg)
+    }
+
+    /// Ok once the firmware printed a line on the serial console; the
+    /// reason otherwise. Used on a VM just started under KVM.
+    fn firmware_runs(&mut self, deadline: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let lines = self.serial_lines();
+            if let Some(l) = lines.iter().find(|l| l.text.contains(KVM_INTERNAL_ERROR)) {
+                return Err(format!(
+                    "KVM cannot run the firmware here ({})",
+                    l.text.trim_start_matches("[qemu stderr] ")
+                ));
+            }
+            if lines.iter().any(|l| !l.text.starts_with("[qemu stderr]")) {
+                return Ok(());
+            }
+            if !self.running() {
+                let said = lines.last().map(|l| l.text.clone()).unwrap_or_default();
+                return Err(format!(
+                    "QEMU with KVM exited before the firmware printed anything ({said})"
+                ));
+            }
+            if start.elapsed() > deadline {
+                return Err(format!(
+                    "the firmware printed nothing for {} s under KVM",
+                    deadline.as_secs()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Start QEMU with `accel`, whatever the config says.
+    fn spawn(cfg: &VmConfig, accel: Accel) -> anyhow::Result<Vm> {
+        let cfg = &VmConfig {
+            accel,
+            ..cfg.clone()
+        };
         let dir = tempfile::Builder::new()
             .prefix(&format!("kiln-vm-{}-", cfg.name))
             .tempdir()?;
@@ -390,12 +483,12 @@ impl Vm {
                 buf.clear();
             }
         });
-        let mut err = child.stderr.take().expect("piped");
+        // Line by line, not at exit: a KVM internal error is printed while
+        // QEMU keeps running.
+        let err = std::io::BufReader::new(child.stderr.take().expect("piped"));
         let err_sink = serial.clone();
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            for l in s.lines() {
+            for l in err.lines().map_while(Result::ok) {
                 err_sink.lock().unwrap().push(SerialLine {
                     at: started.elapsed(),
                     text: format!("[qemu stderr] {l}"),
@@ -404,6 +497,7 @@ impl Vm {
         });
         Ok(Vm {
             name: cfg.name.clone(),
+            accel,
             child,
             dir,
             started,
@@ -568,7 +662,8 @@ impl Vm {
             .stderr(Stdio::piped());
         let mut child = c.spawn().context("starting ssh")?;
         child.stdin.take().expect("piped").write_all(stdin)?;
-        Ok(child.wait_with_output()?)
+        wait_with_deadline(child, SSH_COMMAND_DEADLINE)
+            .with_context(|| format!("{}: running `{script}` over SSH", self.name))
     }
 
     /// Run a shell command in the guest as root; its stdout, or an error

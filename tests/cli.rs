@@ -189,6 +189,39 @@ fn render_of_an_unknown_node_lists_the_nodes() {
 }
 
 #[test]
+fn help_gives_each_verb_its_own_description() {
+    let out = kiln(&["--help"]);
+    let s = text(&out.stdout);
+    // verb → the first words of its own doc comment.
+    let want = [
+        ("check", "Validate a profile"),
+        ("keys", "Print each node's WireGuard public key"),
+        ("build", "Build a bootable disk image"),
+        ("render", "Write one node's rendered files"),
+        ("test", "Boot a node's image in QEMU"),
+        ("run", "Boot an image with its console"),
+        ("serve", "Serve the netboot tree"),
+        ("flash", "Write"),
+    ];
+    for (verb, words) in want {
+        let line = s
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{verb} ")))
+            .unwrap_or_else(|| panic!("no line for {verb}:\n{s}"));
+        assert!(
+            line.contains(words),
+            "`{verb}` shows {line:?}, not its own description"
+        );
+        let own = kiln(&[verb, "--help"]);
+        assert!(
+            text(&own.stdout).starts_with(words),
+            "`kiln {verb} --help` starts {:?}",
+            text(&own.stdout).lines().next()
+        );
+    }
+}
+
+#[test]
 fn help_describes_every_verb() {
     let out = kiln(&["--help"]);
     let s = text(&out.stdout);

@@ -234,6 +234,29 @@ fn existing_file_is_overwritten_only_with_force() {
 }
 
 #[test]
+fn existing_world_readable_file_becomes_private_when_flashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = make_image(dir.path());
+    let target = dir.path().join("shared.img");
+    std::fs::write(&target, "old").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    flash(
+        &FlashOptions {
+            force: true,
+            ..opts(&image, &target)
+        },
+        &SysFacts::default(),
+    )
+    .unwrap();
+    assert_eq!(sha(&target), image.sha256);
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the image holds the node's WireGuard key and the k3s token"
+    );
+}
+
+#[test]
 fn image_cannot_be_flashed_onto_itself() {
     let dir = tempfile::tempdir().unwrap();
     let image = make_image(dir.path());

@@ -1909,8 +1909,24 @@ fn a_second_build_elsewhere_is_byte_identical_and_checksums_verify() {
     copy_tree(profile_dir, &copy);
     let out = dir.path().join("out2");
     let started = Instant::now();
-    let o = kiln_build(&copy.join("vm.toml"), &out, Some(&s.k3s));
+    // Under umask 000: modes must not depend on the caller's umask.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .arg("build")
+        .arg(copy.join("vm.toml"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--k3s-binary")
+        .arg(&s.k3s)
+        .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
+        .env_remove("KILN_K3S_BINARY")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_nothing_writable_by_others(&out);
     eprintln!(
         "image tests: second build in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -1975,6 +1991,18 @@ fn a_second_build_elsewhere_is_byte_identical_and_checksums_verify() {
         let p = s.out.join(a["path"].as_str().unwrap());
         assert_eq!(a["size"], fs::metadata(&p).unwrap().len());
         assert_eq!(a["sha256"], sha256_file(&p));
+    }
+}
+
+/// No file or directory under `dir` (itself included) is writable by
+/// group or others.
+fn assert_nothing_writable_by_others(dir: &Path) {
+    let mode = fs::symlink_metadata(dir).unwrap().mode();
+    assert_eq!(mode & 0o022, 0, "{} is {:o}", dir.display(), mode & 0o7777);
+    if fs::symlink_metadata(dir).unwrap().is_dir() {
+        for e in fs::read_dir(dir).unwrap() {
+            assert_nothing_writable_by_others(&e.unwrap().path());
+        }
     }
 }
 
@@ -2134,6 +2162,129 @@ fn a_build_failing_midway_in_the_root_image_leaves_the_previous_output() {
         .map(String::from)
         .into();
     assert!(names.is_subset(&allowed), "{names:?}");
+}
+
+/// Start a build into `out` and wait until its stderr shows `line`; the
+/// child and the stderr lines read so far.
+fn build_until(profile: &Path, out: &Path, line: &str) -> (std::process::Child, Vec<String>) {
+    use std::io::BufRead as _;
+    let mut child = kiln()
+        .arg("build")
+        .arg(profile)
+        .arg("--out")
+        .arg(out)
+        .arg("--k3s-binary")
+        .arg(&shared().k3s)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut r = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    loop {
+        let mut l = String::new();
+        assert!(
+            r.read_line(&mut l).unwrap() > 0,
+            "the build ended before {line:?}: {seen:?}"
+        );
+        let hit = l.contains(line);
+        seen.push(l.trim_end().to_string());
+        if hit {
+            break;
+        }
+    }
+    // Keep draining so the build never blocks on a full pipe.
+    let rest = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut r, &mut v);
+        v
+    });
+    std::mem::forget(rest);
+    (child, seen)
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on a child we spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+#[test]
+fn a_killed_build_leaves_a_staging_dir_the_next_build_removes_and_sigterm_cleans_up() {
+    let s = shared();
+    let prev = previous_out();
+    // SIGKILL: nothing can clean up; a staging dir (with secrets) stays …
+    let (mut child, _) = build_until(&s.profile, &prev.out, "base root tarball");
+    signal(&child, libc::SIGKILL);
+    child.wait().unwrap();
+    let left = names_starting(&prev.parent, ".out.staging-");
+    assert!(!left.is_empty(), "SIGKILL left nothing to clean up?");
+    prev.assert_untouched("SIGKILL");
+    // … until the next build, which removes it and says so. SIGTERM then
+    // stops that build like Ctrl-C: staging removed, out as it was.
+    let (mut child, seen) = build_until(&s.profile, &prev.out, "base root tarball");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("left by a build that was killed")),
+        "{seen:?}"
+    );
+    signal(&child, libc::SIGTERM);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    let left = names_starting(&prev.parent, ".out.");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    prev.assert_untouched("SIGTERM");
+}
+
+#[test]
+fn a_build_refuses_an_out_that_is_not_a_kiln_output() {
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    fs::create_dir(&home).unwrap();
+    fs::write(home.join("notes.txt"), "mine").unwrap();
+    let o = kiln_build(&s.profile, &home, Some(&s.k3s));
+    assert_failed(
+        &o,
+        "non-kiln --out",
+        &["holds no kiln manifest.json", "choose another --out"],
+    );
+    assert_eq!(fs::read(home.join("notes.txt")).unwrap(), b"mine");
+    assert_eq!(fs::read_dir(&home).unwrap().count(), 1);
+}
+
+#[test]
+fn a_full_disk_fails_saying_what_ran_out_and_leaves_nothing() {
+    // A 40 MiB tmpfs: the root image (~100 MiB) cannot fit. Needs root to
+    // mount, as CI and `make test` run.
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    fs::create_dir(&small).unwrap();
+    run(tool("mount")
+        .args(["-t", "tmpfs", "-o", "size=40m", "kiln-test-full"])
+        .arg(&small));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    let o = kiln_build(&s.profile, &small.join("out"), Some(&s.k3s));
+    assert_failed(
+        &o,
+        "disk full",
+        &[
+            "no space left on the filesystem holding",
+            "MiB free",
+            "--out",
+        ],
+    );
+    let left: Vec<_> = fs::read_dir(&small).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "left behind on the full filesystem: {left:?}"
+    );
 }
 
 #[test]
