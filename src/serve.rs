@@ -21,11 +21,12 @@
 //!   transfer did not complete.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{Read, Seek as _, SeekFrom, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -663,9 +664,9 @@ fn parse_range(header: Option<&str>, len: u64) -> Option<Result<(u64, u64), ()>>
 }
 
 /// `openat(2)` relative to `dir` (or the working directory).
-fn open_at(dir: Option<&OwnedFd>, name: &str, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+fn open_at(dir: Option<&OwnedFd>, name: &OsStr, flags: libc::c_int) -> std::io::Result<OwnedFd> {
     use std::os::fd::AsRawFd as _;
-    let c = CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    let c = CString::new(name.as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
     // SAFETY: a valid C string; the returned descriptor is owned here.
     let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags | libc::O_CLOEXEC) };
@@ -684,10 +685,10 @@ fn open_at(dir: Option<&OwnedFd>, name: &str, flags: libc::c_int) -> std::io::Re
 /// `tree` itself may be a symlink: the operator chose it.
 fn open_in_tree(tree: &Path, rel: &str) -> std::io::Result<File> {
     let not_regular = || std::io::Error::other("not a regular file");
-    let tree = tree.to_str().ok_or(std::io::ErrorKind::InvalidInput)?;
-    let mut dir = open_at(None, tree, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    let mut dir = open_at(None, tree.as_os_str(), libc::O_RDONLY | libc::O_DIRECTORY)?;
     let mut parts = rel.split('/').peekable();
     while let Some(part) = parts.next() {
+        let part = OsStr::new(part);
         if parts.peek().is_some() {
             dir = open_at(
                 Some(&dir),

@@ -634,3 +634,28 @@ fn a_seed_token_opens_the_seed_once() {
     assert_ne!(again, url);
     assert_eq!(r.get(&again).0, 200);
 }
+
+/// iPXE and wget reuse a connection: requests after the first, and
+/// pipelined ones, are still answered on it.
+#[test]
+fn requests_on_a_kept_alive_connection_are_answered_in_order() {
+    let r = Running::start();
+    let mut c = TcpStream::connect(r.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(
+        b"GET /vmlinuz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\
+          GET /initrd.img HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\
+          GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    c.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let statuses: Vec<&str> = text.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
+    assert_eq!(statuses, ["200", "200", "404"], "{text}");
+    assert!(
+        text.contains("\r\n\r\nkernelHTTP/1.1") && text.contains("\r\n\r\ninitrdHTTP/1.1"),
+        "{text}"
+    );
+    r.wait_log(|l| l == "127.0.0.1 GET /nope 404 22");
+}
