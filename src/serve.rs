@@ -273,10 +273,13 @@ fn refuse(state: &State, mut conn: TcpStream, peer: SocketAddr, max: usize) {
     );
     // Never wait on this client: the accept loop serves everyone.
     let _ = conn.set_nonblocking(true);
-    let _ = conn.write_all(msg.as_bytes());
+    let sent = match conn.write_all(msg.as_bytes()) {
+        Ok(()) => body.len(),
+        Err(_) => 0,
+    };
     let _ = conn.shutdown(std::net::Shutdown::Both);
     (state.log)(&format!(
-        "{} - - 503 0 (refused: {max} connections open)",
+        "{} - - 503 {sent} (refused: {max} connections open)",
         peer.ip()
     ));
 }
