@@ -624,16 +624,6 @@ fn a_missing_bracket_gives_one_error_on_its_line() {
 }
 
 #[test]
-fn a_syntax_error_adds_no_missing_key_errors() {
-    one(
-        &with("name = \"lab\"", "name = \"lab"),
-        2,
-        "",
-        "TOML syntax",
-    );
-}
-
-#[test]
 fn a_bad_hub_peer_key_is_the_only_error() {
     let text = with(
         "network = \"10.0.0.0/24\"",
