@@ -2,6 +2,7 @@
 //! column, the key, and what to do about it. Validation collects them all
 //! instead of stopping at the first.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::ops::Range;
 
@@ -20,15 +21,77 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        // Escaped again here for diagnostics built elsewhere: escaping is
+        // idempotent (the output holds no control characters).
+        write!(
+            f,
+            "{}:{}:{}: ",
+            escape_controls(&self.file),
+            self.line,
+            self.column
+        )?;
         if !self.key.is_empty() {
-            write!(f, "{}: ", self.key)?;
+            write!(f, "{}: ", escape_controls(&self.key))?;
         }
-        write!(f, "{}", self.message)?;
+        write!(f, "{}", escape_controls(&self.message))?;
         if !self.hint.is_empty() {
-            write!(f, "\n    fix: {}", self.hint)?;
+            // A hint may be a multi-line snippet to paste (kiln upgrade):
+            // its newlines are kept, every other control escaped.
+            let hint: Vec<String> = self.hint.split('\n').map(escape_controls).collect();
+            write!(f, "\n    fix: {}", hint.join("\n"))?;
         }
         Ok(())
+    }
+}
+
+/// `s` with every control character (C0, DEL, C1: ESC, BEL, CR, NUL, ...)
+/// written as a Rust escape (`\u{1b}`, `\n`), so text taken from a profile
+/// cannot move the cursor, retitle or clear the operator's terminal.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Byte offsets where each line starts, computed once per file so that
+/// turning an offset into a line is a binary search, not a rescan (a
+/// profile with thousands of errors stays linear).
+#[derive(Debug, Clone)]
+pub struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    pub fn new(source: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(
+            source
+                .bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
+        LineIndex { starts }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    pub fn line_col(&self, source: &str, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(source.len());
+        while !source.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let line = self.starts.partition_point(|&s| s <= offset);
+        let start = self.starts[line - 1];
+        (line, source[start..offset].chars().count() + 1)
     }
 }
 
@@ -37,7 +100,11 @@ impl fmt::Display for Diagnostic {
 pub struct Diagnostics<'s> {
     file: String,
     source: &'s str,
+    lines: LineIndex,
     items: Vec<Diagnostic>,
+    /// Keys with an error, so checks that depend on a broken value can
+    /// stay quiet (one mistake, one error).
+    reported: HashSet<String>,
 }
 
 impl<'s> Diagnostics<'s> {
@@ -45,7 +112,9 @@ impl<'s> Diagnostics<'s> {
         Diagnostics {
             file: file.into(),
             source,
+            lines: LineIndex::new(source),
             items: Vec::new(),
+            reported: HashSet::new(),
         }
     }
 
@@ -57,15 +126,39 @@ impl<'s> Diagnostics<'s> {
         message: impl Into<String>,
         hint: impl Into<String>,
     ) {
-        let (line, column) = line_col(self.source, span.start);
+        let (line, column) = self.lines.line_col(self.source, span.start);
+        self.reported.insert(key.to_string());
         self.items.push(Diagnostic {
-            file: self.file.clone(),
+            file: escape_controls(&self.file),
             line,
             column,
-            key: key.to_string(),
-            message: message.into(),
-            hint: hint.into(),
+            key: escape_controls(key),
+            message: escape_controls(&message.into()),
+            hint: escape_controls(&hint.into()),
         });
+    }
+
+    /// The 1-based line of a byte offset (to name another entry's line).
+    pub fn line_of(&self, offset: usize) -> usize {
+        self.lines.line_col(self.source, offset).0
+    }
+
+    /// Has `key`, or a table or array holding it, been reported as
+    /// invalid? (`nodes[1].endpoint` is broken if `nodes[1]` or `nodes` is.)
+    pub fn is_broken(&self, key: &str) -> bool {
+        if self.reported.contains(key) {
+            return true;
+        }
+        key.char_indices()
+            .filter(|&(_, c)| c == '.' || c == '[')
+            .any(|(i, _)| self.reported.contains(&key[..i]))
+    }
+
+    /// Whether any diagnostic so far is a TOML syntax error.
+    pub fn has_syntax_error(&self) -> bool {
+        self.items
+            .iter()
+            .any(|d| d.key.is_empty() && d.message.starts_with("TOML syntax"))
     }
 
     /// Record that a required key is missing, unless the key is present
@@ -77,7 +170,7 @@ impl<'s> Diagnostics<'s> {
         message: impl Into<String>,
         hint: impl Into<String>,
     ) {
-        if !self.items.iter().any(|d| d.key == key) {
+        if !self.is_broken(key) {
             self.error(span, key, message, hint);
         }
     }
@@ -95,13 +188,9 @@ impl<'s> Diagnostics<'s> {
 }
 
 /// 1-based line and column (in characters) of a byte offset.
+/// For one look-up; [`Diagnostics`] keeps a [`LineIndex`] for many.
 pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(source.len());
-    let before = &source[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = source[line_start..offset].chars().count() + 1;
-    (line, column)
+    LineIndex::new(source).line_col(source, offset)
 }
 
 /// The error returned when a profile has problems: all of them, printable.
@@ -134,5 +223,27 @@ mod tests {
         assert_eq!(line_col(src, 0), (1, 1));
         assert_eq!(line_col(src, 6), (2, 1));
         assert_eq!(line_col(src, 11), (2, 6));
+        assert_eq!(line_col(src, 12), (2, 7));
+        assert_eq!(line_col(src, 99), (3, 1));
+        assert_eq!(line_col("é\nx", 1), (1, 1), "inside a character");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_in_every_part_of_a_diagnostic() {
+        let src = "name = \"x\"\n";
+        let mut d = Diagnostics::new("lab\u{7}.toml", src);
+        d.error(
+            0..4,
+            "nodes[0].\u{1b}]0;owned\u{7}",
+            "`\u{1b}[2J\u{9b}x\r` is bad",
+            "fix\n it",
+        );
+        let shown = ProfileErrors(d.into_sorted()).to_string();
+        for c in shown.chars() {
+            assert!(!c.is_control() || c == '\n', "raw {c:?} in {shown:?}");
+        }
+        assert!(shown.contains(r"\u{1b}[2J\u{9b}x\r"), "{shown}");
+        assert!(shown.contains(r"fix\n it"), "{shown}");
+        assert_eq!(escape_controls("plain"), "plain");
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use ipnet::IpNet;
 
-use crate::diag::{Diagnostics, ProfileErrors};
+use crate::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
 use crate::profile::{self, At, KernelFlavour, RegistryConfig, Role, Topology};
 use crate::types::{self, Endpoint, Host, K3sVersion, MacAddr, WgKey};
 
@@ -269,17 +269,118 @@ impl Plan {
     }
 }
 
+/// The largest profile kiln reads. A real one is a few kilobytes; the
+/// limit keeps `/dev/zero` or a runaway generator from eating memory.
+pub const MAX_PROFILE_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Read and validate a profile file.
 pub fn load(path: &Path) -> anyhow::Result<Plan> {
-    let source = std::fs::read_to_string(path)
-        .with_context(|| format!("reading profile {}", path.display()))?;
+    let source = read_profile_text(path)?;
     Ok(plan_profile(path, &source)?)
+}
+
+/// A problem with the profile file as a whole, as a one-error report.
+fn file_error(
+    path: &Path,
+    line: usize,
+    column: usize,
+    message: String,
+    hint: &str,
+) -> ProfileErrors {
+    ProfileErrors(vec![Diagnostic {
+        file: escape_controls(&path.display().to_string()),
+        line,
+        column,
+        key: String::new(),
+        message: escape_controls(&message),
+        hint: hint.to_string(),
+    }])
+}
+
+/// Read a profile's bytes as text: a regular file (a FIFO would block, a
+/// device never end), at most [`MAX_PROFILE_BYTES`], valid UTF-8.
+fn read_profile_text(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let context = || format!("reading profile {}", path.display());
+    let not_regular = |ft: std::fs::FileType| -> Option<&'static str> {
+        if ft.is_file() {
+            None
+        } else if ft.is_dir() {
+            Some("a directory")
+        } else if ft.is_fifo() {
+            Some("a FIFO")
+        } else if ft.is_char_device() || ft.is_block_device() {
+            Some("a device")
+        } else if ft.is_socket() {
+            Some("a socket")
+        } else {
+            Some("not a regular file")
+        }
+    };
+    let refuse = |what: &str| {
+        file_error(
+            path,
+            1,
+            1,
+            format!("the profile is {what}, not a regular file"),
+            "name a .toml file; to read a generated profile, write it to a file first",
+        )
+    };
+    // stat before open: opening a FIFO for reading blocks until a writer comes.
+    let meta = std::fs::metadata(path).with_context(context)?;
+    if let Some(what) = not_regular(meta.file_type()) {
+        return Err(refuse(what).into());
+    }
+    // O_NONBLOCK in case it was swapped for a FIFO since; checked again below.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(context)?;
+    if let Some(what) = not_regular(file.metadata().with_context(context)?.file_type()) {
+        return Err(refuse(what).into());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PROFILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(context)?;
+    if bytes.len() as u64 > MAX_PROFILE_BYTES {
+        return Err(file_error(
+            path,
+            1,
+            1,
+            format!(
+                "the profile is larger than {} MiB",
+                MAX_PROFILE_BYTES / (1024 * 1024)
+            ),
+            "a profile is a few kilobytes: check that this is the right file",
+        )
+        .into());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let valid = std::str::from_utf8(valid).expect("valid up to here");
+        let (line, column) = crate::diag::line_col(valid, valid.len());
+        let byte = e.as_bytes()[valid.len()];
+        file_error(
+            path,
+            line,
+            column,
+            format!("the profile is not UTF-8 text: byte 0x{byte:02x} here is not valid UTF-8"),
+            "save the file as UTF-8 (the encoding TOML requires)",
+        )
+        .into()
+    })
 }
 
 /// Validate a profile's text into a plan, or return every problem found.
 pub fn plan_profile(path: &Path, source: &str) -> Result<Plan, ProfileErrors> {
     let mut d = Diagnostics::new(path.display().to_string(), source);
-    let p = profile::read_profile(source, &mut d);
+    let Some(p) = profile::read_profile(source, &mut d) else {
+        // Not TOML: only the syntax error, no guesses about what is missing.
+        return Err(ProfileErrors(d.into_sorted()));
+    };
     let plan = resolve(path, p, &mut d);
     if d.is_empty() {
         Ok(plan.expect("a plan without diagnostics"))
@@ -720,7 +821,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
     let servers: Vec<usize> = (0..nodes.len())
         .filter(|&i| nodes[i].role == Role::Server)
         .collect();
-    if !nodes.is_empty() && servers.is_empty() {
+    if !nodes.is_empty() && servers.is_empty() && p.nodes.iter().all(|n| n.role.is_some()) {
         d.error(
             p.nodes_span.clone(),
             "nodes",
@@ -838,7 +939,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         }
     }
     if let Some(t) = &k.token
-        && (t.v.len() < 16 || t.v.chars().any(|c| c.is_whitespace() || c.is_control()))
+        && !types::is_valid_token(&t.v)
     {
         d.error(t.span.clone(), &t.key, "the k3s token is too short or contains whitespace", "remove `token` to let kiln generate one in the state directory, or use at least 16 printable characters");
     }
@@ -1111,6 +1212,8 @@ fn resolve_wireguard(
         }
     }
     let hub = match (topology, &w.hub) {
+        // An unreadable topology or hub is reported already.
+        _ if d.is_broken("wireguard.topology") || d.is_broken("wireguard.hub") => None,
         (Topology::Mesh, Some(h)) => {
             d.error(
                 h.span.clone(),
@@ -1133,12 +1236,23 @@ fn resolve_wireguard(
         }
         (Topology::Hub, Some(h)) => {
             if let Some(i) = peers.iter().position(|p| p.name == h.v) {
-                if peers[i].endpoint.is_none() {
+                let raw = w
+                    .peers
+                    .iter()
+                    .find(|p| p.name.as_ref().is_some_and(|n| n.v == h.v));
+                if peers[i].endpoint.is_none()
+                    && !raw.is_some_and(|p| d.is_broken(&format!("{}.endpoint", p.key)))
+                {
                     d.error(h.span.clone(), &h.key, format!("hub `{}` has no endpoint", h.v), format!("add `endpoint = \"host:port\"` to the peer `{}`: spokes must know where to reach it", h.v));
                 }
                 Some(HubRef::External(i))
             } else if let Some(i) = nodes.iter().position(|n| n.name == h.v) {
-                if nodes[i].endpoint.is_none() {
+                let rk = &raw_nodes[i].key;
+                if nodes[i].endpoint.is_none()
+                    && !["endpoint", "lan-address", "network"]
+                        .iter()
+                        .any(|k| d.is_broken(&format!("{rk}.{k}")))
+                {
                     d.error(
                         h.span.clone(),
                         &h.key,
@@ -1147,6 +1261,15 @@ fn resolve_wireguard(
                     );
                 }
                 Some(HubRef::Node(i))
+            } else if w
+                .peers
+                .iter()
+                .any(|p| p.name.is_none() || p.public_key.is_none())
+                || raw_nodes.iter().any(|n| n.name.is_none())
+            {
+                // A peer or node with a broken name or key (already reported)
+                // may be the hub: no second error for the same mistake.
+                None
             } else {
                 d.error(
                     h.span.clone(),
@@ -1158,7 +1281,6 @@ fn resolve_wireguard(
             }
         }
     };
-    let _ = raw_nodes;
     let persistent_keepalive =
         w.persistent_keepalive
             .as_ref()
@@ -1301,6 +1423,7 @@ fn resolve_first_boot(f: &profile::FirstBoot, d: &mut Diagnostics) -> FirstBootP
         });
     }
     let mut write_files = Vec::new();
+    let mut seen_paths: BTreeMap<&str, &At<String>> = BTreeMap::new();
     for w in &f.write_files {
         let Some(path) = &w.path else {
             d.missing(
@@ -1325,6 +1448,23 @@ fn resolve_first_boot(f: &profile::FirstBoot, d: &mut Diagnostics) -> FirstBootP
             }
         }) {
             d.error(path.span.clone(), &path.key, format!("`{}` is rendered by kiln ({r})", path.v), "set it through the profile's own keys (hostname, users, wireguard, firewall, k3s), or use another path");
+        }
+        if let Some(first) = seen_paths.get(path.v.as_str()) {
+            let first_line = d.line_of(first.span.start);
+            d.error(
+                path.span.clone(),
+                &path.key,
+                format!(
+                    "`{}` is already written by {} (line {first_line})",
+                    path.v, first.key
+                ),
+                format!(
+                    "keep one entry for `{}`: merge this one into line {first_line}, or remove it",
+                    path.v
+                ),
+            );
+        } else {
+            seen_paths.insert(&path.v, path);
         }
         let mode = match &w.permissions {
             Some(a) => match u32::from_str_radix(a.v.trim_start_matches("0o"), 8) {

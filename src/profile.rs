@@ -233,19 +233,44 @@ pub struct Network {
 // Reading
 
 /// Read a profile's text. Returns the profile as far as it could be read;
-/// every problem is recorded in `d`.
-pub fn read_profile(source: &str, d: &mut Diagnostics) -> Profile {
-    let (root, errors) = DeTable::parse_recoverable(source);
-    for e in errors {
-        let span = e.span().unwrap_or(0..0);
-        let msg = e.message().trim().to_string();
-        d.error(
-            span,
-            "",
-            format!("TOML syntax: {msg}"),
-            "fix the syntax at this position (see https://toml.io)",
-        );
-    }
+/// every problem is recorded in `d`. Text that is not TOML gives `None`
+/// and exactly one diagnostic: the first syntax error. (The parser can
+/// recover and go on, but after a missing `]` what it recovers is noise:
+/// hundreds of errors, none on the broken line.)
+pub fn read_profile(source: &str, d: &mut Diagnostics) -> Option<Profile> {
+    let root = match DeTable::parse(source) {
+        Ok(root) => root,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().trim().to_string();
+            match unclosed_bracket(source, span.start) {
+                Some((open, c))
+                    if d.line_of(open) != d.line_of(span.start)
+                        && starts_a_statement(source, span.start) =>
+                {
+                    d.error(
+                        open..open + 1,
+                        "",
+                        format!(
+                            "TOML syntax: this `{c}` is not closed (then, on line {}: {msg})",
+                            d.line_of(span.start)
+                        ),
+                        format!(
+                            "close it with `{}` on this line, or separate its items with commas",
+                            if c == '[' { ']' } else { '}' }
+                        ),
+                    )
+                }
+                _ => d.error(
+                    span,
+                    "",
+                    format!("TOML syntax: {msg}"),
+                    "fix the syntax at this position (see https://toml.io)",
+                ),
+            }
+            return None;
+        }
+    };
     let mut p = Profile::default();
     let root_span = root.span();
     let mut t = Tab::new(root.get_ref(), root_span, "");
@@ -263,7 +288,7 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Profile {
     if let Some(mut b) = t.table(d, "boot") {
         p.boot.cmdline = b.str_list(d, "cmdline").unwrap_or_default();
         p.boot.consoles = b.str_list(d, "consoles");
-        p.boot.menu_timeout = b.int(d, "menu-timeout");
+        p.boot.menu_timeout = b.int(d, "menu-timeout", "0 to 600 seconds");
         b.finish(d);
     }
     if let Some(mut b) = t.table(d, "base") {
@@ -302,7 +327,7 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Profile {
         b.finish(d);
     }
     if let Some(mut i) = t.table(d, "image") {
-        p.image.compression_level = i.int(d, "compression-level");
+        p.image.compression_level = i.int(d, "compression-level", "1 to 22");
         i.finish(d);
     }
     if let Some((mut w, span)) = t.table_with_span(d, "wireguard") {
@@ -327,7 +352,71 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Profile {
         }
     }
     t.finish(d);
-    p
+    Some(p)
+}
+
+/// Does the line at byte `at` begin (at `at`) with what can only start a
+/// new statement, `key =` or a `[table]` header? Then a bracket still open
+/// before it was never closed, rather than broken on this line.
+fn starts_a_statement(source: &str, at: usize) -> bool {
+    let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
+    if !source[line_start..at].trim().is_empty() {
+        return false;
+    }
+    let rest = source[at..].lines().next().unwrap_or("").trim_start();
+    if rest.starts_with('[') {
+        return true;
+    }
+    let key_len = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || "-_.\"' ".contains(c)))
+        .unwrap_or(rest.len());
+    key_len > 0 && rest[key_len..].starts_with('=')
+}
+
+/// The innermost `[` or `{` still open at byte `end` of TOML text, skipping
+/// strings and comments: where a missing `]` really is, when the parser
+/// only notices on a later line.
+fn unclosed_bracket(source: &str, end: usize) -> Option<(usize, char)> {
+    let b = source.as_bytes();
+    let end = end.min(b.len());
+    let mut open: Vec<usize> = Vec::new();
+    let mut i = 0;
+    while i < end {
+        match b[i] {
+            b'#' => {
+                while i < end && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            q @ (b'"' | b'\'') => {
+                let delim: &[u8] = if q == b'"' { b"\"\"\"" } else { b"'''" };
+                let triple = b[i..].starts_with(delim);
+                i += if triple { 3 } else { 1 };
+                while i < end {
+                    if q == b'"' && b[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if triple {
+                        if b[i..].starts_with(delim) {
+                            i += 2;
+                            break;
+                        }
+                    } else if b[i] == q || b[i] == b'\n' {
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'[' | b'{' => open.push(i),
+            b']' | b'}' => {
+                open.pop();
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    open.last().map(|&o| (o, b[o] as char))
 }
 
 fn label_only(name: &str, raw: &str) -> Result<String, Invalid> {
@@ -339,6 +428,77 @@ fn label_only(name: &str, raw: &str) -> Result<String, Invalid> {
     } else {
         Ok(name.to_string())
     }
+}
+
+/// A write-files path: absolute, in its one normal form (no empty, `.` or
+/// `..` components, no trailing `/`), without control characters. Refused
+/// rather than normalised: `/etc//wireguard` would otherwise slip past the
+/// reserved-path check, and two spellings of one path could hide a
+/// duplicate.
+fn parse_file_path(s: &str) -> Result<String, Invalid> {
+    if s.chars().any(char::is_control) {
+        return Err(inv(
+            format!("path `{}` contains a control character", s.escape_debug()),
+            "write the path on one line, without NUL, newline or tab",
+        ));
+    }
+    let Some(rest) = s.strip_prefix('/') else {
+        return Err(inv(
+            format!("path `{s}` is not absolute"),
+            "write the full path, starting with /, like \"/etc/motd\"",
+        ));
+    };
+    if rest
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        let normal: Vec<&str> = rest
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        return Err(inv(
+            format!("path `{s}` has an empty, `.` or `..` component"),
+            if normal.contains(&"..") {
+                "write the path without `..`".to_string()
+            } else {
+                format!("write it as \"/{}\"", normal.join("/"))
+            },
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// A sysctl name as systemd-sysctl reads it: dot-separated segments of
+/// letters, digits, `_`, `-` (and `*` globs), or the `/`-separated form
+/// sysctl.d(5) allows so a segment may hold a dot (a VLAN interface,
+/// `net/ipv4/conf/eth0.100/rp_filter`). The `/` form is kept rather than
+/// refused or converted because converting it would change its meaning;
+/// either way no segment may be empty, `.` or `..`, so a name stays
+/// inside /proc/sys.
+fn check_sysctl_name(name: &str) -> Result<(), Invalid> {
+    let bad = |why: &str| {
+        Err(inv(
+            format!("`{}` is not a sysctl name: {why}", name.escape_debug()),
+            "write a dotted name like \"net.ipv4.ip_forward\" in quotes",
+        ))
+    };
+    let seg_ok = |seg: &str, dot: bool| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"_-*".contains(&c) || (dot && c == b'.'))
+    };
+    let name = name.strip_prefix('-').unwrap_or(name);
+    if name.contains('/') {
+        if !name.split('/').all(|seg| seg_ok(seg, true)) {
+            return bad("a `/`-separated name needs non-empty segments, none `.` or `..`");
+        }
+    } else if !name.split('.').all(|seg| seg_ok(seg, false)) {
+        return bad("use segments of letters, digits, '_', '-' separated by single dots");
+    }
+    Ok(())
 }
 
 fn inv(message: impl Into<String>, hint: impl Into<String>) -> Invalid {
@@ -365,6 +525,9 @@ fn parse_cidr(s: &str) -> Result<IpNet, Invalid> {
         )
     })
 }
+
+const PORT_RANGE: &str = "1 to 65535";
+const KEEPALIVE_RANGE: &str = "0 (off) to 65535 seconds";
 
 fn parse_port(n: i64) -> Result<u16, Invalid> {
     match u16::try_from(n) {
@@ -463,14 +626,14 @@ fn read_wireguard(w: &mut Tab, d: &mut Diagnostics) -> WireGuard {
         enabled: w.bool(d, "enabled").map(|a| a.v),
         interface: w.parse(d, "interface", parse_iface),
         network: w.parse(d, "network", parse_cidr),
-        listen_port: w.int(d, "listen-port").and_then(|a| port_at(a, d)),
+        listen_port: w.int(d, "listen-port", PORT_RANGE).and_then(|a| port_at(a, d)),
         topology: w.parse(d, "topology", |s| match s {
             "mesh" => Ok(Topology::Mesh),
             "hub" => Ok(Topology::Hub),
             _ => Err(inv(format!("unknown topology `{s}`"), "use \"mesh\" (every node peers with every node) or \"hub\" (every node peers with the hub only)")),
         }),
         hub: w.str(d, "hub"),
-        persistent_keepalive: w.int(d, "persistent-keepalive").and_then(|a| keepalive_at(a, d)),
+        persistent_keepalive: w.int(d, "persistent-keepalive", KEEPALIVE_RANGE).and_then(|a| keepalive_at(a, d)),
         peers: Vec::new(),
     };
     if let Some((peers, _)) = w.array_of_tables(d, "peers") {
@@ -487,7 +650,7 @@ fn read_wireguard(w: &mut Tab, d: &mut Diagnostics) -> WireGuard {
                     .str_list(d, "allowed-ips")
                     .map(|l| parse_each(l, d, parse_cidr)),
                 persistent_keepalive: p
-                    .int(d, "persistent-keepalive")
+                    .int(d, "persistent-keepalive", KEEPALIVE_RANGE)
                     .and_then(|a| keepalive_at(a, d)),
             });
             p.finish(d);
@@ -498,8 +661,8 @@ fn read_wireguard(w: &mut Tab, d: &mut Diagnostics) -> WireGuard {
 
 fn read_firewall(f: &mut Tab, d: &mut Diagnostics) -> Firewall {
     let mut out = Firewall {
-        allow_tcp: f.int_list(d, "allow-tcp").map(|l| ports(l, d)),
-        allow_udp: f.int_list(d, "allow-udp").map(|l| ports(l, d)),
+        allow_tcp: f.int_list(d, "allow-tcp", PORT_RANGE).map(|l| ports(l, d)),
+        allow_udp: f.int_list(d, "allow-udp", PORT_RANGE).map(|l| ports(l, d)),
         accept_interfaces: f
             .str_list(d, "accept-interfaces")
             .map(|l| parse_each(l, d, parse_iface)),
@@ -517,11 +680,11 @@ fn read_firewall(f: &mut Tab, d: &mut Diagnostics) -> Firewall {
                 interface: r.parse(d, "interface", parse_iface),
                 from: r.parse_list(d, "from", parse_cidr),
                 tcp: r
-                    .int_list(d, "tcp")
+                    .int_list(d, "tcp", PORT_RANGE)
                     .map(|l| ports(l, d))
                     .unwrap_or_default(),
                 udp: r
-                    .int_list(d, "udp")
+                    .int_list(d, "udp", PORT_RANGE)
                     .map(|l| ports(l, d))
                     .unwrap_or_default(),
             });
@@ -556,17 +719,8 @@ fn read_first_boot(f: &mut Tab, d: &mut Diagnostics) -> FirstBoot {
         for (name, span) in s.keys() {
             let key = format!("{}.{}", s.path, quote_key(&name));
             let value = s.scalar_string(d, &name);
-            let ok = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || b"._-/*".contains(&c));
-            if !ok {
-                d.error(
-                    span.clone(),
-                    &key,
-                    format!("`{name}` is not a sysctl name"),
-                    "write a dotted name like \"net.ipv4.ip_forward\" in quotes",
-                );
+            if let Err(e) = check_sysctl_name(&name) {
+                d.error(span.clone(), &key, e.message, e.hint);
             } else if let Some(v) = value {
                 if v.v.chars().any(|c| c.is_control()) {
                     d.error(
@@ -602,7 +756,7 @@ fn read_first_boot(f: &mut Tab, d: &mut Diagnostics) -> FirstBoot {
                     ))
                 }
             }),
-            uid: u.int(d, "uid"),
+            uid: u.int(d, "uid", "1000 to 59999 (0 for root)"),
             groups: u.parse_list(d, "groups", |s| {
                 if types::is_unix_name(s) {
                     Ok(s.to_string())
@@ -628,7 +782,7 @@ fn read_first_boot(f: &mut Tab, d: &mut Diagnostics) -> FirstBoot {
         out.write_files.push(WriteFile {
             span,
             key: format!("first-boot.write-files[{i}]"),
-            path: w.str(d, "path"),
+            path: w.parse(d, "path", parse_file_path),
             content: w.str(d, "content"),
             permissions: w.str(d, "permissions"),
             owner: w.str(d, "owner"),
@@ -913,7 +1067,15 @@ impl<'t, 'i> Tab<'t, 'i> {
         }
     }
 
-    fn int_value(&self, d: &mut Diagnostics, key: &str, v: &Spanned<DeValue>) -> Option<At<i64>> {
+    /// An integer; `range` says what the key takes ("1 to 65535"), for a
+    /// literal too big for any integer kiln stores.
+    fn int_value(
+        &self,
+        d: &mut Diagnostics,
+        key: &str,
+        v: &Spanned<DeValue>,
+        range: &str,
+    ) -> Option<At<i64>> {
         if let DeValue::Integer(i) = v.get_ref() {
             let digits = i.as_str().replace('_', "");
             let digits = digits
@@ -927,6 +1089,13 @@ impl<'t, 'i> Tab<'t, 'i> {
                     key: key.to_string(),
                 });
             }
+            d.error(
+                v.span(),
+                key,
+                format!("{} is out of range: `{key}` takes {range}", i.as_str()),
+                format!("write a whole number from {range}"),
+            );
+            return None;
         }
         d.error(
             v.span(),
@@ -937,10 +1106,10 @@ impl<'t, 'i> Tab<'t, 'i> {
         None
     }
 
-    fn int(&mut self, d: &mut Diagnostics, key: &str) -> Option<At<i64>> {
+    fn int(&mut self, d: &mut Diagnostics, key: &str, range: &str) -> Option<At<i64>> {
         let v = self.get(key)?;
         let path = self.child_path(key);
-        self.int_value(d, &path, v)
+        self.int_value(d, &path, v, range)
     }
 
     fn array(
@@ -987,12 +1156,12 @@ impl<'t, 'i> Tab<'t, 'i> {
         Some(out)
     }
 
-    fn int_list(&mut self, d: &mut Diagnostics, key: &str) -> Option<Vec<At<i64>>> {
+    fn int_list(&mut self, d: &mut Diagnostics, key: &str, range: &str) -> Option<Vec<At<i64>>> {
         let items = self.array(d, key)?;
         Some(
             items
                 .into_iter()
-                .filter_map(|(e, path)| self.int_value(d, &path, e))
+                .filter_map(|(e, path)| self.int_value(d, &path, e, range))
                 .collect(),
         )
     }

@@ -140,6 +140,14 @@ impl StateDir {
                 path.display()
             );
         }
+        // The same rule as a token written in the profile. Never print it.
+        if !crate::types::is_valid_token(&t) {
+            bail!(
+                "{} does not hold a usable k3s token (shorter than {} bytes, or containing whitespace or control characters)\n    fix: restore the token from a running server (/var/lib/rancher/k3s/server/token); before the first build, delete the file to let kiln generate one",
+                path.display(),
+                crate::types::MIN_TOKEN_CHARS
+            );
+        }
         Ok(t)
     }
 }
@@ -220,6 +228,25 @@ mod tests {
         assert_eq!(t.len(), 64);
         assert_eq!(t, s.token().unwrap());
         assert_eq!(mode(&dir.join("k3s-token")), 0o600);
+    }
+
+    #[test]
+    fn a_short_or_spaced_token_file_is_refused_like_a_profile_token() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("club.state");
+        let s = StateDir::open(&dir).unwrap();
+        let file = dir.join("k3s-token");
+        for bad in ["§\n", "abcdefgh ijklmnopqrs\n", "abcdefghijklmnop\u{1b}q"] {
+            let _ = fs::remove_file(&file);
+            fs::write(&file, bad).unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+            let err = format!("{:#}", s.token().unwrap_err());
+            assert!(err.contains(&file.display().to_string()), "{err}");
+            assert!(err.contains("fix:"), "{err}");
+            assert!(!err.contains(bad.trim()), "the token is printed: {err}");
+        }
+        fs::write(&file, "0123456789abcdef0123\n").unwrap();
+        assert_eq!(s.token().unwrap(), "0123456789abcdef0123");
     }
 
     #[test]

@@ -96,6 +96,19 @@ impl MacAddr {
             }
             *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
+        if out == [0; 6] {
+            return Err(invalid(
+                format!("`{s}` is the all-zero MAC address, not a NIC's"),
+                "copy the address printed by `ip link` on the machine",
+            ));
+        }
+        if out == [0xff; 6] {
+            return Err(invalid(
+                format!("`{s}` is the broadcast MAC address, not a NIC's"),
+                "copy the address printed by `ip link` on the machine",
+            ));
+        }
+        // The low bit of the first octet marks a group (multicast) address.
         if out[0] & 1 == 1 {
             return Err(invalid(
                 format!("`{s}` is a multicast MAC address, not a NIC's"),
@@ -279,6 +292,15 @@ pub fn check_cmdline_item(s: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// The shortest k3s token kiln accepts, in the profile or the state dir.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// Is `s` usable as a k3s token: long enough, no whitespace or control
+/// characters (it goes on a `token:` line of k3s's config)?
+pub fn is_valid_token(s: &str) -> bool {
+    s.len() >= MIN_TOKEN_CHARS && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
 /// A Unix user or group name as Debian's `adduser` accepts by default.
 pub fn is_unix_name(s: &str) -> bool {
     let b = s.as_bytes();
@@ -320,6 +342,21 @@ mod tests {
         assert!(MacAddr::parse("52:54:00:ab:cd").is_err());
         assert!(MacAddr::parse("01:00:5e:00:00:01").is_err());
         assert!(MacAddr::parse("52:54:00:ab:cd:zz").is_err());
+    }
+
+    #[test]
+    fn all_zero_broadcast_and_multicast_macs_are_refused() {
+        for (mac, why) in [
+            ("00:00:00:00:00:00", "all-zero"),
+            ("ff:ff:ff:ff:ff:ff", "broadcast"),
+            ("FF-FF-FF-FF-FF-FF", "broadcast"),
+            ("33:33:00:00:00:01", "multicast"),
+        ] {
+            let e = MacAddr::parse(mac).unwrap_err();
+            assert!(e.message.contains(why), "{mac}: {e:?}");
+            assert!(e.hint.contains("ip link"), "{mac}: {e:?}");
+        }
+        assert!(MacAddr::parse("02:00:00:00:00:00").is_ok());
     }
 
     #[test]

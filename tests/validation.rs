@@ -503,3 +503,246 @@ fn a_hostname_taken_by_another_nodes_name_is_an_error() {
         "already used by nodes[0].hostname",
     );
 }
+
+// ---- issue #11: hostile input
+
+fn write_file(path: &str) -> String {
+    format!("{GOOD}\n[[first-boot.write-files]]\npath = \"{path}\"\ncontent = \"x\"\n")
+}
+
+#[test]
+fn write_file_paths_must_be_in_normal_form() {
+    let e = one(
+        &write_file("/etc//wireguard/wg0.conf"),
+        23,
+        "first-boot.write-files[0].path",
+        "empty, `.` or `..` component",
+    );
+    assert!(e.hint.contains("/etc/wireguard/wg0.conf"), "{e}");
+    one(
+        &write_file("/etc/./motd"),
+        23,
+        "first-boot.write-files[0].path",
+        "component",
+    );
+    one(
+        &write_file("etc/motd"),
+        23,
+        "first-boot.write-files[0].path",
+        "not absolute",
+    );
+}
+
+#[test]
+fn write_file_paths_with_nul_or_newline_are_refused() {
+    for p in [r"/etc/motd\u0000x", r"/etc/mo\ntd"] {
+        let e = one(
+            &write_file(p),
+            23,
+            "first-boot.write-files[0].path",
+            "control character",
+        );
+        assert!(!e.to_string().contains('\0'), "{e}");
+    }
+}
+
+#[test]
+fn two_write_files_with_one_path_name_both_lines() {
+    let text = write_file("/etc/motd")
+        + "\n[[first-boot.write-files]]\npath = \"/etc/motd\"\ncontent = \"y\"\n";
+    let e = one(
+        &text,
+        27,
+        "first-boot.write-files[1].path",
+        "already written by first-boot.write-files[0].path (line 23)",
+    );
+    assert!(e.hint.contains("line 23"), "{e}");
+}
+
+#[test]
+fn sysctl_names_cannot_leave_proc_sys() {
+    for name in ["../../etc/x", "net..ipv4", "/etc/x", "net/../../x", ".net"] {
+        let text = format!("{GOOD}\n[first-boot.sysctl]\n\"{name}\" = 1\n");
+        one(&text, 23, "first-boot.sysctl", "not a sysctl name");
+    }
+    // Dotted names, globs, and the `/` form sysctl.d allows (VLAN interfaces).
+    let ok = format!(
+        "{GOOD}\n[first-boot.sysctl]\n\"net.ipv4.conf.*.rp_filter\" = 1\n\"net/ipv4/conf/eth0.100/rp_filter\" = 1\n\"-vm.swappiness\" = 1\n"
+    );
+    assert!(errors(&ok).is_empty(), "{:?}", errors(&ok));
+}
+
+#[test]
+fn all_zero_broadcast_and_multicast_macs_are_refused() {
+    for (mac, why) in [
+        ("00:00:00:00:00:00", "all-zero"),
+        ("ff:ff:ff:ff:ff:ff", "broadcast"),
+        ("01:00:5e:00:00:01", "multicast"),
+    ] {
+        one(&with("52:54:00:00:00:02", mac), 19, "nodes[1].mac", why);
+    }
+}
+
+#[test]
+fn an_integer_too_big_for_any_type_says_out_of_range() {
+    let text =
+        format!("{GOOD}\n[[first-boot.users]]\nname = \"club\"\nuid = 99999999999999999999\n");
+    let e = one(
+        &text,
+        24,
+        "first-boot.users[0].uid",
+        "99999999999999999999 is out of range",
+    );
+    assert!(e.message.contains("1000 to 59999"), "{e}");
+    one(
+        &with(
+            "[wireguard]",
+            "[wireguard]\nlisten-port = -99999999999999999999",
+        ),
+        8,
+        "wireguard.listen-port",
+        "takes 1 to 65535",
+    );
+}
+
+#[test]
+fn a_missing_bracket_gives_one_error_on_its_line() {
+    let text = with(
+        "version = \"v1.31.1+k3s1\"",
+        "version = \"v1.31.1+k3s1\"\ndisable = [\"traefik\"",
+    );
+    let e = one(&text, 6, "", "TOML syntax");
+    assert!(e.message.contains("not closed"), "{e}");
+    // A header missing its `]`: one error, no "missing required key".
+    let e = one(
+        &with("[[nodes]]\nname = \"a1\"", "[[nodes]\nname = \"a1\""),
+        16,
+        "",
+        "TOML syntax",
+    );
+    assert!(!e.message.contains("nodes`"), "{e}");
+}
+
+#[test]
+fn a_bad_hub_peer_key_is_the_only_error() {
+    let text = with(
+        "network = \"10.0.0.0/24\"",
+        "network = \"10.0.0.0/24\"\ntopology = \"hub\"\nhub = \"vps\"",
+    ) + "\n[[wireguard.peers]]\nname = \"vps\"\npublic-key = \"AAAAAAAA\"\nendpoint = \"vps.example.org:51830\"\naddress = \"10.0.0.1\"\n";
+    one(
+        &text,
+        26,
+        "wireguard.peers[0].public-key",
+        "not a WireGuard key",
+    );
+}
+
+#[test]
+fn a_misspelt_role_is_the_only_error() {
+    one(
+        &with("role = \"server\"", "role = \"sever\""),
+        12,
+        "nodes[0].role",
+        "unknown role",
+    );
+}
+
+#[test]
+fn control_characters_from_the_profile_are_not_echoed_raw() {
+    let errs = errors(&with(
+        "name = \"a1\"",
+        r#"name = "\u001b]0;owned\u0007\u001b[2J""#,
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let shown = errs[0].to_string();
+    assert!(
+        !shown.chars().any(|c| c.is_control() && c != '\n'),
+        "{shown:?}"
+    );
+    assert!(shown.contains(r"\u{1b}[2J"), "{shown}");
+}
+
+#[test]
+fn ten_thousand_bad_nodes_give_ten_thousand_located_errors() {
+    let mut text = GOOD.to_string();
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "\n[[nodes]]\nname = \"n{i}\"\nrole = \"agent\"\nmac = \"00:00:00:00:00:00\"\nwireguard-address = \"10.0.0.12\"\n"
+        ));
+    }
+    let errs = errors(&text);
+    // Per node: an all-zero MAC and an address already used by a1.
+    assert_eq!(errs.len(), 20_000);
+    let base = GOOD.lines().count() + 1;
+    for (i, pair) in errs.chunks(2).enumerate() {
+        let first = base + 6 * i + 3;
+        assert_eq!(pair[0].line, first + 1, "{}", pair[0]);
+        assert!(pair[0].message.contains("all-zero"), "{}", pair[0]);
+        assert_eq!(pair[1].line, first + 2, "{}", pair[1]);
+    }
+}
+
+/// `plan::load`'s error as shown to the user, run on a thread so a hang
+/// (a FIFO opened for reading) fails the test instead of blocking it.
+fn load_error(path: &Path) -> String {
+    let path = path.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(kiln::plan::load(&path).map(|_| ()));
+    });
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("loading the profile hung");
+    format!("{:#}", r.expect_err("loaded"))
+}
+
+#[test]
+fn a_fifo_as_the_profile_is_refused_without_blocking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("lab.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = load_error(&fifo);
+    assert!(err.contains("is a FIFO, not a regular file"), "{err}");
+    assert!(err.contains("fix:"), "{err}");
+}
+
+#[test]
+fn a_device_as_the_profile_is_refused() {
+    let err = load_error(Path::new("/dev/zero"));
+    assert!(err.contains("is a device, not a regular file"), "{err}");
+}
+
+#[test]
+fn a_profile_over_the_size_limit_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("lab.toml");
+    let big = format!(
+        "{GOOD}#{}\n",
+        "x".repeat(kiln::plan::MAX_PROFILE_BYTES as usize)
+    );
+    std::fs::write(&p, big).unwrap();
+    let err = load_error(&p);
+    assert!(err.contains("larger than 4 MiB"), "{err}");
+    // Exactly at the limit is still read.
+    let at = format!("{GOOD}#");
+    let pad = kiln::plan::MAX_PROFILE_BYTES as usize - at.len();
+    std::fs::write(&p, format!("{at}{}", "x".repeat(pad))).unwrap();
+    kiln::plan::load(&p).unwrap();
+}
+
+#[test]
+fn invalid_utf8_is_reported_at_its_line_and_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("lab.toml");
+    let mut bytes = GOOD
+        .replacen("name = \"a1\"", "name = \"é\u{1}", 1)
+        .into_bytes();
+    let at = bytes.iter().position(|&b| b == 1).unwrap();
+    bytes[at] = 0xff;
+    std::fs::write(&p, bytes).unwrap();
+    let err = load_error(&p);
+    assert!(err.contains("lab.toml:17:10:"), "{err}");
+    assert!(err.contains("0xff"), "{err}");
+    assert!(err.contains("fix:"), "{err}");
+}
