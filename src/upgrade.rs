@@ -497,7 +497,7 @@ fn write_file(
         Err(e) => return Err(e).with_context(|| format!("reading the metadata of {name}")),
     };
     if let Some(meta) = &meta {
-        ensure_writable(path, target, meta, &name)?;
+        ensure_writable(target, meta, &name)?;
     }
     match &meta {
         Some(meta) if meta.nlink() > 1 => write_in_place(target, expected, bytes, &name),
@@ -507,12 +507,7 @@ fn write_file(
 
 /// Refuse a file that is not a regular file, has no owner write bit, or
 /// that this process may not write.
-fn ensure_writable(
-    path: &Path,
-    target: &Path,
-    meta: &fs::Metadata,
-    name: &str,
-) -> anyhow::Result<()> {
+fn ensure_writable(target: &Path, meta: &fs::Metadata, name: &str) -> anyhow::Result<()> {
     if !meta.is_file() {
         bail!("{name} is not a regular file; nothing written");
     }
@@ -531,7 +526,7 @@ fn ensure_writable(
              write access to {}",
             meta.uid(),
             meta.gid(),
-            path.display()
+            target.display()
         )
     })
 }
