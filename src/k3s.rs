@@ -32,9 +32,16 @@ const LOCK_TABLE: &str = "k3s";
 const BUFFER_BYTES: usize = 1 << 20;
 /// The checksum file is a few lines; refuse anything larger.
 const CHECKSUM_FILE_MAX_BYTES: u64 = 1 << 20;
-/// Give up on an unreachable host after this long (no overall limit: the
-/// binary is large and links can be slow).
+/// Give up on an unreachable host after this long.
 const CONNECT_TIMEOUT_SECS: u64 = 30;
+/// Give up on a server that sends nothing for this long, while answering
+/// or in the middle of a body: it has stalled (a slow link still delivers
+/// something every few seconds).
+const STALL_TIMEOUT_SECS: u64 = 60;
+/// Give up on one request after this long in all: the ~70 MB binary at
+/// 20 KB/s. Bounds a server that trickles a byte just often enough never to
+/// stall.
+const REQUEST_TIMEOUT_SECS: u64 = 3600;
 
 /// Where a resolved k3s binary came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +74,7 @@ pub struct Resolver {
     base_url: String,
     lock_path: PathBuf,
     record_lock: bool,
+    stall_timeout: Duration,
 }
 
 impl Resolver {
@@ -79,6 +87,7 @@ impl Resolver {
             base_url: DEFAULT_BASE_URL.to_owned(),
             lock_path: lock_path.into(),
             record_lock: true,
+            stall_timeout: Duration::from_secs(STALL_TIMEOUT_SECS),
         }
     }
 
@@ -96,6 +105,14 @@ impl Resolver {
     #[must_use]
     pub fn with_lock_recording(mut self, record_lock: bool) -> Self {
         self.record_lock = record_lock;
+        self
+    }
+
+    /// Fail a download when the server sends nothing for `stall_timeout`
+    /// (default 60 s): a stalled mirror, or a test that cannot wait a minute.
+    #[must_use]
+    pub fn with_stall_timeout(mut self, stall_timeout: Duration) -> Self {
+        self.stall_timeout = stall_timeout;
         self
     }
 
@@ -214,10 +231,14 @@ impl Resolver {
             )
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_SECS)))
+            .timeout_per_read(Some(self.stall_timeout))
+            .timeout_per_call(Some(Duration::from_secs(REQUEST_TIMEOUT_SECS)))
             .build()
             .new_agent();
+        let failed =
+            |url: &str, e: &(dyn std::error::Error + 'static)| unavailable(url, &self.why(e));
         let get = |url: &str, what: &str| -> Result<ureq::Body> {
-            let response = agent.get(url).call().map_err(|e| unavailable(url, &e))?;
+            let response = agent.get(url).call().map_err(|e| failed(url, &e))?;
             let status = response.status();
             if !status.is_success() {
                 return Err(unavailable(url, &format!("{what}: HTTP {status}")));
@@ -229,7 +250,7 @@ impl Resolver {
             .with_config()
             .limit(CHECKSUM_FILE_MAX_BYTES)
             .read_to_string()
-            .map_err(|e| unavailable(&sums_url, &e))?;
+            .map_err(|e| failed(&sums_url, &e))?;
         let expected = checksum_for(&sums, BINARY_NAME).with_context(|| {
             format!("release checksum file {sums_url} has no valid `<sha256>  {BINARY_NAME}` line")
         })?;
@@ -260,7 +281,7 @@ impl Resolver {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unavailable(&binary_url, &e)),
+                Err(e) => return Err(failed(&binary_url, &e)),
             };
             hasher.update(&buffer[..n]);
             staged
@@ -297,6 +318,39 @@ impl Resolver {
             source: Source::Download,
         })
     }
+}
+
+impl Resolver {
+    /// What went wrong with a request, in words: a timeout says the server
+    /// stalled (or was too slow) and after how long; anything else as is.
+    fn why(&self, e: &(dyn std::error::Error + 'static)) -> String {
+        let stall = self.stall_timeout.as_secs_f64();
+        match timeout_in(e) {
+            Some(ureq::Timeout::PerRead) => format!("the server stalled: no data for {stall} s"),
+            Some(ureq::Timeout::PerCall) => format!(
+                "the server stalled or is too slow: the request took over \
+                 {REQUEST_TIMEOUT_SECS} s"
+            ),
+            Some(ureq::Timeout::Connect) => {
+                format!("no connection within {CONNECT_TIMEOUT_SECS} s ({e})")
+            }
+            Some(_) => format!("timed out ({e})"),
+            None => e.to_string(),
+        }
+    }
+}
+
+/// The ureq timeout behind `e`, if any: the body reader wraps ureq's
+/// errors in an `io::Error`, and ureq wraps I/O errors in its own.
+fn timeout_in(e: &(dyn std::error::Error + 'static)) -> Option<ureq::Timeout> {
+    if let Some(e) = e.downcast_ref::<ureq::Error>() {
+        return match e {
+            ureq::Error::Timeout(timeout) => Some(*timeout),
+            ureq::Error::Io(io) => timeout_in(io),
+            _ => None,
+        };
+    }
+    timeout_in(e.downcast_ref::<io::Error>()?.get_ref()?)
 }
 
 /// The user's own binary: must be a regular file; hashed for the lock.

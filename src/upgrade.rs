@@ -24,8 +24,13 @@
 //! - Every container gets the host's `/` at `/host`, and the pod uses the
 //!   host's network, PID and IPC namespaces (`pkg/upgrade/job/job.go`).
 
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Read as _, Seek as _, SeekFrom, Write as _};
 use std::ops::Range;
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 use toml::de::{DeTable, DeValue};
@@ -353,25 +358,290 @@ pub fn plans(plan: &Plan, server_url: &str) -> String {
     out
 }
 
-/// Replace `path` with `text` atomically (a temporary file beside it,
-/// renamed over it), keeping the old file's permissions.
+// ---------------------------------------------------------------------------
+// Writing the profile back
+
+/// Mode of a file [`replace_file`] creates (one that did not exist): what a
+/// umask of 022 gives, set explicitly so the caller's umask does not matter.
+pub const NEW_FILE_MODE: u32 = 0o644;
+
+/// A profile read for an edit: the file the user named, the file it really
+/// is (symlinks resolved), and the bytes kiln read from it.
+///
+/// [`ProfileEdit::publish`] writes the new text only if the file still
+/// holds what was read, so an edit the user saved in between is kept.
+#[derive(Debug)]
+pub struct ProfileEdit {
+    path: PathBuf,
+    target: PathBuf,
+    text: String,
+}
+
+impl ProfileEdit {
+    /// Read `path` (following symlinks) for an edit.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let target = resolve(path)?;
+        let text = fs::read_to_string(&target)
+            .with_context(|| format!("reading {}", shown(path, &target)))?;
+        Ok(ProfileEdit {
+            path: path.to_path_buf(),
+            target,
+            text,
+        })
+    }
+
+    /// The text as read.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Write `new_text` over the file read, as [`replace_file`] does, unless
+    /// the file no longer holds the text read: then nothing is written.
+    pub fn publish(self, new_text: &str) -> anyhow::Result<()> {
+        write_file(
+            &self.path,
+            &self.target,
+            Some(self.text.as_bytes()),
+            new_text.as_bytes(),
+        )
+    }
+}
+
+/// `kiln upgrade --k3s`: set `[k3s] version` in the profile at `path` to
+/// `new` (see [`set_k3s_version`]) and write it back (see
+/// [`ProfileEdit::publish`]). Returns the old version and the new text.
+pub fn write_k3s_version(path: &Path, new: &str) -> anyhow::Result<(String, String)> {
+    let edit = ProfileEdit::read(path)?;
+    let (old, new_text) = set_k3s_version(path, edit.text(), new)?;
+    edit.publish(&new_text)?;
+    Ok((old, new_text))
+}
+
+/// Write `text` to `path`, the file it names through any symlinks.
+///
+/// An existing file keeps its inode's identity as the user sees it: the
+/// symlink stays a symlink, owner, group and mode are kept, and a file with
+/// hard links is rewritten in place (so every name still shows the same
+/// file); otherwise a temporary file beside it, with the old file's owner,
+/// group and mode, is synced and renamed over it, and the directory synced.
+/// A new file gets [`NEW_FILE_MODE`]. A file its owner may not write, or
+/// this user may not, is refused with nothing written.
 pub fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    use std::io::Write as _;
-    let dir = path
+    let target = resolve(path)?;
+    write_file(path, &target, None, text.as_bytes())
+}
+
+/// The file `path` names, symlinks resolved; `path` itself if it does not
+/// exist yet.
+fn resolve(path: &Path) -> anyhow::Result<PathBuf> {
+    match fs::canonicalize(path) {
+        Ok(target) => Ok(target),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && fs::symlink_metadata(path).is_err() => {
+            Ok(path.to_path_buf())
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "resolving {} (a symlink to a file that does not exist?)\n    \
+                 fix: point it at the profile, or name the profile itself",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// How errors name the file: as the user gave it, and where it leads.
+fn shown(path: &Path, target: &Path) -> String {
+    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        format!("{} (-> {})", path.display(), target.display())
+    } else {
+        path.display().to_string()
+    }
+}
+
+/// `target`'s directory (`.` for a bare file name).
+fn parent_dir(target: &Path) -> &Path {
+    target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(text.as_bytes())?;
-    tmp.as_file().sync_all()?;
-    if let Ok(meta) = std::fs::metadata(path) {
-        std::fs::set_permissions(tmp.path(), meta.permissions())?;
+        .unwrap_or(Path::new("."))
+}
+
+/// `access(2)` for `mode` (`libc::W_OK`, ...): may this process do that?
+fn access(path: &Path, mode: libc::c_int) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: c_path is a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::access(c_path.as_ptr(), mode) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    tmp.persist(path)
-        .with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
+}
+
+/// Write `bytes` to `target` (what `path` names): in place if it has hard
+/// links, else by renaming a synced copy over it. With `expected`, refuse
+/// if the file no longer holds those bytes.
+fn write_file(
+    path: &Path,
+    target: &Path,
+    expected: Option<&[u8]>,
+    bytes: &[u8],
+) -> anyhow::Result<()> {
+    let name = shown(path, target);
+    let meta = match fs::metadata(target) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && expected.is_none() => None,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            bail!("{name} was removed while kiln upgrade ran; nothing written; run it again")
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading the metadata of {name}")),
+    };
+    if let Some(meta) = &meta {
+        ensure_writable(target, meta, &name)?;
+    }
+    match &meta {
+        Some(meta) if meta.nlink() > 1 => write_in_place(target, expected, bytes, &name),
+        _ => write_by_rename(target, meta.as_ref(), expected, bytes, &name),
+    }
+}
+
+/// Refuse a file that is not a regular file, has no owner write bit, or
+/// that this process may not write.
+fn ensure_writable(target: &Path, meta: &fs::Metadata, name: &str) -> anyhow::Result<()> {
+    if !meta.is_file() {
+        bail!("{name} is not a regular file; nothing written");
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o200 == 0 {
+        bail!(
+            "{name} is read-only (mode {mode:04o}); nothing written\n    \
+             fix: if kiln may change it, run `chmod u+w {}` and run kiln again",
+            target.display()
+        );
+    }
+    access(target, libc::W_OK).map_err(|e| {
+        anyhow!(
+            "{name} is not writable by this user ({e}; it belongs to uid {} gid {}, mode \
+             {mode:04o}); nothing written\n    fix: run kiln as its owner, or give yourself \
+             write access to {}",
+            meta.uid(),
+            meta.gid(),
+            target.display()
+        )
+    })
+}
+
+/// The same-change check: the file must still hold what was read.
+fn ensure_unchanged(now: &[u8], expected: Option<&[u8]>, name: &str) -> anyhow::Result<()> {
+    match expected {
+        Some(expected) if now != expected => bail!(
+            "{name} changed while kiln upgrade ran; nothing written; run it again\n    \
+             (your change is kept; kiln edits the file as it finds it)"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Rewrite a file with hard links through its own inode, so all its names
+/// keep showing the same file (a rename would leave the others with the
+/// old text). Not atomic: a crash mid-write can leave it partly written,
+/// which is the price of keeping the links.
+fn write_in_place(
+    target: &Path,
+    expected: Option<&[u8]>,
+    bytes: &[u8],
+    name: &str,
+) -> anyhow::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(target)
+        .with_context(|| format!("opening {name} to rewrite it in place (it has hard links)"))?;
+    let mut now = Vec::new();
+    file.read_to_end(&mut now)
+        .with_context(|| format!("reading {name}"))?;
+    ensure_unchanged(&now, expected, name)?;
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.write_all(bytes))
+        .and_then(|()| file.set_len(bytes.len() as u64))
+        .and_then(|()| file.sync_all())
+        .with_context(|| {
+            format!("rewriting {name} in place (it has hard links); check its contents")
+        })
+}
+
+/// Write a temporary file beside `target` with its owner, group and mode,
+/// sync it, check `target` still holds `expected`, rename it over `target`
+/// and sync the directory.
+fn write_by_rename(
+    target: &Path,
+    meta: Option<&fs::Metadata>,
+    expected: Option<&[u8]>,
+    bytes: &[u8],
+    name: &str,
+) -> anyhow::Result<()> {
+    let dir = parent_dir(target);
+    access(dir, libc::W_OK | libc::X_OK).map_err(|e| {
+        anyhow!(
+            "cannot create a file in {} to replace {name} ({e}); nothing written\n    \
+             fix: make {} writable for this user (kiln writes a new copy beside the file and \
+             renames it over the old one)",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let file_name = target
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(".kiln-tmp")
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "creating a temporary file in {} to replace {name}",
+                dir.display()
+            )
+        })?;
+    let tmp_name = tmp.path().display().to_string();
+    tmp.write_all(bytes)
+        .with_context(|| format!("writing {tmp_name}"))?;
+    let file = tmp.as_file();
+    let mode = match meta {
+        Some(meta) => {
+            // Owner first: chown may clear set-id bits that chmod then restores.
+            let own = file
+                .metadata()
+                .with_context(|| format!("reading the metadata of {tmp_name}"))?;
+            if (own.uid(), own.gid()) != (meta.uid(), meta.gid()) {
+                std::os::unix::fs::fchown(file, Some(meta.uid()), Some(meta.gid())).with_context(
+                    || {
+                        format!(
+                            "giving the new copy of {name} its owner uid {} gid {}; nothing \
+                             written\n    fix: run kiln as the file's owner or as root",
+                            meta.uid(),
+                            meta.gid()
+                        )
+                    },
+                )?;
+            }
+            meta.mode() & 0o7777
+        }
+        None => NEW_FILE_MODE,
+    };
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("finishing {tmp_name}"))?;
+    if expected.is_some() {
+        let now = fs::read(target).with_context(|| format!("reading {name} again"))?;
+        ensure_unchanged(&now, expected, name)?;
+    }
+    tmp.persist(target)
+        .map_err(|e| e.error)
+        .with_context(|| format!("renaming {tmp_name} over {name}"))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {} after replacing {name}", dir.display()))
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! k3s resolution against a fake release served on 127.0.0.1.
 
 use std::fs;
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -104,6 +105,90 @@ impl Drop for FakeRelease {
             server.unblock();
         }
     }
+}
+
+/// Where a [`StallingRelease`] goes silent.
+#[derive(Clone, Copy)]
+enum Stall {
+    /// Accept the request for the checksum file and never answer.
+    BeforeHeaders,
+    /// Serve the checksum file; answer the binary's request with its
+    /// headers and the first KiB of a 1 MB body, then send nothing more.
+    InBody,
+}
+
+/// A release server that stops sending and holds the connection open until
+/// it is dropped (or 30 s pass), so only a client-side timeout ends the wait.
+struct StallingRelease {
+    addr: SocketAddr,
+    _stop: mpsc::Sender<()>,
+}
+
+impl StallingRelease {
+    fn serve(stall: Stall) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = mpsc::channel::<()>();
+        let sums = checksum_file(BINARY);
+        thread::spawn(move || {
+            // At most the checksum file and the binary.
+            for _ in 0..2 {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    return;
+                };
+                let path = request_path(&mut conn);
+                let silent = match stall {
+                    Stall::BeforeHeaders => true,
+                    Stall::InBody if path.ends_with("/sha256sum-amd64.txt") => {
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            sums.len()
+                        );
+                        let _ = conn.write_all(head.as_bytes());
+                        let _ = conn.write_all(&sums);
+                        false
+                    }
+                    Stall::InBody => {
+                        let _ = conn.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\nConnection: close\r\n\r\n",
+                        );
+                        let _ = conn.write_all(&[b'x'; 1024]);
+                        let _ = conn.flush();
+                        true
+                    }
+                };
+                if silent {
+                    // Hold the connection open and silent; the test's end
+                    // drops the sender and ends the wait.
+                    let _ = stopped.recv_timeout(Duration::from_secs(30));
+                    return;
+                }
+            }
+        });
+        StallingRelease { addr, _stop: stop }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}/releases/download", self.addr)
+    }
+}
+
+/// The path of the HTTP request on `conn` (its head read, the rest ignored).
+fn request_path(conn: &mut TcpStream) -> String {
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    head.split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// All entries under `dir`, recursively, relative to it.
@@ -437,4 +522,44 @@ fn a_k3s_bump_pins_the_new_release_and_keeps_the_base() {
     let lock = fs::read_to_string(&s.lock).unwrap();
     assert!(lock.contains(B) && lock.contains(&b.sha256), "{lock}");
     assert!(!lock.contains(VERSION), "the old pin is replaced: {lock}");
+}
+
+/// Resolve against a server that stalls at `stall`, with a 1 s stall
+/// timeout: the error, and how long it took to come.
+fn resolve_stalled(s: &Setup, stall: Stall) -> (String, String, Duration) {
+    let release = StallingRelease::serve(stall);
+    let resolver = Resolver::new(&s.cache, &s.lock)
+        .with_base_url(release.base_url())
+        .with_stall_timeout(Duration::from_secs(1));
+    let started = Instant::now();
+    let err = format!("{:#}", resolver.resolve(VERSION, None).unwrap_err());
+    (err, release.base_url(), started.elapsed())
+}
+
+#[test]
+fn a_download_that_stalls_mid_body_fails_within_seconds_naming_the_url() {
+    let s = setup();
+    let (err, base, took) = resolve_stalled(&s, Stall::InBody);
+    assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+    let url = format!("{base}/v1.31.1%2Bk3s1/k3s");
+    assert!(
+        err.contains(&url) && err.contains("stalled: no data for 1 s"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--k3s-binary PATH") && err.contains("KILN_K3S_BINARY"),
+        "{err}"
+    );
+    assert_eq!(tree(&s.cache), Vec::<String>::new(), "nothing cached");
+    assert!(!s.lock.exists(), "a failed resolve must not write the lock");
+}
+
+#[test]
+fn a_server_that_never_answers_fails_within_seconds_naming_the_url() {
+    let s = setup();
+    let (err, base, took) = resolve_stalled(&s, Stall::BeforeHeaders);
+    assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+    let url = format!("{base}/v1.31.1%2Bk3s1/sha256sum-amd64.txt");
+    assert!(err.contains(&url) && err.contains("stalled"), "{err}");
+    assert!(!s.lock.exists());
 }
