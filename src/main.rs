@@ -139,7 +139,7 @@ enum Command {
     /// path, status, bytes) on stderr. iPXE scripts are rendered with the
     /// address the request came to. A node's seed (its WireGuard key and
     /// the cluster token) is served only to the client that fetched that
-    /// node's per-MAC script, with the token in it, for 15 minutes;
+    /// node's per-MAC script, with the token in it, once, within 15 minutes;
     /// directories are never listed.
     Serve {
         /// The cluster profile (TOML).
@@ -420,10 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             if let Some(v) = k3s {
-                let text = std::fs::read_to_string(&profile)
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", profile.display()))?;
-                let (old, new_text) = kiln::upgrade::set_k3s_version(&profile, &text, &v)?;
-                kiln::upgrade::replace_file(&profile, &new_text)?;
+                let (old, _) = kiln::upgrade::write_k3s_version(&profile, &v)?;
                 eprintln!(
                     "{}: k3s {old} → {v}\nnext: kiln build {} --format pxe --out DIR (rebuilds the root images and writes each node's update bundle), kiln serve {} --out DIR, then kiln-update on the nodes or kiln upgrade {} --plan --server URL",
                     profile.display(),

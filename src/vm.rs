@@ -152,8 +152,7 @@ pub fn detect_accel() -> Accel {
 /// console. True if it came within `deadline`; false if QEMU exited,
 /// reported a KVM internal error, or stayed silent.
 pub fn probe(accel: Accel, deadline: Duration) -> anyhow::Result<bool> {
-    let mut cfg = VmConfig::diskless("accel-probe");
-    cfg.accel = accel;
+    let mut cfg = VmConfig::with_accel("accel-probe", accel);
     cfg.memory_mib = 256;
     cfg.cpus = 1;
     let mut vm = Vm::spawn(&cfg, accel)?;
@@ -216,6 +215,11 @@ impl VmConfig {
 
     /// A machine without a disk (set `netboot` to boot it).
     pub fn diskless(name: &str) -> Self {
+        Self::with_accel(name, detect_accel())
+    }
+
+    /// A diskless machine under `accel` (the probe's: no detection).
+    fn with_accel(name: &str, accel: Accel) -> Self {
         VmConfig {
             name: name.to_string(),
             image: None,
@@ -227,7 +231,7 @@ impl VmConfig {
             forward: Vec::new(),
             lan: None,
             user_net: None,
-            accel: detect_accel(),
+            accel,
         }
     }
 }
