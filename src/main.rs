@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use kiln::commands;
-use kiln::diag::ProfileErrors;
+use kiln::cli::commands;
+use kiln::config::diag::ProfileErrors;
 
 /// Bake immutable, k3os-style boot images for the nodes of a small k3s
 /// cluster, from one TOML profile.
@@ -216,7 +216,7 @@ enum Command {
         force: bool,
         /// Size of a file target, e.g. 32G (K/M/G/T are powers of 1024) [default: the image's size]
         #[arg(long, value_name = "SIZE")]
-        size: Option<kiln::flash::ByteSize>,
+        size: Option<kiln::deliver::flash::ByteSize>,
     },
 }
 
@@ -240,11 +240,12 @@ enum RoleArg {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { profile } => {
-            let plan = kiln::plan::load(&profile)?;
+            let plan = kiln::config::plan::load(&profile)?;
             print!("{}", commands::check(&plan));
         }
         Command::Keys { profile, state_dir } => {
-            let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
+            let (plan, secrets) =
+                kiln::config::secrets::load_with_secrets(&profile, state_dir.as_deref())?;
             print!("{}", commands::keys(&plan, &secrets));
         }
         Command::Build {
@@ -256,18 +257,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             format,
             state_dir,
         } => {
-            let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
+            let (plan, secrets) =
+                kiln::config::secrets::load_with_secrets(&profile, state_dir.as_deref())?;
             let opts = kiln::build::BuildOptions {
                 out,
                 nodes,
                 role: role.map(|r| match r {
-                    RoleArg::Server => kiln::profile::Role::Server,
-                    RoleArg::Agent => kiln::profile::Role::Agent,
+                    RoleArg::Server => kiln::config::profile::Role::Server,
+                    RoleArg::Agent => kiln::config::profile::Role::Agent,
                 }),
                 k3s_binary,
                 qcow2: format.iter().any(|f| matches!(f, Format::Qcow2)),
                 pxe: format.iter().any(|f| matches!(f, Format::Pxe)),
-                cache: kiln::cache::cache_dir(),
+                cache: kiln::inputs::cache::cache_dir(),
                 test_access_key: None,
             };
             let result = kiln::build::build(&plan, &secrets, &opts)?;
@@ -285,7 +287,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             keep,
             state_dir,
         } => {
-            let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
+            let (plan, secrets) =
+                kiln::config::secrets::load_with_secrets(&profile, state_dir.as_deref())?;
             let mut keys = Vec::new();
             for u in user_keys {
                 let (user, path) = u
@@ -293,29 +296,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .ok_or_else(|| anyhow::anyhow!("--user-key {u}: write USER=PATH"))?;
                 keys.push((user.to_string(), PathBuf::from(path)));
             }
-            let opts = kiln::nodetest::TestOptions {
+            let opts = kiln::cli::test::TestOptions {
                 node,
                 image,
                 ssh_key,
                 k3s_binary,
                 user_keys: keys,
-                cache: kiln::cache::cache_dir(),
+                cache: kiln::inputs::cache::cache_dir(),
                 keep,
             };
-            let report = kiln::nodetest::test_node(&plan, &secrets, &opts)?;
+            let report = kiln::cli::test::test_node(&plan, &secrets, &opts)?;
             print!("{}", report.table());
             if !report.passed() {
                 anyhow::bail!("{}: some checks failed", report.node);
             }
         }
-        Command::Run { image } => kiln::nodetest::run_interactive(&image)?,
+        Command::Run { image } => kiln::cli::test::run_interactive(&image)?,
         Command::Render {
             profile,
             node,
             out,
             state_dir,
         } => {
-            let (plan, secrets) = commands::load_with_secrets(&profile, state_dir.as_deref())?;
+            let (plan, secrets) =
+                kiln::config::secrets::load_with_secrets(&profile, state_dir.as_deref())?;
             let files = commands::render_node(&plan, &node, &secrets)?;
             files.tree.write_to(&out)?;
             println!("{}", out.display());
@@ -333,10 +337,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tftp,
             state_dir,
         } => {
-            let plan = kiln::plan::load(&profile)?;
-            let dir = commands::state_dir(&profile, state_dir.as_deref());
+            let plan = kiln::config::plan::load(&profile)?;
+            let dir = kiln::config::secrets::state_dir(&profile, state_dir.as_deref());
             let update_keys = if dir.is_dir() {
-                commands::load_with_secrets(&profile, Some(&dir))?
+                kiln::config::secrets::load_with_secrets(&profile, Some(&dir))?
                     .1
                     .update_keys(&plan.cluster)
             } else {
@@ -346,7 +350,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 Default::default()
             };
-            let url = url.or_else(|| kiln::serve::default_url(listen));
+            let url = url.or_else(|| kiln::deliver::serve::default_url(listen));
             if let Some(u) = &url
                 && !u.starts_with("http://")
             {
@@ -354,7 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "--url {u}: write http://ADDRESS:PORT (iPXE and the initramfs fetch over plain HTTP)"
                 );
             }
-            let opts = kiln::serve::ServeOptions {
+            let opts = kiln::deliver::serve::ServeOptions {
                 out,
                 listen,
                 url: url.clone(),
@@ -363,7 +367,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let tftp_root = match (&tftp, &url) {
                 (Some(dir), Some(u)) => {
-                    for n in kiln::serve::write_tftp(dir, u)? {
+                    for n in kiln::deliver::serve::write_tftp(dir, u)? {
                         eprintln!("kiln serve: {n}");
                     }
                     dir.display().to_string()
@@ -379,7 +383,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
                 .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))?;
             // Bound last: once it answers, the TFTP material is in place.
-            let server = kiln::serve::Server::bind(&plan, &opts)?;
+            let server = kiln::deliver::serve::Server::bind(&plan, &opts)?;
             let shown = url
                 .clone()
                 .unwrap_or_else(|| "http://<this machine's address>:PORT".into());
@@ -390,17 +394,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     ""
                 },
-                kiln::pxe::dnsmasq_snippet(
+                kiln::render::pxe::dnsmasq_snippet(
                     &url.as_deref()
                         .map_or("<your LAN's network address>".to_string(), |u| {
-                            kiln::serve::proxy_range(&plan, u)
+                            kiln::deliver::serve::proxy_range(&plan, u)
                         }),
                     &tftp_root
                 )
             );
             eprintln!(
                 "kiln serve: {} on http://{} (netboot nodes: {}); Ctrl-C stops",
-                opts.out.join(kiln::pxe::DIR).display(),
+                opts.out.join(kiln::render::pxe::DIR).display(),
                 server.addr(),
                 server.nodes().join(", ")
             );
@@ -420,7 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             if let Some(v) = k3s {
-                let (old, _) = kiln::upgrade::write_k3s_version(&profile, &v)?;
+                let (old, _) = kiln::deliver::upgrade::write_k3s_version(&profile, &v)?;
                 eprintln!(
                     "{}: k3s {old} → {v}\nnext: kiln build {} --format pxe --out DIR (rebuilds the root images and writes each node's update bundle), kiln serve {} --out DIR, then kiln-update on the nodes or kiln upgrade {} --plan --server URL",
                     profile.display(),
@@ -430,7 +434,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             if want_plan {
-                let plan = kiln::plan::load(&profile)?;
+                let plan = kiln::config::plan::load(&profile)?;
                 let server = server.ok_or_else(|| {
                     anyhow::anyhow!("--plan needs --server URL: the address of kiln serve as the nodes reach it, e.g. http://192.168.1.10:8080")
                 })?;
@@ -439,12 +443,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "--server {server}: write http://ADDRESS:PORT (kiln-update fetches over plain HTTP and checks every digest)"
                     );
                 }
-                let text = kiln::upgrade::plans(&plan, &server);
+                let text = kiln::deliver::upgrade::plans(&plan, &server);
                 match out {
                     Some(dir) => {
                         std::fs::create_dir_all(&dir)?;
                         let p = dir.join("kiln-upgrade-plans.yaml");
-                        kiln::upgrade::replace_file(&p, &text)?;
+                        kiln::deliver::upgrade::replace_file(&p, &text)?;
                         println!("{}", p.display());
                     }
                     None => print!("{text}"),
@@ -458,14 +462,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             size,
         } => {
-            let opts = kiln::flash::FlashOptions {
+            let opts = kiln::deliver::flash::FlashOptions {
                 image,
                 target: device,
                 yes,
                 force,
                 size_bytes: size.map(|s| s.0),
             };
-            let report = kiln::flash::flash(&opts, &kiln::flash::SysFacts::default())?;
+            let report =
+                kiln::deliver::flash::flash(&opts, &kiln::deliver::flash::SysFacts::default())?;
             println!("{}", report.target.display());
         }
     }
@@ -480,7 +485,7 @@ const INTERRUPTED: i32 = 130;
 /// answering and returns.)
 fn install_abandon_handler() {
     let _ = ctrlc::set_handler(|| {
-        for msg in kiln::staging::abandon_all() {
+        for msg in kiln::build::staging::abandon_all() {
             eprintln!("\nkiln: {msg}");
         }
         std::process::exit(INTERRUPTED);

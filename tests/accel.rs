@@ -10,11 +10,11 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::time::{Duration, Instant};
 
-use kiln::vm::{Accel, Vm, VmConfig, probe};
+use kiln::verify::vm::{Accel, Vm, VmConfig, probe};
 
 #[test]
 fn a_kvm_that_cannot_run_the_firmware_falls_back_to_tcg() {
-    let real = kiln::vm::QEMU
+    let real = kiln::verify::vm::QEMU
         .find()
         .expect("qemu-system-x86_64 (make setup)");
     let dir = tempfile::tempdir().unwrap();

@@ -10,9 +10,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln::base::{self, BaseSpec};
-use kiln::plan::Plan;
-use kiln::profile::KernelFlavour;
+use kiln::config::plan::Plan;
+use kiln::config::profile::KernelFlavour;
+use kiln::inputs::base::{self, BaseSpec};
 
 /// Fixed build time, so rebuilds are reproducible (2026-11-25).
 const SOURCE_DATE_EPOCH: u64 = 1_795_564_800;
@@ -33,7 +33,7 @@ role = "server"
 mac = "52:54:00:00:00:01"
 "#
     );
-    kiln::plan::plan_profile(Path::new("lab.toml"), &text).unwrap_or_else(|e| panic!("{e}"))
+    kiln::config::plan::plan_profile(Path::new("lab.toml"), &text).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn spec(kernel: &str) -> BaseSpec {
@@ -488,7 +488,7 @@ fn a_failed_build_leaves_nothing_that_looks_cached() {
 #[test]
 #[ignore = "builds the generic base too (a few minutes); run by hand to warm the cache"]
 fn build_default_bases_into_the_cache() {
-    let cache = kiln::cache::cache_dir();
+    let cache = kiln::inputs::cache::cache_dir();
     for kernel in ["cloud", "generic"] {
         let s = spec(kernel);
         let started = Instant::now();

@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln::flash::{
+use kiln::deliver::flash::{
     DeviceFacts, FakeFacts, FlashOptions, Holder, Mount, Refusal, SysFacts, TargetFacts, flash,
 };
 use kiln::image::gpt::{self, PartitionPlan};
@@ -96,7 +96,7 @@ fn run(program: &str, args: &[&str]) -> String {
 }
 
 /// The refusal `flash` returned, or a panic saying what it did instead.
-fn refusal(result: anyhow::Result<kiln::flash::FlashReport>) -> Refusal {
+fn refusal(result: anyhow::Result<kiln::deliver::flash::FlashReport>) -> Refusal {
     match result {
         Ok(r) => panic!("flash wrote {} instead of refusing", r.target.display()),
         Err(e) => e

@@ -307,9 +307,9 @@ fn build_shared() -> Shared {
         );
     }
 
-    let plan = kiln::plan::load(&profile).unwrap();
-    let spec = kiln::base::base_spec(&plan).expect("vm.toml builds a Debian base");
-    let base = kiln::base::cached_path(&spec, &kiln::cache::cache_dir());
+    let plan = kiln::config::plan::load(&profile).unwrap();
+    let spec = kiln::inputs::base::base_spec(&plan).expect("vm.toml builds a Debian base");
+    let base = kiln::inputs::base::cached_path(&spec, &kiln::inputs::cache::cache_dir());
     assert!(
         base.is_file(),
         "the build used {}, which is gone",
@@ -1107,11 +1107,11 @@ fn ancestors(path: &str) -> impl Iterator<Item = String> + '_ {
 /// `None` for files whose size the test cannot know in advance.
 fn kiln_root_files() -> BTreeMap<String, Option<Listed>> {
     let mut m = BTreeMap::new();
-    for (path, e) in kiln::rootfs::image_files("").iter() {
+    for (path, e) in kiln::image::rootfs::image_files("").iter() {
         let listed = match e {
             // Its text names versions and digests: checked by content below.
-            kiln::tree::Entry::File { .. } if path == "/usr/lib/kiln/image" => None,
-            kiln::tree::Entry::File {
+            kiln::render::tree::Entry::File { .. } if path == "/usr/lib/kiln/image" => None,
+            kiln::render::tree::Entry::File {
                 content,
                 mode,
                 uid,
@@ -1124,7 +1124,7 @@ fn kiln_root_files() -> BTreeMap<String, Option<Listed>> {
                 dev: None,
                 link: None,
             }),
-            kiln::tree::Entry::Symlink { target } => Some(Listed {
+            kiln::render::tree::Entry::Symlink { target } => Some(Listed {
                 perms: "lrwxrwxrwx".into(),
                 uid: 0,
                 gid: 0,
@@ -1132,7 +1132,7 @@ fn kiln_root_files() -> BTreeMap<String, Option<Listed>> {
                 dev: None,
                 link: Some(target.clone()),
             }),
-            kiln::tree::Entry::Dir { mode } => Some(Listed {
+            kiln::render::tree::Entry::Dir { mode } => Some(Listed {
                 perms: perm_string('d', *mode),
                 uid: 0,
                 gid: 0,
@@ -1145,7 +1145,7 @@ fn kiln_root_files() -> BTreeMap<String, Option<Listed>> {
     }
     let k3s_size = fs::metadata(&shared().k3s).unwrap().len();
     m.insert(
-        kiln::rootfs::K3S_PATH.to_string(),
+        kiln::image::rootfs::K3S_PATH.to_string(),
         Some(Listed {
             perms: "-rwxr-xr-x".into(),
             uid: 0,
@@ -1346,7 +1346,7 @@ fn root_a_keeps_hard_links_clamps_mtimes_and_carries_k3s_and_kiln_files() {
     let (entries, contents) = sqfs_tar(
         &root.path,
         &[
-            kiln::rootfs::K3S_PATH,
+            kiln::image::rootfs::K3S_PATH,
             "usr/lib/kiln/image",
             "usr/lib/tmpfiles.d/kiln-factory.conf",
         ],
@@ -1399,11 +1399,11 @@ fn root_a_keeps_hard_links_clamps_mtimes_and_carries_k3s_and_kiln_files() {
 
     // The k3s binary is the one given, executable, at /usr/local/bin/k3s.
     assert_eq!(
-        sha256(&contents[kiln::rootfs::K3S_PATH]),
+        sha256(&contents[kiln::image::rootfs::K3S_PATH]),
         sha256_file(&s.k3s),
         "usr/local/bin/k3s is not the --k3s-binary"
     );
-    assert!(entries[kiln::rootfs::K3S_PATH].kind.is_file());
+    assert!(entries[kiln::image::rootfs::K3S_PATH].kind.is_file());
 
     // The image's version file names what went in.
     let version = text(&contents["usr/lib/kiln/image"]);
@@ -1530,15 +1530,15 @@ fn user_xattrs_survive_the_root_stream_and_acls_are_dropped() {
     let k3s = dir.path().join("k3s");
     fs::write(&k3s, b"#!/bin/sh\necho k3s\n").unwrap();
     let out = dir.path().join("root.sqfs");
-    let inputs = kiln::rootfs::RootInputs {
+    let inputs = kiln::image::rootfs::RootInputs {
         base: &tarball,
         overlays: vec![],
         k3s: &k3s,
-        image_files: kiln::tree::FileTree::new(),
+        image_files: kiln::render::tree::FileTree::new(),
         mtime: EPOCH,
         level: 3,
     };
-    kiln::rootfs::build_root(&inputs, &out).unwrap_or_else(|e| panic!("{e:#}"));
+    kiln::image::rootfs::build_root(&inputs, &out).unwrap_or_else(|e| panic!("{e:#}"));
 
     let stats = run(tool("unsquashfs").arg("-s").arg(&out));
     assert!(!stats.contains("Xattrs are not stored"), "{stats}");
@@ -1586,17 +1586,17 @@ fn a_truncated_base_fails_naming_the_base_not_tar2sqfs() {
     .unwrap();
     let k3s = dir.path().join("k3s");
     fs::write(&k3s, b"#!/bin/sh\n").unwrap();
-    let inputs = kiln::rootfs::RootInputs {
+    let inputs = kiln::image::rootfs::RootInputs {
         base: &truncated,
         overlays: vec![],
         k3s: &k3s,
-        image_files: kiln::tree::FileTree::new(),
+        image_files: kiln::render::tree::FileTree::new(),
         mtime: EPOCH,
         level: 3,
     };
     let err = format!(
         "{:#}",
-        kiln::rootfs::build_root(&inputs, &dir.path().join("root.sqfs")).unwrap_err()
+        kiln::image::rootfs::build_root(&inputs, &dir.path().join("root.sqfs")).unwrap_err()
     );
     assert!(err.contains("reading the base tarball"), "{err}");
 }
@@ -1671,7 +1671,7 @@ fn initramfs_has_busybox_init_console_and_the_modules_it_lists() {
     );
     assert_eq!(
         fs::read_to_string(dir.path().join("init")).unwrap(),
-        kiln::initramfs::INIT_SCRIPT
+        kiln::image::initramfs::INIT_SCRIPT
     );
     assert!(
         fs::read(dir.path().join("bin/busybox")).unwrap() == b.busybox,
@@ -1761,7 +1761,7 @@ fn initramfs_has_busybox_init_console_and_the_modules_it_lists() {
 #[test]
 fn seed_holds_exactly_the_rendered_node_files_with_modes() {
     let s = shared();
-    let (plan, secrets) = kiln::commands::load_with_secrets(&s.profile, None).unwrap();
+    let (plan, secrets) = kiln::config::secrets::load_with_secrets(&s.profile, None).unwrap();
     for node in NODES {
         let esp = esp_of(node);
         let seed = esp_file(&esp.path, "kiln/a/seed.img");
@@ -1770,7 +1770,7 @@ fn seed_holds_exactly_the_rendered_node_files_with_modes() {
         let dir = tempfile::tempdir().unwrap();
         cpio_extract(&seed, dir.path(), &[]);
 
-        let rendered = kiln::commands::render_node(&plan, node, &secrets).unwrap();
+        let rendered = kiln::cli::commands::render_node(&plan, node, &secrets).unwrap();
         let mut expected: BTreeSet<String> = BTreeSet::from(["seed".to_string()]);
         for (path, e) in rendered.tree.iter() {
             let inside = format!("seed{path}");
@@ -1780,7 +1780,7 @@ fn seed_holds_exactly_the_rendered_node_files_with_modes() {
                 .get(&inside)
                 .unwrap_or_else(|| panic!("{node}: {inside} is missing from the seed"));
             match e {
-                kiln::tree::Entry::File {
+                kiln::render::tree::Entry::File {
                     content,
                     mode,
                     uid,
@@ -1796,10 +1796,10 @@ fn seed_holds_exactly_the_rendered_node_files_with_modes() {
                         "{node}: {inside} differs from kiln render"
                     );
                 }
-                kiln::tree::Entry::Symlink { target } => {
+                kiln::render::tree::Entry::Symlink { target } => {
                     assert_eq!(got.link.as_ref(), Some(target), "{node}: {inside}")
                 }
-                kiln::tree::Entry::Dir { mode } => {
+                kiln::render::tree::Entry::Dir { mode } => {
                     assert_eq!(got.perms, perm_string('d', *mode), "{node}: {inside}")
                 }
             }
@@ -2298,7 +2298,7 @@ fn without_k3s_binary_or_network_the_build_fails_naming_both_ways_and_writes_no_
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     fs::create_dir(&cache).unwrap();
-    let real_base = kiln::cache::cache_dir().join("base");
+    let real_base = kiln::inputs::cache::cache_dir().join("base");
     std::os::unix::fs::symlink(&real_base, cache.join("base")).unwrap();
     let out = dir.path().join("out");
     let mut c = kiln();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kiln::k3s::{Resolver, Source};
+use kiln::inputs::k3s::{Resolver, Source};
 use sha2::{Digest, Sha256};
 use tiny_http::{Response, Server};
 
@@ -500,13 +500,13 @@ fn a_k3s_bump_pins_the_new_release_and_keeps_the_base() {
 
     let profile = std::path::Path::new("lab.toml");
     let text_a = "# the lab\n[cluster]\nname = \"lab\"\n\n[k3s]\nversion = \"v1.31.1+k3s1\" # pinned\n\n[[nodes]]\nname = \"s1\"\nrole = \"server\"\n";
-    let (old, text_b) = kiln::upgrade::set_k3s_version(profile, text_a, B).unwrap();
+    let (old, text_b) = kiln::deliver::upgrade::set_k3s_version(profile, text_a, B).unwrap();
     assert_eq!(old, VERSION);
     assert_eq!(text_b, text_a.replace(VERSION, B));
-    let plan_a = kiln::plan::plan_profile(profile, text_a).unwrap();
-    let plan_b = kiln::plan::plan_profile(profile, &text_b).unwrap();
-    let spec = |p: &kiln::plan::Plan| {
-        kiln::base::spec_digest(&kiln::base::base_spec(p).expect("a Debian base"))
+    let plan_a = kiln::config::plan::plan_profile(profile, text_a).unwrap();
+    let plan_b = kiln::config::plan::plan_profile(profile, &text_b).unwrap();
+    let spec = |p: &kiln::config::plan::Plan| {
+        kiln::inputs::base::spec_digest(&kiln::inputs::base::base_spec(p).expect("a Debian base"))
     };
     assert_eq!(
         spec(&plan_a),

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kiln::plan::Plan;
-use kiln::serve::{Limits, ServeOptions, Server};
+use kiln::config::plan::Plan;
+use kiln::deliver::serve::{Limits, ServeOptions, Server};
 
 const PROFILE: &str = "[cluster]\nname = \"lab\"\n[k3s]\nversion = \"v1.31.1+k3s1\"\n\
 [[nodes]]\nname = \"n1\"\nrole = \"server\"\nmac = \"52:54:00:aa:00:01\"\nlan-address = \"192.168.1.11\"\n\
@@ -24,25 +24,25 @@ const PROFILE: &str = "[cluster]\nname = \"lab\"\n[k3s]\nversion = \"v1.31.1+k3s
 fn tree(dir: &Path) -> (Plan, PathBuf) {
     let profile = dir.join("lab.toml");
     std::fs::write(&profile, PROFILE).unwrap();
-    let plan = kiln::plan::plan_profile(&profile, PROFILE).unwrap();
+    let plan = kiln::config::plan::plan_profile(&profile, PROFILE).unwrap();
     let out = dir.join("out");
     let pxe = out.join("pxe");
     for d in ["mac", "seed"] {
         std::fs::create_dir_all(pxe.join(d)).unwrap();
     }
-    std::fs::write(pxe.join("boot.ipxe"), kiln::pxe::boot_script(&plan)).unwrap();
+    std::fs::write(pxe.join("boot.ipxe"), kiln::render::pxe::boot_script(&plan)).unwrap();
     let root: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::write(pxe.join("root-server.sqfs"), &root).unwrap();
     std::fs::write(pxe.join("vmlinuz"), b"kernel").unwrap();
     std::fs::write(pxe.join("initrd.img"), b"initrd").unwrap();
     for n in plan.nodes.iter().filter(|n| n.mac.is_some()) {
         std::fs::write(
-            pxe.join(kiln::pxe::mac_script_path(n.mac.as_ref().unwrap())),
-            kiln::pxe::node_script(&plan, n, "root-server.sqfs", &"0".repeat(64)),
+            pxe.join(kiln::render::pxe::mac_script_path(n.mac.as_ref().unwrap())),
+            kiln::render::pxe::node_script(&plan, n, "root-server.sqfs", &"0".repeat(64)),
         )
         .unwrap();
         std::fs::write(
-            pxe.join(kiln::pxe::seed_path(&n.name)),
+            pxe.join(kiln::render::pxe::seed_path(&n.name)),
             format!("seed of {}", n.name),
         )
         .unwrap();
@@ -312,7 +312,7 @@ fn kiln_serve_prints_dnsmasq_config_writes_tftp_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let (_, out) = tree(dir.path());
     let tftp = dir.path().join("tftp");
-    let port = kiln::vm::free_port().unwrap();
+    let port = kiln::verify::vm::free_port().unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("serve")
         .arg(dir.path().join("lab.toml"))
@@ -332,7 +332,7 @@ fn kiln_serve_prints_dnsmasq_config_writes_tftp_and_stops_on_ctrl_c() {
         assert!(start.elapsed().as_secs() < 20, "kiln serve did not start");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let script = std::fs::read_to_string(tftp.join(kiln::pxe::TFTP_SCRIPT)).unwrap();
+    let script = std::fs::read_to_string(tftp.join(kiln::render::pxe::TFTP_SCRIPT)).unwrap();
     assert!(
         script.contains("set kiln-server http://192.168.1.10:8080"),
         "{script}"

@@ -9,8 +9,8 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use kiln::secrets::PrivateKey;
-use kiln::tree::Entry;
+use kiln::config::secrets::PrivateKey;
+use kiln::render::tree::Entry;
 
 #[track_caller]
 fn need(cmd: &str, package: &str) {
@@ -20,13 +20,13 @@ fn need(cmd: &str, package: &str) {
     );
 }
 
-fn rendered() -> Vec<(String, kiln::plan::Plan, kiln::render::NodeFiles)> {
+fn rendered() -> Vec<(String, kiln::config::plan::Plan, kiln::render::NodeFiles)> {
     let mut out = Vec::new();
     for rel in common::EXAMPLES {
         let plan = common::load_example(rel);
         let secrets = common::fixed_secrets(&plan);
         for n in &plan.nodes {
-            let files = kiln::commands::render_node(&plan, &n.name, &secrets).unwrap();
+            let files = kiln::cli::commands::render_node(&plan, &n.name, &secrets).unwrap();
             out.push((format!("{rel}:{}", n.name), plan.clone(), files));
         }
     }
@@ -147,8 +147,8 @@ fn wg_configs_parse_with_wg_tools() {
         let peers = stripped.matches("[Peer]").count();
         let wg = plan.wireguard.as_ref().unwrap();
         let expected = match wg.topology {
-            kiln::profile::Topology::Mesh => plan.nodes.len() - 1 + wg.peers.len(),
-            kiln::profile::Topology::Hub => 1,
+            kiln::config::profile::Topology::Mesh => plan.nodes.len() - 1 + wg.peers.len(),
+            kiln::config::profile::Topology::Hub => 1,
         };
         assert_eq!(peers, expected, "{name}");
     }
@@ -310,10 +310,18 @@ fn rendered_yaml_parses_with_the_expected_values() {
 fn kiln_scripts_parse_with_their_shells() {
     need("busybox", "busybox-static");
     let scripts = [
-        ("busybox", vec!["sh", "-n"], kiln::initramfs::INIT_SCRIPT),
-        ("busybox", vec!["sh", "-n"], kiln::initramfs::UDHCPC_SCRIPT),
-        ("bash", vec!["-n"], kiln::rootfs::UPDATE_SCRIPT),
-        ("bash", vec!["-n"], kiln::rootfs::BOOT_CHECK_SCRIPT),
+        (
+            "busybox",
+            vec!["sh", "-n"],
+            kiln::image::initramfs::INIT_SCRIPT,
+        ),
+        (
+            "busybox",
+            vec!["sh", "-n"],
+            kiln::image::initramfs::UDHCPC_SCRIPT,
+        ),
+        ("bash", vec!["-n"], kiln::image::rootfs::UPDATE_SCRIPT),
+        ("bash", vec!["-n"], kiln::image::rootfs::BOOT_CHECK_SCRIPT),
     ];
     let dir = tempfile::tempdir().unwrap();
     for (i, (shell, args, text)) in scripts.iter().enumerate() {

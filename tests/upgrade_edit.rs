@@ -7,7 +7,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use kiln::upgrade::{ProfileEdit, replace_file, set_k3s_version, write_k3s_version};
+use kiln::deliver::upgrade::{ProfileEdit, replace_file, set_k3s_version, write_k3s_version};
 
 const OLD: &str = "v1.31.1+k3s1";
 const NEW: &str = "v1.31.2+k3s1";

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use kiln::diag::Diagnostic;
+use kiln::config::diag::Diagnostic;
 
 /// A small valid profile; tests replace parts of it.
 const GOOD: &str = r#"[cluster]
@@ -29,7 +29,7 @@ wireguard-address = "10.0.0.12"
 "#;
 
 fn errors(text: &str) -> Vec<Diagnostic> {
-    match kiln::plan::plan_profile(Path::new("lab.toml"), text) {
+    match kiln::config::plan::plan_profile(Path::new("lab.toml"), text) {
         Ok(_) => Vec::new(),
         Err(e) => e.0,
     }
@@ -482,8 +482,8 @@ fn joiners_join_the_cluster_init_server() {
     // Three servers, cluster-init on the last: the others join it, not the first.
     let text = with("role = \"agent\"", "role = \"server\"")
         + "\n[[nodes]]\nname = \"s3\"\nrole = \"server\"\ncluster-init = true\nmac = \"52:54:00:00:00:03\"\nwireguard-address = \"10.0.0.13\"\n";
-    let plan =
-        kiln::plan::plan_profile(Path::new("lab.toml"), &text).unwrap_or_else(|e| panic!("{e}"));
+    let plan = kiln::config::plan::plan_profile(Path::new("lab.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"));
     for n in ["s1", "a1"] {
         assert_eq!(
             plan.join_url(plan.node(n).unwrap()).as_deref(),
@@ -688,7 +688,7 @@ fn load_error(path: &Path) -> String {
     let path = path.to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(kiln::plan::load(&path).map(|_| ()));
+        let _ = tx.send(kiln::config::plan::load(&path).map(|_| ()));
     });
     let r = rx
         .recv_timeout(std::time::Duration::from_secs(20))
@@ -719,16 +719,16 @@ fn a_profile_over_the_size_limit_is_refused() {
     let p = tmp.path().join("lab.toml");
     let big = format!(
         "{GOOD}#{}\n",
-        "x".repeat(kiln::plan::MAX_PROFILE_BYTES as usize)
+        "x".repeat(kiln::config::plan::MAX_PROFILE_BYTES as usize)
     );
     std::fs::write(&p, big).unwrap();
     let err = load_error(&p);
     assert!(err.contains("larger than 4 MiB"), "{err}");
     // Exactly at the limit is still read.
     let at = format!("{GOOD}#");
-    let pad = kiln::plan::MAX_PROFILE_BYTES as usize - at.len();
+    let pad = kiln::config::plan::MAX_PROFILE_BYTES as usize - at.len();
     std::fs::write(&p, format!("{at}{}", "x".repeat(pad))).unwrap();
-    kiln::plan::load(&p).unwrap();
+    kiln::config::plan::load(&p).unwrap();
 }
 
 #[test]

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use kiln::build::BuildOptions;
-use kiln::commands::ClusterSecrets;
-use kiln::plan::Plan;
-use kiln::verify::{self, BootOptions, ClusterNode, Expect, Report};
+use kiln::config::plan::Plan;
+use kiln::config::secrets::ClusterSecrets;
+use kiln::verify::checks::{self as verify, BootOptions, ClusterNode, Expect, Report};
 
 static VM_LOCK: Mutex<()> = Mutex::new(());
 
@@ -69,7 +69,7 @@ fn build_double(version: &str, target: &str) -> PathBuf {
 }
 
 fn real_k3s() -> bool {
-    !kiln::nodetest::is_double(Some(k3s_binary()))
+    !kiln::inputs::k3s::is_double(Some(k3s_binary()))
 }
 
 /// A test profile with the run's root key and the multi-node management
@@ -91,8 +91,8 @@ fn fixture_from(text: &str, name: &str) -> Fixture {
     let text = format!("{text}ssh-authorized-keys = [\"{public_key}\"]\n{mgmt}");
     let path = dir.path().join(name);
     std::fs::write(&path, &text).unwrap();
-    let plan = kiln::plan::plan_profile(&path, &text).unwrap_or_else(|e| panic!("{e}"));
-    let state = kiln::secrets::StateDir::open(&dir.path().join("state")).unwrap();
+    let plan = kiln::config::plan::plan_profile(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let state = kiln::config::secrets::StateDir::open(&dir.path().join("state")).unwrap();
     let secrets = ClusterSecrets::load(&plan, &state).unwrap();
     Fixture {
         dir,
@@ -116,7 +116,7 @@ fn build(f: &Fixture, out: &Path, nodes: &[&str]) {
         out: out.to_path_buf(),
         nodes: nodes.iter().map(|s| s.to_string()).collect(),
         k3s_binary: Some(k3s_binary().clone()),
-        cache: kiln::cache::cache_dir(),
+        cache: kiln::inputs::cache::cache_dir(),
         test_access_key: None,
         // The netboot tests serve OUT/pxe.
         pxe: true,
@@ -149,7 +149,7 @@ fn expect_for<'a>(f: &'a Fixture, node: &str, files: &'a kiln::render::NodeFiles
 }
 
 fn files_for(f: &Fixture, node: &str) -> kiln::render::NodeFiles {
-    kiln::commands::render_node(&f.plan, node, &f.secrets).unwrap()
+    kiln::cli::commands::render_node(&f.plan, node, &f.secrets).unwrap()
 }
 
 fn show(r: &Report) {
@@ -176,10 +176,16 @@ fn assert_all_pass(r: &Report) {
 fn the_accelerator_probe_works() {
     // TCG always runs the probe guest, so a `false` for KVM means KVM
     // failed, not that the probe is broken.
-    assert!(kiln::vm::probe(kiln::vm::Accel::Tcg, std::time::Duration::from_secs(30)).unwrap());
+    assert!(
+        kiln::verify::vm::probe(
+            kiln::verify::vm::Accel::Tcg,
+            std::time::Duration::from_secs(30)
+        )
+        .unwrap()
+    );
     eprintln!(
         "accelerator for the VM tests: {:?}",
-        kiln::vm::detect_accel()
+        kiln::verify::vm::detect_accel()
     );
 }
 
@@ -282,12 +288,12 @@ fn build_variant(edit: impl Fn(&str) -> String, node: &str) -> (tempfile::TempDi
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm.toml");
     std::fs::write(&path, &changed).unwrap();
-    let plan = kiln::plan::plan_profile(&path, &changed).unwrap();
+    let plan = kiln::config::plan::plan_profile(&path, &changed).unwrap();
     let opts = BuildOptions {
         out: dir.path().join("out"),
         nodes: vec![node.into()],
         k3s_binary: Some(k3s_binary().clone()),
-        cache: kiln::cache::cache_dir(),
+        cache: kiln::inputs::cache::cache_dir(),
         ..BuildOptions::default()
     };
     kiln::build::build(&plan, &f.secrets, &opts).unwrap();
@@ -473,7 +479,7 @@ impl Serving {
         out: &Path,
         update_keys: std::collections::BTreeMap<String, String>,
     ) -> Serving {
-        let opts = kiln::serve::ServeOptions {
+        let opts = kiln::deliver::serve::ServeOptions {
             out: out.to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
             url: None,
@@ -482,13 +488,13 @@ impl Serving {
         };
         let log: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
         let sink = log.clone();
-        let server = kiln::serve::Server::bind(plan, &opts)
+        let server = kiln::deliver::serve::Server::bind(plan, &opts)
             .unwrap()
             .with_log(move |l| sink.lock().unwrap().push(l.to_string()));
         let url = format!("http://192.168.76.2:{}", server.addr().port());
         let guest_url = url.clone();
         let tftp = tempfile::tempdir().unwrap();
-        kiln::serve::write_tftp(tftp.path(), &url).unwrap();
+        kiln::deliver::serve::write_tftp(tftp.path(), &url).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || server.run(&flag).unwrap());
@@ -501,10 +507,10 @@ impl Serving {
         }
     }
 
-    fn netboot(&self) -> kiln::vm::NetBoot {
-        kiln::vm::NetBoot {
+    fn netboot(&self) -> kiln::verify::vm::NetBoot {
+        kiln::verify::vm::NetBoot {
             tftp: self.tftp.path().to_path_buf(),
-            bootfile: kiln::pxe::TFTP_SCRIPT.into(),
+            bootfile: kiln::render::pxe::TFTP_SCRIPT.into(),
         }
     }
 
@@ -628,7 +634,7 @@ fn a_tampered_root_image_stops_the_netboot() {
     let serving = Serving::start(&f.plan, &copy);
     let files = files_for(f, "s1");
     let e = netboot_expect(f, out, "s1", &files, false);
-    let mut vm = kiln::vm::Vm::start(&verify::netboot_vm(&e, &serving.netboot())).unwrap();
+    let mut vm = kiln::verify::vm::Vm::start(&verify::netboot_vm(&e, &serving.netboot())).unwrap();
     let line = vm
         .wait_serial("FATAL: root image from", 0, verify::BOOT_TIMEOUT)
         .unwrap();
@@ -651,7 +657,7 @@ fn an_unknown_mac_gets_a_clear_message_from_ipxe() {
     let e = netboot_expect(f, out, "s1", &files, false);
     let mut cfg = verify::netboot_vm(&e, &serving.netboot());
     cfg.mac = "52:54:00:99:99:99".into();
-    let mut vm = kiln::vm::Vm::start(&cfg).unwrap();
+    let mut vm = kiln::verify::vm::Vm::start(&cfg).unwrap();
     let line = vm
         .wait_serial(
             "no node of cluster vmtest has MAC 52:54:00:99:99:99",
@@ -701,13 +707,13 @@ fn ab_updates_good_broken_and_rollback() {
     );
     assert_ne!(text_a, text_b);
     std::fs::write(&profile_b, &text_b).unwrap();
-    let plan_b = kiln::plan::plan_profile(&profile_b, &text_b).unwrap();
+    let plan_b = kiln::config::plan::plan_profile(&profile_b, &text_b).unwrap();
     let out_b = dir.path().join("out");
     let opts = BuildOptions {
         out: out_b.clone(),
         nodes: vec!["s1".into()],
         k3s_binary: Some(k3s_binary_b().clone()),
-        cache: kiln::cache::cache_dir(),
+        cache: kiln::inputs::cache::cache_dir(),
         pxe: true,
         ..BuildOptions::default()
     };
@@ -745,14 +751,14 @@ fn ab_updates_good_broken_and_rollback() {
     let server = serving.guest_url.clone();
 
     let node = f.plan.node("s1").unwrap();
-    let mut cfg = kiln::vm::VmConfig::new("s1", &out_a.join("s1.img"));
+    let mut cfg = kiln::verify::vm::VmConfig::new("s1", &out_a.join("s1.img"));
     cfg.disk_bytes = Some(std::fs::metadata(out_a.join("s1.img")).unwrap().len() + (1 << 30));
     verify::use_nic_of(&mut cfg, node);
-    let mut vm = kiln::vm::Vm::start(&cfg).unwrap();
+    let mut vm = kiln::verify::vm::Vm::start(&cfg).unwrap();
     let key = &f.key;
     let t = verify::BOOT_TIMEOUT;
     let mut boots = 0;
-    let boot = |vm: &mut kiln::vm::Vm, boots: &mut usize| {
+    let boot = |vm: &mut kiln::verify::vm::Vm, boots: &mut usize| {
         vm.wait_serial("kiln-init: switch_root", *boots, t).unwrap();
         *boots += 1;
         vm.wait_ssh(key, t).unwrap();
@@ -764,7 +770,7 @@ fn ab_updates_good_broken_and_rollback() {
         })
         .unwrap();
     };
-    let facts = |vm: &kiln::vm::Vm| -> (String, String, String) {
+    let facts = |vm: &kiln::verify::vm::Vm| -> (String, String, String) {
         let slot = vm.sh(key, "cat /run/kiln/slot").unwrap().trim().to_string();
         let image = vm
             .sh(key, "sed -n 's/^k3s //p' /usr/lib/kiln/image")
@@ -778,7 +784,7 @@ fn ab_updates_good_broken_and_rollback() {
             .to_string();
         (slot, image, marker)
     };
-    let double_says = |vm: &kiln::vm::Vm, want: &str| {
+    let double_says = |vm: &kiln::verify::vm::Vm, want: &str| {
         if !real_k3s() {
             let v = vm.sh(key, "k3s --version").unwrap();
             assert!(v.contains(want), "k3s --version: {v}");
@@ -788,7 +794,7 @@ fn ab_updates_good_broken_and_rollback() {
             assert!(rec.contains(&format!("version={want}")), "{rec}");
         }
     };
-    let wait_status = |vm: &mut kiln::vm::Vm, prefix: &str| -> String {
+    let wait_status = |vm: &mut kiln::verify::vm::Vm, prefix: &str| -> String {
         vm.wait_until(
             &format!("update-status `{prefix}`"),
             std::time::Duration::from_secs(240),

@@ -2,6 +2,10 @@
 //! an empty slot B and an empty state partition, written by offset into
 //! a sparse file. No loop devices, no mounts.
 
+/// qemu-img: qcow2 copies of images and VM overlays.
+pub const QEMU_IMG: crate::util::tool::Tool =
+    crate::util::tool::Tool::new("qemu-img", "qemu-utils");
+
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt as _;

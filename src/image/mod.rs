@@ -1,6 +1,11 @@
-//! Writers for the bytes that end up on a disk: GPT and cpio.
+//! The bytes that end up on a disk: the root squashfs ([`rootfs`], with
+//! the node-side update scripts it installs), the [`initramfs`] (with its
+//! init scripts), [`cpio`], the [`esp`], [`gpt`] and the [`disk`] that
+//! holds them. Uses inputs, render, config and util.
 
 pub mod cpio;
 pub mod disk;
 pub mod esp;
 pub mod gpt;
+pub mod initramfs;
+pub mod rootfs;

@@ -4,8 +4,8 @@
 
 use std::fmt::Write as _;
 
-use crate::plan::Plan;
-use crate::tree::FileTree;
+use crate::config::plan::Plan;
+use crate::render::tree::FileTree;
 
 use super::{header, sh_quote};
 

@@ -1,9 +1,9 @@
 //! k3s: `config.yaml`, the token file, `registries.yaml`, and the unit.
 
-use crate::plan::{NodePlan, Plan};
-use crate::profile::Role;
-use crate::tree::FileTree;
-use crate::types::Host;
+use crate::config::plan::{NodePlan, Plan};
+use crate::config::profile::Role;
+use crate::config::types::Host;
+use crate::render::tree::FileTree;
 
 use super::yaml::{self, Y};
 use super::{NodeSecrets, SECRET_MODE, header, systemd_quote};

@@ -1,19 +1,18 @@
 //! Rendering: everything a node needs, as a tree of files built in memory
 //! from the plan and the node's secrets. Pure: no I/O.
 
+pub mod boot;
 mod firstboot;
 mod k3s;
 mod nft;
+pub mod pxe;
 mod system;
+pub mod tree;
 mod wireguard;
 pub mod yaml;
 
-use std::collections::BTreeMap;
-
-use crate::plan::{NodePlan, Plan};
-use crate::secrets::PrivateKey;
-use crate::tree::FileTree;
-use crate::types::WgKey;
+use crate::config::plan::{NodePlan, Plan};
+use crate::render::tree::FileTree;
 
 pub use nft::render_ruleset;
 pub use wireguard::hub_peer_stanzas;
@@ -21,16 +20,7 @@ pub use wireguard::hub_peer_stanzas;
 /// Mode of files that hold secrets (keys, tokens, passwords).
 pub const SECRET_MODE: u32 = 0o600;
 
-/// The secrets a node's files are rendered with.
-#[derive(Debug, Clone)]
-pub struct NodeSecrets {
-    /// This node's WireGuard private key.
-    pub private_key: PrivateKey,
-    /// Every node's WireGuard public key, by node name.
-    pub public_keys: BTreeMap<String, WgKey>,
-    /// The k3s cluster token.
-    pub token: String,
-}
+pub use crate::config::secrets::{NodeSecrets, update_key};
 
 /// A node's rendered files and its kernel command line.
 #[derive(Debug, Clone)]
@@ -56,18 +46,6 @@ pub(crate) fn header(comment: &str, plan: &Plan) -> String {
 /// Where a node keeps the key that `kiln serve` asks for before it hands
 /// out the node's seed in an update.
 pub const UPDATE_KEY_PATH: &str = "/etc/kiln/update-key";
-
-/// The node's update key: derived from its WireGuard private key, so the
-/// server (which has the state directory) and the node agree without
-/// another secret to keep, and the key says nothing about the private key.
-pub fn update_key(cluster: &str, node: &str, private: &PrivateKey) -> String {
-    use sha2::Digest as _;
-    let d = sha2::Sha256::digest(format!(
-        "kiln update key\n{cluster}\n{node}\n{}",
-        private.to_base64()
-    ));
-    hex::encode(d)
-}
 
 /// Render every file of one node.
 pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeFiles {

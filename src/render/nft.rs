@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use ipnet::IpNet;
 
-use crate::plan::Plan;
+use crate::config::plan::Plan;
 
 use super::header;
 

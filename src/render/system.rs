@@ -3,8 +3,8 @@
 
 use std::fmt::Write as _;
 
-use crate::plan::{IfaceMatch, NodePlan, Plan};
-use crate::tree::FileTree;
+use crate::config::plan::{IfaceMatch, NodePlan, Plan};
+use crate::render::tree::FileTree;
 
 use super::header;
 
@@ -129,8 +129,8 @@ pub fn render(plan: &Plan, node: &NodePlan, tree: &mut FileTree) {
             .ntp_servers
             .iter()
             .map(|h| match h {
-                crate::types::Host::Ip(ip) => ip.to_string(),
-                crate::types::Host::Name(n) => n.clone(),
+                crate::config::types::Host::Ip(ip) => ip.to_string(),
+                crate::config::types::Host::Name(n) => n.clone(),
             })
             .collect();
         tree.file(

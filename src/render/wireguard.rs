@@ -18,10 +18,10 @@ use std::fmt::Write as _;
 
 use ipnet::IpNet;
 
-use crate::plan::{ExternalPeerPlan, HubRef, NodePlan, Plan, WgPlan};
-use crate::profile::Topology;
-use crate::tree::FileTree;
-use crate::types::{Endpoint, Host, WgKey};
+use crate::config::plan::{ExternalPeerPlan, HubRef, NodePlan, Plan, WgPlan};
+use crate::config::profile::Topology;
+use crate::config::types::{Endpoint, Host, WgKey};
+use crate::render::tree::FileTree;
 
 use super::{NodeSecrets, SECRET_MODE, header};
 

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kiln::commands::ClusterSecrets;
-use kiln::plan::Plan;
-use kiln::secrets::PrivateKey;
+use kiln::config::plan::Plan;
+use kiln::config::secrets::ClusterSecrets;
+use kiln::config::secrets::PrivateKey;
 use sha2::{Digest, Sha256};
 
 pub fn repo() -> PathBuf {
@@ -20,7 +20,8 @@ pub fn load_example(rel: &str) -> Plan {
     // Plan from the text, with the path as a user would type it, so
     // rendered headers do not depend on where the repo is checked out.
     let text = std::fs::read_to_string(repo().join(rel)).unwrap();
-    kiln::plan::plan_profile(Path::new(rel), &text).unwrap_or_else(|e| panic!("{rel}:\n{e}"))
+    kiln::config::plan::plan_profile(Path::new(rel), &text)
+        .unwrap_or_else(|e| panic!("{rel}:\n{e}"))
 }
 
 /// Fixed secrets, so rendered files can be compared with golden files.

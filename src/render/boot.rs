@@ -1,7 +1,7 @@
 //! What systemd-boot reads: `loader/loader.conf` and one Boot Loader
 //! Specification (type #1) entry per slot. Pure text.
 
-use crate::plan::{NodePlan, Plan};
+use crate::config::plan::{NodePlan, Plan};
 
 /// Paths on the ESP (FAT, `/`-separated, no leading slash).
 pub const BOOTLOADER_PATH: &str = "EFI/BOOT/BOOTX64.EFI";

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::plan::{NodePlan, Plan};
+use crate::config::plan::{NodePlan, Plan};
 use crate::render::NodeFiles;
-use crate::vm::{Vm, VmConfig};
+use crate::verify::vm::{Vm, VmConfig};
 
 /// One check: what was expected, what the guest showed.
 #[derive(Debug, Clone)]
@@ -276,10 +276,10 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
             &seen,
         ));
     }
-    let pw = crate::vm::SSH
+    let pw = crate::verify::vm::SSH
         .command()?
         .args(["-p", &vm.ssh_port().to_string()])
-        .args(crate::vm::SSH_OPTIONS)
+        .args(crate::verify::vm::SSH_OPTIONS)
         .args([
             "-o",
             "PubkeyAuthentication=no",
@@ -623,7 +623,7 @@ pub const DISKLESS_LOG: &str = "no state partition: /var is in RAM";
 /// A netbooting VM for node `e.node`: the node's MAC and LAN address on
 /// QEMU user networking, whose DHCP/TFTP hands out `net`; no disk unless
 /// the caller sets `image` (the NIC boots first either way).
-pub fn netboot_vm(e: &Expect, net: &crate::vm::NetBoot) -> VmConfig {
+pub fn netboot_vm(e: &Expect, net: &crate::verify::vm::NetBoot) -> VmConfig {
     let mut cfg = VmConfig::diskless(&e.node.name);
     cfg.netboot = Some(net.clone());
     cfg.forward = vec![PROBE_PORT];
@@ -663,7 +663,7 @@ fn start_and_settle(cfg: &VmConfig, key: &Path, log: Option<&Path>) -> anyhow::R
 /// Netboot a node (iPXE → `kiln serve` → root image into RAM), with
 /// `disk` attached if given, and run the checks that apply.
 pub fn test_netboot(
-    net: &crate::vm::NetBoot,
+    net: &crate::verify::vm::NetBoot,
     disk: Option<&Path>,
     key: &Path,
     e: &Expect,
@@ -762,8 +762,8 @@ pub fn timeline(vm: &Vm, key: &Path, nth: usize) -> Vec<Mark> {
 /// Make an ed25519 key pair for test access (private key 0600).
 pub fn make_test_key(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
     let key = dir.join("kiln-test-access");
-    crate::tool::run(
-        crate::tool::Tool::new("ssh-keygen", "openssh-client")
+    crate::util::tool::run(
+        crate::util::tool::Tool::new("ssh-keygen", "openssh-client")
             .command()?
             .args([
                 "-q",
@@ -800,8 +800,8 @@ pub fn test_cluster(
     real_k3s: bool,
     logs: Option<&Path>,
 ) -> anyhow::Result<Report> {
-    let port = crate::vm::free_port()?;
-    let start = |n: &ClusterNode, lan: crate::vm::Lan| -> anyhow::Result<Vm> {
+    let port = crate::verify::vm::free_port()?;
+    let start = |n: &ClusterNode, lan: crate::verify::vm::Lan| -> anyhow::Result<Vm> {
         let mut cfg = VmConfig::new(&n.node.name, n.image);
         cfg.mac = n.mgmt_mac.clone();
         cfg.lan = Some((
@@ -817,10 +817,10 @@ pub fn test_cluster(
         }
         Ok(vm)
     };
-    let mut s = start(server, crate::vm::Lan::Listen(port))?;
+    let mut s = start(server, crate::verify::vm::Lan::Listen(port))?;
     // The listening side must be up before the other connects.
     std::thread::sleep(Duration::from_millis(500));
-    let mut a = start(agent, crate::vm::Lan::Connect(port))?;
+    let mut a = start(agent, crate::verify::vm::Lan::Connect(port))?;
     s.wait_ssh(key, BOOT_TIMEOUT)?;
     a.wait_ssh(key, BOOT_TIMEOUT)?;
     let mut r = Report {
@@ -884,7 +884,7 @@ pub fn test_cluster(
 
     // Firewall between the nodes: 6443 over the tunnel, not over the LAN.
     let connect = |vm: &Vm, host: &str| {
-        vm.sh(key, &format!("timeout 5 bash -c '</dev/tcp/{host}/{}' 2>/dev/null && echo connects || echo refused", crate::plan::K3S_API_PORT)).unwrap_or_else(|e| e.to_string())
+        vm.sh(key, &format!("timeout 5 bash -c '</dev/tcp/{host}/{}' 2>/dev/null && echo connects || echo refused", crate::config::plan::K3S_API_PORT)).unwrap_or_else(|e| e.to_string())
     };
     r.checks.push(Check::eq(
         &format!(

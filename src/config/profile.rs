@@ -4,7 +4,7 @@
 //! Reading does not stop at the first problem: syntax errors, unknown keys
 //! and wrong types are all collected into [`Diagnostics`]. Cross-field rules
 //! (duplicates, addresses inside networks, a server to join) live in
-//! [`crate::plan`].
+//! [`crate::config::plan`].
 
 use std::net::IpAddr;
 use std::ops::Range;
@@ -14,8 +14,8 @@ use ipnet::IpNet;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::diag::Diagnostics;
-use crate::types::{self, Endpoint, Host, Invalid, K3sVersion, MacAddr, WgKey};
+use crate::config::diag::Diagnostics;
+use crate::config::types::{self, Endpoint, Host, Invalid, K3sVersion, MacAddr, WgKey};
 
 /// A value with the span and dotted key it was read from.
 #[derive(Debug, Clone, PartialEq)]

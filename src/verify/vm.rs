@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::tool::Tool;
+use crate::util::tool::Tool;
 
 pub const QEMU: Tool = Tool::new("qemu-system-x86_64", "qemu-system-x86");
-pub const QEMU_IMG: Tool = Tool::new("qemu-img", "qemu-utils");
+pub use crate::image::disk::QEMU_IMG;
 pub const SSH: Tool = Tool::new("ssh", "openssh-client");
 /// Options of every SSH connection to a guest: a throwaway host key (a
 /// new one per VM), no prompts, quiet, bounded connect time, and a
@@ -271,7 +271,7 @@ fn prepare_disk(cfg: &VmConfig, dir: &Path) -> anyhow::Result<(Option<PathBuf>, 
     if let Some(b) = cfg.disk_bytes {
         img.arg(b.to_string());
     }
-    crate::tool::run(&mut img)?;
+    crate::util::tool::run(&mut img)?;
     Ok((Some(overlay), vars))
 }
 
@@ -362,7 +362,7 @@ impl Vm {
     /// exiting), the VM is restarted under TCG, and so is every later one,
     /// unless `KILN_ACCEL=kvm` asked for KVM.
     pub fn start(cfg: &VmConfig) -> anyhow::Result<Vm> {
-        crate::tool::preflight(&[QEMU, QEMU_IMG])?;
+        crate::util::tool::preflight(&[QEMU, QEMU_IMG])?;
         let kvm_wanted = cfg.accel == Accel::Kvm;
         if !kvm_wanted || KVM_BROKEN.load(std::sync::atomic::Ordering::SeqCst) {
             return Vm::spawn(cfg, Accel::Tcg);
@@ -463,7 +463,11 @@ impl Vm {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        log::info!("starting {}: {}", cfg.name, crate::tool::display(&cmd));
+        log::info!(
+            "starting {}: {}",
+            cfg.name,
+            crate::util::tool::display(&cmd)
+        );
         let started = Instant::now();
         let mut child = cmd.spawn().context("starting qemu")?;
         let serial: Arc<Mutex<Vec<SerialLine>>> = Arc::default();

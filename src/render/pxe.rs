@@ -16,8 +16,8 @@
 //! bootstrap script sets it; `kiln serve` replaces it with the address
 //! the request came to.
 
-use crate::plan::{NodePlan, Plan};
-use crate::types::MacAddr;
+use crate::config::plan::{NodePlan, Plan};
+use crate::config::types::MacAddr;
 
 /// The placeholder for the server's URL (`http://host:port`).
 pub const SERVER_VAR: &str = "${kiln-server}";
@@ -54,7 +54,7 @@ pub struct UpdateBundle<'a> {
     pub kiln_version: &'a str,
     pub k3s_version: &'a str,
     pub kernel_version: &'a str,
-    /// Kernel command line, with [`crate::boot::SLOT_PLACEHOLDER`].
+    /// Kernel command line, with [`crate::render::boot::SLOT_PLACEHOLDER`].
     pub options: &'a str,
     /// Root image: file name, size, sha256.
     pub root: (&'a str, u64, &'a str),
@@ -115,7 +115,11 @@ pub fn options(plan: &Plan, node: &NodePlan, root: &str, root_sha256: &str) -> S
     if let Some(mac) = node.mac {
         items.push(format!("kiln.netif={mac}"));
     }
-    items.extend(crate::boot::KILN_KERNEL_ARGS.iter().map(|s| s.to_string()));
+    items.extend(
+        crate::render::boot::KILN_KERNEL_ARGS
+            .iter()
+            .map(|s| s.to_string()),
+    );
     items.extend(plan.cmdline(node));
     items.join(" ")
 }
@@ -223,7 +227,7 @@ mod tests {
 
     fn plan() -> Plan {
         let text = "[cluster]\nname = \"lab\"\n[k3s]\nversion = \"v1.31.1+k3s1\"\n[boot]\ncmdline = [\"pcie_aspm=off\"]\n[[nodes]]\nname = \"n1\"\nrole = \"server\"\nmac = \"52:54:00:aa:bb:01\"\n";
-        crate::plan::plan_profile(std::path::Path::new("lab.toml"), text).unwrap()
+        crate::config::plan::plan_profile(std::path::Path::new("lab.toml"), text).unwrap()
     }
 
     #[test]

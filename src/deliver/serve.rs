@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::plan::Plan;
-use crate::pxe;
+use crate::config::plan::Plan;
+use crate::render::pxe;
 
 /// How long a seed token from a per-MAC script stays valid.
 pub const SEED_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);

@@ -25,8 +25,8 @@ use std::process::Stdio;
 
 use anyhow::{Context as _, bail};
 
-use crate::tool::Tool;
-use crate::tree::{Entry, FileTree};
+use crate::render::tree::{Entry, FileTree};
+use crate::util::tool::Tool;
 
 pub const TAR2SQFS: Tool = Tool::new("tar2sqfs", "squashfs-tools-ng");
 /// Where the image's own `/var` is kept.
@@ -123,9 +123,9 @@ pub fn image_files(version_text: &str) -> FileTree {
 }
 
 /// `kiln-update`, shipped in every image.
-pub const UPDATE_SCRIPT: &str = include_str!("update/kiln-update.sh");
+pub const UPDATE_SCRIPT: &str = include_str!("rootfs/kiln-update.sh");
 /// Blesses a trial slot once k3s is active; reports failed updates.
-pub const BOOT_CHECK_SCRIPT: &str = include_str!("update/boot-check.sh");
+pub const BOOT_CHECK_SCRIPT: &str = include_str!("rootfs/boot-check.sh");
 pub const BOOT_CHECK_UNIT: &str = "[Unit]
 Description=kiln: keep this A/B slot once k3s is active, report failed updates
 After=k3s.service
@@ -457,7 +457,7 @@ pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> 
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let line = crate::tool::display(&cmd);
+    let line = crate::util::tool::display(&cmd);
     log::debug!("running {line}");
     let mut child = cmd.spawn().with_context(|| format!("starting {line}"))?;
     let stdin = child.stdin.take().expect("piped");
@@ -486,7 +486,7 @@ pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> 
             )));
         }
     }
-    crate::tool::check_status(&line, status, &err)?;
+    crate::util::tool::check_status(&line, status, &err)?;
     streamed.context("streaming the root image")?;
     let size = std::fs::metadata(out)?.len();
     Ok(RootImage {

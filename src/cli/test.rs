@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 
 use crate::build::{self, BuildOptions};
-use crate::commands::ClusterSecrets;
-use crate::plan::Plan;
-use crate::verify::{self, Expect, Report};
+use crate::config::plan::Plan;
+use crate::config::secrets::ClusterSecrets;
+use crate::verify::checks::{self as verify, Expect, Report};
 
 /// What `kiln test` was asked.
 #[derive(Debug, Clone, Default)]
@@ -69,7 +69,7 @@ pub fn test_node(
             (out.join(format!("{}.img", node.name)), key)
         }
     };
-    let real_k3s = !is_double(opts.k3s_binary.as_deref());
+    let real_k3s = !crate::inputs::k3s::is_double(opts.k3s_binary.as_deref());
     let e = Expect {
         plan,
         node,
@@ -77,7 +77,7 @@ pub fn test_node(
         wg_public_key: secrets.private[&node.name].public_key().to_base64(),
         user_keys: opts.user_keys.clone(),
         real_k3s,
-        medium: crate::verify::Medium::Disk,
+        medium: crate::verify::checks::Medium::Disk,
     };
     let log = opts
         .keep
@@ -86,24 +86,15 @@ pub fn test_node(
     verify::test_node(&image, &key, &e, log.as_deref())
 }
 
-/// Is this k3s binary kiln's test double? (`--version` says so.)
-pub fn is_double(k3s: Option<&Path>) -> bool {
-    let Some(p) = k3s else { return false };
-    std::process::Command::new(p)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("k3s-double"))
-}
-
 /// `kiln run`: boot an image (on an overlay) with the console here.
 pub fn run_interactive(image: &Path) -> anyhow::Result<()> {
-    let cfg = crate::vm::VmConfig::new("run", image);
+    let cfg = crate::verify::vm::VmConfig::new("run", image);
     eprintln!(
         "kiln run: booting {} under {:?} on an overlay (the image is not modified); quit with Ctrl-A X",
         image.display(),
         cfg.accel
     );
-    let status = crate::vm::interactive(&cfg)?;
+    let status = crate::verify::vm::interactive(&cfg)?;
     if !status.success() {
         bail!("qemu exited with {status}");
     }

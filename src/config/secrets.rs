@@ -15,7 +15,10 @@ use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use crate::types::WgKey;
+use std::collections::BTreeMap;
+
+use crate::config::plan::{self, Plan};
+use crate::config::types::WgKey;
 
 pub const STATE_DIR_MODE: u32 = 0o700;
 pub const SECRET_FILE_MODE: u32 = 0o600;
@@ -141,11 +144,11 @@ impl StateDir {
             );
         }
         // The same rule as a token written in the profile. Never print it.
-        if !crate::types::is_valid_token(&t) {
+        if !crate::config::types::is_valid_token(&t) {
             bail!(
                 "{} does not hold a usable k3s token (shorter than {} bytes, or containing whitespace or control characters)\n    fix: restore the token from a running server (/var/lib/rancher/k3s/server/token); before the first build, delete the file to let kiln generate one",
                 path.display(),
-                crate::types::MIN_TOKEN_CHARS
+                crate::config::types::MIN_TOKEN_CHARS
             );
         }
         Ok(t)
@@ -205,6 +208,91 @@ fn read_or_create(
         }
         Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
     }
+}
+
+/// The secrets a node's files are rendered with.
+#[derive(Debug, Clone)]
+pub struct NodeSecrets {
+    /// This node's WireGuard private key.
+    pub private_key: PrivateKey,
+    /// Every node's WireGuard public key, by node name.
+    pub public_keys: BTreeMap<String, WgKey>,
+    /// The k3s cluster token.
+    pub token: String,
+}
+
+/// The node's update key: derived from its WireGuard private key, so the
+/// server (which has the state directory) and the node agree without
+/// another secret to keep, and the key says nothing about the private key.
+pub fn update_key(cluster: &str, node: &str, private: &PrivateKey) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(format!(
+        "kiln update key\n{cluster}\n{node}\n{}",
+        private.to_base64()
+    ));
+    hex::encode(d)
+}
+
+/// The state directory to use: the one given, or the profile's default.
+pub fn state_dir(profile: &Path, given: Option<&Path>) -> PathBuf {
+    given.map_or_else(|| StateDir::default_for(profile), Path::to_path_buf)
+}
+
+/// Every node's keys and the cluster token, created on first use.
+pub struct ClusterSecrets {
+    pub private: BTreeMap<String, PrivateKey>,
+    pub token: String,
+}
+
+impl ClusterSecrets {
+    pub fn load(plan: &Plan, state: &StateDir) -> anyhow::Result<Self> {
+        let mut private = BTreeMap::new();
+        for n in &plan.nodes {
+            private.insert(n.name.clone(), state.node_key(&n.name)?);
+        }
+        let token = match &plan.k3s.token {
+            Some(t) => t.clone(),
+            None => state.token()?,
+        };
+        Ok(ClusterSecrets { private, token })
+    }
+
+    pub fn public_keys(&self) -> BTreeMap<String, WgKey> {
+        self.private
+            .iter()
+            .map(|(n, k)| (n.clone(), k.public_key()))
+            .collect()
+    }
+
+    /// Every node's update key (what `kiln serve` checks before handing
+    /// a node its seed for an update).
+    pub fn update_keys(&self, cluster: &str) -> BTreeMap<String, String> {
+        self.private
+            .iter()
+            .map(|(n, k)| (n.clone(), update_key(cluster, n, k)))
+            .collect()
+    }
+
+    pub fn for_node(&self, node: &str) -> NodeSecrets {
+        NodeSecrets {
+            private_key: self.private[node].clone(),
+            public_keys: self.public_keys(),
+            token: self.token.clone(),
+        }
+    }
+}
+
+/// Load a profile and its secrets in one step.
+pub fn load_with_secrets(
+    profile: &Path,
+    state: Option<&Path>,
+) -> anyhow::Result<(Plan, ClusterSecrets)> {
+    let plan = plan::load(profile)?;
+    let dir = state_dir(profile, state);
+    let state = StateDir::open(&dir)?;
+    let secrets = ClusterSecrets::load(&plan, &state)
+        .with_context(|| format!("reading secrets in {}", dir.display()))?;
+    Ok((plan, secrets))
 }
 
 #[cfg(test)]

@@ -27,9 +27,9 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 use sha2::{Digest as _, Sha256};
 
-use crate::plan::{BasePlan, Plan};
-use crate::profile::KernelFlavour;
-use crate::tool::{self, Tool};
+use crate::config::plan::{BasePlan, Plan};
+use crate::config::profile::KernelFlavour;
+use crate::util::tool::{self, Tool};
 
 /// Bump when anything that shapes the tarball but is not in [`BaseSpec`]
 /// changes (the hook, the variant, how mmdebstrap is called): every cached
@@ -299,7 +299,7 @@ pub fn mmdebstrap_command(spec: &BaseSpec, target: &Path) -> Result<Command> {
 /// The cached tarball for `spec`, building it with mmdebstrap first if it
 /// is missing or does not match its record.
 ///
-/// `cache` is the kiln cache dir ([`crate::cache::cache_dir`]); the build
+/// `cache` is the kiln cache dir ([`crate::inputs::cache::cache_dir`]); the build
 /// runs with `SOURCE_DATE_EPOCH=source_date_epoch`. A failed or interrupted
 /// build leaves only a hidden temp file, never `<digest>.tar.zst`.
 ///

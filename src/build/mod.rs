@@ -6,6 +6,8 @@
 //! per node: rendered files → seed → ESP + GPT disk → SHA256SUMS,
 //! manifest.json → publish.
 
+pub mod staging;
+
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,11 +16,13 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use sha2::{Digest as _, Sha256};
 
-use crate::commands::ClusterSecrets;
+use crate::config::plan::{NodePlan, Plan};
+use crate::config::profile::Role;
+use crate::config::secrets::ClusterSecrets;
 use crate::image::{disk, esp::EspFile};
-use crate::plan::{NodePlan, Plan};
-use crate::profile::Role;
-use crate::{base, boot, initramfs, kernel, rootfs};
+use crate::image::{initramfs, rootfs};
+use crate::inputs::{base, kernel};
+use crate::render::boot;
 
 /// Modification time of everything kiln writes when `SOURCE_DATE_EPOCH`
 /// is not set: 2025-01-01T00:00:00Z.
@@ -36,7 +40,7 @@ pub struct BuildOptions {
     /// `--k3s-binary` / `KILN_K3S_BINARY`.
     pub k3s_binary: Option<PathBuf>,
     pub qcow2: bool,
-    /// Also write the netboot tree (OUT/pxe, see [`crate::pxe`]).
+    /// Also write the netboot tree (OUT/pxe, see [`crate::render::pxe`]).
     pub pxe: bool,
     pub cache: PathBuf,
     /// `kiln test` only: an SSH public key added for root, so the checks
@@ -45,7 +49,7 @@ pub struct BuildOptions {
 }
 
 /// Add a test access key for root to a node's files (`kiln test` only).
-pub fn inject_test_key(tree: &mut crate::tree::FileTree, public_key: &str) {
+pub fn inject_test_key(tree: &mut crate::render::tree::FileTree, public_key: &str) {
     let path = "/etc/ssh/authorized_keys/root";
     let mut text = tree.text(path).unwrap_or("").to_string();
     text.push_str(&format!(
@@ -190,14 +194,14 @@ pub fn build(
     let epoch = source_date_epoch()?;
     let mut tools = vec![rootfs::TAR2SQFS];
     if opts.qcow2 {
-        tools.push(crate::vm::QEMU_IMG);
+        tools.push(crate::image::disk::QEMU_IMG);
     }
-    crate::tool::preflight(&tools)?;
+    crate::util::tool::preflight(&tools)?;
     let progress = Progress::new();
-    let staging = crate::staging::Staging::new(&opts.out)?;
+    let staging = crate::build::staging::Staging::new(&opts.out)?;
     let (names, mut artifacts, manifest) =
         build_staged(plan, secrets, opts, &nodes, epoch, &progress, &staging)
-            .map_err(|e| crate::staging::explain_no_space(e, &staging.dir))?;
+            .map_err(|e| crate::build::staging::explain_no_space(e, &staging.dir))?;
 
     let out = opts.out.clone();
     staging.publish(&out)?;
@@ -226,7 +230,7 @@ fn build_staged(
     nodes: &[&NodePlan],
     epoch: u64,
     progress: &Progress,
-    staging: &crate::staging::Staging,
+    staging: &crate::build::staging::Staging,
 ) -> anyhow::Result<(Vec<String>, Vec<PathBuf>, serde_json::Value)> {
     let work = staging.dir.join(".work");
     std::fs::create_dir_all(&work)?;
@@ -238,8 +242,8 @@ fn build_staged(
     let k3s = progress.stage(&format!("k3s {}", plan.k3s.version), || {
         // The test double is never pinned in kiln.lock: a later real build
         // would otherwise meet the double's digest.
-        let record = !crate::nodetest::is_double(opts.k3s_binary.as_deref());
-        crate::k3s::Resolver::new(opts.cache.join("k3s"), &lock)
+        let record = !crate::inputs::k3s::is_double(opts.k3s_binary.as_deref());
+        crate::inputs::k3s::Resolver::new(opts.cache.join("k3s"), &lock)
             .with_lock_recording(record)
             .resolve(&plan.k3s.version.to_string(), opts.k3s_binary.as_deref())
     })?;
@@ -292,7 +296,7 @@ fn build_staged(
         roots.insert(overlays, (out, img.size, sha));
     }
 
-    let pxe_dir = staging.dir.join(crate::pxe::DIR);
+    let pxe_dir = staging.dir.join(crate::render::pxe::DIR);
     // The same kernel and initramfs for every node's update bundle.
     let boot_sha = if opts.pxe {
         Some((sha256_file(&vmlinuz_path)?, sha256_file(&initrd_path)?))
@@ -307,11 +311,11 @@ fn build_staged(
             pxe_dir.join("seed"),
             std::os::unix::fs::PermissionsExt::from_mode(0o700),
         )?;
-        std::fs::copy(&vmlinuz_path, pxe_dir.join(crate::pxe::KERNEL))?;
-        std::fs::copy(&initrd_path, pxe_dir.join(crate::pxe::INITRD))?;
+        std::fs::copy(&vmlinuz_path, pxe_dir.join(crate::render::pxe::KERNEL))?;
+        std::fs::copy(&initrd_path, pxe_dir.join(crate::render::pxe::INITRD))?;
         std::fs::write(
-            pxe_dir.join(crate::pxe::BOOT_SCRIPT),
-            crate::pxe::boot_script(plan),
+            pxe_dir.join(crate::render::pxe::BOOT_SCRIPT),
+            crate::render::pxe::boot_script(plan),
         )?;
     }
 
@@ -330,7 +334,7 @@ fn build_staged(
             let seed_path = work.join(format!("{name}.seed.img"));
             write_private(&seed_path, &seed)?;
             if opts.pxe {
-                write_private(&pxe_dir.join(crate::pxe::seed_path(name)), &seed)?;
+                write_private(&pxe_dir.join(crate::render::pxe::seed_path(name)), &seed)?;
             }
             let esp_files = vec![
                 EspFile::copy_of(boot::BOOTLOADER_PATH, &sdboot_path),
@@ -357,8 +361,8 @@ fn build_staged(
         if opts.qcow2 {
             let q = staging.dir.join(format!("{name}.qcow2"));
             progress.stage(&format!("{name}.qcow2"), || {
-                crate::tool::run(
-                    crate::vm::QEMU_IMG
+                crate::util::tool::run(
+                    crate::image::disk::QEMU_IMG
                         .command()?
                         .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
                         .arg(&image)
@@ -372,7 +376,7 @@ fn build_staged(
         if opts.pxe {
             let root_file = root_path.file_name().unwrap().to_string_lossy().to_string();
             let (vmlinuz_sha, initrd_sha) = boot_sha.as_ref().expect("hashed with --format pxe");
-            let bundle = crate::pxe::UpdateBundle {
+            let bundle = crate::render::pxe::UpdateBundle {
                 cluster: &plan.cluster,
                 node: name,
                 kiln_version: KILN_VERSION,
@@ -384,18 +388,21 @@ fn build_staged(
                 initrd: initrd_sha,
                 seed: &seed_sha,
             };
-            std::fs::write(pxe_dir.join(crate::pxe::update_path(name)), bundle.render())?;
+            std::fs::write(
+                pxe_dir.join(crate::render::pxe::update_path(name)),
+                bundle.render(),
+            )?;
             match node.mac {
                 Some(mac) => {
-                    let script = crate::pxe::mac_script_path(&mac);
+                    let script = crate::render::pxe::mac_script_path(&mac);
                     std::fs::write(
                         pxe_dir.join(&script),
-                        crate::pxe::node_script(plan, node, &root_file, &root_sha),
+                        crate::render::pxe::node_script(plan, node, &root_file, &root_sha),
                     )?;
                     entry["pxe"] = serde_json::json!({
-                        "script": format!("{}/{script}", crate::pxe::DIR),
-                        "root": format!("{}/{root_file}", crate::pxe::DIR),
-                        "seed": format!("{}/{}", crate::pxe::DIR, crate::pxe::seed_path(name)),
+                        "script": format!("{}/{script}", crate::render::pxe::DIR),
+                        "root": format!("{}/{root_file}", crate::render::pxe::DIR),
+                        "seed": format!("{}/{}", crate::render::pxe::DIR, crate::render::pxe::seed_path(name)),
                     });
                 }
                 None => eprintln!(

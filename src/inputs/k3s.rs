@@ -492,6 +492,15 @@ fn encode_path_segment(segment: &str) -> String {
         .collect()
 }
 
+/// Is this k3s binary kiln's test double? (`--version` says so.)
+pub fn is_double(k3s: Option<&Path>) -> bool {
+    let Some(p) = k3s else { return false };
+    std::process::Command::new(p)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("k3s-double"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

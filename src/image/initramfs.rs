@@ -7,8 +7,8 @@ use std::io::Write as _;
 use anyhow::Context as _;
 
 use crate::image::cpio::CpioWriter;
-use crate::kernel::{BaseFiles, Compression};
-use crate::tree::{Entry, FileTree};
+use crate::inputs::kernel::{BaseFiles, Compression};
+use crate::render::tree::{Entry, FileTree};
 
 /// kiln's init script.
 pub const INIT_SCRIPT: &str = include_str!("initramfs/init.sh");
@@ -101,8 +101,11 @@ pub fn build_initramfs(
     w.file("etc/kiln/udhcpc.sh", 0o755, 0, 0, UDHCPC_SCRIPT.as_bytes())?;
     let kmod_dir = format!("lib/modules/{}", base.kernel_version);
     let mut dirs = std::collections::BTreeSet::new();
-    let order =
-        crate::kernel::resolve_modules(&base.modules_dep, &base.modules_softdep, INITRAMFS_MODULES);
+    let order = crate::inputs::kernel::resolve_modules(
+        &base.modules_dep,
+        &base.modules_softdep,
+        INITRAMFS_MODULES,
+    );
     for rel in &order {
         let mut acc = kmod_dir.clone();
         dirs.insert(acc.clone());

@@ -1,66 +1,14 @@
 //! The verbs behind the CLI. Each returns what goes to stdout; people's
 //! messages go to stderr from `main`.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use crate::plan::{self, BasePlan, HubRef, Plan};
-use crate::profile::{KernelFlavour, Topology};
-use crate::render::{self, NodeFiles, NodeSecrets};
-use crate::secrets::{PrivateKey, StateDir};
-use crate::types::WgKey;
-
-/// The state directory to use: the one given, or the profile's default.
-pub fn state_dir(profile: &Path, given: Option<&Path>) -> PathBuf {
-    given.map_or_else(|| StateDir::default_for(profile), Path::to_path_buf)
-}
-
-/// Every node's keys and the cluster token, created on first use.
-pub struct ClusterSecrets {
-    pub private: BTreeMap<String, PrivateKey>,
-    pub token: String,
-}
-
-impl ClusterSecrets {
-    pub fn load(plan: &Plan, state: &StateDir) -> anyhow::Result<Self> {
-        let mut private = BTreeMap::new();
-        for n in &plan.nodes {
-            private.insert(n.name.clone(), state.node_key(&n.name)?);
-        }
-        let token = match &plan.k3s.token {
-            Some(t) => t.clone(),
-            None => state.token()?,
-        };
-        Ok(ClusterSecrets { private, token })
-    }
-
-    pub fn public_keys(&self) -> BTreeMap<String, WgKey> {
-        self.private
-            .iter()
-            .map(|(n, k)| (n.clone(), k.public_key()))
-            .collect()
-    }
-
-    /// Every node's update key (what `kiln serve` checks before handing
-    /// a node its seed for an update).
-    pub fn update_keys(&self, cluster: &str) -> BTreeMap<String, String> {
-        self.private
-            .iter()
-            .map(|(n, k)| (n.clone(), crate::render::update_key(cluster, n, k)))
-            .collect()
-    }
-
-    pub fn for_node(&self, node: &str) -> NodeSecrets {
-        NodeSecrets {
-            private_key: self.private[node].clone(),
-            public_keys: self.public_keys(),
-            token: self.token.clone(),
-        }
-    }
-}
+use crate::config::plan::{BasePlan, HubRef, Plan};
+use crate::config::profile::{KernelFlavour, Topology};
+use crate::config::secrets::ClusterSecrets;
+use crate::render::{self, NodeFiles};
 
 /// `kiln check`: a summary of the plan.
 pub fn check(plan: &Plan) -> String {
@@ -238,17 +186,4 @@ pub fn render_node(plan: &Plan, node: &str, secrets: &ClusterSecrets) -> anyhow:
         )
     })?;
     Ok(render::render_node(plan, n, &secrets.for_node(node)))
-}
-
-/// Load a profile and its secrets in one step.
-pub fn load_with_secrets(
-    profile: &Path,
-    state: Option<&Path>,
-) -> anyhow::Result<(Plan, ClusterSecrets)> {
-    let plan = plan::load(profile)?;
-    let dir = state_dir(profile, state);
-    let state = StateDir::open(&dir)?;
-    let secrets = ClusterSecrets::load(&plan, &state)
-        .with_context(|| format!("reading secrets in {}", dir.display()))?;
-    Ok((plan, secrets))
 }

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use ipnet::IpNet;
 
-use crate::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
-use crate::profile::{self, At, KernelFlavour, RegistryConfig, Role, Topology};
-use crate::types::{self, Endpoint, Host, K3sVersion, MacAddr, WgKey};
+use crate::config::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
+use crate::config::profile::{self, At, KernelFlavour, RegistryConfig, Role, Topology};
+use crate::config::types::{self, Endpoint, Host, K3sVersion, MacAddr, WgKey};
 
 // Defaults, in one place. Each is documented in docs/profile.md.
 pub const DEFAULT_SUITE: &str = "bookworm";
@@ -361,7 +361,7 @@ fn read_profile_text(path: &Path) -> anyhow::Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let valid = std::str::from_utf8(valid).expect("valid up to here");
-        let (line, column) = crate::diag::line_col(valid, valid.len());
+        let (line, column) = crate::config::diag::line_col(valid, valid.len());
         let byte = e.as_bytes()[valid.len()];
         file_error(
             path,

@@ -35,11 +35,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, anyhow, bail};
 use toml::de::{DeTable, DeValue};
 
-use crate::diag::{Diagnostic, line_col};
-use crate::plan::Plan;
-use crate::profile::Role;
+use crate::config::diag::{Diagnostic, line_col};
+use crate::config::plan::Plan;
+use crate::config::profile::Role;
+use crate::config::types::K3sVersion;
 use crate::render::yaml::{self, Y};
-use crate::types::K3sVersion;
 
 /// The API group and version of SUC's `Plan` resource.
 pub const SUC_API_VERSION: &str = "upgrade.cattle.io/v1";
@@ -99,7 +99,7 @@ pub fn set_k3s_version(path: &Path, text: &str, new: &str) -> anyhow::Result<(St
         Ok(root) => root,
         Err(e) => {
             // The planner reports syntax errors with file, line and column.
-            crate::plan::plan_profile(path, text)?;
+            crate::config::plan::plan_profile(path, text)?;
             return Err(anyhow!("{file}: {}", e.message().trim()));
         }
     };
@@ -163,7 +163,7 @@ pub fn set_k3s_version(path: &Path, text: &str, new: &str) -> anyhow::Result<(St
     new_text.push(quote);
     new_text.push_str(&text[span.end..]);
 
-    crate::plan::plan_profile(path, &new_text)
+    crate::config::plan::plan_profile(path, &new_text)
         .with_context(|| format!("{file} no longer plans with k3s.version = \"{new}\""))?;
     Ok((old, new_text))
 }
@@ -675,7 +675,7 @@ role = \"agent\"
     }
 
     fn lab_plan() -> Plan {
-        crate::plan::plan_profile(path(), PROFILE).unwrap()
+        crate::config::plan::plan_profile(path(), PROFILE).unwrap()
     }
 
     fn changed_lines<'a>(a: &'a str, b: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -694,7 +694,7 @@ role = \"agent\"
                 "version   =   \"v1.31.2+k3s1\"  # the release we run"
             )]
         );
-        let plan = crate::plan::plan_profile(path(), &text).unwrap();
+        let plan = crate::config::plan::plan_profile(path(), &text).unwrap();
         assert_eq!(plan.k3s.version.to_string(), "v1.31.2+k3s1");
     }
 
@@ -703,7 +703,7 @@ role = \"agent\"
         let src = "k3s = { disable = [\"traefik\"], version = 'v1.31.1+k3s1' } # inline\n\
                    [cluster]\nname = \"lab\"\n[[nodes]]\nname = \"s1\"\nrole = \"server\"\n";
         // The profile reader accepts the inline form.
-        crate::plan::plan_profile(path(), src).unwrap();
+        crate::config::plan::plan_profile(path(), src).unwrap();
         let (old, text) = set_k3s_version(path(), src, "v1.32.0+k3s2").unwrap();
         assert_eq!(old, "v1.31.1+k3s1");
         assert_eq!(
@@ -719,7 +719,7 @@ role = \"agent\"
     fn dotted_keys_work_too() {
         let src = "k3s.version = \"v1.31.1+k3s1\"\n[cluster]\nname = \"lab\"\n\
                    [[nodes]]\nname = \"s1\"\nrole = \"server\"\n";
-        crate::plan::plan_profile(path(), src).unwrap();
+        crate::config::plan::plan_profile(path(), src).unwrap();
         let (_, text) = set_k3s_version(path(), src, "v1.31.3+k3s1").unwrap();
         assert_eq!(changed_lines(src, &text).len(), 1);
         assert!(text.starts_with("k3s.version = \"v1.31.3+k3s1\"\n"));
@@ -848,7 +848,7 @@ role = \"agent\"
         for cluster in ["lab", long.as_str(), "Lab_2", "-x-"] {
             for role in [Role::Server, Role::Agent] {
                 let n = plan_name(cluster, role);
-                assert!(crate::types::is_dns_label(&n), "{n}");
+                assert!(crate::config::types::is_dns_label(&n), "{n}");
                 assert!(n.len() <= PLAN_NAME_MAX_CHARS, "{n}");
                 assert!(n.starts_with("kiln-") || n.starts_with("kiln"), "{n}");
             }
@@ -865,7 +865,7 @@ role = \"agent\"
         let plan = lab_plan();
         for node in &plan.nodes {
             let secrets = crate::render::NodeSecrets {
-                private_key: crate::secrets::PrivateKey::from_bytes([7; 32]),
+                private_key: crate::config::secrets::PrivateKey::from_bytes([7; 32]),
                 public_keys: Default::default(),
                 token: "t".into(),
             };

@@ -1,0 +1,11 @@
+//! From the profile as written to a resolved plan: [`profile`] (strict
+//! TOML model), [`diag`] (errors with file, line, key and fix), [`types`]
+//! (sizes, keys, addresses parsed at the boundary), [`plan`] (resolved,
+//! validated; no I/O after it), [`secrets`] (the state directory). Uses
+//! only util.
+
+pub mod diag;
+pub mod plan;
+pub mod profile;
+pub mod secrets;
+pub mod types;

@@ -1,0 +1,9 @@
+//! What a build starts from: the base root tarball ([`base`], made by
+//! mmdebstrap and cached), the k3s binary ([`k3s`], pinned and verified),
+//! the kernel, modules and boot files read out of the base ([`kernel`]),
+//! and the [`cache`] directory. Uses render, config and util.
+
+pub mod base;
+pub mod cache;
+pub mod k3s;
+pub mod kernel;

@@ -1,0 +1,6 @@
+//! Proving an image works: [`vm`] boots it in QEMU (OVMF, KVM or TCG),
+//! [`checks`] asserts what the profile promised from inside and outside.
+//! Uses image, inputs, render, config and util; never build or deliver.
+
+pub mod checks;
+pub mod vm;
