@@ -1963,35 +1963,28 @@ fn a_second_build_elsewhere_is_byte_identical_and_checksums_verify() {
         }
     }
 
-    let m: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(s.out.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(m["cluster"], "vmtest");
-    assert_eq!(m["source_date_epoch"], EPOCH);
-    assert_eq!(m["k3s"]["version"], K3S_VERSION);
-    assert_eq!(m["k3s"]["sha256"], sha256_file(&s.k3s));
-    assert_eq!(m["base"]["sha256"], sha256_file(&s.base));
-    let nodes: Vec<(&str, &str)> = m["nodes"]
-        .as_array()
-        .unwrap()
+    let m = kiln::image::manifest::Manifest::read(&s.out).unwrap();
+    assert_eq!(m.cluster, "vmtest");
+    assert_eq!(m.source_date_epoch, EPOCH);
+    assert_eq!(m.k3s.version, K3S_VERSION);
+    assert_eq!(m.k3s.sha256, sha256_file(&s.k3s));
+    assert_eq!(m.base.sha256, sha256_file(&s.base));
+    let nodes: Vec<(&str, &str)> = m
+        .nodes
         .iter()
-        .map(|n| (n["name"].as_str().unwrap(), n["role"].as_str().unwrap()))
+        .map(|n| (n.name.as_str(), n.role.as_str()))
         .collect();
     assert_eq!(nodes, [("s1", "server"), ("a1", "agent")]);
-    for n in m["nodes"].as_array().unwrap() {
-        assert!(
-            n["cmdline"]
-                .as_str()
-                .unwrap()
-                .split(' ')
-                .any(|o| o == "pcie_aspm=off"),
-            "{n}"
-        );
+    for n in &m.nodes {
+        assert!(n.cmdline.split(' ').any(|o| o == "pcie_aspm=off"), "{n:?}");
     }
-    for a in m["artifacts"].as_array().unwrap() {
-        let p = s.out.join(a["path"].as_str().unwrap());
-        assert_eq!(a["size"], fs::metadata(&p).unwrap().len());
-        assert_eq!(a["sha256"], sha256_file(&p));
+    for a in &m.artifacts {
+        let p = s.out.join(&a.path);
+        assert_eq!(a.size, fs::metadata(&p).unwrap().len());
+        assert_eq!(a.sha256, sha256_file(&p));
     }
+    // The typed manifest writes back the very bytes the build wrote.
+    assert!(m.to_bytes() == fs::read(s.out.join("manifest.json")).unwrap());
 }
 
 /// No file or directory under `dir` (itself included) is writable by

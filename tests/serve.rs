@@ -47,8 +47,34 @@ fn tree(dir: &Path) -> (Plan, PathBuf) {
         )
         .unwrap();
     }
-    std::fs::write(out.join("manifest.json"), r#"{"cluster": "lab"}"#).unwrap();
+    write_manifest(&out, "lab");
     (plan, out)
+}
+
+/// A manifest naming `cluster` (the rest is what serve does not read).
+fn write_manifest(out: &Path, cluster: &str) {
+    use kiln::image::manifest::{Digest, K3s, Kernel, Manifest};
+    let m = Manifest {
+        artifacts: vec![],
+        base: Digest {
+            sha256: "0".repeat(64),
+        },
+        cluster: cluster.into(),
+        k3s: K3s {
+            sha256: "0".repeat(64),
+            version: "v1.31.1+k3s1".into(),
+        },
+        kernel: Kernel {
+            initramfs_compression: "zstd".into(),
+            version: "6.1.0".into(),
+        },
+        kiln_version: "0".into(),
+        nodes: vec![],
+        profile: None,
+        profile_sha256: "0".repeat(64),
+        source_date_epoch: 0,
+    };
+    std::fs::write(out.join("manifest.json"), m.to_bytes()).unwrap();
 }
 
 struct Running {
@@ -284,7 +310,7 @@ fn one_log_line_per_request_with_client_path_status_bytes() {
 fn a_tree_of_another_cluster_or_no_tree_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (plan, out) = tree(dir.path());
-    std::fs::write(out.join("manifest.json"), r#"{"cluster": "other"}"#).unwrap();
+    write_manifest(&out, "other");
     let opts = ServeOptions {
         out: out.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -535,17 +535,14 @@ fn netboot_expect<'a>(
     files: &'a kiln::render::NodeFiles,
     disk: bool,
 ) -> Expect<'a> {
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-    let sha = m["nodes"]
-        .as_array()
-        .unwrap()
+    let m = kiln::image::manifest::Manifest::read(out).unwrap();
+    let sha = m
+        .nodes
         .iter()
-        .find(|n| n["name"] == node)
-        .unwrap()["root_sha256"]
-        .as_str()
+        .find(|n| n.name == node)
         .unwrap()
-        .to_string();
+        .root_sha256
+        .clone();
     Expect {
         medium: verify::Medium::Net {
             root_sha256: sha,

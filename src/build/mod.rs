@@ -19,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 use crate::config::plan::{NodePlan, Plan};
 use crate::config::profile::Role;
 use crate::config::secrets::ClusterSecrets;
+use crate::image::manifest::{self, Manifest};
 use crate::image::{disk, esp::EspFile};
 use crate::image::{initramfs, rootfs};
 use crate::inputs::{base, kernel};
@@ -181,7 +182,7 @@ pub fn overlay_dirs(plan: &Plan, role: Role) -> Vec<PathBuf> {
 #[derive(Debug)]
 pub struct BuildResult {
     pub artifacts: Vec<PathBuf>,
-    pub manifest: serde_json::Value,
+    pub manifest: Manifest,
 }
 
 /// Run the whole build.
@@ -231,7 +232,7 @@ fn build_staged(
     epoch: u64,
     progress: &Progress,
     staging: &crate::build::staging::Staging,
-) -> anyhow::Result<(Vec<String>, Vec<PathBuf>, serde_json::Value)> {
+) -> anyhow::Result<(Vec<String>, Vec<PathBuf>, Manifest)> {
     let work = staging.dir.join(".work");
     std::fs::create_dir_all(&work)?;
 
@@ -352,12 +353,14 @@ fn build_staged(
             disk::write_disk(&image, &parts, &guid_seed, &root_path, &esp_files)?;
             Ok(hex::encode(Sha256::digest(&seed)))
         })?;
-        let mut entry = serde_json::json!({
-            "name": name,
-            "role": node.role.as_str(),
-            "cmdline": boot::options(plan, node, 'a'),
-            "root_sha256": root_sha,
-        });
+        let mut entry = manifest::Node {
+            cmdline: boot::options(plan, node, 'a'),
+            name: name.clone(),
+            pxe: None,
+            qcow2: None,
+            role: node.role.as_str().to_string(),
+            root_sha256: root_sha.clone(),
+        };
         if opts.qcow2 {
             let q = staging.dir.join(format!("{name}.qcow2"));
             progress.stage(&format!("{name}.qcow2"), || {
@@ -371,7 +374,7 @@ fn build_staged(
                 std::fs::set_permissions(&q, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
                 Ok(())
             })?;
-            entry["qcow2"] = serde_json::json!(format!("{name}.qcow2"));
+            entry.qcow2 = Some(format!("{name}.qcow2"));
         }
         if opts.pxe {
             let root_file = root_path.file_name().unwrap().to_string_lossy().to_string();
@@ -399,10 +402,14 @@ fn build_staged(
                         pxe_dir.join(&script),
                         crate::render::pxe::node_script(plan, node, &root_file, &root_sha),
                     )?;
-                    entry["pxe"] = serde_json::json!({
-                        "script": format!("{}/{script}", crate::render::pxe::DIR),
-                        "root": format!("{}/{root_file}", crate::render::pxe::DIR),
-                        "seed": format!("{}/{}", crate::render::pxe::DIR, crate::render::pxe::seed_path(name)),
+                    entry.pxe = Some(manifest::Pxe {
+                        root: format!("{}/{root_file}", crate::render::pxe::DIR),
+                        script: format!("{}/{script}", crate::render::pxe::DIR),
+                        seed: format!(
+                            "{}/{}",
+                            crate::render::pxe::DIR,
+                            crate::render::pxe::seed_path(name)
+                        ),
                     });
                 }
                 None => eprintln!(
@@ -428,30 +435,47 @@ fn build_staged(
         let p = staging.dir.join(n);
         let sha = sha256_file(&p)?;
         sums.push_str(&format!("{sha}  {n}\n"));
-        art.push(
-            serde_json::json!({"path": n, "sha256": sha, "size": std::fs::metadata(&p)?.len()}),
-        );
+        art.push(manifest::Artifact {
+            path: n.clone(),
+            size: std::fs::metadata(&p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .len(),
+            sha256: sha,
+        });
     }
     let mut sf = std::fs::File::create(staging.dir.join("SHA256SUMS"))?;
     sf.write_all(sums.as_bytes())?;
     sf.sync_all()?;
     let profile_text = std::fs::read(&plan.profile_path).unwrap_or_default();
-    let manifest = serde_json::json!({
-        "kiln_version": KILN_VERSION,
-        "cluster": plan.cluster,
-        "profile": plan.profile_path.file_name().map(|f| f.to_string_lossy().to_string()),
-        "profile_sha256": hex::encode(Sha256::digest(&profile_text)),
-        "source_date_epoch": epoch,
-        "base": {"sha256": base.sha256},
-        "k3s": {"version": plan.k3s.version.to_string(), "sha256": k3s.sha256},
-        "kernel": {"version": files.kernel_version, "initramfs_compression": format!("{compression:?}").to_lowercase()},
-        "nodes": node_manifest,
-        "artifacts": art,
-    });
-    let mut mf = std::fs::File::create(staging.dir.join("manifest.json"))?;
-    serde_json::to_writer_pretty(&mut mf, &manifest)?;
-    mf.write_all(b"\n")?;
-    mf.sync_all()?;
+    let manifest = Manifest {
+        artifacts: art,
+        base: manifest::Digest {
+            sha256: base.sha256.clone(),
+        },
+        cluster: plan.cluster.clone(),
+        k3s: manifest::K3s {
+            sha256: k3s.sha256.clone(),
+            version: plan.k3s.version.to_string(),
+        },
+        kernel: manifest::Kernel {
+            initramfs_compression: format!("{compression:?}").to_lowercase(),
+            version: files.kernel_version.clone(),
+        },
+        kiln_version: KILN_VERSION.to_string(),
+        nodes: node_manifest,
+        profile: plan
+            .profile_path
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string()),
+        profile_sha256: hex::encode(Sha256::digest(&profile_text)),
+        source_date_epoch: epoch,
+    };
+    let mf_path = staging.dir.join(manifest::FILE);
+    let mut mf = std::fs::File::create(&mf_path)
+        .with_context(|| format!("creating {}", mf_path.display()))?;
+    mf.write_all(&manifest.to_bytes())
+        .and_then(|()| mf.sync_all())
+        .with_context(|| format!("writing {}", mf_path.display()))?;
     std::fs::File::open(&staging.dir)?.sync_all()?;
     Ok((names, artifacts, manifest))
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 /// The file that marks a directory as a kiln build output.
-pub const MANIFEST: &str = "manifest.json";
+pub use crate::image::manifest::FILE as MANIFEST;
 /// A lock file without its directory younger than this may belong to a
 /// build that is just starting; older ones are removed.
 const ORPHAN_LOCK_AGE: Duration = Duration::from_secs(60);
@@ -173,6 +173,7 @@ pub fn check_replaceable(out: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let manifest = out.join(MANIFEST);
+    // Loosely: any kiln's manifest (older ones too) names its kiln version.
     let is_kiln = std::fs::read(&manifest)
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())

@@ -138,16 +138,12 @@ impl Server {
                 opts.out.display()
             );
         }
-        let manifest: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(opts.out.join("manifest.json"))
-                .with_context(|| format!("reading {}/manifest.json", opts.out.display()))?,
-        )
-        .with_context(|| format!("parsing {}/manifest.json", opts.out.display()))?;
-        if manifest["cluster"].as_str() != Some(plan.cluster.as_str()) {
+        let manifest = crate::image::manifest::Manifest::read(&opts.out)?;
+        if manifest.cluster != plan.cluster {
             bail!(
                 "{} was built for cluster {}, not {} ({}): serve the output of this profile's build",
                 opts.out.display(),
-                manifest["cluster"],
+                manifest.cluster,
                 plan.cluster,
                 plan.profile_path.display()
             );

@@ -8,4 +8,5 @@ pub mod disk;
 pub mod esp;
 pub mod gpt;
 pub mod initramfs;
+pub mod manifest;
 pub mod rootfs;

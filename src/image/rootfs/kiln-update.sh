@@ -31,7 +31,7 @@ usage() {
     exit "${1:-0}"
 }
 
-server= bundle= reboot= mode=update
+server='' bundle='' reboot='' mode=update
 while [ $# -gt 0 ]; do
     case "$1" in
         --server) server="${2:?--server needs a URL}"; shift 2 ;;
@@ -175,7 +175,8 @@ do_update() {
 
     # Boot files first, into RAM, checked before anything is written.
     for f in vmlinuz initrd seed; do
-        local url="$base/$(field "$f")"
+        local url
+        url="$base/$(field "$f")"
         [ "$f" = seed ] && url="$url?key=$(cat /etc/kiln/update-key)"
         fetch "$url" "$WORK/$f"
         check_sha "$WORK/$f" "$(field "${f}_sha256")" "$f"
