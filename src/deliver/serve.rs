@@ -141,7 +141,7 @@ impl Server {
         let manifest = crate::image::manifest::Manifest::read(&opts.out)?;
         if manifest.cluster != plan.cluster {
             bail!(
-                "{} was built for cluster {}, not {} ({}): serve the output of this profile's build",
+                "{} was built for cluster {:?}, not {} ({}): serve the output of this profile's build",
                 opts.out.display(),
                 manifest.cluster,
                 plan.cluster,
