@@ -2279,7 +2279,8 @@ fn a_full_disk_fails_saying_what_ran_out_and_leaves_nothing() {
         &o,
         "disk full",
         &[
-            "no space left on the filesystem holding",
+            "no space left for the build on the filesystem holding",
+            "the build needs about",
             "MiB free",
             "--out",
         ],
