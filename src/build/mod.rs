@@ -239,6 +239,7 @@ fn build_staged(
     let base = progress.stage("base root tarball", || {
         base::plan_base_tarball(plan, &opts.cache, epoch)
     })?;
+    check_space(plan, nodes, &base.path, &staging.dir)?;
     let lock = plan.profile_path.with_file_name("kiln.lock");
     let k3s = progress.stage(&format!("k3s {}", plan.k3s.version), || {
         // The test double is never pinned in kiln.lock: a later real build
@@ -478,6 +479,42 @@ fn build_staged(
         .with_context(|| format!("writing {}", mf_path.display()))?;
     std::fs::File::open(&staging.dir)?.sync_all()?;
     Ok((names, artifacts, manifest))
+}
+
+/// What a node image holds besides its root: ESP contents (kernel,
+/// initramfs, seed) and partition metadata, generously.
+const NODE_EXTRA_BYTES: u64 = 64 << 20;
+
+/// Refuse to start writing when the filesystem of `staging` cannot hold
+/// the build: each root image is about the size of the (compressed) base
+/// tarball, and each node image holds a root plus its ESP.
+fn check_space(
+    plan: &Plan,
+    nodes: &[&NodePlan],
+    base: &Path,
+    staging: &Path,
+) -> anyhow::Result<()> {
+    let base_bytes = std::fs::metadata(base)
+        .with_context(|| format!("reading {}", base.display()))?
+        .len();
+    let roles: std::collections::BTreeSet<&str> = nodes.iter().map(|n| n.role.as_str()).collect();
+    let needed =
+        base_bytes * roles.len() as u64 + nodes.len() as u64 * (base_bytes + NODE_EXTRA_BYTES);
+    let Some(free) = crate::staging::free_bytes(staging) else {
+        return Ok(());
+    };
+    if free < needed {
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        bail!(
+            "no space left for the build on the filesystem holding {}: {} MiB free, the build needs about {} MiB ({} node(s) of {}); free space, or choose an --out on a bigger filesystem",
+            staging.parent().unwrap_or(staging).display(),
+            mib(free),
+            mib(needed),
+            nodes.len(),
+            plan.cluster
+        );
+    }
+    Ok(())
 }
 
 /// Every file under `dir`, as sorted `/`-separated relative paths.
