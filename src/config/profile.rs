@@ -1288,23 +1288,9 @@ fn closest<'a>(name: &str, known: &'a [String]) -> Option<&'a str> {
     by_prefix.map(String::as_str).or_else(|| {
         known
             .iter()
-            .map(|k| (edit_distance(&norm, k), k))
+            .map(|k| (strsim::levenshtein(&norm, k), k))
             .filter(|(dist, k)| *dist <= 2.max(k.len() / 4))
             .min_by_key(|(dist, _)| *dist)
             .map(|(_, k)| k.as_str())
     })
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }

@@ -33,7 +33,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::image::gpt::{self, PartitionPlan, SECTOR_BYTES};
 
-const MIB: u64 = 1024 * 1024;
+use crate::util::size::MIB;
 
 /// Size of the read and write buffers.
 pub const BUFFER_BYTES: usize = 4 * MIB as usize;
@@ -289,22 +289,12 @@ fn expected_sha256(image: &Path) -> Result<String, String> {
         }
         Err(e) => return Err(format!("reading {}: {e}", sums.display())),
     };
-    parse_sha256sums(&text, &name).ok_or_else(|| {
+    crate::util::hash::sha256sums_lookup(&text, &name).ok_or_else(|| {
         format!(
             "{} has no line for {name}, so the image cannot be checked: rebuild it with `kiln build`, \
              or, if you trust it, add one with `sha256sum {name} >> SHA256SUMS`",
             sums.display()
         )
-    })
-}
-
-/// The hash `sha256sum` output lists for `name` (text or binary mode).
-fn parse_sha256sums(text: &str, name: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let (hash, rest) = line.split_once(' ')?;
-        let file = rest.strip_prefix(' ').or_else(|| rest.strip_prefix('*'))?;
-        (file == name && hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| hash.to_ascii_lowercase())
     })
 }
 
@@ -1337,11 +1327,17 @@ mod tests {
         let a = "a".repeat(64);
         let b = "B".repeat(64);
         let text = format!("{a}  n1.img\n{b} *n2.img\nnot a line\n{a}  manifest.json\n");
-        assert_eq!(parse_sha256sums(&text, "n1.img"), Some(a.clone()));
-        assert_eq!(parse_sha256sums(&text, "n2.img"), Some("b".repeat(64)));
-        assert_eq!(parse_sha256sums(&text, "n3.img"), None);
         assert_eq!(
-            parse_sha256sums(&format!("{a} n1.img\n"), "n1.img"),
+            crate::util::hash::sha256sums_lookup(&text, "n1.img"),
+            Some(a.clone())
+        );
+        assert_eq!(
+            crate::util::hash::sha256sums_lookup(&text, "n2.img"),
+            Some("b".repeat(64))
+        );
+        assert_eq!(crate::util::hash::sha256sums_lookup(&text, "n3.img"), None);
+        assert_eq!(
+            crate::util::hash::sha256sums_lookup(&format!("{a} n1.img\n"), "n1.img"),
             None,
             "one space is not sha256sum's format"
         );

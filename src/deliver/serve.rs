@@ -852,7 +852,7 @@ fn respond(state: &State, req: &Head, client: IpAddr) -> Reply {
                 && state
                     .update_keys
                     .get(&node)
-                    .is_some_and(|k| constant_time_eq(k.as_bytes(), key.as_bytes()));
+                    .is_some_and(|k| ct_eq(k.as_bytes(), key.as_bytes()));
             // A HEAD sends no secret: it does not spend the token.
             let spend = !update && req.method == "GET";
             match use_seed_token(
@@ -885,8 +885,10 @@ fn respond(state: &State, req: &Head, client: IpAddr) -> Reply {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Equal in time independent of where they differ (tokens, keys).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 fn file(req: &Head, tree: &Path, rel: &str) -> Reply {

@@ -16,7 +16,7 @@ use anyhow::{Context as _, ensure};
 use super::esp::{self, EspFile};
 use super::gpt::{self, Guid, PartitionPlan};
 
-pub const MIB: u64 = 1024 * 1024;
+pub use crate::util::size::MIB;
 /// The ESP: FAT32 needs at least 260 MiB at 512-byte sectors for OVMF;
 /// two slots of kernel + initramfs + seed fit with room to spare.
 pub const ESP_MIB: u64 = 260;

@@ -34,7 +34,7 @@ use hadris_fat::{DirectoryEntry, FatDir, FatType, FatVolume, FatVolumeReadExt, F
 
 use super::gpt::{ESP_MIN_MIB, SECTOR_BYTES};
 
-const MIB: u64 = 1024 * 1024;
+use crate::util::size::MIB;
 
 /// Smallest ESP [`write_esp`] accepts, in bytes: [`ESP_MIN_MIB`] (260 MiB)
 /// at 512-byte sectors. OVMF (like every FAT driver) decides FAT12/16/32 by

@@ -64,7 +64,7 @@ const HEADER_BYTES: usize = 92;
 
 const SIGNATURE: &[u8; 8] = b"EFI PART";
 const REVISION_1_0: u32 = 0x0001_0000;
-const MIB: u64 = 1024 * 1024;
+use crate::util::size::MIB;
 
 /// A GUID in its textual (RFC 4122, big-endian) byte order.
 ///

@@ -18,7 +18,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{self, Read as _};
+use std::io;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -147,9 +147,6 @@ pub const BUILD_ENV: &[(&str, &str)] = &[("INITRD", "No")];
 const MMDEBSTRAP: Tool = Tool::new("mmdebstrap", "mmdebstrap");
 /// mmdebstrap compresses `.tar.zst` output with the zstd program.
 const ZSTD: Tool = Tool::new("zstd", "zstd");
-
-/// Read buffer for hashing tarballs.
-const BUFFER_BYTES: usize = 1 << 20;
 
 /// What to ask mmdebstrap for. Everything that changes the tarball is here
 /// or in [`BASE_FORMAT_VERSION`].
@@ -366,7 +363,7 @@ pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Res
     file.sync_all()
         .with_context(|| format!("syncing {}", tmp.path().display()))?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
-    let sha256 = hash_file(tmp.path())?;
+    let sha256 = crate::util::hash::sha256_file(tmp.path())?;
     tmp.persist(&path)
         .map_err(|e| e.error)
         .with_context(|| format!("moving the base tarball to {}", path.display()))?;
@@ -390,7 +387,7 @@ pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Res
         "build-seconds": (seconds * 10.0).round() / 10.0,
         "command": line,
     });
-    write_atomic(
+    write_atomic_0644(
         &record,
         format!("{}\n", serde_json::to_string_pretty(&meta)?).as_bytes(),
     )?;
@@ -425,7 +422,7 @@ fn check_cached(path: &Path, record: &Path) -> Result<Option<BaseTarball>> {
         );
         return Ok(None);
     };
-    let actual = hash_file(path)?;
+    let actual = crate::util::hash::sha256_file(path)?;
     if actual != recorded {
         log::warn!(
             "{} has sha256 {actual}, but {} records {recorded}: rebuilding it",
@@ -459,7 +456,7 @@ pub fn use_tarball(path: &Path) -> Result<BaseTarball> {
             return Err(e).with_context(|| format!("reading base tarball {}", path.display()));
         }
     }
-    let sha256 = hash_file(path)?;
+    let sha256 = crate::util::hash::sha256_file(path)?;
     Ok(BaseTarball {
         path: path.to_path_buf(),
         sha256,
@@ -480,32 +477,8 @@ pub fn plan_base_tarball(plan: &Plan, cache: &Path, source_date_epoch: u64) -> R
     }
 }
 
-/// Lowercase hex sha256 of a file, streamed.
-fn hash_file(path: &Path) -> Result<String> {
-    let mut file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; BUFFER_BYTES];
-    loop {
-        match file.read(&mut buffer) {
-            Ok(0) => return Ok(hex::encode(hasher.finalize())),
-            Ok(n) => hasher.update(&buffer[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-    }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    io::Write::write_all(&mut tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file().sync_all()?;
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+fn write_atomic_0644(path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::util::atomic::write_atomically(path, bytes, 0o644)
 }
 
 fn sync_dir(dir: &Path) {
@@ -650,7 +623,7 @@ mod tests {
     fn publish_fake(spec: &BaseSpec, cache: &Path) -> String {
         let path = cached_path(spec, cache);
         fs::write(&path, b"a tarball built by the lock holder").unwrap();
-        let sha = hash_file(&path).unwrap();
+        let sha = crate::util::hash::sha256_file(&path).unwrap();
         fs::write(
             record_path(&path),
             serde_json::json!({ "sha256": sha }).to_string(),

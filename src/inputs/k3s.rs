@@ -173,16 +173,17 @@ impl Resolver {
         if !path.is_file() {
             return Ok(None);
         }
-        let sha256 = hash_file(&path)?;
+        let sha256 = crate::util::hash::sha256_file(&path)?;
         let digest_path = path.with_file_name(DIGEST_FILE);
         match fs::read_to_string(&digest_path) {
             Ok(text) => {
-                let recorded = checksum_for(&text, BINARY_NAME).with_context(|| {
-                    format!(
-                        "reading {}: no `<sha256>  {BINARY_NAME}` line",
-                        digest_path.display()
-                    )
-                })?;
+                let recorded = crate::util::hash::sha256sums_lookup(&text, BINARY_NAME)
+                    .with_context(|| {
+                        format!(
+                            "reading {}: no `<sha256>  {BINARY_NAME}` line",
+                            digest_path.display()
+                        )
+                    })?;
                 ensure!(
                     recorded == sha256,
                     "cached k3s {version} at {} is corrupt: recorded sha256 {recorded}, actual \
@@ -192,7 +193,7 @@ impl Resolver {
                 );
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                write_atomically(
+                crate::util::atomic::write_atomically(
                     &digest_path,
                     format!("{sha256}  {BINARY_NAME}\n").as_bytes(),
                     0o644,
@@ -251,9 +252,12 @@ impl Resolver {
             .limit(CHECKSUM_FILE_MAX_BYTES)
             .read_to_string()
             .map_err(|e| failed(&sums_url, &e))?;
-        let expected = checksum_for(&sums, BINARY_NAME).with_context(|| {
-            format!("release checksum file {sums_url} has no valid `<sha256>  {BINARY_NAME}` line")
-        })?;
+        let expected =
+            crate::util::hash::sha256sums_lookup(&sums, BINARY_NAME).with_context(|| {
+                format!(
+                    "release checksum file {sums_url} has no valid `<sha256>  {BINARY_NAME}` line"
+                )
+            })?;
         if let Some(pin) = pinned
             && pin != expected
         {
@@ -306,7 +310,7 @@ impl Resolver {
             .map_err(|e| e.error)
             .with_context(|| format!("moving the download into place at {}", cached.display()))?;
         let digest_line = format!("{actual}  {BINARY_NAME}\n");
-        write_atomically(
+        crate::util::atomic::write_atomically(
             &cached.with_file_name(DIGEST_FILE),
             digest_line.as_bytes(),
             0o644,
@@ -369,7 +373,7 @@ fn resolve_explicit(version: &str, path: &Path) -> Result<ResolvedK3s> {
     Ok(ResolvedK3s {
         path: path.to_path_buf(),
         version: version.to_owned(),
-        sha256: hash_file(path)?,
+        sha256: crate::util::hash::sha256_file(path)?,
         source: Source::Explicit,
     })
 }
@@ -424,72 +428,20 @@ fn record_pin(lock: &mut Table, resolved: &ResolvedK3s, path: &Path) -> Result<(
     lock.insert(LOCK_TABLE.into(), Value::Table(entry));
     let text = toml::to_string(lock)
         .with_context(|| format!("serializing lock file {}", path.display()))?;
-    write_atomically(path, text.as_bytes(), 0o644)
+    crate::util::atomic::write_atomically(path, text.as_bytes(), 0o644)
 }
 
-/// Write `bytes` to `path` through a synced temp file in the same directory.
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let mut staged = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    staged
-        .write_all(bytes)
-        .and_then(|()| {
-            staged
-                .as_file()
-                .set_permissions(fs::Permissions::from_mode(mode))
-        })
-        .and_then(|()| staged.as_file().sync_all())
-        .with_context(|| format!("writing {}", staged.path().display()))?;
-    staged
-        .persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
+/// Everything but RFC 3986 unreserved characters is percent-encoded.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
-/// Lowercase hex sha256 of a file, streamed.
-fn hash_file(path: &Path) -> Result<String> {
-    let mut file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; BUFFER_BYTES];
-    loop {
-        match file.read(&mut buffer) {
-            Ok(0) => return Ok(hex::encode(hasher.finalize())),
-            Ok(n) => hasher.update(&buffer[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-    }
-}
-
-/// The digest for `name` in `sha256sum` output (`<hex>  <name>`, or
-/// `<hex> *<name>` in binary mode), lowercased; `None` if absent or malformed.
-fn checksum_for(text: &str, name: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let (digest, file) = line.trim().split_once(char::is_whitespace)?;
-        let file = file.trim_start();
-        let file = file.strip_prefix('*').unwrap_or(file);
-        (file == name && digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| digest.to_ascii_lowercase())
-    })
-}
-
-/// Percent-encode everything but RFC 3986 unreserved characters, so the `+`
-/// of a k3s tag becomes `%2B` (a raw `+` in the path 404s on GitHub).
+/// Percent-encode a path segment, so the `+` of a k3s tag becomes `%2B`
+/// (a raw `+` in the path 404s on GitHub).
 fn encode_path_segment(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(segment, PATH_SEGMENT).to_string()
 }
 
 /// Is this k3s binary kiln's test double? (`--version` says so.)
@@ -520,17 +472,23 @@ mod tests {
             "0".repeat(64),
             SHA_A.to_uppercase()
         );
-        assert_eq!(checksum_for(&sums, "k3s").as_deref(), Some(SHA_A));
         assert_eq!(
-            checksum_for(&format!("{SHA_A} *k3s"), "k3s").as_deref(),
+            crate::util::hash::sha256sums_lookup(&sums, "k3s").as_deref(),
             Some(SHA_A)
         );
         assert_eq!(
-            checksum_for("abc  k3s\n", "k3s"),
+            crate::util::hash::sha256sums_lookup(&format!("{SHA_A} *k3s"), "k3s").as_deref(),
+            Some(SHA_A)
+        );
+        assert_eq!(
+            crate::util::hash::sha256sums_lookup("abc  k3s\n", "k3s"),
             None,
             "short digest rejected"
         );
-        assert_eq!(checksum_for(&format!("{SHA_A}  k3s-arm64"), "k3s"), None);
+        assert_eq!(
+            crate::util::hash::sha256sums_lookup(&format!("{SHA_A}  k3s-arm64"), "k3s"),
+            None
+        );
     }
 
     #[test]
