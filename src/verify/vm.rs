@@ -732,3 +732,45 @@ impl Drop for Vm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_that_never_answers_is_killed_at_its_deadline() {
+        let child = Command::new("sleep")
+            .arg("30")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = wait_with_deadline(child, Duration::from_millis(300)).unwrap_err();
+        assert!(err.to_string().contains("no answer within"), "{err}");
+    }
+
+    #[test]
+    fn a_command_that_answers_gives_its_output() {
+        let child = Command::new("sh")
+            .args(["-c", "echo out; echo err >&2; exit 3"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_with_deadline(child, Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            (out.stdout.as_slice(), out.stderr.as_slice()),
+            (&b"out\n"[..], &b"err\n"[..])
+        );
+        assert_eq!(out.status.code(), Some(3));
+    }
+
+    #[test]
+    fn ssh_gives_up_on_a_silent_guest() {
+        let opts = SSH_OPTIONS.join(" ");
+        assert!(
+            opts.contains("ServerAliveInterval=5") && opts.contains("ServerAliveCountMax=6"),
+            "{opts}"
+        );
+    }
+}
