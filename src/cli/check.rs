@@ -2,16 +2,35 @@
 //! plan (cluster, base, WireGuard, firewall, nodes, what a build writes).
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use crate::config::plan::{BasePlan, HubRef, Plan};
 use crate::config::profile::{KernelFlavour, Topology};
 
+/// `kiln check PROFILE`: load the profile and print the summary.
+pub fn run(profile: &Path) -> anyhow::Result<()> {
+    let plan = crate::config::plan::load(profile)?;
+    print!("{}", check(&plan));
+    Ok(())
+}
+
 /// `kiln check`: a summary of the plan.
 pub fn check(plan: &Plan) -> String {
     let mut s = String::new();
-    let k = &plan.k3s;
     let _ = writeln!(s, "profile    {}", plan.profile_path.display());
     let _ = writeln!(s, "cluster    {}", plan.cluster);
+    write_k3s(&mut s, plan);
+    write_base(&mut s, plan);
+    write_wireguard(&mut s, plan);
+    write_firewall_and_first_boot(&mut s, plan);
+    write_nodes(&mut s, plan);
+    write_build_plan(&mut s, plan);
+    s
+}
+
+/// The k3s line: version, flannel backend, what is disabled, registration address.
+fn write_k3s(s: &mut String, plan: &Plan) {
+    let k = &plan.k3s;
     let _ = writeln!(
         s,
         "k3s        {} (flannel {}{}{})",
@@ -27,6 +46,10 @@ pub fn check(plan: &Plan) -> String {
             .map(|r| format!(", registration address {r}"))
             .unwrap_or_default()
     );
+}
+
+/// The base line: Debian suite, kernel and extra packages, or a tarball.
+fn write_base(s: &mut String, plan: &Plan) {
     match &plan.base {
         BasePlan::Debian {
             suite,
@@ -51,6 +74,10 @@ pub fn check(plan: &Plan) -> String {
             let _ = writeln!(s, "base       tarball {}", p.display());
         }
     }
+}
+
+/// The WireGuard line: interface, network, port, topology and peers.
+fn write_wireguard(s: &mut String, plan: &Plan) {
     match &plan.wireguard {
         Some(w) => {
             let topo = match (w.topology, w.hub) {
@@ -82,6 +109,10 @@ pub fn check(plan: &Plan) -> String {
             let _ = writeln!(s, "wireguard  off");
         }
     }
+}
+
+/// What the firewall lets in, and what first boot sets up.
+fn write_firewall_and_first_boot(s: &mut String, plan: &Plan) {
     let f = &plan.firewall;
     let _ = writeln!(
         s,
@@ -100,29 +131,12 @@ pub fn check(plan: &Plan) -> String {
         plan.first_boot.run_once.len(),
         plan.first_boot.boot_cmd.len()
     );
+}
+
+/// The nodes table, columns padded to their widest cell.
+fn write_nodes(s: &mut String, plan: &Plan) {
     let _ = writeln!(s, "\nnodes");
-    let rows: Vec<[String; 7]> = plan
-        .nodes
-        .iter()
-        .map(|n| {
-            [
-                n.name.clone(),
-                n.role.as_str().to_string(),
-                n.mac.map_or("-".into(), |m| m.to_string()),
-                n.network.address.map_or_else(
-                    || {
-                        n.lan_address
-                            .map_or("dhcp".into(), |a| format!("{a} (dhcp, reserved)"))
-                    },
-                    |a| a.to_string(),
-                ),
-                n.wireguard_address.map_or("-".into(), |a| a.to_string()),
-                plan.join_url(n)
-                    .unwrap_or_else(|| "starts the cluster".into()),
-                plan.cmdline(n).join(" "),
-            ]
-        })
-        .collect();
+    let rows = node_rows(plan);
     let head = [
         "NAME",
         "ROLE",
@@ -146,6 +160,36 @@ pub fn check(plan: &Plan) -> String {
             .collect();
         let _ = writeln!(s, "  {}", line.join("  ").trim_end());
     }
+}
+
+/// One row of the nodes table per node: name, role, MAC, LAN address,
+/// WireGuard address, what it joins, kernel command line.
+fn node_rows(plan: &Plan) -> Vec<[String; 7]> {
+    plan.nodes
+        .iter()
+        .map(|n| {
+            [
+                n.name.clone(),
+                n.role.as_str().to_string(),
+                n.mac.map_or("-".into(), |m| m.to_string()),
+                n.network.address.map_or_else(
+                    || {
+                        n.lan_address
+                            .map_or("dhcp".into(), |a| format!("{a} (dhcp, reserved)"))
+                    },
+                    |a| a.to_string(),
+                ),
+                n.wireguard_address.map_or("-".into(), |a| a.to_string()),
+                plan.join_url(n)
+                    .unwrap_or_else(|| "starts the cluster".into()),
+                plan.cmdline(n).join(" "),
+            ]
+        })
+        .collect()
+}
+
+/// What a build writes.
+fn write_build_plan(s: &mut String, plan: &Plan) {
     let _ = writeln!(
         s,
         "\nbuild plan (per node: a GPT disk image with ESP, root-a, root-b and state)"
@@ -154,5 +198,4 @@ pub fn check(plan: &Plan) -> String {
         let _ = writeln!(s, "  {}.img", n.name);
     }
     let _ = writeln!(s, "  SHA256SUMS, manifest.json");
-    s
 }
