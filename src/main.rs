@@ -1,13 +1,21 @@
-//! kiln's command line. Parses arguments, calls the library, prints the
-//! error chain once and exits non-zero on failure.
+//! kiln's command line. Parses arguments, sets up logging, the umask and
+//! the signal handler, calls one function per verb in `kiln::cli`, prints
+//! the error chain once and exits non-zero on failure.
+//!
+//! The clap types stay here rather than in `kiln::cli`: they are the
+//! binary's interface (flags, help text, `--help` output) and nothing in
+//! the library needs them. The verbs take plain typed arguments (a small
+//! `*Args` struct when there are many), so tests and other callers drive
+//! them without building a command line; `run` below only translates.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use kiln::cli::commands;
+use kiln::cli;
 use kiln::config::diag::ProfileErrors;
+use kiln::config::profile::Role;
 
 /// Bake immutable, k3os-style boot images for the nodes of a small k3s
 /// cluster, from one TOML profile.
@@ -237,17 +245,12 @@ enum RoleArg {
     Agent,
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Check { profile } => {
-            let plan = kiln::config::plan::load(&profile)?;
-            print!("{}", commands::check(&plan));
-        }
-        Command::Keys { profile, state_dir } => {
-            let (plan, secrets) =
-                kiln::config::secrets::load_with_secrets(&profile, state_dir.as_deref())?;
-            print!("{}", commands::keys(&plan, &secrets));
-        }
+/// Hand the parsed verb to its file in `kiln::cli`, translating clap's
+/// types into the verb's own.
+fn run(args: Cli) -> anyhow::Result<()> {
+    match args.command {
+        Command::Check { profile } => cli::check::run(&profile),
+        Command::Keys { profile, state_dir } => cli::keys::run(&profile, state_dir.as_deref()),
         Command::Build {
             profile,
             nodes,
@@ -256,27 +259,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             k3s_binary,
             format,
             state_dir,
-        } => {
-            let (plan, secrets) =
-                kiln::config::secrets::load_with_secrets(&profile, state_dir.as_deref())?;
-            let opts = kiln::build::BuildOptions {
-                out,
-                nodes,
-                role: role.map(|r| match r {
-                    RoleArg::Server => kiln::config::profile::Role::Server,
-                    RoleArg::Agent => kiln::config::profile::Role::Agent,
-                }),
-                k3s_binary,
-                qcow2: format.iter().any(|f| matches!(f, Format::Qcow2)),
-                pxe: format.iter().any(|f| matches!(f, Format::Pxe)),
-                cache: kiln::inputs::cache::cache_dir(),
-                test_access_key: None,
-            };
-            let result = kiln::build::build(&plan, &secrets, &opts)?;
-            for a in result.artifacts {
-                println!("{}", a.display());
-            }
-        }
+        } => cli::build::run(cli::build::BuildArgs {
+            profile,
+            nodes,
+            role: role.map(|r| match r {
+                RoleArg::Server => Role::Server,
+                RoleArg::Agent => Role::Agent,
+            }),
+            out,
+            k3s_binary,
+            qcow2: format.iter().any(|f| matches!(f, Format::Qcow2)),
+            pxe: format.iter().any(|f| matches!(f, Format::Pxe)),
+            state_dir,
+        }),
         Command::Test {
             profile,
             node,
@@ -286,49 +281,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             k3s_binary,
             keep,
             state_dir,
-        } => {
-            let (plan, secrets) =
-                kiln::config::secrets::load_with_secrets(&profile, state_dir.as_deref())?;
-            let mut keys = Vec::new();
-            for u in user_keys {
-                let (user, path) = u
-                    .split_once('=')
-                    .ok_or_else(|| anyhow::anyhow!("--user-key {u}: write USER=PATH"))?;
-                keys.push((user.to_string(), PathBuf::from(path)));
-            }
-            let opts = kiln::cli::test::TestOptions {
-                node,
-                image,
-                ssh_key,
-                k3s_binary,
-                user_keys: keys,
-                cache: kiln::inputs::cache::cache_dir(),
-                keep,
-            };
-            let report = kiln::cli::test::test_node(&plan, &secrets, &opts)?;
-            print!("{}", report.table());
-            if !report.passed() {
-                anyhow::bail!("{}: some checks failed", report.node);
-            }
-        }
-        Command::Run { image } => kiln::cli::test::run_interactive(&image)?,
+        } => cli::test::run(cli::test::TestArgs {
+            profile,
+            state_dir,
+            node,
+            image,
+            ssh_key,
+            user_keys,
+            k3s_binary,
+            keep,
+        }),
+        Command::Run { image } => cli::test::run_interactive(&image),
         Command::Render {
             profile,
             node,
             out,
             state_dir,
-        } => {
-            let (plan, secrets) =
-                kiln::config::secrets::load_with_secrets(&profile, state_dir.as_deref())?;
-            let files = commands::render_node(&plan, &node, &secrets)?;
-            files.tree.write_to(&out)?;
-            println!("{}", out.display());
-            eprintln!(
-                "rendered {} files for {node}; kernel command line: {}",
-                files.tree.paths().count(),
-                files.cmdline
-            );
-        }
+        } => cli::render::run(&profile, &node, &out, state_dir.as_deref()),
         Command::Serve {
             profile,
             listen,
@@ -336,145 +305,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             url,
             tftp,
             state_dir,
-        } => {
-            let plan = kiln::config::plan::load(&profile)?;
-            let dir = kiln::config::secrets::state_dir(&profile, state_dir.as_deref());
-            let update_keys = if dir.is_dir() {
-                kiln::config::secrets::load_with_secrets(&profile, Some(&dir))?
-                    .1
-                    .update_keys(&plan.cluster)
-            } else {
-                eprintln!(
-                    "kiln serve: no state directory {}: kiln-update cannot fetch seeds (netboot can)",
-                    dir.display()
-                );
-                Default::default()
-            };
-            let url = url.or_else(|| kiln::deliver::serve::default_url(listen));
-            if let Some(u) = &url
-                && !u.starts_with("http://")
-            {
-                anyhow::bail!(
-                    "--url {u}: write http://ADDRESS:PORT (iPXE and the initramfs fetch over plain HTTP)"
-                );
-            }
-            let opts = kiln::deliver::serve::ServeOptions {
-                out,
-                listen,
-                url: url.clone(),
-                tftp: tftp.clone(),
-                update_keys,
-            };
-            let tftp_root = match (&tftp, &url) {
-                (Some(dir), Some(u)) => {
-                    for n in kiln::deliver::serve::write_tftp(dir, u)? {
-                        eprintln!("kiln serve: {n}");
-                    }
-                    dir.display().to_string()
-                }
-                (Some(_), None) => anyhow::bail!(
-                    "--tftp needs --url: the bootstrap script must name an address nodes can reach, and --listen {listen} does not"
-                ),
-                (None, _) => "/srv/kiln-tftp".to_string(),
-            };
-            // Ctrl-C stops the server from the moment it answers.
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = stop.clone();
-            ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
-                .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))?;
-            // Bound last: once it answers, the TFTP material is in place.
-            let server = kiln::deliver::serve::Server::bind(&plan, &opts)?;
-            let shown = url
-                .clone()
-                .unwrap_or_else(|| "http://<this machine's address>:PORT".into());
-            println!(
-                "# dnsmasq for PXE on a LAN with its own DHCP server; kiln serve at {shown}.\n# TFTP root: {tftp_root}{}\n{}",
-                if tftp.is_none() {
-                    " (fill it with kiln serve --tftp DIR --url URL)"
-                } else {
-                    ""
-                },
-                kiln::render::pxe::dnsmasq_snippet(
-                    &url.as_deref()
-                        .map_or("<your LAN's network address>".to_string(), |u| {
-                            kiln::deliver::serve::proxy_range(&plan, u)
-                        }),
-                    &tftp_root
-                )
-            );
-            eprintln!(
-                "kiln serve: {} on http://{} (netboot nodes: {}); Ctrl-C stops",
-                opts.out.join(kiln::render::pxe::DIR).display(),
-                server.addr(),
-                server.nodes().join(", ")
-            );
-            server.run(&stop)?;
-            eprintln!("kiln serve: stopped");
-        }
+        } => cli::serve::run(cli::serve::ServeArgs {
+            profile,
+            listen,
+            out,
+            url,
+            tftp,
+            state_dir,
+        }),
         Command::Upgrade {
             profile,
             k3s,
-            plan: want_plan,
+            plan,
             server,
             out,
-        } => {
-            if k3s.is_none() && !want_plan {
-                anyhow::bail!(
-                    "say what to do: --k3s VERSION (edit the profile) and/or --plan (print the rollout plans)"
-                );
-            }
-            if let Some(v) = k3s {
-                let (old, _) = kiln::deliver::upgrade::write_k3s_version(&profile, &v)?;
-                eprintln!(
-                    "{}: k3s {old} → {v}\nnext: kiln build {} --format pxe --out DIR (rebuilds the root images and writes each node's update bundle), kiln serve {} --out DIR, then kiln-update on the nodes or kiln upgrade {} --plan --server URL",
-                    profile.display(),
-                    profile.display(),
-                    profile.display(),
-                    profile.display()
-                );
-            }
-            if want_plan {
-                let plan = kiln::config::plan::load(&profile)?;
-                let server = server.ok_or_else(|| {
-                    anyhow::anyhow!("--plan needs --server URL: the address of kiln serve as the nodes reach it, e.g. http://192.168.1.10:8080")
-                })?;
-                if !server.starts_with("http://") {
-                    anyhow::bail!(
-                        "--server {server}: write http://ADDRESS:PORT (kiln-update fetches over plain HTTP and checks every digest)"
-                    );
-                }
-                let text = kiln::deliver::upgrade::plans(&plan, &server);
-                match out {
-                    Some(dir) => {
-                        std::fs::create_dir_all(&dir)?;
-                        let p = dir.join("kiln-upgrade-plans.yaml");
-                        kiln::deliver::upgrade::replace_file(&p, &text)?;
-                        println!("{}", p.display());
-                    }
-                    None => print!("{text}"),
-                }
-            }
-        }
+        } => cli::upgrade::run(cli::upgrade::UpgradeArgs {
+            profile,
+            k3s,
+            plan,
+            server,
+            out,
+        }),
         Command::Flash {
             image,
             device,
             yes,
             force,
             size,
-        } => {
-            let opts = kiln::deliver::flash::FlashOptions {
-                image,
-                target: device,
-                yes,
-                force,
-                size_bytes: size.map(|s| s.0),
-            };
-            let report =
-                kiln::deliver::flash::flash(&opts, &kiln::deliver::flash::SysFacts::default())?;
-            println!("{}", report.target.display());
-        }
+        } => cli::flash::run(&kiln::deliver::flash::FlashOptions {
+            image,
+            target: device,
+            yes,
+            force,
+            size_bytes: size.map(|s| s.0),
+        }),
     }
-    Ok(())
 }
 
 /// Exit status after SIGINT, SIGTERM or SIGHUP (128 + SIGINT, as shells do).

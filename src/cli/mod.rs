@@ -1,5 +1,12 @@
 //! The verbs, one file each: load the profile and secrets, call the layers
-//! below, return what `main` prints. May use every layer.
+//! below, print what the verb prints. May use every layer.
 
+pub mod build;
+pub mod check;
 pub mod commands;
+pub mod flash;
+pub mod keys;
+pub mod render;
+pub mod serve;
 pub mod test;
+pub mod upgrade;

@@ -26,6 +26,56 @@ pub struct TestOptions {
     pub keep: Option<PathBuf>,
 }
 
+/// What `kiln test` was asked, as parsed by `main`.
+#[derive(Debug, Clone, Default)]
+pub struct TestArgs {
+    /// The cluster profile (TOML).
+    pub profile: PathBuf,
+    /// Where node secrets are kept (default: beside the profile).
+    pub state_dir: Option<PathBuf>,
+    pub node: String,
+    pub image: Option<PathBuf>,
+    pub ssh_key: Option<PathBuf>,
+    /// `USER=PATH`, as given to `--user-key`.
+    pub user_keys: Vec<String>,
+    pub k3s_binary: Option<PathBuf>,
+    pub keep: Option<PathBuf>,
+}
+
+/// `kiln test`: load, test, print the table; fails if any check failed.
+pub fn run(args: TestArgs) -> anyhow::Result<()> {
+    let (plan, secrets) =
+        crate::config::secrets::load_with_secrets(&args.profile, args.state_dir.as_deref())?;
+    let opts = TestOptions {
+        node: args.node,
+        image: args.image,
+        ssh_key: args.ssh_key,
+        k3s_binary: args.k3s_binary,
+        user_keys: parse_user_keys(&args.user_keys)?,
+        cache: crate::inputs::cache::cache_dir(),
+        keep: args.keep,
+    };
+    let report = test_node(&plan, &secrets, &opts)?;
+    print!("{}", report.table());
+    if !report.passed() {
+        bail!("{}: some checks failed", report.node);
+    }
+    Ok(())
+}
+
+/// `USER=PATH` pairs from `--user-key`.
+fn parse_user_keys(given: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    given
+        .iter()
+        .map(|u| {
+            let (user, path) = u
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--user-key {u}: write USER=PATH"))?;
+            Ok((user.to_string(), PathBuf::from(path)))
+        })
+        .collect()
+}
+
 /// Build (or take) the node's image, boot it and check it.
 pub fn test_node(
     plan: &Plan,

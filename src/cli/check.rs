@@ -1,0 +1,201 @@
+//! `kiln check`: load the profile and print a summary of the resolved
+//! plan (cluster, base, WireGuard, firewall, nodes, what a build writes).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::config::plan::{BasePlan, HubRef, Plan};
+use crate::config::profile::{KernelFlavour, Topology};
+
+/// `kiln check PROFILE`: load the profile and print the summary.
+pub fn run(profile: &Path) -> anyhow::Result<()> {
+    let plan = crate::config::plan::load(profile)?;
+    print!("{}", check(&plan));
+    Ok(())
+}
+
+/// `kiln check`: a summary of the plan.
+pub fn check(plan: &Plan) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "profile    {}", plan.profile_path.display());
+    let _ = writeln!(s, "cluster    {}", plan.cluster);
+    write_k3s(&mut s, plan);
+    write_base(&mut s, plan);
+    write_wireguard(&mut s, plan);
+    write_firewall_and_first_boot(&mut s, plan);
+    write_nodes(&mut s, plan);
+    write_build_plan(&mut s, plan);
+    s
+}
+
+/// The k3s line: version, flannel backend, what is disabled, registration address.
+fn write_k3s(s: &mut String, plan: &Plan) {
+    let k = &plan.k3s;
+    let _ = writeln!(
+        s,
+        "k3s        {} (flannel {}{}{})",
+        k.version,
+        k.flannel_backend,
+        if k.disable.is_empty() {
+            String::new()
+        } else {
+            format!(", disable {}", k.disable.join(","))
+        },
+        k.registration_address
+            .as_ref()
+            .map(|r| format!(", registration address {r}"))
+            .unwrap_or_default()
+    );
+}
+
+/// The base line: Debian suite, kernel and extra packages, or a tarball.
+fn write_base(s: &mut String, plan: &Plan) {
+    match &plan.base {
+        BasePlan::Debian {
+            suite,
+            kernel,
+            packages,
+        } => {
+            let _ = writeln!(
+                s,
+                "base       Debian {suite}, {} kernel{}",
+                match kernel {
+                    KernelFlavour::Generic => "generic",
+                    KernelFlavour::Cloud => "cloud (VM only)",
+                },
+                if packages.is_empty() {
+                    String::new()
+                } else {
+                    format!(", extra packages: {}", packages.join(" "))
+                }
+            );
+        }
+        BasePlan::Tarball(p) => {
+            let _ = writeln!(s, "base       tarball {}", p.display());
+        }
+    }
+}
+
+/// The WireGuard line: interface, network, port, topology and peers.
+fn write_wireguard(s: &mut String, plan: &Plan) {
+    match &plan.wireguard {
+        Some(w) => {
+            let topo = match (w.topology, w.hub) {
+                (Topology::Mesh, _) => "mesh".to_string(),
+                (Topology::Hub, Some(HubRef::External(i))) => format!(
+                    "hub via external peer {}{}",
+                    w.peers[i].name,
+                    w.peers[i]
+                        .endpoint
+                        .as_ref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                ),
+                (Topology::Hub, Some(HubRef::Node(i))) => {
+                    format!("hub via node {}", plan.nodes[i].name)
+                }
+                (Topology::Hub, None) => "hub".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "wireguard  {} {} port {}, {topo}, {} external peer(s)",
+                w.interface,
+                w.network,
+                w.listen_port,
+                w.peers.len()
+            );
+        }
+        None => {
+            let _ = writeln!(s, "wireguard  off");
+        }
+    }
+}
+
+/// What the firewall lets in, and what first boot sets up.
+fn write_firewall_and_first_boot(s: &mut String, plan: &Plan) {
+    let f = &plan.firewall;
+    let _ = writeln!(
+        s,
+        "firewall   tcp {:?} udp {:?} from anywhere; interfaces {:?} and {} network(s) accepted; {} extra rule(s); rest rejected",
+        f.allow_tcp,
+        f.allow_udp,
+        f.accept_interfaces,
+        f.accept_cidrs.len(),
+        f.rules.len()
+    );
+    let _ = writeln!(
+        s,
+        "first boot {} user(s), {} file(s), {} run-once and {} boot command(s)",
+        plan.first_boot.users.len(),
+        plan.first_boot.write_files.len(),
+        plan.first_boot.run_once.len(),
+        plan.first_boot.boot_cmd.len()
+    );
+}
+
+/// The nodes table, columns padded to their widest cell.
+fn write_nodes(s: &mut String, plan: &Plan) {
+    let _ = writeln!(s, "\nnodes");
+    let rows = node_rows(plan);
+    let head = [
+        "NAME",
+        "ROLE",
+        "MAC",
+        "LAN",
+        "WIREGUARD",
+        "JOINS",
+        "KERNEL COMMAND LINE",
+    ];
+    let mut widths = head.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    for r in std::iter::once(head.map(String::from)).chain(rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(s, "  {}", line.join("  ").trim_end());
+    }
+}
+
+/// One row of the nodes table per node: name, role, MAC, LAN address,
+/// WireGuard address, what it joins, kernel command line.
+fn node_rows(plan: &Plan) -> Vec<[String; 7]> {
+    plan.nodes
+        .iter()
+        .map(|n| {
+            [
+                n.name.clone(),
+                n.role.as_str().to_string(),
+                n.mac.map_or("-".into(), |m| m.to_string()),
+                n.network.address.map_or_else(
+                    || {
+                        n.lan_address
+                            .map_or("dhcp".into(), |a| format!("{a} (dhcp, reserved)"))
+                    },
+                    |a| a.to_string(),
+                ),
+                n.wireguard_address.map_or("-".into(), |a| a.to_string()),
+                plan.join_url(n)
+                    .unwrap_or_else(|| "starts the cluster".into()),
+                plan.cmdline(n).join(" "),
+            ]
+        })
+        .collect()
+}
+
+/// What a build writes.
+fn write_build_plan(s: &mut String, plan: &Plan) {
+    let _ = writeln!(
+        s,
+        "\nbuild plan (per node: a GPT disk image with ESP, root-a, root-b and state)"
+    );
+    for n in &plan.nodes {
+        let _ = writeln!(s, "  {}.img", n.name);
+    }
+    let _ = writeln!(s, "  SHA256SUMS, manifest.json");
+}
