@@ -1770,7 +1770,7 @@ fn seed_holds_exactly_the_rendered_node_files_with_modes() {
         let dir = tempfile::tempdir().unwrap();
         cpio_extract(&seed, dir.path(), &[]);
 
-        let rendered = kiln::cli::commands::render_node(&plan, node, &secrets).unwrap();
+        let rendered = kiln::cli::render::render_node(&plan, node, &secrets).unwrap();
         let mut expected: BTreeSet<String> = BTreeSet::from(["seed".to_string()]);
         for (path, e) in rendered.tree.iter() {
             let inside = format!("seed{path}");

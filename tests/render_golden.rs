@@ -60,7 +60,7 @@ fn rendered_files_match_golden() {
             .to_string();
         let base = common::repo().join("tests/golden/render").join(&stem);
         for node in &plan.nodes {
-            let files = kiln::cli::commands::render_node(&plan, &node.name, &secrets).unwrap();
+            let files = kiln::cli::render::render_node(&plan, &node.name, &secrets).unwrap();
             let dir = base.join(&node.name);
             check_or_update(
                 &base.join(format!("{}.list", node.name)),
@@ -117,7 +117,7 @@ fn secrets_are_only_in_private_files() {
         let plan = common::load_example(rel);
         let secrets = common::fixed_secrets(&plan);
         for node in &plan.nodes {
-            let files = kiln::cli::commands::render_node(&plan, &node.name, &secrets).unwrap();
+            let files = kiln::cli::render::render_node(&plan, &node.name, &secrets).unwrap();
             let key = secrets.private[&node.name].to_base64();
             for (path, e) in files.tree.iter() {
                 if let Entry::File { content, mode, .. } = e {

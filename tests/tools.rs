@@ -26,7 +26,7 @@ fn rendered() -> Vec<(String, kiln::config::plan::Plan, kiln::render::NodeFiles)
         let plan = common::load_example(rel);
         let secrets = common::fixed_secrets(&plan);
         for n in &plan.nodes {
-            let files = kiln::cli::commands::render_node(&plan, &n.name, &secrets).unwrap();
+            let files = kiln::cli::render::render_node(&plan, &n.name, &secrets).unwrap();
             out.push((format!("{rel}:{}", n.name), plan.clone(), files));
         }
     }

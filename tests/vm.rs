@@ -149,7 +149,7 @@ fn expect_for<'a>(f: &'a Fixture, node: &str, files: &'a kiln::render::NodeFiles
 }
 
 fn files_for(f: &Fixture, node: &str) -> kiln::render::NodeFiles {
-    kiln::cli::commands::render_node(&f.plan, node, &f.secrets).unwrap()
+    kiln::cli::render::render_node(&f.plan, node, &f.secrets).unwrap()
 }
 
 fn show(r: &Report) {

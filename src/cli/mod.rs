@@ -3,7 +3,6 @@
 
 pub mod build;
 pub mod check;
-pub mod commands;
 pub mod flash;
 pub mod keys;
 pub mod render;
