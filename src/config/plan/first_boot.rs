@@ -226,9 +226,8 @@ fn check_user_keys_and_shell(u: &profile::User, d: &mut Diagnostics) -> String {
         let mut parts = k.v.split_whitespace();
         let kind = parts.next().unwrap_or("");
         let body = parts.next().unwrap_or("");
-        let kind_ok = kind.starts_with("ssh-")
-            || kind.starts_with("ecdsa-sha2-")
-            || kind.starts_with("sk-");
+        let kind_ok =
+            kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
         if !kind_ok || body.len() < 16 || k.v.contains('\n') {
             d.error(
                 k.span.clone(),

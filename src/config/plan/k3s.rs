@@ -27,7 +27,11 @@ pub(super) fn cidrs(k: &profile::K3s) -> (IpNet, IpNet) {
 
 /// Checks `[k3s]` and returns the flannel backend (wireguard-native with
 /// kiln's tunnel, vxlan without, unless set).
-pub(super) fn resolve_flannel(p: &profile::Profile, wg_enabled: bool, d: &mut Diagnostics) -> String {
+pub(super) fn resolve_flannel(
+    p: &profile::Profile,
+    wg_enabled: bool,
+    d: &mut Diagnostics,
+) -> String {
     let k = &p.k3s;
     check_k3s_values(k, d);
     let flannel_backend_at = k.flannel_backend.as_ref();
