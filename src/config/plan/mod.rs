@@ -1,0 +1,499 @@
+//! The resolved plan: a profile with its defaults applied and every
+//! cross-field rule checked. Nothing after this point parses strings or
+//! reports profile errors; nothing in here does I/O except [`load`].
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+
+use crate::config::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
+use crate::config::profile::{self, KernelFlavour, RegistryConfig, Role, Topology};
+use crate::config::types::{Endpoint, Host, K3sVersion, MacAddr, WgKey};
+
+mod base;
+mod boot;
+mod firewall;
+mod first_boot;
+mod k3s;
+mod nodes;
+mod servers;
+mod wireguard;
+
+// Defaults, in one place. Each is documented in docs/profile.md.
+pub const DEFAULT_SUITE: &str = "bookworm";
+pub const DEFAULT_CONSOLES: [&str; 2] = ["ttyS0,115200", "tty0"];
+pub const DEFAULT_COMPRESSION_LEVEL: i64 = 3;
+/// Seconds the boot menu waits: long enough to pick the other slot by hand.
+pub const DEFAULT_MENU_TIMEOUT_S: i64 = 3;
+pub const DEFAULT_WG_INTERFACE: &str = "wg0";
+/// kiln's tunnel port. Not 51820/51821: those are flannel's
+/// `wireguard-native` ports (k3s networking docs), which run inside it.
+pub const DEFAULT_WG_PORT: u16 = 51830;
+/// UDP ports flannel's wireguard-native backend listens on (IPv4, IPv6).
+pub const FLANNEL_WG_PORTS: [u16; 2] = [51820, 51821];
+/// Keepalive for spokes in a hub topology: keeps NAT mappings open.
+pub const DEFAULT_HUB_KEEPALIVE_S: u16 = 25;
+pub const DEFAULT_CLUSTER_CIDR: &str = "10.42.0.0/16";
+pub const DEFAULT_SERVICE_CIDR: &str = "10.43.0.0/16";
+pub const DEFAULT_ALLOW_TCP: [u16; 1] = [22];
+pub const FIRST_USER_UID: u32 = 1000;
+/// The k3s supervisor and API server port.
+pub const K3S_API_PORT: u16 = 6443;
+/// The kubelet port.
+pub const KUBELET_PORT: u16 = 10250;
+/// Embedded etcd client and peer ports (HA servers).
+pub const ETCD_PORTS: [u16; 2] = [2379, 2380];
+/// flannel's VXLAN port.
+pub const FLANNEL_VXLAN_PORT: u16 = 8472;
+/// Components k3s can be told to skip with `--disable`.
+pub const K3S_COMPONENTS: [&str; 6] = [
+    "coredns",
+    "servicelb",
+    "traefik",
+    "local-storage",
+    "metrics-server",
+    "runtimes",
+];
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The profile file as the user named it (for messages).
+    pub profile_path: PathBuf,
+    pub cluster: String,
+    pub k3s: K3sPlan,
+    pub boot: BootPlan,
+    pub base: BasePlan,
+    /// zstd level of the root squashfs.
+    pub compression_level: i32,
+    pub wireguard: Option<WgPlan>,
+    pub firewall: FirewallPlan,
+    pub first_boot: FirstBootPlan,
+    pub nodes: Vec<NodePlan>,
+}
+
+#[derive(Debug, Clone)]
+pub struct K3sPlan {
+    pub version: K3sVersion,
+    /// A token written in the profile; `None` means generated in the state dir.
+    pub token: Option<String>,
+    pub server_args: Vec<String>,
+    pub agent_args: Vec<String>,
+    pub disable: Vec<String>,
+    pub flannel_backend: String,
+    pub registration_address: Option<Host>,
+    /// Extra names for the API server certificate (the registration
+    /// address is added when rendering).
+    pub tls_san: Vec<Host>,
+    pub cluster_cidr: IpNet,
+    pub service_cidr: IpNet,
+    pub mirrors: Vec<(String, Vec<String>)>,
+    pub registry_configs: Vec<(String, RegistryConfig)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BootPlan {
+    pub cmdline: Vec<String>,
+    pub consoles: Vec<String>,
+    /// Seconds systemd-boot shows its menu.
+    pub menu_timeout: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BasePlan {
+    Debian {
+        suite: String,
+        kernel: KernelFlavour,
+        packages: Vec<String>,
+    },
+    /// A root tarball the user supplies (path resolved against the profile's directory).
+    Tarball(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct WgPlan {
+    pub interface: String,
+    pub network: IpNet,
+    pub listen_port: u16,
+    pub topology: Topology,
+    /// In a hub topology, who the hub is.
+    pub hub: Option<HubRef>,
+    pub persistent_keepalive: Option<u16>,
+    pub peers: Vec<ExternalPeerPlan>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubRef {
+    /// Index into `WgPlan::peers`.
+    External(usize),
+    /// Index into `Plan::nodes`.
+    Node(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct ExternalPeerPlan {
+    pub name: String,
+    pub public_key: WgKey,
+    pub endpoint: Option<Endpoint>,
+    pub address: Option<IpAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FirewallPlan {
+    pub allow_tcp: Vec<u16>,
+    pub allow_udp: Vec<u16>,
+    pub accept_interfaces: Vec<String>,
+    pub accept_cidrs: Vec<IpNet>,
+    pub icmp: bool,
+    pub rules: Vec<FirewallRulePlan>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FirewallRulePlan {
+    pub interface: Option<String>,
+    pub from: Vec<IpNet>,
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FirstBootPlan {
+    pub users: Vec<UserPlan>,
+    pub write_files: Vec<WriteFilePlan>,
+    pub sysctl: Vec<(String, String)>,
+    pub modules: Vec<String>,
+    pub run_once: Vec<String>,
+    pub boot_cmd: Vec<String>,
+    pub dns_nameservers: Vec<IpAddr>,
+    pub ntp_servers: Vec<Host>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UserPlan {
+    pub name: String,
+    pub uid: u32,
+    pub groups: Vec<String>,
+    pub shell: String,
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteFilePlan {
+    pub path: String,
+    pub content: String,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodePlan {
+    pub name: String,
+    pub role: Role,
+    pub hostname: String,
+    pub mac: Option<MacAddr>,
+    pub lan_address: Option<IpAddr>,
+    pub wireguard_address: Option<IpAddr>,
+    /// Where other nodes reach this node's WireGuard port, if known.
+    pub endpoint: Option<Endpoint>,
+    pub cluster_init: bool,
+    pub labels: Vec<(String, String)>,
+    pub taints: Vec<String>,
+    /// Kernel command line items for this node only.
+    pub cmdline: Vec<String>,
+    pub network: NetworkPlan,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkPlan {
+    pub matches: IfaceMatch,
+    /// `None`: DHCP.
+    pub address: Option<IpNet>,
+    pub gateway: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum IfaceMatch {
+    Name(String),
+    Mac(MacAddr),
+    /// Any wired Ethernet interface.
+    AnyEthernet,
+}
+
+impl Plan {
+    pub fn node(&self, name: &str) -> Option<&NodePlan> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn servers(&self) -> impl Iterator<Item = &NodePlan> {
+        self.nodes.iter().filter(|n| n.role == Role::Server)
+    }
+
+    /// The address a node uses for cluster traffic: its WireGuard address
+    /// when WireGuard is on, else its LAN address.
+    pub fn cluster_address(&self, node: &NodePlan) -> Option<IpAddr> {
+        if self.wireguard.is_some() {
+            node.wireguard_address
+        } else {
+            node.lan_address
+        }
+    }
+
+    /// The URL a joining node (an agent, or a server that does not
+    /// initialise the cluster) registers with; `None` for the node that
+    /// starts the cluster.
+    pub fn join_url(&self, node: &NodePlan) -> Option<String> {
+        if node.role == Role::Server && (node.cluster_init || self.servers().count() == 1) {
+            return None;
+        }
+        let host = match &self.k3s.registration_address {
+            Some(h) => h.to_string(),
+            None => {
+                let first = self
+                    .servers()
+                    .find(|s| s.cluster_init && s.name != node.name)
+                    .or_else(|| self.servers().find(|s| s.name != node.name))?;
+                Host::Ip(self.cluster_address(first)?).to_string()
+            }
+        };
+        Some(format!("https://{host}:{K3S_API_PORT}"))
+    }
+
+    /// The full kernel command line items of a node: consoles, the
+    /// profile's items, then the node's own.
+    pub fn cmdline(&self, node: &NodePlan) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .boot
+            .consoles
+            .iter()
+            .map(|c| format!("console={c}"))
+            .collect();
+        v.extend(self.boot.cmdline.iter().cloned());
+        v.extend(node.cmdline.iter().cloned());
+        v
+    }
+}
+
+/// The largest profile kiln reads. A real one is a few kilobytes; the
+/// limit keeps `/dev/zero` or a runaway generator from eating memory.
+pub const MAX_PROFILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Read and validate a profile file.
+pub fn load(path: &Path) -> anyhow::Result<Plan> {
+    let source = read_profile_text(path)?;
+    Ok(plan_profile(path, &source)?)
+}
+
+/// A problem with the profile file as a whole, as a one-error report.
+fn file_error(
+    path: &Path,
+    line: usize,
+    column: usize,
+    message: String,
+    hint: &str,
+) -> ProfileErrors {
+    ProfileErrors(vec![Diagnostic {
+        file: escape_controls(&path.display().to_string()),
+        line,
+        column,
+        key: String::new(),
+        message: escape_controls(&message),
+        hint: hint.to_string(),
+    }])
+}
+
+/// Read a profile's bytes as text: a regular file (a FIFO would block, a
+/// device never end), at most [`MAX_PROFILE_BYTES`], valid UTF-8.
+fn read_profile_text(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let context = || format!("reading profile {}", path.display());
+    let not_regular = |ft: std::fs::FileType| -> Option<&'static str> {
+        if ft.is_file() {
+            None
+        } else if ft.is_dir() {
+            Some("a directory")
+        } else if ft.is_fifo() {
+            Some("a FIFO")
+        } else if ft.is_char_device() || ft.is_block_device() {
+            Some("a device")
+        } else if ft.is_socket() {
+            Some("a socket")
+        } else {
+            Some("not a regular file")
+        }
+    };
+    let refuse = |what: &str| {
+        file_error(
+            path,
+            1,
+            1,
+            format!("the profile is {what}, not a regular file"),
+            "name a .toml file; to read a generated profile, write it to a file first",
+        )
+    };
+    // stat before open: opening a FIFO for reading blocks until a writer comes.
+    let meta = std::fs::metadata(path).with_context(context)?;
+    if let Some(what) = not_regular(meta.file_type()) {
+        return Err(refuse(what).into());
+    }
+    // O_NONBLOCK in case it was swapped for a FIFO since; checked again below.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(context)?;
+    if let Some(what) = not_regular(file.metadata().with_context(context)?.file_type()) {
+        return Err(refuse(what).into());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PROFILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(context)?;
+    if bytes.len() as u64 > MAX_PROFILE_BYTES {
+        return Err(file_error(
+            path,
+            1,
+            1,
+            format!(
+                "the profile is larger than {} MiB",
+                MAX_PROFILE_BYTES / (1024 * 1024)
+            ),
+            "a profile is a few kilobytes: check that this is the right file",
+        )
+        .into());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let valid = std::str::from_utf8(valid).expect("valid up to here");
+        let (line, column) = crate::config::diag::line_col(valid, valid.len());
+        let byte = e.as_bytes()[valid.len()];
+        file_error(
+            path,
+            line,
+            column,
+            format!("the profile is not UTF-8 text: byte 0x{byte:02x} here is not valid UTF-8"),
+            "save the file as UTF-8 (the encoding TOML requires)",
+        )
+        .into()
+    })
+}
+
+/// Validate a profile's text into a plan, or return every problem found.
+pub fn plan_profile(path: &Path, source: &str) -> Result<Plan, ProfileErrors> {
+    let mut d = Diagnostics::new(path.display().to_string(), source);
+    let Some(p) = profile::read_profile(source, &mut d) else {
+        // Not TOML: only the syntax error, no guesses about what is missing.
+        return Err(ProfileErrors(d.into_sorted()));
+    };
+    let plan = resolve(path, p, &mut d);
+    if d.is_empty() {
+        Ok(plan.expect("a plan without diagnostics"))
+    } else {
+        Err(ProfileErrors(d.into_sorted()))
+    }
+}
+
+/// Apply defaults and check cross-field rules. Returns `None` only when a
+/// required value is missing (and then a diagnostic says so). Each step
+/// reports its own diagnostics, in this order.
+fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan> {
+    let mut missing = require_top_level(&p, d);
+    let cidrs = k3s::cidrs(&p.k3s);
+    let boot = boot::resolve_boot(&p, d);
+    let base = base::resolve_base(path, &p, d);
+    let compression_level = base::resolve_compression_level(&p, d);
+    let wg_enabled = p
+        .wireguard
+        .as_ref()
+        .is_some_and(|w| w.enabled != Some(false));
+    wireguard::check_network(&p, wg_enabled, cidrs, d);
+    let nodes = nodes::resolve_nodes(&p, wg_enabled, d, &mut missing);
+    servers::check_servers(&p, &nodes, wg_enabled, d);
+    let wireguard = if wg_enabled {
+        p.wireguard.as_ref().and_then(|w| {
+            wireguard::resolve_wireguard(
+                w,
+                &nodes,
+                &p.nodes,
+                d,
+                &mut wireguard::seen_ips_for_peers(&nodes),
+            )
+        })
+    } else {
+        None
+    };
+    let flannel_backend = k3s::resolve_flannel(&p, wg_enabled, d);
+    let firewall = firewall::resolve_firewall(
+        &p.firewall,
+        &nodes,
+        wireguard.as_ref(),
+        &flannel_backend,
+        wg_enabled,
+        cidrs,
+        d,
+    );
+    let first_boot = first_boot::resolve_first_boot(&p.first_boot, d);
+
+    if missing {
+        return None;
+    }
+    Some(Plan {
+        profile_path: path.to_path_buf(),
+        cluster: p.cluster_name?.v,
+        k3s: k3s::k3s_plan(&p.k3s, flannel_backend, cidrs)?,
+        boot,
+        base,
+        compression_level,
+        wireguard,
+        firewall,
+        first_boot,
+        nodes,
+    })
+}
+
+/// The keys without which there is no plan: the cluster's name, the k3s
+/// version and at least one node. Returns whether one is missing.
+fn require_top_level(p: &profile::Profile, d: &mut Diagnostics) -> bool {
+    let mut missing = false;
+    let mut require = |d: &mut Diagnostics,
+                       present: bool,
+                       span: std::ops::Range<usize>,
+                       key: &str,
+                       hint: &str| {
+        if !present {
+            d.missing(
+                span,
+                key,
+                format!("missing required key `{key}`"),
+                hint.to_string(),
+            );
+            missing = true;
+        }
+    };
+    require(
+        d,
+        p.cluster_name.is_some(),
+        0..0,
+        "cluster.name",
+        "add `[cluster]` with `name = \"club\"`",
+    );
+    require(
+        d,
+        p.k3s.version.is_some(),
+        0..0,
+        "k3s.version",
+        "add `[k3s]` with `version = \"v1.31.1+k3s1\"` (a k3s release tag)",
+    );
+    require(
+        d,
+        !p.nodes.is_empty(),
+        p.nodes_span.clone(),
+        "nodes",
+        "add at least one `[[nodes]]` section with `name` and `role = \"server\"`",
+    );
+    missing
+}
