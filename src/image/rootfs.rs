@@ -226,8 +226,31 @@ fn header_for(
     h
 }
 
-/// Write the whole image stream as tar into `out`.
+/// Write the whole image stream as tar into `out`: the base (its `/var`
+/// moved to the factory), then the overlays, kiln's files and k3s.
 fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
+    let mut added = collect_added(inputs)?;
+    let mut tar = tar::Builder::new(out);
+    tar.mode(tar::HeaderMode::Complete);
+    let (mut present, var_children) = copy_base(inputs, &added, &mut tar)?;
+    present.insert("var".into());
+    added.insert(
+        "usr/lib/tmpfiles.d/kiln-factory.conf".into(),
+        Added::File {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            source: Source::Bytes(factory_tmpfiles(&var_children).into_bytes()),
+        },
+    );
+    append_added(&mut tar, &added, &mut present, inputs.mtime)?;
+    tar.into_inner()?.flush()?;
+    Ok(())
+}
+
+/// What the image adds to the base, by path: overlays in order, then
+/// kiln's image files, then k3s (later ones win).
+fn collect_added(inputs: &RootInputs) -> anyhow::Result<BTreeMap<String, Added>> {
     let mut added: BTreeMap<String, Added> = BTreeMap::new();
     for o in &inputs.overlays {
         collect_overlay(o, "", &mut added)?;
@@ -262,13 +285,19 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
             source: Source::Path(inputs.k3s.to_path_buf()),
         },
     );
+    Ok(added)
+}
 
-    let mut tar = tar::Builder::new(out);
-    tar.mode(tar::HeaderMode::Complete);
+/// Copy the base tarball into `tar`, less host state and what `added`
+/// replaces (directories merge), `/var` relocated. Returns the paths
+/// written and the children of `/var` the factory must seed.
+fn copy_base<W: Write>(
+    inputs: &RootInputs,
+    added: &BTreeMap<String, Added>,
+    tar: &mut tar::Builder<W>,
+) -> anyhow::Result<(BTreeSet<String>, BTreeSet<String>)> {
     let mut present: BTreeSet<String> = BTreeSet::new();
     let mut var_children: BTreeSet<String> = BTreeSet::new();
-    let clamp = |t: u64| t.min(inputs.mtime);
-
     let mut archive = tar::Archive::new(open_base(inputs.base)?);
     for e in archive.entries().context("reading the base tarball")? {
         let mut e = e.context("reading the base tarball")?;
@@ -288,72 +317,99 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
         {
             continue;
         }
-        if let Some(rest) = path.strip_prefix("var/") {
-            let parts: Vec<&str> = rest.split('/').collect();
-            let top = format!("var/{}", parts[0]);
-            let child = if SPLIT_VAR.contains(&top.as_str()) && parts.len() > 1 {
-                format!("{top}/{}", parts[1])
-            } else {
-                top
-            };
+        if let Some(child) = var_child(&path) {
             var_children.insert(child);
         }
         let target = relocate(&path);
-        let h = e.header();
-        let mode = h.mode()?;
-        let (uid, gid, mtime) = (h.uid()?, h.gid()?, clamp(h.mtime()?));
-        let mut xattrs: Vec<(String, Vec<u8>)> = Vec::new();
-        if let Some(exts) = e.pax_extensions()? {
-            for ext in exts {
-                let ext = ext?;
-                let key = ext.key().unwrap_or("");
-                if key.starts_with("SCHILY.xattr.") || key.starts_with("LIBARCHIVE.xattr.") {
-                    // squashfs cannot store POSIX ACLs (system.*); keep the rest.
-                    if !key.contains("system.posix_acl") {
-                        xattrs.push((key.to_string(), ext.value_bytes().to_vec()));
-                    }
-                }
-            }
-        }
-        if !xattrs.is_empty() {
-            tar.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-        }
-        let size = if kind.is_file() {
-            e.header().size()?
-        } else {
-            0
-        };
-        let mut nh = header_for(kind, mode, uid, gid, mtime, size);
-        if kind.is_character_special() || kind.is_block_special() {
-            nh.set_device_major(e.header().device_major()?.unwrap_or(0))?;
-            nh.set_device_minor(e.header().device_minor()?.unwrap_or(0))?;
-        }
-        if kind.is_symlink() || kind.is_hard_link() {
-            let link = e
-                .link_name()?
-                .context("link without a target")?
-                .to_string_lossy()
-                .to_string();
-            let link = if kind.is_hard_link() {
-                relocate(link.trim_start_matches("./").trim_start_matches('/'))
-            } else {
-                link
-            };
-            tar.append_link(&mut nh, &target, &link)?;
-        } else if kind.is_file() {
-            tar.append_data(&mut nh, &target, &mut e)?;
-        } else {
-            tar.append_data(&mut nh, &target, std::io::empty())?;
-        }
+        copy_base_entry(tar, &mut e, &target, inputs.mtime)?;
         present.insert(target);
     }
-    present.insert("var".into());
+    Ok((present, var_children))
+}
 
-    // The factory /var, seeded by systemd-tmpfiles.
+/// The child of `/var` a base path belongs to (`var/lib/x/y` is
+/// `var/lib/x`: the split directories go one level deeper).
+fn var_child(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("var/")?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let top = format!("var/{}", parts[0]);
+    Some(if SPLIT_VAR.contains(&top.as_str()) && parts.len() > 1 {
+        format!("{top}/{}", parts[1])
+    } else {
+        top
+    })
+}
+
+/// One base entry at `target`: its header (mtime clamped to `max_mtime`),
+/// xattrs, device numbers, link target or data.
+fn copy_base_entry<W: Write, R: Read>(
+    tar: &mut tar::Builder<W>,
+    e: &mut tar::Entry<R>,
+    target: &str,
+    max_mtime: u64,
+) -> anyhow::Result<()> {
+    let kind = e.header().entry_type();
+    let h = e.header();
+    let mode = h.mode()?;
+    let (uid, gid, mtime) = (h.uid()?, h.gid()?, h.mtime()?.min(max_mtime));
+    let xattrs = base_xattrs(e)?;
+    if !xattrs.is_empty() {
+        tar.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    }
+    let size = if kind.is_file() {
+        e.header().size()?
+    } else {
+        0
+    };
+    let mut nh = header_for(kind, mode, uid, gid, mtime, size);
+    if kind.is_character_special() || kind.is_block_special() {
+        nh.set_device_major(e.header().device_major()?.unwrap_or(0))?;
+        nh.set_device_minor(e.header().device_minor()?.unwrap_or(0))?;
+    }
+    if kind.is_symlink() || kind.is_hard_link() {
+        let link = e
+            .link_name()?
+            .context("link without a target")?
+            .to_string_lossy()
+            .to_string();
+        let link = if kind.is_hard_link() {
+            relocate(link.trim_start_matches("./").trim_start_matches('/'))
+        } else {
+            link
+        };
+        tar.append_link(&mut nh, target, &link)?;
+    } else if kind.is_file() {
+        tar.append_data(&mut nh, target, e)?;
+    } else {
+        tar.append_data(&mut nh, target, std::io::empty())?;
+    }
+    Ok(())
+}
+
+/// A base entry's extended attributes, less the POSIX ACLs (system.*),
+/// which squashfs cannot store.
+fn base_xattrs<R: Read>(e: &mut tar::Entry<R>) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut xattrs: Vec<(String, Vec<u8>)> = Vec::new();
+    if let Some(exts) = e.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            let key = ext.key().unwrap_or("");
+            if (key.starts_with("SCHILY.xattr.") || key.starts_with("LIBARCHIVE.xattr."))
+                && !key.contains("system.posix_acl")
+            {
+                xattrs.push((key.to_string(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(xattrs)
+}
+
+/// The factory /var, seeded by systemd-tmpfiles.
+fn factory_tmpfiles(var_children: &BTreeSet<String>) -> String {
     let mut tmpfiles = String::from(
         "# kiln: seed /var (the state partition) from the image's own /var.\n# C: copy if missing; L+: always link (package state follows the slot).\n",
     );
-    for child in &var_children {
+    for child in var_children {
         let src = format!("/{FACTORY_VAR}/{}", child.trim_start_matches("var/"));
         if LINKED_VAR.contains(&child.as_str()) {
             tmpfiles.push_str(&format!("L+ /{child} - - - - {src}\n"));
@@ -361,18 +417,17 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
             tmpfiles.push_str(&format!("C /{child} - - - - {src}\n"));
         }
     }
-    added.insert(
-        "usr/lib/tmpfiles.d/kiln-factory.conf".into(),
-        Added::File {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            source: Source::Bytes(tmpfiles.into_bytes()),
-        },
-    );
+    tmpfiles
+}
 
-    // Added entries, parents first.
-    for (path, a) in &added {
+/// Added entries, parents first, skipping directories already `present`.
+fn append_added<W: Write>(
+    tar: &mut tar::Builder<W>,
+    added: &BTreeMap<String, Added>,
+    present: &mut BTreeSet<String>,
+    mtime: u64,
+) -> anyhow::Result<()> {
+    for (path, a) in added {
         let mut parent = Path::new(path).parent();
         let mut missing = Vec::new();
         while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
@@ -384,35 +439,50 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
             parent = p.parent();
         }
         for d in missing.into_iter().rev() {
-            let mut h = header_for(tar::EntryType::Directory, 0o755, 0, 0, inputs.mtime, 0);
+            let mut h = header_for(tar::EntryType::Directory, 0o755, 0, 0, mtime, 0);
             tar.append_data(&mut h, &d, std::io::empty())?;
             present.insert(d);
         }
         if present.contains(path) {
             continue; // a directory the base has already
         }
-        match a {
-            Added::Dir(mode) => {
-                let mut h = header_for(tar::EntryType::Directory, *mode, 0, 0, inputs.mtime, 0);
-                tar.append_data(&mut h, path, std::io::empty())?;
-            }
-            Added::Symlink(target) => {
-                let mut h = header_for(tar::EntryType::Symlink, 0o777, 0, 0, inputs.mtime, 0);
-                tar.append_link(&mut h, path, target)?;
-            }
-            Added::File {
-                mode,
-                uid,
-                gid,
-                source,
-            } => match source {
+        append_one(tar, path, a, mtime)?;
+        present.insert(path.clone());
+    }
+    Ok(())
+}
+
+/// One added entry at `path`, owned as it says, at `mtime`.
+fn append_one<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    a: &Added,
+    mtime: u64,
+) -> anyhow::Result<()> {
+    match a {
+        Added::Dir(mode) => {
+            let mut h = header_for(tar::EntryType::Directory, *mode, 0, 0, mtime, 0);
+            tar.append_data(&mut h, path, std::io::empty())?;
+        }
+        Added::Symlink(target) => {
+            let mut h = header_for(tar::EntryType::Symlink, 0o777, 0, 0, mtime, 0);
+            tar.append_link(&mut h, path, target)?;
+        }
+        Added::File {
+            mode,
+            uid,
+            gid,
+            source,
+        } => {
+            let (uid, gid) = (u64::from(*uid), u64::from(*gid));
+            match source {
                 Source::Bytes(b) => {
                     let mut h = header_for(
                         tar::EntryType::Regular,
                         *mode,
-                        u64::from(*uid),
-                        u64::from(*gid),
-                        inputs.mtime,
+                        uid,
+                        gid,
+                        mtime,
                         b.len() as u64,
                     );
                     tar.append_data(&mut h, path, b.as_slice())?;
@@ -420,22 +490,16 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
                 Source::Path(p) => {
                     let f = std::fs::File::open(p)
                         .with_context(|| format!("reading {}", p.display()))?;
-                    let len = f.metadata()?.len();
-                    let mut h = header_for(
-                        tar::EntryType::Regular,
-                        *mode,
-                        u64::from(*uid),
-                        u64::from(*gid),
-                        inputs.mtime,
-                        len,
-                    );
+                    let len = f
+                        .metadata()
+                        .with_context(|| format!("reading {}", p.display()))?
+                        .len();
+                    let mut h = header_for(tar::EntryType::Regular, *mode, uid, gid, mtime, len);
                     tar.append_data(&mut h, path, std::io::BufReader::with_capacity(1 << 20, f))?;
                 }
-            },
+            }
         }
-        present.insert(path.clone());
     }
-    tar.into_inner()?.flush()?;
     Ok(())
 }
 

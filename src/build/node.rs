@@ -1,0 +1,106 @@
+//! Per node: the rendered files, the seed, the ESP and the GPT disk image
+//! (and its qcow2 copy), with the node's netboot files alongside.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use sha2::{Digest as _, Sha256};
+
+use super::steps::{BootFiles, BuildContext, Inputs, Root, Roots};
+use super::{inject_test_key, overlay_dirs, pxe, write_private};
+use crate::config::plan::NodePlan;
+use crate::image::manifest;
+use crate::image::{disk, esp::EspFile, initramfs};
+use crate::render::boot;
+
+/// Every selected node's image (and qcow2, and netboot files); their
+/// manifest entries, in the order of the nodes.
+pub(super) fn write_node_images(
+    cx: &BuildContext,
+    inputs: &Inputs,
+    boot: &BootFiles,
+    roots: &Roots,
+) -> anyhow::Result<Vec<manifest::Node>> {
+    let mut entries = Vec::new();
+    for node in cx.nodes {
+        let root = &roots[&overlay_dirs(cx.plan, node.role)];
+        let name = &node.name;
+        let image = cx.staging.dir.join(format!("{name}.img"));
+        let seed_sha = cx.progress.stage(&format!("{name}.img"), || {
+            write_node_image(cx, inputs, boot, root, node, &image)
+        })?;
+        let mut entry = manifest::Node {
+            cmdline: boot::options(cx.plan, node, 'a'),
+            name: name.clone(),
+            pxe: None,
+            qcow2: None,
+            role: node.role.as_str().to_string(),
+            root_sha256: root.sha.clone(),
+        };
+        if cx.opts.qcow2 {
+            entry.qcow2 = Some(write_qcow2(cx, name, &image)?);
+        }
+        if cx.opts.pxe {
+            entry.pxe = pxe::write_node_files(cx, inputs, boot, root, node, &seed_sha)?;
+        }
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+/// One node's disk image at `image`: its seed (also into the netboot tree),
+/// then the ESP and the GPT disk around its role's root. Returns the
+/// seed's sha256.
+fn write_node_image(
+    cx: &BuildContext,
+    inputs: &Inputs,
+    boot_files: &BootFiles,
+    root: &Root,
+    node: &NodePlan,
+    image: &Path,
+) -> anyhow::Result<String> {
+    let (plan, name) = (cx.plan, &node.name);
+    let mut rendered = crate::render::render_node(plan, node, &cx.secrets.for_node(name));
+    if let Some(k) = &cx.opts.test_access_key {
+        inject_test_key(&mut rendered.tree, k);
+    }
+    let seed = initramfs::build_seed(&rendered.tree, cx.epoch as u32)?;
+    let seed_path = cx.work.join(format!("{name}.seed.img"));
+    write_private(&seed_path, &seed)?;
+    if cx.opts.pxe {
+        write_private(&cx.pxe_dir.join(crate::render::pxe::seed_path(name)), &seed)?;
+    }
+    let esp_files = vec![
+        EspFile::copy_of(boot::BOOTLOADER_PATH, &boot_files.sdboot),
+        EspFile::bytes(boot::LOADER_CONF_PATH, boot::loader_conf(plan)),
+        EspFile::bytes(
+            boot::entry_path('a'),
+            boot::entry(plan, node, 'a', &inputs.files.kernel_version),
+        ),
+        EspFile::copy_of(boot::kernel_path('a'), &boot_files.vmlinuz),
+        EspFile::copy_of(boot::initrd_path('a'), &boot_files.initrd),
+        EspFile::copy_of(boot::seed_path('a'), &seed_path),
+    ];
+    let guid_seed = format!("{}/{}", plan.cluster, name);
+    let parts = disk::plan_disk(&guid_seed, root.size)?;
+    disk::write_disk(image, &parts, &guid_seed, &root.path, &esp_files)?;
+    Ok(hex::encode(Sha256::digest(&seed)))
+}
+
+/// `<name>.qcow2` beside the raw `image`, private; its file name.
+fn write_qcow2(cx: &BuildContext, name: &str, image: &Path) -> anyhow::Result<String> {
+    let q: PathBuf = cx.staging.dir.join(format!("{name}.qcow2"));
+    cx.progress.stage(&format!("{name}.qcow2"), || {
+        crate::util::tool::run(
+            crate::image::disk::QEMU_IMG
+                .command()?
+                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                .arg(image)
+                .arg(&q),
+        )?;
+        std::fs::set_permissions(&q, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .with_context(|| format!("making {} private", q.display()))?;
+        Ok(())
+    })?;
+    Ok(format!("{name}.qcow2"))
+}

@@ -1,0 +1,283 @@
+//! The steps of a build, in order, over one [`BuildContext`]: resolve the
+//! inputs, build the boot files, build the roots; then the node images
+//! ([`super::node`]) and the netboot tree ([`super::pxe`]); last the
+//! checksums and the manifest.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use sha2::{Digest as _, Sha256};
+
+use super::staging::Staging;
+use super::{BuildOptions, KILN_VERSION, Progress, overlay_dirs, sha256_file};
+use crate::config::plan::{NodePlan, Plan};
+use crate::config::profile::Role;
+use crate::config::secrets::ClusterSecrets;
+use crate::image::manifest::{self, Manifest};
+use crate::image::{initramfs, rootfs};
+use crate::inputs::base::{self, BaseTarball};
+use crate::inputs::k3s::ResolvedK3s;
+use crate::inputs::kernel::{self, BaseFiles, Compression};
+
+/// What every step of one build reads: the plan, the options, the nodes
+/// selected, and where to write.
+pub(super) struct BuildContext<'a> {
+    pub plan: &'a Plan,
+    pub secrets: &'a ClusterSecrets,
+    pub opts: &'a BuildOptions,
+    pub nodes: &'a [&'a NodePlan],
+    pub epoch: u64,
+    pub progress: &'a Progress,
+    pub staging: &'a Staging,
+    /// Intermediate files (STAGING/.work), removed before the checksums.
+    pub work: PathBuf,
+    /// The netboot tree (STAGING/pxe), written with `--format pxe` only.
+    pub pxe_dir: PathBuf,
+}
+
+impl<'a> BuildContext<'a> {
+    pub fn new(
+        plan: &'a Plan,
+        secrets: &'a ClusterSecrets,
+        opts: &'a BuildOptions,
+        nodes: &'a [&'a NodePlan],
+        epoch: u64,
+        progress: &'a Progress,
+        staging: &'a Staging,
+    ) -> Self {
+        BuildContext {
+            plan,
+            secrets,
+            opts,
+            nodes,
+            epoch,
+            progress,
+            staging,
+            work: staging.dir.join(".work"),
+            pxe_dir: staging.dir.join(crate::render::pxe::DIR),
+        }
+    }
+}
+
+/// What the build starts from: the base tarball, the k3s binary and the
+/// boot files read out of the base.
+pub(super) struct Inputs {
+    pub base: BaseTarball,
+    pub k3s: ResolvedK3s,
+    pub files: BaseFiles,
+}
+
+/// The kernel, initramfs and bootloader, written into the work directory.
+pub(super) struct BootFiles {
+    pub compression: Compression,
+    pub initrd: PathBuf,
+    pub vmlinuz: PathBuf,
+    pub sdboot: PathBuf,
+    /// sha256 of the kernel and of the initramfs (`--format pxe` only):
+    /// the same in every node's update bundle.
+    pub sha: Option<(String, String)>,
+}
+
+/// One root image.
+#[derive(Clone)]
+pub(super) struct Root {
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha: String,
+}
+
+/// Root images by their overlays: one per distinct set (per role at most).
+pub(super) type Roots = BTreeMap<Vec<PathBuf>, Root>;
+
+/// The base tarball (then a check that the build fits), the k3s binary,
+/// and the kernel, modules, busybox and systemd-boot out of the base.
+pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
+    let (plan, opts) = (cx.plan, cx.opts);
+    std::fs::create_dir_all(&cx.work).with_context(|| format!("creating {}", cx.work.display()))?;
+    let base = cx.progress.stage("base root tarball", || {
+        base::plan_base_tarball(plan, &opts.cache, cx.epoch)
+    })?;
+    super::check_space(plan, cx.nodes, &base.path, &cx.staging.dir)?;
+    let lock = plan.profile_path.with_file_name("kiln.lock");
+    let k3s = cx
+        .progress
+        .stage(&format!("k3s {}", plan.k3s.version), || {
+            // The test double is never pinned in kiln.lock: a later real build
+            // would otherwise meet the double's digest.
+            let record = !crate::inputs::k3s::is_double(opts.k3s_binary.as_deref());
+            crate::inputs::k3s::Resolver::new(opts.cache.join("k3s"), &lock)
+                .with_lock_recording(record)
+                .resolve(&plan.k3s.version.to_string(), opts.k3s_binary.as_deref())
+        })?;
+    let files = cx
+        .progress
+        .stage("kernel, modules, busybox, systemd-boot", || {
+            kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES)
+        })?;
+    Ok(Inputs { base, k3s, files })
+}
+
+/// The initramfs, then the kernel, initramfs and systemd-boot written into
+/// the work directory (and hashed for the netboot tree).
+pub(super) fn build_boot_files(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<BootFiles> {
+    let files = &inputs.files;
+    let compression = kernel::initramfs_compression(files.config.as_deref())?;
+    let initrd = cx.progress.stage("initramfs", || {
+        initramfs::build_initramfs(files, compression, cx.epoch as u32)
+    })?;
+    let initrd_path = cx.work.join("initrd.img");
+    write(&initrd_path, &initrd)?;
+    let vmlinuz_path = cx.work.join("vmlinuz");
+    write(&vmlinuz_path, &files.vmlinuz)?;
+    let sdboot_path = cx.work.join("systemd-bootx64.efi");
+    write(&sdboot_path, &files.systemd_boot)?;
+    let sha = if cx.opts.pxe {
+        Some((sha256_file(&vmlinuz_path)?, sha256_file(&initrd_path)?))
+    } else {
+        None
+    };
+    Ok(BootFiles {
+        compression,
+        initrd: initrd_path,
+        vmlinuz: vmlinuz_path,
+        sdboot: sdboot_path,
+        sha,
+    })
+}
+
+/// One root image per distinct set of overlays (per role at most), for
+/// the roles of the selected nodes.
+pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<Roots> {
+    let version_text = format!(
+        "kiln {KILN_VERSION}\nk3s {}\nk3s-sha256 {}\nbase-sha256 {}\nkernel {}\n",
+        cx.plan.k3s.version, inputs.k3s.sha256, inputs.base.sha256, inputs.files.kernel_version
+    );
+    let mut roots = Roots::new();
+    for role in [Role::Server, Role::Agent] {
+        if !cx.nodes.iter().any(|n| n.role == role) {
+            continue;
+        }
+        let overlays = overlay_dirs(cx.plan, role);
+        if roots.contains_key(&overlays) {
+            continue;
+        }
+        let out = cx.work.join(format!("root-{}.sqfs", role.as_str()));
+        let root_inputs = rootfs::RootInputs {
+            base: &inputs.base.path,
+            overlays: overlays.clone(),
+            k3s: &inputs.k3s.path,
+            image_files: rootfs::image_files(&version_text),
+            mtime: cx.epoch,
+            level: cx.plan.compression_level,
+        };
+        let what = format!(
+            "root image ({} overlays: {})",
+            role.as_str(),
+            overlays.len()
+        );
+        let img = cx
+            .progress
+            .stage(&what, || rootfs::build_root(&root_inputs, &out))?;
+        let sha = sha256_file(&out)?;
+        roots.insert(
+            overlays,
+            Root {
+                path: out,
+                size: img.size,
+                sha,
+            },
+        );
+    }
+    Ok(roots)
+}
+
+/// SHA256SUMS and manifest.json over every file in the staging directory,
+/// then the directory synced. Returns the files' names (relative, sorted).
+pub(super) fn write_checksums_and_manifest(
+    cx: &BuildContext,
+    inputs: &Inputs,
+    boot: &BootFiles,
+    nodes: Vec<manifest::Node>,
+) -> anyhow::Result<(Vec<String>, Manifest)> {
+    let names = super::list_files(&cx.staging.dir)?;
+    let artifacts = write_checksums(cx, &names)?;
+    let manifest = manifest_of(cx, inputs, boot, artifacts, nodes);
+    let mf_path = cx.staging.dir.join(manifest::FILE);
+    let mut mf = std::fs::File::create(&mf_path)
+        .with_context(|| format!("creating {}", mf_path.display()))?;
+    mf.write_all(&manifest.to_bytes())
+        .and_then(|()| mf.sync_all())
+        .with_context(|| format!("writing {}", mf_path.display()))?;
+    let dir = &cx.staging.dir;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))?;
+    Ok((names, manifest))
+}
+
+/// SHA256SUMS over `names`; their manifest entries.
+fn write_checksums(cx: &BuildContext, names: &[String]) -> anyhow::Result<Vec<manifest::Artifact>> {
+    let mut sums = String::new();
+    let mut art = Vec::new();
+    for n in names {
+        let p = cx.staging.dir.join(n);
+        let sha = sha256_file(&p)?;
+        sums.push_str(&format!("{sha}  {n}\n"));
+        art.push(manifest::Artifact {
+            path: n.clone(),
+            size: std::fs::metadata(&p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .len(),
+            sha256: sha,
+        });
+    }
+    let sums_path = cx.staging.dir.join("SHA256SUMS");
+    std::fs::File::create(&sums_path)
+        .and_then(|mut f| {
+            f.write_all(sums.as_bytes())?;
+            f.sync_all()
+        })
+        .with_context(|| format!("writing {}", sums_path.display()))?;
+    Ok(art)
+}
+
+fn manifest_of(
+    cx: &BuildContext,
+    inputs: &Inputs,
+    boot: &BootFiles,
+    artifacts: Vec<manifest::Artifact>,
+    nodes: Vec<manifest::Node>,
+) -> Manifest {
+    let plan = cx.plan;
+    let profile_text = std::fs::read(&plan.profile_path).unwrap_or_default();
+    Manifest {
+        artifacts,
+        base: manifest::Digest {
+            sha256: inputs.base.sha256.clone(),
+        },
+        cluster: plan.cluster.clone(),
+        k3s: manifest::K3s {
+            sha256: inputs.k3s.sha256.clone(),
+            version: plan.k3s.version.to_string(),
+        },
+        kernel: manifest::Kernel {
+            initramfs_compression: format!("{:?}", boot.compression).to_lowercase(),
+            version: inputs.files.kernel_version.clone(),
+        },
+        kiln_version: KILN_VERSION.to_string(),
+        nodes,
+        profile: plan
+            .profile_path
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string()),
+        profile_sha256: hex::encode(Sha256::digest(&profile_text)),
+        source_date_epoch: cx.epoch,
+    }
+}
+
+/// `std::fs::write` with the path in its error.
+pub(super) fn write(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))
+}
