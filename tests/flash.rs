@@ -47,7 +47,7 @@ fn make_image(dir: &Path) -> TestImage {
         .unwrap();
     }
     file.sync_all().unwrap();
-    let sha256 = kiln::build::sha256_file(&path).unwrap();
+    let sha256 = kiln::util::hash::sha256_file(&path).unwrap();
     std::fs::write(dir.join("SHA256SUMS"), format!("{sha256}  node.img\n")).unwrap();
     TestImage { path, plan, sha256 }
 }
@@ -76,7 +76,7 @@ fn opts(image: &TestImage, target: &Path) -> FlashOptions {
 }
 
 fn sha(path: &Path) -> String {
-    kiln::build::sha256_file(path).unwrap()
+    kiln::util::hash::sha256_file(path).unwrap()
 }
 
 /// Runs a tool, panicking with its output unless it succeeds.

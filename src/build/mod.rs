@@ -18,7 +18,6 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use sha2::{Digest as _, Sha256};
 
 use crate::config::plan::{NodePlan, Plan};
 use crate::config::profile::Role;
@@ -71,23 +70,6 @@ pub fn source_date_epoch() -> anyhow::Result<u64> {
             .with_context(|| format!("SOURCE_DATE_EPOCH={s} is not a number of seconds")),
         Err(_) => Ok(DEFAULT_EPOCH),
     }
-}
-
-pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = std::io::BufReader::with_capacity(
-        1 << 20,
-        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?,
-    );
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut f, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 fn select_nodes<'p>(plan: &'p Plan, opts: &BuildOptions) -> anyhow::Result<Vec<&'p NodePlan>> {

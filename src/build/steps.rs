@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 
 use super::staging::Staging;
-use super::{BuildOptions, KILN_VERSION, Progress, overlay_dirs, sha256_file};
+use super::{BuildOptions, KILN_VERSION, Progress, overlay_dirs};
 use crate::config::plan::{NodePlan, Plan};
 use crate::config::profile::Role;
 use crate::config::secrets::ClusterSecrets;
@@ -20,6 +20,7 @@ use crate::image::{initramfs, rootfs};
 use crate::inputs::base::{self, BaseTarball};
 use crate::inputs::k3s::ResolvedK3s;
 use crate::inputs::kernel::{self, BaseFiles, Compression};
+use crate::util::hash::sha256_file;
 
 /// What every step of one build reads: the plan, the options, the nodes
 /// selected, and where to write.
