@@ -181,13 +181,25 @@ fn greeting(port: u16) -> String {
     }
 }
 
-/// Checks that hold on any boot of the node.
+/// Checks that hold on any boot of the node, one group per concern.
 pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<Check>> {
     let mut out = Vec::new();
+    check_cmdline(vm, key, e, &mut out)?;
+    check_root(vm, key, e, &mut out)?;
+    check_identity(vm, key, e, &mut out)?;
+    check_ssh(vm, key, e, &mut out)?;
+    check_wireguard(vm, key, e, &mut out)?;
+    check_firewall(vm, key, e, &mut out)?;
+    check_k3s(vm, key, e, &mut out)?;
+    check_state_fill(vm, key, e, &mut out)?;
+    Ok(out)
+}
+
+/// The kernel command line carries the profile's items and the slot or root digest.
+fn check_cmdline(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
     let plan = e.plan;
     let node = e.node;
     let sh = |s: &str| vm.sh(key, s);
-
     // Kernel command line.
     let cmdline = sh("cat /proc/cmdline")?;
     let mut want = plan.cmdline(node);
@@ -205,7 +217,12 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
         cmdline.trim(),
         missing.is_empty(),
     ));
+    Ok(())
+}
 
+/// / is the read-only root it should be; /usr refuses writes; /etc is in RAM.
+fn check_root(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let sh = |s: &str| vm.sh(key, s);
     // Root: the slot's read-only squashfs, or the fetched image on a loop
     // device.
     match &e.medium {
@@ -245,7 +262,13 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     ));
     let etc = sh("findmnt -no FSTYPE /etc")?;
     out.push(Check::eq("/etc is writable in RAM", "overlay", &etc));
+    Ok(())
+}
 
+/// Host name and /etc/hosts.
+fn check_identity(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let node = e.node;
+    let sh = |s: &str| vm.sh(key, s);
     // Identity.
     out.push(Check::eq("hostname", &node.hostname, &sh("hostname")?));
     out.push(Check::eq(
@@ -253,7 +276,13 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
         &rendered(e.files, "/etc/hosts"),
         &sh("cat /etc/hosts")?,
     ));
+    Ok(())
+}
 
+/// SSH: each user's keys in, passwords out.
+fn check_ssh(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let plan = e.plan;
+    let sh = |s: &str| vm.sh(key, s);
     // SSH: keys in, passwords out.
     for u in &plan.first_boot.users {
         let expected = rendered(e.files, &format!("/etc/ssh/authorized_keys/{}", u.name));
@@ -296,7 +325,14 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
         &pw_err,
         !pw.status.success() && pw_err.contains("Permission denied (publickey)"),
     ));
+    Ok(())
+}
 
+/// WireGuard up with the node's address, key and peers.
+fn check_wireguard(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let plan = e.plan;
+    let node = e.node;
+    let sh = |s: &str| vm.sh(key, s);
     // WireGuard.
     if let Some(wg) = &plan.wireguard {
         let iface = &wg.interface;
@@ -328,7 +364,13 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
         let seen = sh(&format!("wg show {iface} peers | sort"))?;
         out.push(Check::eq("WireGuard peers", &want.join("\n"), &seen));
     }
+    Ok(())
+}
 
+/// The live firewall is the rendered one; allowed ports connect, others do not.
+fn check_firewall(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let plan = e.plan;
+    let sh = |s: &str| vm.sh(key, s);
     // Firewall: the live table equals the rendered ruleset loaded in a
     // scratch network namespace of the same guest (same nft version).
     let ruleset = rendered(e.files, "/etc/nftables.conf");
@@ -377,7 +419,14 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
             inside.trim() == "kiln-probe" && g != "kiln-probe",
         ));
     }
+    Ok(())
+}
 
+/// k3s active, in order, with the rendered config and its data where it belongs.
+fn check_k3s(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let plan = e.plan;
+    let node = e.node;
+    let sh = |s: &str| vm.sh(key, s);
     // k3s.
     out.push(Check::eq(
         "k3s unit active",
@@ -457,7 +506,12 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
             &seen,
         ));
     }
+    Ok(())
+}
 
+/// The state partition reaches the end of the (enlarged) disk.
+fn check_state_fill(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let sh = |s: &str| vm.sh(key, s);
     // State partition fills the disk.
     if !matches!(e.medium, Medium::Net { disk: false, .. }) {
         let fill = sh(
@@ -472,7 +526,7 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
             (0..=2081).contains(&gap),
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `counter packets 12 bytes 720` → `counter`: the live table counts.
@@ -800,6 +854,54 @@ pub fn test_cluster(
     real_k3s: bool,
     logs: Option<&Path>,
 ) -> anyhow::Result<Report> {
+    let (mut s, mut a) = boot_pair(server, agent, key, logs)?;
+    let mut r = Report {
+        node: format!("{}+{}", server.node.name, agent.node.name),
+        ..Report::default()
+    };
+    let wg = plan
+        .wireguard
+        .as_ref()
+        .context("the multi-node check needs WireGuard in the profile")?;
+    let s_wg = server
+        .node
+        .wireguard_address
+        .expect("validated")
+        .to_string();
+    let a_wg = agent.node.wireguard_address.expect("validated").to_string();
+    let s_lan = server
+        .node
+        .lan_address
+        .context("the server needs a LAN address")?
+        .to_string();
+
+    check_tunnel(&s, &a, server, agent, key, wg, (&s_wg, &a_wg), &mut r)?;
+    check_api_reach(&a, server, agent, key, (&s_wg, &s_lan), &mut r);
+    check_agent_joins(plan, &mut s, &mut a, server, agent, key, real_k3s, &mut r)?;
+    r.timeline = vec![
+        Mark {
+            what: format!("{} switch_root", server.node.name),
+            at: s
+                .serial_find("kiln-init: switch_root", 0)
+                .map(|l| l.at.as_secs_f64()),
+        },
+        Mark {
+            what: format!("{} switch_root", agent.node.name),
+            at: a
+                .serial_find("kiln-init: switch_root", 0)
+                .map(|l| l.at.as_secs_f64()),
+        },
+    ];
+    Ok(r)
+}
+
+/// Boot the server and the agent on one virtual LAN; both answer SSH.
+fn boot_pair(
+    server: &ClusterNode,
+    agent: &ClusterNode,
+    key: &Path,
+    logs: Option<&Path>,
+) -> anyhow::Result<(Vm, Vm)> {
     let port = crate::verify::vm::free_port()?;
     let start = |n: &ClusterNode, lan: crate::verify::vm::Lan| -> anyhow::Result<Vm> {
         let mut cfg = VmConfig::new(&n.node.name, n.image);
@@ -823,26 +925,21 @@ pub fn test_cluster(
     let mut a = start(agent, crate::verify::vm::Lan::Connect(port))?;
     s.wait_ssh(key, BOOT_TIMEOUT)?;
     a.wait_ssh(key, BOOT_TIMEOUT)?;
-    let mut r = Report {
-        node: format!("{}+{}", server.node.name, agent.node.name),
-        ..Report::default()
-    };
-    let wg = plan
-        .wireguard
-        .as_ref()
-        .context("the multi-node check needs WireGuard in the profile")?;
-    let s_wg = server
-        .node
-        .wireguard_address
-        .expect("validated")
-        .to_string();
-    let a_wg = agent.node.wireguard_address.expect("validated").to_string();
-    let s_lan = server
-        .node
-        .lan_address
-        .context("the server needs a LAN address")?
-        .to_string();
+    Ok((s, a))
+}
 
+/// Both ways over the tunnel, and a completed handshake.
+#[allow(clippy::too_many_arguments)]
+fn check_tunnel(
+    s: &Vm,
+    a: &Vm,
+    server: &ClusterNode,
+    agent: &ClusterNode,
+    key: &Path,
+    wg: &crate::config::plan::WgPlan,
+    (s_wg, a_wg): (&str, &str),
+    r: &mut Report,
+) -> anyhow::Result<()> {
     // Tunnel: ping both ways (busybox ping: minbase has no iputils).
     let ping = |vm: &Vm, to: &str| {
         vm.sh(key, &format!("for i in $(seq 30); do busybox ping -c 1 -W 1 {to} >/dev/null 2>&1 && echo ok && exit 0; sleep 1; done; echo no reply")).unwrap_or_else(|e| e.to_string())
@@ -853,7 +950,7 @@ pub fn test_cluster(
             agent.node.name, server.node.name
         ),
         "ok",
-        &ping(&a, &s_wg),
+        &ping(a, s_wg),
     ));
     r.checks.push(Check::eq(
         &format!(
@@ -861,7 +958,7 @@ pub fn test_cluster(
             server.node.name, agent.node.name
         ),
         "ok",
-        &ping(&s, &a_wg),
+        &ping(s, a_wg),
     ));
     let hs = a.sh(
         key,
@@ -882,6 +979,18 @@ pub fn test_cluster(
         hs_ok,
     ));
 
+    Ok(())
+}
+
+/// The server's API port: reachable over the tunnel, not over the LAN.
+fn check_api_reach(
+    a: &Vm,
+    server: &ClusterNode,
+    agent: &ClusterNode,
+    key: &Path,
+    (s_wg, s_lan): (&str, &str),
+    r: &mut Report,
+) {
     // Firewall between the nodes: 6443 over the tunnel, not over the LAN.
     let connect = |vm: &Vm, host: &str| {
         vm.sh(key, &format!("timeout 5 bash -c '</dev/tcp/{host}/{}' 2>/dev/null && echo connects || echo refused", crate::config::plan::K3S_API_PORT)).unwrap_or_else(|e| e.to_string())
@@ -892,7 +1001,7 @@ pub fn test_cluster(
             agent.node.name, server.node.name
         ),
         "connects",
-        &connect(&a, &s_wg),
+        &connect(a, s_wg),
     ));
     r.checks.push(Check::eq(
         &format!(
@@ -900,9 +1009,23 @@ pub fn test_cluster(
             agent.node.name, server.node.name
         ),
         "refused",
-        &connect(&a, &s_lan),
+        &connect(a, s_lan),
     ));
+}
 
+/// The agent's k3s points at the server's tunnel address and gets
+/// through (both nodes Ready with a real k3s).
+#[allow(clippy::too_many_arguments)]
+fn check_agent_joins(
+    plan: &Plan,
+    s: &mut Vm,
+    a: &mut Vm,
+    server: &ClusterNode,
+    agent: &ClusterNode,
+    key: &Path,
+    real_k3s: bool,
+    r: &mut Report,
+) -> anyhow::Result<()> {
     // The agent joins the server's tunnel address.
     let want = plan.join_url(agent.node).unwrap_or_default();
     let conf = a.sh(
@@ -960,19 +1083,5 @@ pub fn test_cluster(
             &seen,
         ));
     }
-    r.timeline = vec![
-        Mark {
-            what: format!("{} switch_root", server.node.name),
-            at: s
-                .serial_find("kiln-init: switch_root", 0)
-                .map(|l| l.at.as_secs_f64()),
-        },
-        Mark {
-            what: format!("{} switch_root", agent.node.name),
-            at: a
-                .serial_find("kiln-init: switch_root", 0)
-                .map(|l| l.at.as_secs_f64()),
-        },
-    ];
-    Ok(r)
+    Ok(())
 }
