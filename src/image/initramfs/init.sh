@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash # busybox ash; dash is the closest dialect shellcheck knows
 # kiln's init: the first program of every kiln node (busybox, in the
 # initramfs). It mounts the slot's read-only root, puts /etc in RAM over
 # it, puts /var on the state partition (formatting and growing it when

@@ -1,4 +1,5 @@
 #!/bin/sh
+# shellcheck disable=SC2154 # udhcpc passes interface, ip, router, dns in the environment
 # kiln: busybox udhcpc's hook in the initramfs (netboot only): put the
 # leased address and default route on the interface, nothing else.
 case "$1" in
