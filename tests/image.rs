@@ -943,6 +943,55 @@ fn images_are_private_and_the_output_holds_only_the_artifacts() {
 // ---------------------------------------------------------------------------
 // The ESP
 
+/// kiln-install's files on the ESP describe the image they are in: its
+/// first 34 and last 33 sectors (the GPT), its size, and zeros from the
+/// state partition up to the tail.
+fn install_files_are_the_images_own(node: &str, image: &Path, esp: &Path) {
+    let bytes = fs::read(image).unwrap();
+    let layout = text(&esp_file(esp, "kiln/install/layout"));
+    let field = |k: &str| -> usize {
+        layout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{node}: layout lacks {k}:\n{layout}"))
+            .parse()
+            .unwrap()
+    };
+    let (size, head, state, tail) = (
+        field("image-bytes"),
+        field("head-bytes"),
+        field("state-start-bytes"),
+        field("tail-bytes"),
+    );
+    assert_eq!(size, bytes.len(), "{node}: image-bytes");
+    assert_eq!(
+        (head, tail),
+        (34 * 512, 33 * 512),
+        "{node}: GPT head and tail"
+    );
+    assert!(
+        esp_file(esp, "kiln/install/gpt-head") == bytes[..head],
+        "{node}: gpt-head"
+    );
+    assert!(
+        esp_file(esp, "kiln/install/gpt-tail") == bytes[size - tail..],
+        "{node}: gpt-tail"
+    );
+    assert!(
+        bytes[state..size - tail].iter().all(|b| *b == 0),
+        "{node}: the image is not zero from its state partition to its tail"
+    );
+    let sgdisk = text(&tool("sgdisk").arg("-p").arg(image).output().unwrap().stdout);
+    let guid = layout
+        .lines()
+        .find_map(|l| l.strip_prefix("disk-guid="))
+        .unwrap();
+    assert!(
+        sgdisk.contains(&format!("Disk identifier (GUID): {}", guid.to_uppercase())),
+        "{node}: disk-guid={guid} is not the image's:\n{sgdisk}"
+    );
+}
+
 #[test]
 fn esp_is_clean_fat32_with_systemd_boot_entry_kernel_and_initrds() {
     let s = shared();
@@ -991,11 +1040,16 @@ fn esp_is_clean_fat32_with_systemd_boot_entry_kernel_and_initrds() {
             "kiln/a/vmlinuz",
             "kiln/a/initrd.img",
             "kiln/a/seed.img",
+            "kiln/install/",
+            "kiln/install/gpt-head",
+            "kiln/install/gpt-tail",
+            "kiln/install/layout",
         ]
         .iter()
         .map(|p| format!("::/{p}"))
         .collect();
         assert_eq!(listing, expected, "{node}'s ESP");
+        install_files_are_the_images_own(node, &s.out.join(format!("{node}.img")), &esp.path);
 
         assert!(
             esp_file(&esp.path, "EFI/BOOT/BOOTX64.EFI") == b.systemd_boot,

@@ -64,13 +64,21 @@ fn write_node_image(
     if let Some(k) = &cx.opts.test_access_key {
         inject_test_key(&mut rendered.tree, k);
     }
+    let guid_seed = format!("{}/{}", plan.cluster, name);
+    let parts = disk::plan_disk(&guid_seed, root.size)?;
+    // The netbooting initramfs uses a kiln disk only if it is this node's.
+    rendered.tree.file(
+        crate::render::DISK_GUID_PATH,
+        0o644,
+        format!("{}\n", parts.disk_guid),
+    );
     let seed = initramfs::build_seed(&rendered.tree, cx.epoch as u32)?;
     let seed_path = cx.work.join(format!("{name}.seed.img"));
     write_private(&seed_path, &seed)?;
     if cx.opts.pxe {
         write_private(&cx.pxe_dir.join(crate::render::pxe::seed_path(name)), &seed)?;
     }
-    let esp_files = vec![
+    let mut esp_files = vec![
         EspFile::copy_of(boot::BOOTLOADER_PATH, &boot_files.sdboot),
         EspFile::bytes(boot::LOADER_CONF_PATH, boot::loader_conf(plan)),
         EspFile::bytes(
@@ -81,8 +89,7 @@ fn write_node_image(
         EspFile::copy_of(boot::initrd_path('a'), &boot_files.initrd),
         EspFile::copy_of(boot::seed_path('a'), &seed_path),
     ];
-    let guid_seed = format!("{}/{}", plan.cluster, name);
-    let parts = disk::plan_disk(&guid_seed, root.size)?;
+    esp_files.extend(disk::install_files(&parts)?);
     disk::write_disk(image, &parts, &guid_seed, &root.path, &esp_files)?;
     Ok(hex::encode(Sha256::digest(&seed)))
 }

@@ -46,6 +46,56 @@ pub fn volume_id(guid_seed: &str) -> u32 {
     u32::from_le_bytes([g.0[0], g.0[1], g.0[2], g.0[3]])
 }
 
+/// Where kiln-install finds, on the ESP, what it needs to write this
+/// image onto another disk: the image's own GPT, which a booted disk no
+/// longer has (its first boot grew the state partition and moved the
+/// backup table to the end of the disk), and the layout around it.
+pub const INSTALL_DIR: &str = "kiln/install";
+
+/// The sectors at the start of the image that hold the protective MBR,
+/// the primary GPT header and the entry array.
+pub const GPT_HEAD_SECTORS: u64 = 34;
+/// The sectors at the end of the image that hold the backup entry array
+/// and header.
+pub const GPT_TAIL_SECTORS: u64 = 33;
+
+/// The ESP files kiln-install reads (under [`INSTALL_DIR`]): `gpt-head`
+/// and `gpt-tail` (the image's partition table, as [`write_disk`] writes
+/// it) and `layout` (the image's size and where its state partition
+/// starts: the image holds zeros from there up to the tail).
+pub fn install_files(plan: &PartitionPlan) -> anyhow::Result<Vec<EspFile>> {
+    let sector = gpt::SECTOR_BYTES;
+    let head_bytes = GPT_HEAD_SECTORS * sector;
+    let tail_bytes = GPT_TAIL_SECTORS * sector;
+    let state = plan
+        .partition("state")
+        .context("the plan has no state partition")?;
+    let mut scratch = tempfile::tempfile().context("a scratch file for the partition table")?;
+    scratch.set_len(plan.disk_size_bytes)?;
+    gpt::write_gpt(&mut scratch, plan)?;
+    let mut head = vec![0; head_bytes as usize];
+    let mut tail = vec![0; tail_bytes as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&scratch, &mut head, 0)?;
+    std::os::unix::fs::FileExt::read_exact_at(
+        &scratch,
+        &mut tail,
+        plan.disk_size_bytes - tail_bytes,
+    )?;
+    let layout = format!(
+        "# kiln: the layout of the image this disk was written from (kiln-install reads it)\n\
+         image-bytes={}\nhead-bytes={head_bytes}\nstate-start-bytes={}\ntail-bytes={tail_bytes}\n\
+         disk-guid={}\n",
+        plan.disk_size_bytes,
+        state.offset_bytes(),
+        plan.disk_guid,
+    );
+    Ok(vec![
+        EspFile::bytes(format!("{INSTALL_DIR}/gpt-head"), head),
+        EspFile::bytes(format!("{INSTALL_DIR}/gpt-tail"), tail),
+        EspFile::bytes(format!("{INSTALL_DIR}/layout"), layout),
+    ])
+}
+
 /// Write the disk image at `path` (created 0600: it holds the node's
 /// secrets): GPT, ESP with `esp_files`, `root` copied into root-a.
 pub fn write_disk(

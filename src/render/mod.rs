@@ -47,6 +47,11 @@ pub(crate) fn header(comment: &str, plan: &Plan) -> String {
 /// out the node's seed in an update.
 pub const UPDATE_KEY_PATH: &str = "/etc/kiln/update-key";
 
+/// Where a node's seed names the GPT disk GUID of its own disk image
+/// (added by the build, which plans the disk): a netbooting node uses a
+/// kiln disk for `/var` only if it carries this GUID.
+pub const DISK_GUID_PATH: &str = "/etc/kiln/disk-guid";
+
 /// Render every file of one node.
 pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeFiles {
     let mut tree = FileTree::new();

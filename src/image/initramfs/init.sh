@@ -70,15 +70,101 @@ done < /etc/kiln/modules
 log "modules loaded"
 mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null
 
-# Find a partition by its GPT name; print its device name (e.g. vda2).
-find_part() {
-    for u in /sys/class/block/*/uevent; do
-        if grep -qx "PARTNAME=$1" "$u"; then
+# Disks and partitions. kiln takes its root slot and its state only from
+# the disk it booted from, never from another disk that happens to carry
+# partitions of the same names (a kiln stick on a machine with a kiln
+# install, two copies of one image).
+#
+# GPT (UEFI 2.10 §5.3): the header is at LBA 1, with the disk GUID at byte
+# 56, the entry array's LBA at 72, the entry count at 80 and the entry size
+# at 84; an entry has its type GUID at byte 0 and its unique GUID at 16.
+
+# Whole disks that are devices (not loop, RAM or device-mapper).
+disks() {
+    for d in /sys/block/*; do
+        [ -e "$d/device" ] && basename "$d"
+    done
+}
+
+# COUNT bytes at byte OFFSET of /dev/DISK through hexdump FORMAT.
+bytes_at() { dd if="/dev/$1" bs=1 skip="$2" count="$3" 2>/dev/null | hexdump -v -e "$4"; }
+
+# A GUID in its text form, from its 16 bytes on disk (the first three
+# fields little-endian).
+GUID_FORMAT='1/4 "%08x" "-" 1/2 "%04x" "-" 1/2 "%04x" "-" 2/1 "%02x" "-" 6/1 "%02x" "\n"'
+
+# The GPT disk GUID of /dev/DISK; nothing if it has no GPT.
+disk_guid() {
+    lbs=$(cat "/sys/block/$1/queue/logical_block_size" 2>/dev/null || echo 512)
+    [ "$(dd if="/dev/$1" bs=1 skip="$lbs" count=8 2>/dev/null)" = "EFI PART" ] || return 1
+    bytes_at "$1" $((lbs + 56)) 16 "$GUID_FORMAT"
+}
+
+# "NUMBER GUID" for every used entry of /dev/DISK's GPT (unique GUIDs).
+part_guids() {
+    disk_guid "$1" >/dev/null || return 1
+    lbs=$(cat "/sys/block/$1/queue/logical_block_size" 2>/dev/null || echo 512)
+    lba=$(bytes_at "$1" $((lbs + 72)) 4 '1/4 "%u"')
+    count=$(bytes_at "$1" $((lbs + 80)) 4 '1/4 "%u"')
+    size=$(bytes_at "$1" $((lbs + 84)) 4 '1/4 "%u"')
+    dd if="/dev/$1" bs="$lbs" skip="$lba" count=$(((count * size + lbs - 1) / lbs)) 2>/dev/null \
+        | hexdump -v -e "$size/1 \"%02x\" \"\\n\"" \
+        | awk -v count="$count" 'NR > count { exit }
+            substr($0, 1, 32) ~ /^0+$/ { next }
+            { h = substr($0, 33, 32)
+              printf "%d %s%s%s%s-%s%s-%s%s-%s-%s\n", NR,
+                substr(h, 7, 2), substr(h, 5, 2), substr(h, 3, 2), substr(h, 1, 2),
+                substr(h, 11, 2), substr(h, 9, 2), substr(h, 15, 2), substr(h, 13, 2),
+                substr(h, 17, 4), substr(h, 21, 12) }'
+}
+
+# The disks (space-separated) that carry a partition with unique GUID $1.
+disks_with_part() {
+    found=
+    for d in $(disks); do
+        part_guids "$d" 2>/dev/null | grep -q " $1\$" && found="${found:+$found }$d"
+    done
+    echo "$found"
+}
+
+# The disks that carry a partition named $1.
+disks_with_name() {
+    found=
+    for d in $(disks); do
+        grep -qx "PARTNAME=$1" /sys/block/"$d"/"$d"*/uevent 2>/dev/null && found="${found:+$found }$d"
+    done
+    echo "$found"
+}
+
+# The partition named $2 on disk $1; print its device name (e.g. nvme0n1p2).
+part_on() {
+    for u in /sys/block/"$1"/"$1"*/uevent; do
+        if grep -qx "PARTNAME=$2" "$u" 2>/dev/null; then
             basename "$(dirname "$u")"
             return 0
         fi
     done
     return 1
+}
+
+# The partition systemd-boot was loaded from (its LoaderDevicePartUUID
+# EFI variable: 4 bytes of attributes, then the GUID in UTF-16), lower case.
+loader_part_uuid() {
+    v=/sys/firmware/efi/efivars/LoaderDevicePartUUID-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f
+    [ -r "$v" ] && tail -c +5 "$v" | tr -d '\000' | tr 'A-F' 'a-f'
+}
+
+# Wait up to 30 s (USB disks take seconds to appear) until command "$@"
+# prints something; print it.
+wait_for() {
+    tries=0
+    while :; do
+        out=$("$@")
+        [ -n "$out" ] && { echo "$out"; return 0; }
+        tries=$((tries + 1))
+        [ $tries -gt 300 ] && return 1
+        sleep 0.1
+    done
 }
 
 # Seconds since boot, to two decimals.
@@ -113,6 +199,48 @@ net_up() {
     fail "no DHCP answer on$ifaces"
 }
 
+# Set boot_disk to the disk this boot came from: the one holding the
+# partition systemd-boot was loaded from. Copies of one image carry the
+# same GUIDs: if several disks hold that partition, touch none of them.
+find_boot_disk() {
+    esp_uuid=$(loader_part_uuid)
+    if [ -n "$esp_uuid" ]; then
+        boot_disk=$(wait_for disks_with_part "$esp_uuid") \
+            || fail "no disk holds partition $esp_uuid, which systemd-boot was loaded from (waited 30 s; is the disk's driver in the initramfs?)"
+        how="systemd-boot was loaded from its partition $esp_uuid"
+        what="partition $esp_uuid, the one systemd-boot was loaded from"
+    else
+        boot_disk=$(wait_for disks_with_name "root-$slot") \
+            || fail "no partition named root-$slot after 30 s"
+        how="the only disk with a root-$slot partition; no LoaderDevicePartUUID, so not started by systemd-boot"
+        what="a partition named root-$slot, and the boot loader did not say which one it was loaded from"
+    fi
+    case "$boot_disk" in
+        *" "*) fail "disks $(echo "/dev/$boot_disk" | sed 's| | and /dev/|g') each hold $what: they are copies of one image and kiln cannot tell which one booted, so it uses none of them. Unplug all but one and boot again. To keep a node's image on two disks of one machine, install it with kiln-install: an installed disk gets partition GUIDs of its own." ;;
+    esac
+    log "booted from /dev/$boot_disk ($how)"
+}
+
+# Netboot: set boot_disk to this node's own kiln disk, if one is attached
+# (its GPT disk GUID is the one in the node's seed); other kiln disks are
+# left alone.
+find_node_disk() {
+    boot_disk=
+    guid=$(cat /seed/etc/kiln/disk-guid 2>/dev/null)
+    for d in $(disks_with_name state); do
+        if [ -n "$guid" ] && [ "$(disk_guid "$d")" = "$guid" ]; then
+            boot_disk="${boot_disk:+$boot_disk }$d"
+        else
+            log "/dev/$d is a kiln disk of another node or image (disk GUID $(disk_guid "$d")): not touching it"
+        fi
+    done
+    case "$boot_disk" in
+        *" "*) fail "disks $(echo "/dev/$boot_disk" | sed 's| | and /dev/|g') each carry this node's disk GUID $guid: kiln cannot tell which one holds its /var, so it uses none of them. Unplug all but one and boot again." ;;
+        "") ;;
+        *) log "this node's kiln disk is /dev/$boot_disk (disk GUID $guid)" ;;
+    esac
+}
+
 if [ -n "$root_url" ]; then
     [ -n "$root_sha" ] || fail "kiln.root is set but kiln.root.sha256 is not: a root image that cannot be verified is not booted"
     net_up
@@ -140,15 +268,11 @@ if [ -n "$root_url" ]; then
     log "root image sha256 verified"
     mount -t squashfs -o ro,loop /netroot/root.sqfs /sysroot || fail "cannot mount the root image from $root_url as squashfs"
     log "root mounted read-only (from the network, in RAM)"
+    find_node_disk
 else
     root_name="root-$slot"
-    tries=0
-    until part=$(find_part "$root_name"); do
-        tries=$((tries + 1))
-        # USB sticks can take several seconds to appear.
-        [ $tries -gt 300 ] && fail "no partition named $root_name after 30 s"
-        sleep 0.1
-    done
+    find_boot_disk
+    part=$(part_on "$boot_disk" "$root_name") || fail "/dev/$boot_disk, the disk this boot came from, has no partition named $root_name"
     log "root $root_name is /dev/$part"
     mount -t squashfs -o ro "/dev/$part" /sysroot || fail "cannot mount /dev/$part ($root_name) as squashfs"
     log "root mounted read-only"
@@ -160,6 +284,8 @@ mkdir -p /sysroot/run/kiln/etc-upper /sysroot/run/kiln/etc-work
 mount -t overlay overlay -o lowerdir=/sysroot/etc,upperdir=/sysroot/run/kiln/etc-upper,workdir=/sysroot/run/kiln/etc-work /sysroot/etc \
     || fail "cannot overlay /etc"
 echo "$slot" > /sysroot/run/kiln/slot
+# The disk kiln-update, kiln-install and the boot check work on.
+[ -n "$boot_disk" ] && echo "$boot_disk" > /sysroot/run/kiln/disk
 if [ -n "$root_url" ]; then
     mkdir -p /sysroot/run/kiln/netroot
     mount --move /netroot /sysroot/run/kiln/netroot
@@ -180,7 +306,7 @@ in_root() {
 
 state_fs=
 grown=
-if state=$(find_part state); then
+if [ -n "$boot_disk" ] && state=$(part_on "$boot_disk" state); then
     # Grow the state partition to the end of its disk (a 16 GB stick and a
     # 1 TB disk both get all their space). sfdisk moves the backup GPT to
     # the end first; the kernel learns the new size through BLKPG.

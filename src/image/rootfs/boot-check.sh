@@ -22,11 +22,16 @@ console() { echo "kiln-boot-check: $*"; }
 slot=$(cat /run/kiln/slot 2>/dev/null || true)
 case "$slot" in a) other=b ;; b) other=a ;; *) exit 0 ;; esac
 
+# The ESP of the disk this node booted from (kiln's init records it).
+disk=$(cat /run/kiln/disk 2>/dev/null || true)
 esp=
-for u in /sys/class/block/*/uevent; do
-    grep -qx PARTNAME=ESP "$u" && esp=$(basename "$(dirname "$u")")
+for u in /sys/block/"$disk"/"$disk"*/uevent; do
+    grep -qx PARTNAME=ESP "$u" 2>/dev/null && esp=$(basename "$(dirname "$u")")
 done
-[ -n "$esp" ] || { console "no ESP found"; exit 1; }
+if [ -z "$disk" ] || [ -z "$esp" ]; then
+    console "no ESP found on the boot disk (/run/kiln/disk: '$disk')"
+    exit 1
+fi
 mkdir -p "$ESP_MNT"
 mount -t vfat -o umask=0077 "/dev/$esp" "$ESP_MNT" || { console "cannot mount the ESP"; exit 1; }
 trap 'sync; umount "$ESP_MNT"' EXIT

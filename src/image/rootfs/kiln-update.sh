@@ -52,11 +52,14 @@ case "$slot" in
     *) die "cannot tell which slot is running (/run/kiln/slot: '$slot')" ;;
 esac
 
-# Partitions by GPT name (what kiln's init does too).
+# Partitions by GPT name, only on the disk this node booted from (kiln's
+# init records it in /run/kiln/disk): never another disk's slots.
+DISK=$(cat /run/kiln/disk 2>/dev/null || true)
+[ -n "$DISK" ] || die "cannot tell which disk this node booted from (/run/kiln/disk is missing; an image older than kiln-update?)"
 find_part() {
     local u
-    for u in /sys/class/block/*/uevent; do
-        if grep -qx "PARTNAME=$1" "$u"; then
+    for u in /sys/block/"$DISK"/"$DISK"*/uevent; do
+        if grep -qx "PARTNAME=$1" "$u" 2>/dev/null; then
             basename "$(dirname "$u")"
             return 0
         fi
@@ -66,7 +69,7 @@ find_part() {
 
 mount_esp() {
     local esp
-    esp=$(find_part ESP) || die "no partition named ESP"
+    esp=$(find_part ESP) || die "no partition named ESP on /dev/$DISK"
     mkdir -p "$ESP_MNT"
     if ! mountpoint -q "$ESP_MNT"; then
         mount -t vfat -o umask=0077 "/dev/$esp" "$ESP_MNT" || die "cannot mount /dev/$esp (ESP)"
@@ -165,7 +168,7 @@ do_update() {
     fi
 
     local part size slot_bytes
-    part=$(find_part "root-$other") || die "no partition root-$other"
+    part=$(find_part "root-$other") || die "no partition root-$other on /dev/$DISK"
     size=$(field root_size)
     slot_bytes=$(( $(cat "/sys/class/block/$part/size") * 512 ))
     [ "$size" -le "$slot_bytes" ] || die "the root image ($size bytes) does not fit slot $other (/dev/$part, $slot_bytes bytes): nothing was written; rebuild the disk image with a larger slot"
