@@ -109,6 +109,18 @@ pub fn image_files(version_text: &str) -> FileTree {
     // A/B updates: the command, and the check that keeps a new slot once
     // k3s is active (or reports a failed update).
     t.file("/usr/bin/kiln-update", 0o755, UPDATE_SCRIPT);
+    // Installing from a boot stick onto the machine's own disk, by hand
+    // or unattended (the node's /etc/kiln/install, from the profile).
+    t.file("/usr/bin/kiln-install", 0o755, INSTALL_SCRIPT);
+    t.file(
+        "/usr/lib/systemd/system/kiln-install.service",
+        0o644,
+        INSTALL_UNIT,
+    );
+    t.symlink(
+        "/etc/systemd/system/multi-user.target.wants/kiln-install.service",
+        "/usr/lib/systemd/system/kiln-install.service",
+    );
     t.file("/usr/lib/kiln/boot-check", 0o755, BOOT_CHECK_SCRIPT);
     t.file(
         "/usr/lib/systemd/system/kiln-boot-check.service",
@@ -124,6 +136,26 @@ pub fn image_files(version_text: &str) -> FileTree {
 
 /// `kiln-update`, shipped in every image.
 pub const UPDATE_SCRIPT: &str = include_str!("rootfs/kiln-update.sh");
+/// `kiln-install`, shipped in every image.
+pub const INSTALL_SCRIPT: &str = include_str!("rootfs/kiln-install.sh");
+/// Runs `kiln-install --unattended` when the node's seed asks for it;
+/// before k3s, which would otherwise start on the stick it leaves.
+pub const INSTALL_UNIT: &str = "[Unit]
+Description=kiln: install this node onto its own disk (install-device in the profile)
+ConditionPathExists=/etc/kiln/install
+After=local-fs.target
+Before=k3s.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/kiln-install --unattended
+StandardOutput=journal+console
+StandardError=journal+console
+TimeoutStartSec=infinity
+
+[Install]
+WantedBy=multi-user.target
+";
 /// Blesses a trial slot once k3s is active; reports failed updates.
 pub const BOOT_CHECK_SCRIPT: &str = include_str!("rootfs/boot-check.sh");
 pub const BOOT_CHECK_UNIT: &str = "[Unit]
