@@ -526,6 +526,31 @@ fn check_state_fill(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> an
             (0..=2081).contains(&gap),
         ));
     }
+    check_boot_disk(vm, key, e, out)
+}
+
+/// Root and `/var` come from the disk the node booted from (the one
+/// kiln's init recorded in /run/kiln/disk), never from another disk.
+fn check_boot_disk(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let disk_of = |mount: &str| {
+        format!(
+            "basename $(readlink -f /sys/class/block/$(basename $(findmnt -no SOURCE {mount}))/..)"
+        )
+    };
+    let (mounts, want): (&[&str], &str) = match e.medium {
+        Medium::Disk => (&["/", "/var"], "root and /var on it"),
+        Medium::Net { disk: true, .. } => (&["/var"], "/var on it"),
+        Medium::Net { disk: false, .. } => return Ok(()),
+    };
+    let script: Vec<String> = mounts.iter().map(|m| disk_of(m)).collect();
+    let seen = vm.sh(key, &format!("cat /run/kiln/disk; {}", script.join("; ")))?;
+    let words: Vec<&str> = seen.split_whitespace().collect();
+    out.push(Check::new(
+        "root and /var are on the disk the node booted from",
+        format!("/run/kiln/disk names a disk, {want}"),
+        words.join(" "),
+        words.len() == mounts.len() + 1 && words.iter().all(|w| *w == words[0]),
+    ));
     Ok(())
 }
 
@@ -603,8 +628,22 @@ pub fn test_node_with(
         let size = std::fs::metadata(image)?.len();
         cfg.disk_bytes = Some(size + opts.grow_bytes);
     }
-    cfg.forward = vec![PROBE_PORT];
     use_nic_of(&mut cfg, opts.boot_as.as_ref().unwrap_or(e.node));
+    test_node_on(&cfg, key, e, log, opts.reboot)
+}
+
+/// As [`test_node_with`], on a machine the caller describes (its disks,
+/// buses and NIC; its MAC and address should be the node's, see
+/// [`use_nic_of`]).
+pub fn test_node_on(
+    cfg: &VmConfig,
+    key: &Path,
+    e: &Expect,
+    log: Option<&Path>,
+    reboot: bool,
+) -> anyhow::Result<Report> {
+    let mut cfg = cfg.clone();
+    cfg.forward.push(PROBE_PORT);
     let mut vm = start_and_settle(&cfg, key, log)?;
     let mut report = Report {
         node: e.node.name.clone(),
@@ -612,7 +651,7 @@ pub fn test_node_with(
     };
     report.timeline = timeline(&vm, key, 0);
     report.checks = checks_first_boot(&vm, key, e)?;
-    if !opts.reboot {
+    if !reboot {
         let _ = vm.ssh_as(key, "root", "systemctl poweroff", b"");
         let _ = vm.wait_exit(Duration::from_secs(120));
         return Ok(report);

@@ -185,6 +185,12 @@ pub struct VmConfig {
     /// Grow the overlay's virtual disk to this many bytes (the image's
     /// size if `None`).
     pub disk_bytes: Option<u64>,
+    /// More disks, on the buses of real machines, used in place (the
+    /// caller's files: what a boot writes stays for the next boot).
+    pub disks: Vec<Disk>,
+    /// QEMU model of the management NIC: `virtio-net-pci`, or the
+    /// `e1000e` of an Intel desktop board.
+    pub nic_model: String,
     pub memory_mib: u32,
     pub cpus: u32,
     /// MAC of the management NIC (QEMU user networking, SSH forwarded).
@@ -197,6 +203,69 @@ pub struct VmConfig {
     /// for nodes with a static LAN address (QEMU's DHCP is not used then).
     pub user_net: Option<(ipnet::IpNet, std::net::IpAddr)>,
     pub accel: Accel,
+}
+
+/// A disk attached as real machines attach theirs.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    /// A raw or qcow2 (by extension) file, used in place.
+    pub file: PathBuf,
+    pub bus: Bus,
+    /// Firmware boot order (1 first); disks without one come last.
+    pub bootindex: Option<u32>,
+}
+
+/// How a [`Disk`] is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bus {
+    /// A USB stick: `usb-storage` on a `qemu-xhci` controller.
+    Usb,
+    /// An NVMe disk.
+    Nvme,
+    /// A SATA disk on q35's built-in AHCI controller.
+    Sata,
+}
+
+impl Disk {
+    pub fn new(file: &Path, bus: Bus, bootindex: Option<u32>) -> Self {
+        Disk {
+            file: file.to_path_buf(),
+            bus,
+            bootindex,
+        }
+    }
+}
+
+/// QEMU arguments for `disks` (`-drive` and `-device`, and the USB
+/// controller if one is on USB).
+fn disk_args(disks: &[Disk]) -> Vec<String> {
+    let mut args = Vec::new();
+    if disks.iter().any(|d| d.bus == Bus::Usb) {
+        args.extend(["-device".into(), "qemu-xhci,id=xhci".into()]);
+    }
+    for (i, d) in disks.iter().enumerate() {
+        let fmt = if d.file.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        };
+        args.push("-drive".into());
+        args.push(format!(
+            "if=none,id=disk{i},format={fmt},file={}",
+            d.file.display()
+        ));
+        let boot = d
+            .bootindex
+            .map(|b| format!(",bootindex={b}"))
+            .unwrap_or_default();
+        let device = match d.bus {
+            Bus::Usb => format!("usb-storage,bus=xhci.0,drive=disk{i},removable=on{boot}"),
+            Bus::Nvme => format!("nvme,drive=disk{i},serial=kiln-nvme-{i}{boot}"),
+            Bus::Sata => format!("ide-hd,drive=disk{i},bus=ide.{i}{boot}"),
+        };
+        args.extend(["-device".into(), device]);
+    }
+    args
 }
 
 /// What QEMU's built-in DHCP/TFTP hands a netbooting guest.
@@ -225,6 +294,8 @@ impl VmConfig {
             image: None,
             netboot: None,
             disk_bytes: None,
+            disks: Vec::new(),
+            nic_model: "virtio-net-pci".into(),
             memory_mib: DEFAULT_MEMORY_MIB,
             cpus: 2,
             mac: "52:54:00:12:34:56".into(),
@@ -301,6 +372,7 @@ fn qemu_command(
         cmd.arg("-drive")
             .arg(format!("if=virtio,format=qcow2,file={}", o.display()));
     }
+    cmd.args(disk_args(&cfg.disks));
     let (netboot, nic_boot) = match &cfg.netboot {
         Some(nb) => {
             if !Path::new(IPXE_ROM).exists() {
@@ -311,6 +383,8 @@ fn qemu_command(
                 format!(",bootindex=1,romfile={IPXE_ROM}"),
             )
         }
+        // No option ROM: the firmware boots the disks, not the network.
+        None if cfg.nic_model != "virtio-net-pci" => (String::new(), ",romfile=".into()),
         None => (String::new(), String::new()),
     };
     cmd.args(["-device", "virtio-rng-pci"])
@@ -318,8 +392,8 @@ fn qemu_command(
         .arg(format!("user,id=mgmt{user_net}{netboot}"))
         .arg("-device")
         .arg(format!(
-            "virtio-net-pci,netdev=mgmt,mac={}{nic_boot}",
-            cfg.mac
+            "{},netdev=mgmt,mac={}{nic_boot}",
+            cfg.nic_model, cfg.mac
         ));
     Ok(cmd)
 }
