@@ -860,3 +860,22 @@ fn unknown_power_keys_suggest_the_right_one() {
         assert!(e.hint.contains(right), "{wrong}: {e}");
     }
 }
+
+#[test]
+fn write_files_may_not_replace_the_stay_awake_files() {
+    for path in [
+        "/etc/systemd/system/suspend.target",
+        "/etc/systemd/logind.conf.d/kiln-stay-awake.conf",
+        "/etc/kiln/install",
+    ] {
+        let text =
+            format!("{GOOD}\n[[first-boot.write-files]]\npath = \"{path}\"\ncontent = \"x\"\n");
+        let e = one(
+            &text,
+            23,
+            "first-boot.write-files[0].path",
+            "rendered by kiln",
+        );
+        assert!(e.hint.contains("allow-suspend"), "{e}");
+    }
+}
