@@ -150,6 +150,11 @@ fn render_writes_the_tree_with_private_modes() {
             .unwrap()
             .contains("pcie_aspm=off")
     );
+    // Masked units are written as links to /dev/null, as `systemctl mask` makes them.
+    assert_eq!(
+        std::fs::read_link(out_dir.join("etc/systemd/system/suspend.target")).unwrap(),
+        Path::new("/dev/null")
+    );
     // A second render into the same place refuses instead of mixing trees.
     let again = kiln(&[
         "render",

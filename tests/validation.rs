@@ -746,3 +746,136 @@ fn invalid_utf8_is_reported_at_its_line_and_column() {
     assert!(err.contains("0xff"), "{err}");
     assert!(err.contains("fix:"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// Power and install keys of a node (issue 13): `allow-suspend`,
+// `install-device`, `after-install`.
+
+/// The good profile with `keys` added to node a1 (from line 21 on).
+fn a1_with(keys: &str) -> String {
+    with(
+        "wireguard-address = \"10.0.0.12\"",
+        &format!("wireguard-address = \"10.0.0.12\"\n{keys}"),
+    )
+}
+
+#[test]
+fn power_and_install_keys_pass() {
+    let text = a1_with(
+        "allow-suspend = true\ninstall-device = \"/dev/disk/by-id/nvme-Samsung_SSD_980_S64DNX0R123456\"\nafter-install = \"reboot\"",
+    );
+    let plan = kiln::config::plan::plan_profile(Path::new("lab.toml"), &text).unwrap();
+    let a1 = plan.node("a1").unwrap();
+    assert!(a1.allow_suspend);
+    let install = a1.install.as_ref().unwrap();
+    assert_eq!(
+        install.device.as_str(),
+        "/dev/disk/by-id/nvme-Samsung_SSD_980_S64DNX0R123456"
+    );
+    assert_eq!(install.after.as_str(), "reboot");
+    // Defaults: stay awake, no install; an install powers off.
+    let s1 = plan.node("s1").unwrap();
+    assert!(!s1.allow_suspend);
+    assert!(s1.install.is_none());
+    let plan = kiln::config::plan::plan_profile(
+        Path::new("lab.toml"),
+        &a1_with("install-device = \"/dev/nvme0n1\""),
+    )
+    .unwrap();
+    let install = plan.node("a1").unwrap().install.clone().unwrap();
+    assert_eq!(install.after.as_str(), "poweroff");
+    assert_eq!(install.key, "nodes[1].install-device");
+}
+
+#[test]
+fn allow_suspend_is_a_boolean() {
+    one(
+        &a1_with("allow-suspend = \"yes\""),
+        21,
+        "nodes[1].allow-suspend",
+        "expected true or false, found a string",
+    );
+}
+
+#[test]
+fn install_device_must_be_a_device_path() {
+    for (value, message) in [
+        ("nvme0n1", "not a path under /dev/"),
+        ("/mnt/usb", "not a path under /dev/"),
+        ("/dev/../etc/passwd", "`..`"),
+        ("/dev/disk/by-id/nvme Samsung", "contains ' '"),
+        ("/dev/", "empty"),
+    ] {
+        let e = one(
+            &a1_with(&format!("install-device = \"{value}\"")),
+            21,
+            "nodes[1].install-device",
+            message,
+        );
+        assert!(e.hint.contains("/dev/disk/by-id/"), "{e}");
+    }
+    one(
+        &a1_with("install-device = 0"),
+        21,
+        "nodes[1].install-device",
+        "expected a string, found an integer",
+    );
+}
+
+#[test]
+fn after_install_is_poweroff_or_reboot() {
+    let e = one(
+        &a1_with("install-device = \"/dev/sda\"\nafter-install = \"halt\""),
+        22,
+        "nodes[1].after-install",
+        "unknown after-install action `halt`",
+    );
+    assert!(
+        e.hint.contains("\"poweroff\"") && e.hint.contains("\"reboot\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn after_install_needs_install_device() {
+    let e = one(
+        &a1_with("after-install = \"reboot\""),
+        21,
+        "nodes[1].after-install",
+        "`install-device` is not",
+    );
+    assert!(e.hint.contains("add `install-device"), "{e}");
+    assert!(e.hint.contains("remove `after-install`"), "{e}");
+}
+
+#[test]
+fn unknown_power_keys_suggest_the_right_one() {
+    for (wrong, right) in [
+        ("allow_suspend = true", "`allow-suspend`"),
+        ("install_device = \"/dev/sda\"", "`install-device`"),
+        ("instal-device = \"/dev/sda\"", "`install-device`"),
+        ("after-instal = \"reboot\"", "`after-install`"),
+    ] {
+        let e = one(&a1_with(wrong), 21, "nodes[1].", "unknown key");
+        assert!(e.hint.contains(right), "{wrong}: {e}");
+    }
+}
+
+#[test]
+fn write_files_may_not_replace_the_stay_awake_files() {
+    for path in [
+        "/etc/systemd/system/suspend.target",
+        "/etc/systemd/logind.conf.d/kiln-stay-awake.conf",
+        "/etc/kiln/install",
+    ] {
+        let text =
+            format!("{GOOD}\n[[first-boot.write-files]]\npath = \"{path}\"\ncontent = \"x\"\n");
+        let e = one(
+            &text,
+            23,
+            "first-boot.write-files[0].path",
+            "rendered by kiln",
+        );
+        assert!(e.hint.contains("allow-suspend"), "{e}");
+    }
+}

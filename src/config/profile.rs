@@ -15,7 +15,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::config::diag::Diagnostics;
-use crate::config::types::{self, Endpoint, Host, Invalid, K3sVersion, MacAddr, WgKey};
+use crate::config::types::{self, DevicePath, Endpoint, Host, Invalid, K3sVersion, MacAddr, WgKey};
 
 /// A value with the span and dotted key it was read from.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +54,22 @@ impl Role {
 pub enum Topology {
     Mesh,
     Hub,
+}
+
+/// What a node does once it has installed itself onto `install-device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterInstall {
+    Poweroff,
+    Reboot,
+}
+
+impl AfterInstall {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AfterInstall::Poweroff => "poweroff",
+            AfterInstall::Reboot => "reboot",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +234,9 @@ pub struct Node {
     pub taints: Vec<At<String>>,
     pub cmdline: Vec<At<String>>,
     pub network: Option<Network>,
+    pub allow_suspend: Option<At<bool>>,
+    pub install_device: Option<At<DevicePath>>,
+    pub after_install: Option<At<AfterInstall>>,
 }
 
 #[derive(Debug, Clone)]
@@ -829,6 +848,16 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
         }),
         cmdline: n.str_list(d, "cmdline").unwrap_or_default(),
         network: None,
+        allow_suspend: n.bool(d, "allow-suspend"),
+        install_device: n.parse(d, "install-device", DevicePath::parse),
+        after_install: n.parse(d, "after-install", |s| match s {
+            "poweroff" => Ok(AfterInstall::Poweroff),
+            "reboot" => Ok(AfterInstall::Reboot),
+            _ => Err(inv(
+                format!("unknown after-install action `{s}`"),
+                "write \"poweroff\" (take the stick out, then power on) or \"reboot\" (the firmware must then prefer the internal disk)",
+            )),
+        }),
         key,
     };
     if let Some(mut l) = n.table(d, "labels") {

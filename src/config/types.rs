@@ -292,6 +292,51 @@ pub fn check_cmdline_item(s: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// A block device named by its path under `/dev/`: `/dev/nvme0n1`, or a
+/// stable `/dev/disk/by-id/...` link. In its one normal form (no empty,
+/// `.` or `..` components, no trailing `/`) and without whitespace or
+/// control characters, so it fits on a `key=value` line of a node file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePath(String);
+
+impl DevicePath {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        const EXAMPLE: &str = "like \"/dev/disk/by-id/nvme-Samsung_SSD_980_S64DNX0R123456\" (see `ls -l /dev/disk/by-id/` on the machine) or \"/dev/nvme0n1\"";
+        if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                format!("device path `{}` contains {c:?}", s.escape_debug()),
+                format!("write the path without spaces or control characters, {EXAMPLE}"),
+            ));
+        }
+        let Some(rest) = s.strip_prefix("/dev/") else {
+            return Err(invalid(
+                format!("`{s}` is not a path under /dev/"),
+                format!("name the whole disk by its device path, {EXAMPLE}"),
+            ));
+        };
+        if rest
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(invalid(
+                format!("device path `{s}` has an empty, `.` or `..` component"),
+                format!("write the path as `ls` shows it, without `..`, `.` or `//`, {EXAMPLE}"),
+            ));
+        }
+        Ok(DevicePath(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DevicePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The shortest k3s token kiln accepts, in the profile or the state dir.
 pub const MIN_TOKEN_CHARS: usize = 16;
 
@@ -400,5 +445,33 @@ mod tests {
         assert!(check_cmdline_item("a b").is_err());
         assert!(check_cmdline_item("a\"b").is_err());
         assert!(check_cmdline_item("a\nb").is_err());
+    }
+
+    #[test]
+    fn device_paths() {
+        for good in [
+            "/dev/nvme0n1",
+            "/dev/sda",
+            "/dev/disk/by-id/nvme-Samsung_SSD_980_S64DNX0R123456",
+            "/dev/disk/by-id/ata-ST1000DM010-2EP102_Z9A1B2C3",
+        ] {
+            assert_eq!(DevicePath::parse(good).unwrap().as_str(), good);
+        }
+        for (bad, why) in [
+            ("nvme0n1", "not a path under /dev/"),
+            ("/dev", "not a path under /dev/"),
+            ("/dev/", "empty"),
+            ("/mnt/disk", "not a path under /dev/"),
+            ("/dev/../etc/passwd", "`..`"),
+            ("/dev/disk/by-id/./x", "`.`"),
+            ("/dev//sda", "empty"),
+            ("/dev/sda/", "empty"),
+            ("/dev/sd a", "' '"),
+            ("/dev/sda\n", "'\\n'"),
+        ] {
+            let e = DevicePath::parse(bad).unwrap_err();
+            assert!(e.message.contains(why), "{bad:?}: {e:?}");
+            assert!(e.hint.contains("/dev/disk/by-id/"), "{bad:?}: {e:?}");
+        }
     }
 }

@@ -179,3 +179,40 @@ pub fn build_seed(tree: &FileTree, mtime: u32) -> anyhow::Result<Vec<u8>> {
     }
     w.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The newc mode field (hex, after the 6-byte magic and 8-byte inode)
+    /// of the entry named `name`.
+    fn mode_of(cpio: &[u8], name: &str) -> u32 {
+        let needle = format!("{name}\0");
+        let at = cpio
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())
+            .unwrap_or_else(|| panic!("{name} not in the archive"));
+        let header = at - 110;
+        assert_eq!(&cpio[header..header + 6], b"070701");
+        u32::from_str_radix(
+            std::str::from_utf8(&cpio[header + 14..header + 22]).unwrap(),
+            16,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn seed_carries_symlinks_as_symlinks() {
+        // A masked unit must reach the node as a link to /dev/null, not as
+        // a file (cp -a in init.sh copies the link as it is).
+        let mut tree = FileTree::new();
+        tree.symlink("/etc/systemd/system/suspend.target", "/dev/null");
+        tree.file("/etc/hostname", 0o644, "n1\n");
+        let seed = build_seed(&tree, 0).unwrap();
+        assert_eq!(
+            mode_of(&seed, "seed/etc/systemd/system/suspend.target"),
+            0o120777
+        );
+        assert_eq!(mode_of(&seed, "seed/etc/hostname"), 0o100644);
+    }
+}

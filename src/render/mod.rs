@@ -5,6 +5,7 @@ pub mod boot;
 mod firstboot;
 mod k3s;
 mod nft;
+pub mod power;
 pub mod pxe;
 mod system;
 pub mod tree;
@@ -62,6 +63,7 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     tree.file("/etc/nftables.conf", 0o755, nft::render_ruleset(plan));
     k3s::render(plan, node, secrets, &mut tree);
     firstboot::render(plan, &mut tree);
+    power::render(plan, node, &mut tree);
     tree.file(
         "/etc/kiln/node",
         0o644,

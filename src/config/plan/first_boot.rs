@@ -12,7 +12,7 @@ use super::{FIRST_USER_UID, FirstBootPlan, UserPlan, WriteFilePlan};
 const WRITABLE_PREFIXES: [&str; 2] = ["/etc/", "/var/"];
 /// Paths kiln renders itself: a write-file there would silently fight
 /// with kiln's own file. Entries ending in `/` or `-` are prefixes.
-const RESERVED_PATHS: [&str; 15] = [
+const RESERVED_PATHS: [&str; 21] = [
     "/etc/hostname",
     "/etc/hosts",
     "/etc/nftables.conf",
@@ -28,6 +28,13 @@ const RESERVED_PATHS: [&str; 15] = [
     "/etc/systemd/system/kiln-",
     "/etc/sysctl.d/90-kiln.conf",
     "/var/lib/kiln/",
+    // Staying awake (render::power): logind's drop-in and the masked sleep targets.
+    "/etc/systemd/logind.conf.d/kiln-",
+    "/etc/systemd/system/sleep.target",
+    "/etc/systemd/system/suspend.target",
+    "/etc/systemd/system/hibernate.target",
+    "/etc/systemd/system/hybrid-sleep.target",
+    "/etc/systemd/system/suspend-then-hibernate.target",
 ];
 
 pub(super) fn resolve_first_boot(f: &profile::FirstBoot, d: &mut Diagnostics) -> FirstBootPlan {
@@ -151,7 +158,7 @@ fn resolve_write_files(
                 path.v == **r
             }
         }) {
-            d.error(path.span.clone(), &path.key, format!("`{}` is rendered by kiln ({r})", path.v), "set it through the profile's own keys (hostname, users, wireguard, firewall, k3s), or use another path");
+            d.error(path.span.clone(), &path.key, format!("`{}` is rendered by kiln ({r})", path.v), "set it through the profile's own keys (hostname, users, wireguard, firewall, k3s, allow-suspend), or use another path");
         }
         if let Some(first) = seen_paths.get(path.v.as_str()) {
             let first_line = d.line_of(first.span.start);

@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 
 use crate::config::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
-use crate::config::profile::{self, KernelFlavour, RegistryConfig, Role, Topology};
-use crate::config::types::{Endpoint, Host, K3sVersion, MacAddr, WgKey};
+use crate::config::profile::{self, AfterInstall, KernelFlavour, RegistryConfig, Role, Topology};
+use crate::config::types::{DevicePath, Endpoint, Host, K3sVersion, MacAddr, WgKey};
 
 mod base;
 mod boot;
@@ -38,6 +38,13 @@ pub const DEFAULT_HUB_KEEPALIVE_S: u16 = 25;
 pub const DEFAULT_CLUSTER_CIDR: &str = "10.42.0.0/16";
 pub const DEFAULT_SERVICE_CIDR: &str = "10.43.0.0/16";
 pub const DEFAULT_ALLOW_TCP: [u16; 1] = [22];
+/// Nodes stay awake (lid ignored, sleep masked) unless a node allows suspend:
+/// a sleeping laptop drops out of the cluster.
+pub const DEFAULT_ALLOW_SUSPEND: bool = false;
+/// Power off after an unattended install, so the stick can be pulled
+/// before the machine next boots (a reboot would boot the stick again on
+/// firmware that prefers USB).
+pub const DEFAULT_AFTER_INSTALL: AfterInstall = AfterInstall::Poweroff;
 pub const FIRST_USER_UID: u32 = 1000;
 /// The k3s supervisor and API server port.
 pub const K3S_API_PORT: u16 = 6443;
@@ -205,6 +212,20 @@ pub struct NodePlan {
     /// Kernel command line items for this node only.
     pub cmdline: Vec<String>,
     pub network: NetworkPlan,
+    /// May the machine sleep (lid, suspend, hibernate)? Off by default.
+    pub allow_suspend: bool,
+    /// Install onto an internal disk when booted from a kiln stick.
+    pub install: Option<InstallPlan>,
+}
+
+/// An unattended install, read on the node by `kiln-install`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstallPlan {
+    pub device: DevicePath,
+    pub after: AfterInstall,
+    /// The profile key it came from (`nodes[0].install-device`), for the
+    /// comment in the rendered file.
+    pub key: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]

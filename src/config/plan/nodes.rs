@@ -11,7 +11,10 @@ use crate::config::profile::{self, At, Role};
 use crate::config::types::{Endpoint, Host, MacAddr};
 
 use super::wireguard::check_in_network;
-use super::{DEFAULT_WG_PORT, IfaceMatch, NetworkPlan, NodePlan};
+use super::{
+    DEFAULT_AFTER_INSTALL, DEFAULT_ALLOW_SUSPEND, DEFAULT_WG_PORT, IfaceMatch, InstallPlan,
+    NetworkPlan, NodePlan,
+};
 
 /// What the nodes have used so far: names, host names, MACs and addresses
 /// must each be unique.
@@ -118,6 +121,11 @@ pub(super) fn resolve_nodes(
                 address: static_addr.map(|a| a.v),
                 gateway: net.and_then(|w| w.gateway.as_ref()).map(|a| a.v),
             },
+            allow_suspend: n
+                .allow_suspend
+                .as_ref()
+                .map_or(DEFAULT_ALLOW_SUSPEND, |a| a.v),
+            install: resolve_install(n, d),
         });
     }
     nodes
@@ -308,5 +316,27 @@ fn check_wg_address(
             }
             seen.dup_ip(d, a);
         }
+    }
+}
+
+/// `install-device` and `after-install`: the second only means something
+/// with the first.
+fn resolve_install(n: &profile::Node, d: &mut Diagnostics) -> Option<InstallPlan> {
+    match (&n.install_device, &n.after_install) {
+        (Some(dev), after) => Some(InstallPlan {
+            device: dev.v.clone(),
+            after: after.as_ref().map_or(DEFAULT_AFTER_INSTALL, |a| a.v),
+            key: dev.key.clone(),
+        }),
+        (None, Some(after)) => {
+            d.error(
+                after.span.clone(),
+                &after.key,
+                "`after-install` is set but `install-device` is not",
+                "add `install-device = \"/dev/disk/by-id/...\"` (the internal disk to install onto), or remove `after-install`",
+            );
+            None
+        }
+        (None, None) => None,
     }
 }
