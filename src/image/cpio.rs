@@ -6,6 +6,17 @@
 //! order they are added; the kernel does not create missing parents, so add
 //! directories before their contents.
 //!
+//! Written by hand, not with the `cpio` crate (0.4.2, newc `Builder`): the
+//! crate can set every field kiln needs (inode, mode, uid/gid, nlink, mtime,
+//! rdev major/minor) and pads and ends an archive as kiln does, but it
+//! formats the 13 header fields as lower-case hex (`{:08x}`), while kiln,
+//! like the kernel's `gen_init_cpio` (`%08X`), writes upper case. The kernel
+//! reads both, but the crate would change every header with a hex letter in
+//! it (a directory's mode `000041ED`, most mtimes and sizes), so every
+//! initramfs and disk image would stop matching its earlier sha256. Checked
+//! on this module's test archive: same length, 24 bytes differ, identical
+//! ignoring case.
+//!
 //! Reference: the kernel's `Documentation/driver-api/early-userspace/buffer-format.rst`
 //! and `usr/gen_init_cpio.c`.
 

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
@@ -34,6 +34,7 @@ use hadris_fat::{DirectoryEntry, FatDir, FatType, FatVolume, FatVolumeReadExt, F
 
 use super::gpt::{ESP_MIN_MIB, SECTOR_BYTES};
 
+use crate::util::range_io::RangeIo;
 use crate::util::size::MIB;
 
 /// Smallest ESP [`write_esp`] accepts, in bytes: [`ESP_MIN_MIB`] (260 MiB)
@@ -558,81 +559,6 @@ fn write_file<'d>(
     Ok(())
 }
 
-/// A window onto `len` bytes of a file starting at `start`: reads end there,
-/// writes past it fail, so the FAT library cannot touch the rest of the
-/// disk. Uses positioned I/O, so the file's own cursor is left alone.
-struct RangeIo<'d> {
-    disk: &'d File,
-    start: u64,
-    len: u64,
-    pos: u64,
-}
-
-impl<'d> RangeIo<'d> {
-    fn new(disk: &'d File, start: u64, len: u64) -> Self {
-        RangeIo {
-            disk,
-            start,
-            len,
-            pos: 0,
-        }
-    }
-}
-
-impl Read for RangeIo<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.len.saturating_sub(self.pos);
-        let n = (buf.len() as u64).min(left) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        let read = self.disk.read_at(&mut buf[..n], self.start + self.pos)?;
-        self.pos += read as u64;
-        Ok(read)
-    }
-}
-
-impl Write for RangeIo<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let end = self.pos.checked_add(buf.len() as u64);
-        if end.is_none_or(|end| end > self.len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "write of {} bytes at byte {} would leave the {}-byte ESP",
-                    buf.len(),
-                    self.pos,
-                    self.len
-                ),
-            ));
-        }
-        let written = self.disk.write_at(buf, self.start + self.pos)?;
-        self.pos += written as u64;
-        Ok(written)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Seek for RangeIo<'_> {
-    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let pos = match to {
-            SeekFrom::Start(n) => Some(n),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        self.pos = pos.ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "seek before the start of the ESP",
-            )
-        })?;
-        Ok(self.pos)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -955,21 +881,5 @@ mod tests {
             format!("{err:#}").contains("make the ESP bigger"),
             "{err:#}"
         );
-    }
-
-    #[test]
-    fn range_io_stays_inside_its_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = disk(dir.path(), "disk.img");
-        let mut io = RangeIo::new(&disk, OFFSET, 16);
-        io.seek(SeekFrom::End(-4)).unwrap();
-        io.write_all(b"abcd").unwrap();
-        assert!(io.write_all(b"e").is_err(), "wrote past the end");
-        io.seek(SeekFrom::Start(14)).unwrap();
-        let mut buf = [0u8; 8];
-        assert_eq!(io.read(&mut buf).unwrap(), 2);
-        assert_eq!(&buf[..2], b"cd");
-        assert!(io.seek(SeekFrom::Current(-100)).is_err());
-        markers_intact(&disk);
     }
 }

@@ -1,11 +1,36 @@
 //! GPT partition planning and writing, rootless, by offset into a file.
 //!
-//! [`plan_partitions`] is pure: it lays out ESP / root-a / root-b / state on
-//! 1 MiB boundaries with GUIDs derived from a seed, so the same seed always
-//! gives the same bytes. [`write_gpt`] writes the protective MBR, the primary
-//! header and entry array, and the backup entry array and header at the end
-//! of a (sparse) file. [`read_gpt`] reads a table back and
-//! [`relocate_backup`] moves the backup to the end of a bigger disk.
+//! Kiln's own is the planner. [`plan_partitions`] is pure: it lays out ESP /
+//! root-a / root-b / state on 1 MiB boundaries with GUIDs derived from a
+//! seed, so the same seed always gives the same bytes. No crate knows this
+//! layout (the A/B slots, the names the initramfs finds them by, the
+//! Discoverable Partitions type GUIDs and attributes, the seeded GUIDs), and
+//! the [`PartitionPlan`] is what the golden `sfdisk -d` test and `flash`'s
+//! read-back compare against. [`Guid`] keeps GUIDs in their textual byte
+//! order for constants and dumps.
+//!
+//! The on-disk format is the `gptman` crate's (the one coreos-installer
+//! uses). It takes the disk GUID and every entry from kiln, nothing random:
+//! [`write_gpt`] has it write the protective MBR, the primary header and
+//! entry array, and the backup entry array and header at the end of a
+//! (sparse) file; [`read_gpt`] reads a table back (signature, revision and
+//! both CRCs checked); [`relocate_backup`] has it rewrite the table for a
+//! bigger disk. It reaches the file through [`RangeIo`], so the file's
+//! cursor stays where it was and the disk size is the plan's, not a block
+//! device's metadata.
+//!
+//! Two things kiln does around gptman, to keep what it did before:
+//! - gptman writes only the 92 bytes of a header and the 66 bytes of the
+//!   MBR partition table and signature, leaving the rest of those sectors
+//!   as they were. Kiln zeroes sectors 0, 1 and the last sector first, as
+//!   UEFI requires of the header blocks' reserved bytes; otherwise moving
+//!   the backup onto a used stick would keep old bytes beside the new
+//!   header. (Kiln's images are UEFI-only: there is no MBR boot code to
+//!   keep.)
+//! - gptman's `GPT::read_from` falls back to the backup table when the
+//!   primary is damaged; kiln reads the primary only, with gptman's header
+//!   and entry readers, so a damaged primary is an error, not an image that
+//!   looks fine.
 //!
 //! Reference: UEFI Specification 2.10, §5.3 "GUID Partition Table (GPT)
 //! Disk Layout"; the Discoverable Partitions Specification
@@ -13,9 +38,11 @@
 
 use std::fmt;
 use std::fs::File;
+use std::io::{Seek as _, SeekFrom};
 use std::os::unix::fs::FileExt;
 
 use anyhow::{Context, Result, bail, ensure};
+use gptman::{GPT, GPTHeader, GPTPartitionEntry};
 use sha2::{Digest, Sha256};
 
 /// Logical sector size in bytes. Images are built for 512-byte sectors; a
@@ -59,11 +86,7 @@ const ENTRY_ARRAY_SECTORS: u64 = (ENTRY_COUNT as u64 * ENTRY_BYTES as u64) / SEC
 /// First usable LBA: MBR, primary header, primary entry array.
 const FIRST_USABLE_LBA: u64 = 2 + ENTRY_ARRAY_SECTORS;
 
-/// Size of the GPT header structure in bytes (UEFI 2.10 §5.3.2).
-const HEADER_BYTES: usize = 92;
-
-const SIGNATURE: &[u8; 8] = b"EFI PART";
-const REVISION_1_0: u32 = 0x0001_0000;
+use crate::util::range_io::RangeIo;
 use crate::util::size::MIB;
 
 /// A GUID in its textual (RFC 4122, big-endian) byte order.
@@ -404,143 +427,79 @@ pub fn write_gpt(file: &mut File, plan: &PartitionPlan) -> Result<()> {
          with PartitionPlan::with_disk_size",
         plan.disk_size_bytes
     );
-    let entries = entry_array(plan);
+    let entries: Vec<GPTPartitionEntry> = plan.partitions.iter().map(entry).collect();
     write_tables(file, plan.disk_size_bytes, plan.disk_guid, &entries)
 }
 
-/// Writes MBR, both headers and both entry arrays for a disk of `disk_size_bytes`.
-fn write_tables(file: &File, disk_size_bytes: u64, disk_guid: Guid, entries: &[u8]) -> Result<()> {
+/// Has gptman write the protective MBR, both headers and both entry arrays
+/// for a disk of `disk_size_bytes`, with `entries` as entries 1, 2, …
+fn write_tables(
+    file: &File,
+    disk_size_bytes: u64,
+    disk_guid: Guid,
+    entries: &[GPTPartitionEntry],
+) -> Result<()> {
     let last_lba = disk_size_bytes / SECTOR_BYTES - 1;
-    let layout = HeaderLayout {
-        last_lba,
-        disk_guid,
-        entries_crc: crc32fast::hash(entries),
-    };
-    let backup_entries_lba = last_lba - ENTRY_ARRAY_SECTORS;
-    let writes: [(u64, &[u8], &str); 5] = [
-        (0, &protective_mbr(last_lba), "protective MBR"),
-        (1, &layout.header(1, last_lba, 2), "primary GPT header"),
-        (2, entries, "primary partition entries"),
-        (backup_entries_lba, entries, "backup partition entries"),
-        (
-            last_lba,
-            &layout.header(last_lba, 1, backup_entries_lba),
-            "backup GPT header",
-        ),
-    ];
-    for (lba, bytes, what) in writes {
-        file.write_all_at(bytes, lba * SECTOR_BYTES)
-            .with_context(|| format!("writing the {what} at sector {lba}"))?;
+    // gptman writes only part of these sectors; the rest must be zero.
+    for (lba, what) in [
+        (0, "protective MBR"),
+        (1, "primary GPT header"),
+        (last_lba, "backup GPT header"),
+    ] {
+        file.write_all_at(&[0u8; SECTOR_BYTES as usize], lba * SECTOR_BYTES)
+            .with_context(|| format!("clearing the {what} at sector {lba}"))?;
     }
+    let mut disk = RangeIo::new(file, 0, disk_size_bytes);
+    let mut gpt = GPT::new_from(&mut disk, SECTOR_BYTES, disk_guid.to_disk_bytes())
+        .context("laying out the GPT headers")?;
+    for (number, e) in (1..).zip(entries) {
+        gpt[number] = e.clone();
+    }
+    gpt.write_into(&mut disk)
+        .context("writing the GPT headers and partition entries")?;
+    GPT::write_protective_mbr_into(&mut disk, SECTOR_BYTES)
+        .context("writing the protective MBR")?;
     Ok(())
 }
 
-/// The 128 × 128-byte partition entry array.
-fn entry_array(plan: &PartitionPlan) -> Vec<u8> {
-    let mut array = vec![0u8; (ENTRY_COUNT * ENTRY_BYTES) as usize];
-    for (p, entry) in plan
-        .partitions
-        .iter()
-        .zip(array.chunks_mut(ENTRY_BYTES as usize))
-    {
-        entry[0..16].copy_from_slice(&p.type_guid.to_disk_bytes());
-        entry[16..32].copy_from_slice(&p.unique_guid.to_disk_bytes());
-        entry[32..40].copy_from_slice(&p.first_lba.to_le_bytes());
-        entry[40..48].copy_from_slice(&p.last_lba.to_le_bytes());
-        entry[48..56].copy_from_slice(&p.attributes.to_le_bytes());
-        for (unit, slot) in p.name.encode_utf16().zip(entry[56..128].chunks_mut(2)) {
-            slot.copy_from_slice(&unit.to_le_bytes());
-        }
+/// The entry-array entry of `p`, GUIDs in on-disk byte order.
+fn entry(p: &Partition) -> GPTPartitionEntry {
+    GPTPartitionEntry {
+        partition_type_guid: p.type_guid.to_disk_bytes(),
+        unique_partition_guid: p.unique_guid.to_disk_bytes(),
+        starting_lba: p.first_lba,
+        ending_lba: p.last_lba,
+        attribute_bits: p.attributes,
+        partition_name: p.name.as_str().into(),
     }
-    array
-}
-
-/// What the primary and backup headers share.
-struct HeaderLayout {
-    last_lba: u64,
-    disk_guid: Guid,
-    entries_crc: u32,
-}
-
-impl HeaderLayout {
-    /// One header sector (UEFI 2.10 table 5.5), CRC filled in.
-    fn header(
-        &self,
-        my_lba: u64,
-        alternate_lba: u64,
-        entries_lba: u64,
-    ) -> [u8; SECTOR_BYTES as usize] {
-        let mut s = [0u8; SECTOR_BYTES as usize];
-        s[0..8].copy_from_slice(SIGNATURE);
-        s[8..12].copy_from_slice(&REVISION_1_0.to_le_bytes());
-        s[12..16].copy_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
-        // 16..20 header CRC32, 20..24 reserved: zero for now.
-        s[24..32].copy_from_slice(&my_lba.to_le_bytes());
-        s[32..40].copy_from_slice(&alternate_lba.to_le_bytes());
-        s[40..48].copy_from_slice(&FIRST_USABLE_LBA.to_le_bytes());
-        s[48..56].copy_from_slice(&(self.last_lba - 1 - ENTRY_ARRAY_SECTORS).to_le_bytes());
-        s[56..72].copy_from_slice(&self.disk_guid.to_disk_bytes());
-        s[72..80].copy_from_slice(&entries_lba.to_le_bytes());
-        s[80..84].copy_from_slice(&ENTRY_COUNT.to_le_bytes());
-        s[84..88].copy_from_slice(&ENTRY_BYTES.to_le_bytes());
-        s[88..92].copy_from_slice(&self.entries_crc.to_le_bytes());
-        let crc = crc32fast::hash(&s[..HEADER_BYTES]);
-        s[16..20].copy_from_slice(&crc.to_le_bytes());
-        s
-    }
-}
-
-/// Sector 0: one MBR partition of type 0xEE covering the disk (UEFI 2.10
-/// §5.2.3), so MBR-only tools see the disk as in use.
-fn protective_mbr(last_lba: u64) -> [u8; SECTOR_BYTES as usize] {
-    let mut s = [0u8; SECTOR_BYTES as usize];
-    let size = u32::try_from(last_lba).unwrap_or(u32::MAX);
-    let e = &mut s[446..462];
-    e[0] = 0x00; // not bootable
-    e[1..4].copy_from_slice(&[0x00, 0x02, 0x00]); // CHS of LBA 1
-    e[4] = 0xEE; // GPT protective
-    e[5..8].copy_from_slice(&[0xFF, 0xFF, 0xFF]); // CHS beyond range
-    e[8..12].copy_from_slice(&1u32.to_le_bytes());
-    e[12..16].copy_from_slice(&size.to_le_bytes());
-    s[510] = 0x55;
-    s[511] = 0xAA;
-    s
 }
 
 /// Reads the primary GPT of `file` back into a plan (verifying signature and
 /// both CRCs); the disk size is taken from the header's backup location.
 pub fn read_gpt(file: &File) -> Result<PartitionPlan> {
     let (header, entries) = read_primary(file)?;
-    parse_plan(&header, &entries)
+    Ok(parse_plan(&header, &entries))
 }
 
 /// The plan a checked header and entry array describe.
-fn parse_plan(header: &[u8], entries: &[u8]) -> Result<PartitionPlan> {
-    let last_lba = u64_at(header, 32);
-    let mut partitions = Vec::new();
-    for entry in entries.chunks(ENTRY_BYTES as usize) {
-        if entry[0..16].iter().all(|&b| b == 0) {
-            continue;
-        }
-        let units: Vec<u16> = entry[56..128]
-            .chunks(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .take_while(|&u| u != 0)
-            .collect();
-        partitions.push(Partition {
-            name: String::from_utf16(&units).context("partition name is not UTF-16")?,
-            type_guid: Guid::from_disk_bytes(&entry[0..16]),
-            unique_guid: Guid::from_disk_bytes(&entry[16..32]),
-            first_lba: u64_at(entry, 32),
-            last_lba: u64_at(entry, 40),
-            attributes: u64_at(entry, 48),
-        });
-    }
-    Ok(PartitionPlan {
-        disk_size_bytes: (last_lba + 1) * SECTOR_BYTES,
-        disk_guid: Guid::from_disk_bytes(&header[56..72]),
+fn parse_plan(header: &GPTHeader, entries: &[GPTPartitionEntry]) -> PartitionPlan {
+    let partitions = entries
+        .iter()
+        .filter(|e| e.is_used())
+        .map(|e| Partition {
+            name: e.partition_name.as_str().to_string(),
+            type_guid: Guid::from_disk_bytes(&e.partition_type_guid),
+            unique_guid: Guid::from_disk_bytes(&e.unique_partition_guid),
+            first_lba: e.starting_lba,
+            last_lba: e.ending_lba,
+            attributes: e.attribute_bits,
+        })
+        .collect();
+    PartitionPlan {
+        disk_size_bytes: (header.backup_lba + 1) * SECTOR_BYTES,
+        disk_guid: Guid::from_disk_bytes(&header.disk_guid),
         partitions,
-    })
+    }
 }
 
 /// Rewrites the GPT of `file` for a disk of `new_size_bytes` (e.g. an image
@@ -549,10 +508,11 @@ fn parse_plan(header: &[u8], entries: &[u8]) -> Result<PartitionPlan> {
 /// backup header is zeroed. The partitions themselves do not move.
 pub fn relocate_backup(file: &mut File, new_size_bytes: u64) -> Result<()> {
     let (header, entries) = read_primary(file)?;
-    let plan = parse_plan(&header, &entries)?;
+    let plan = parse_plan(&header, &entries);
     let old_last_lba = plan.last_lba();
     let plan = plan.with_disk_size(new_size_bytes)?;
-    // The entry array is kept byte for byte, even fields this module ignores.
+    // The entries are written back as read, even fields this module ignores
+    // (gptman keeps a name's raw UTF-16, padding included).
     write_tables(file, new_size_bytes, plan.disk_guid, &entries)?;
     if old_last_lba < plan.last_lba() {
         file.write_all_at(&[0u8; SECTOR_BYTES as usize], old_last_lba * SECTOR_BYTES)
@@ -563,48 +523,31 @@ pub fn relocate_backup(file: &mut File, new_size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// The primary header sector and entry array, checked.
-fn read_primary(file: &File) -> Result<(Vec<u8>, Vec<u8>)> {
-    let mut header = vec![0u8; SECTOR_BYTES as usize];
-    file.read_exact_at(&mut header, SECTOR_BYTES)
-        .context("reading the primary GPT header")?;
+/// The primary header and entry array, checked by gptman (signature,
+/// revision, header size, both CRCs) and for kiln's 128 × 128-byte array.
+fn read_primary(file: &File) -> Result<(GPTHeader, Vec<GPTPartitionEntry>)> {
+    // The disk size is in the header, not known yet: reads past the end of
+    // the file fail.
+    let mut disk = RangeIo::new(file, 0, u64::MAX);
+    disk.seek(SeekFrom::Start(SECTOR_BYTES))
+        .context("seeking to the primary GPT header")?;
+    let header = match GPTHeader::read_from(&mut disk) {
+        Err(gptman::Error::InvalidSignature) => {
+            bail!("no GPT: sector 1 lacks the \"EFI PART\" signature")
+        }
+        read => read.context("reading the primary GPT header")?,
+    };
     ensure!(
-        &header[0..8] == SIGNATURE,
-        "no GPT: sector 1 lacks the \"EFI PART\" signature"
-    );
-    let size = u32_at(&header, 12) as usize;
-    ensure!(
-        (HEADER_BYTES..=SECTOR_BYTES as usize).contains(&size),
-        "GPT header size {size} is invalid"
-    );
-    let mut zeroed = header[..size].to_vec();
-    zeroed[16..20].fill(0);
-    ensure!(
-        crc32fast::hash(&zeroed) == u32_at(&header, 16),
-        "primary GPT header CRC mismatch"
-    );
-    ensure!(
-        u32_at(&header, 80) == ENTRY_COUNT && u32_at(&header, 84) == ENTRY_BYTES,
+        header.number_of_partition_entries == ENTRY_COUNT
+            && header.size_of_partition_entry == ENTRY_BYTES,
         "GPT entry array of {} × {} bytes is not supported (expected {ENTRY_COUNT} × {ENTRY_BYTES})",
-        u32_at(&header, 80),
-        u32_at(&header, 84)
+        header.number_of_partition_entries,
+        header.size_of_partition_entry
     );
-    let mut entries = vec![0u8; (ENTRY_COUNT * ENTRY_BYTES) as usize];
-    file.read_exact_at(&mut entries, u64_at(&header, 72) * SECTOR_BYTES)
+    let entries = header
+        .read_partitions(&mut disk, SECTOR_BYTES)
         .context("reading the primary GPT partition entries")?;
-    ensure!(
-        crc32fast::hash(&entries) == u32_at(&header, 88),
-        "GPT partition entry array CRC mismatch"
-    );
     Ok((header, entries))
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 #[cfg(test)]
