@@ -8,6 +8,8 @@
 //! VMs run one test at a time (a lock): the machines have two cores.
 
 mod common;
+#[path = "vm/hardware.rs"]
+mod hardware;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::config::plan::{BasePlan, HubRef, Plan};
-use crate::config::profile::{KernelFlavour, Topology};
+use crate::config::profile::{AfterInstall, KernelFlavour, Topology};
 
 /// `kiln check PROFILE`: load the profile and print the summary.
 pub fn run(profile: &Path) -> anyhow::Result<()> {
@@ -195,7 +195,15 @@ fn write_build_plan(s: &mut String, plan: &Plan) {
         "\nbuild plan (per node: a GPT disk image with ESP, root-a, root-b and state)"
     );
     for n in &plan.nodes {
-        let _ = writeln!(s, "  {}.img", n.name);
+        let install = n.install.as_ref().map_or(String::new(), |i| {
+            let then = match i.after {
+                AfterInstall::Poweroff => "powers off",
+                AfterInstall::Reboot => "reboots",
+            };
+            format!(" (from a stick, installs onto {}, then {then})", i.device)
+        });
+        let awake = if n.allow_suspend { ", may sleep" } else { "" };
+        let _ = writeln!(s, "  {}.img{install}{awake}", n.name);
     }
     let _ = writeln!(s, "  SHA256SUMS, manifest.json");
 }

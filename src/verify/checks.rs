@@ -466,8 +466,9 @@ fn check_k3s(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::R
     let (state_name, state_dev) = match e.medium {
         Medium::Disk | Medium::Net { disk: true, .. } => (
             "k3s data is on the state partition",
+            // The boot disk's: another disk may carry a kiln state partition too.
             sh(
-                "for u in /sys/class/block/*/uevent; do grep -qx PARTNAME=state $u && basename $(dirname $u); done",
+                "d=$(cat /run/kiln/disk); for u in /sys/block/$d/$d*/uevent; do grep -qx PARTNAME=state $u && basename $(dirname $u); done",
             )?,
         ),
         Medium::Net { disk: false, .. } => ("k3s data is in RAM (diskless)", "tmpfs".to_string()),
@@ -526,7 +527,31 @@ fn check_state_fill(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> an
             (0..=2081).contains(&gap),
         ));
     }
-    check_boot_disk(vm, key, e, out)
+    check_boot_disk(vm, key, e, out)?;
+    check_stay_awake(vm, key, e, out)
+}
+
+/// Sleep targets masked and the lid ignored, as logind itself reports it
+/// (unless the node allows suspend).
+fn check_stay_awake(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let targets = "sleep.target suspend.target hibernate.target hybrid-sleep.target suspend-then-hibernate.target";
+    let seen = vm.sh(key, &format!("systemctl is-enabled {targets} | sort | uniq -c | xargs; busctl get-property org.freedesktop.login1 /org/freedesktop/login1 org.freedesktop.login1.Manager HandleLidSwitch"))?;
+    let seen = seen.split_whitespace().collect::<Vec<_>>().join(" ");
+    let (want, pass) = if e.node.allow_suspend {
+        (
+            "sleep targets not masked, lid switch suspends",
+            !seen.contains("masked") && seen.ends_with("s \"suspend\""),
+        )
+    } else {
+        ("5 masked s \"ignore\"", seen == "5 masked s \"ignore\"")
+    };
+    out.push(Check::new(
+        "sleep masked and lid switch ignored (laptops stay up)",
+        want,
+        seen,
+        pass,
+    ));
+    Ok(())
 }
 
 /// Root and `/var` come from the disk the node booted from (the one

@@ -1,0 +1,338 @@
+//! Boots on the hardware kiln's users have, as QEMU has it: a USB stick
+//! (`qemu-xhci` + `usb-storage`), an NVMe disk, a SATA (AHCI) disk and an
+//! Intel e1000e NIC, with the generic kernel users flash. The stick
+//! installs itself onto the NVMe, which then runs alone and beside the
+//! stick; a stick never touches another node's install, and two copies of
+//! one image make the initramfs refuse.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kiln::verify::checks::{self as verify, Report};
+use kiln::verify::vm::{Bus, Disk, Vm, VmConfig};
+
+use super::{Fixture, assert_all_pass, build, expect_for, files_for, fixture_from, show, vm_lock};
+
+/// Where s1 installs itself (the profile key under test).
+const INSTALL_DEVICE: &str = "/dev/nvme0n1";
+
+/// vm.toml with the generic kernel, and s1 installing itself onto the
+/// NVMe (then powering off); built once.
+fn hw() -> &'static (Fixture, PathBuf) {
+    static B: OnceLock<(Fixture, PathBuf)> = OnceLock::new();
+    B.get_or_init(|| {
+        let text = super::vm_profile()
+            .replace("kernel = \"cloud\"", "kernel = \"generic\"")
+            .replace(
+                "name = \"s1\"\nrole = \"server\"\n",
+                &format!("name = \"s1\"\nrole = \"server\"\ninstall-device = \"{INSTALL_DEVICE}\"\nafter-install = \"poweroff\"\n"),
+            );
+        assert!(text.contains("install-device"), "vm.toml's s1 table moved");
+        let f = fixture_from(&text, "hw.toml");
+        let out = f.dir.path().join("out");
+        build(&f, &out, &[]);
+        (f, out)
+    })
+}
+
+/// A machine with `disks` and an e1000e NIC with `node`'s MAC and address.
+fn machine(f: &Fixture, node: &str, disks: Vec<Disk>) -> VmConfig {
+    let mut cfg = VmConfig::diskless(node);
+    cfg.disks = disks;
+    cfg.nic_model = "e1000e".into();
+    verify::use_nic_of(&mut cfg, f.plan.node(node).unwrap());
+    cfg
+}
+
+/// A qcow2 file of `bytes` in `dir`: blank, or over `image` (a flashed copy).
+fn qcow2(dir: &Path, name: &str, image: Option<&Path>, bytes: u64) -> PathBuf {
+    let path = dir.join(name);
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if let Some(i) = image {
+        cmd.args(["-F", "raw", "-b"]).arg(i);
+    }
+    let st = cmd.arg(&path).arg(bytes.to_string()).status().unwrap();
+    assert!(st.success(), "qemu-img create {name}");
+    path
+}
+
+fn sha(path: &Path) -> String {
+    kiln::util::hash::sha256_file(path).unwrap()
+}
+
+/// The serial lines of a kept log that contain `needle`.
+fn log_lines(log: &Path, needle: &str) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Boot `cfg` for node `node`, run the single-node checks once, keep the
+/// serial log in `log`.
+fn checks(f: &Fixture, node: &str, cfg: &VmConfig, log: &Path) -> Report {
+    let files = files_for(f, node);
+    let e = expect_for(f, node, &files);
+    let r = verify::test_node_on(cfg, &f.key, &e, Some(log), false).unwrap();
+    show(&r);
+    r
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn a_stick_installs_itself_onto_the_nvme_which_then_runs_alone_and_beside_it() {
+    let started = std::time::Instant::now();
+    let (f, out) = hw();
+    let dir = tempfile::tempdir().unwrap();
+    let image = out.join("s1.img");
+    let stick = qcow2(dir.path(), "stick.qcow2", Some(&image), 8 * GIB);
+    let nvme = qcow2(dir.path(), "nvme.qcow2", None, 16 * GIB);
+    let _g = vm_lock();
+
+    // 1. Boot the stick: the unattended install writes the NVMe, powers off.
+    let cfg = machine(
+        f,
+        "s1",
+        vec![
+            Disk::new(&stick, Bus::Usb, Some(1)),
+            Disk::new(&nvme, Bus::Nvme, None),
+        ],
+    );
+    let mut vm = Vm::start(&cfg).unwrap();
+    let log1 = dir.path().join("1-stick.log");
+    vm.keep_log(&log1);
+    let done = vm
+        .wait_serial("kiln-install: done", 0, Duration::from_secs(40 * 60))
+        .unwrap();
+    vm.wait_exit(Duration::from_secs(300)).unwrap();
+    drop(vm);
+    let text = std::fs::read_to_string(&log1).unwrap();
+    let booted = log_lines(&log1, "kiln-init: booted from");
+    eprintln!(
+        "boot 1 (stick):\n{}\n{}",
+        booted.join("\n"),
+        log_lines(&log1, "kiln-install:").join("\n")
+    );
+    assert!(
+        booted.iter().any(|l| l.contains("booted from /dev/sda ")),
+        "{text}"
+    );
+    let written = log_lines(&log1, "image sha256 ");
+    let want = sha(&image);
+    assert!(
+        written
+            .iter()
+            .any(|l| l.ends_with(&format!("image sha256 {want}"))),
+        "kiln-install must write the built s1.img (sha256 {want}): {written:?}"
+    );
+    eprintln!(
+        "install finished {:.0} s after power-on ({:?})",
+        done.at.as_secs_f64(),
+        kiln::verify::vm::detect_accel()
+    );
+
+    // 2. The NVMe alone: every single-node check.
+    let log2 = dir.path().join("2-nvme.log");
+    let cfg = machine(f, "s1", vec![Disk::new(&nvme, Bus::Nvme, Some(1))]);
+    let r = checks(f, "s1", &cfg, &log2);
+    eprintln!(
+        "boot 2 (NVMe alone):\n{}",
+        log_lines(&log2, "kiln-init: ").join("\n")
+    );
+    assert!(!log_lines(&log2, "kiln-init: booted from /dev/nvme0n1 ").is_empty());
+    assert!(!log_lines(&log2, "state /dev/nvme0n1p4 mounted on /var").is_empty());
+    assert_all_pass(&r);
+
+    // 3. NVMe and stick: the NVMe runs, the stick is not written.
+    let stick_before = sha(&stick);
+    let log3 = dir.path().join("3-both.log");
+    let cfg = machine(
+        f,
+        "s1",
+        vec![
+            Disk::new(&nvme, Bus::Nvme, Some(1)),
+            Disk::new(&stick, Bus::Usb, Some(2)),
+        ],
+    );
+    let mut vm = Vm::start(&cfg).unwrap();
+    vm.keep_log(&log3);
+    vm.wait_serial(
+        "kiln-install: this node runs from",
+        0,
+        Duration::from_secs(15 * 60),
+    )
+    .unwrap();
+    vm.wait_ssh(&f.key, Duration::from_secs(600)).unwrap();
+    let _ = vm.ssh_as(&f.key, "root", "systemctl poweroff", b"");
+    vm.wait_exit(Duration::from_secs(300)).unwrap();
+    drop(vm);
+    eprintln!(
+        "boot 3 (NVMe first, stick attached):\n{}",
+        log_lines(&log3, "kiln-init: ").join("\n")
+    );
+    assert!(!log_lines(&log3, "kiln-init: booted from /dev/nvme0n1 ").is_empty());
+    assert!(!log_lines(&log3, "root root-a is /dev/nvme0n1p2").is_empty());
+    assert_eq!(
+        sha(&stick),
+        stick_before,
+        "booting the NVMe wrote to the stick"
+    );
+
+    // 4. The stick boots again (left in, firmware prefers USB): it finds its
+    //    node installed and leaves the NVMe alone.
+    let nvme_before = sha(&nvme);
+    let log4 = dir.path().join("4-stick-again.log");
+    let cfg = machine(
+        f,
+        "s1",
+        vec![
+            Disk::new(&stick, Bus::Usb, Some(1)),
+            Disk::new(&nvme, Bus::Nvme, Some(2)),
+        ],
+    );
+    let mut vm = Vm::start(&cfg).unwrap();
+    vm.keep_log(&log4);
+    let line = vm
+        .wait_serial(
+            "already holds this node's install",
+            0,
+            Duration::from_secs(15 * 60),
+        )
+        .unwrap();
+    vm.wait_ssh(&f.key, Duration::from_secs(600)).unwrap();
+    let _ = vm.ssh_as(&f.key, "root", "systemctl poweroff", b"");
+    vm.wait_exit(Duration::from_secs(300)).unwrap();
+    drop(vm);
+    eprintln!(
+        "boot 4 (stick again):\n{}\n{}",
+        log_lines(&log4, "kiln-init: booted").join("\n"),
+        line.text
+    );
+    assert!(!log_lines(&log4, "kiln-init: booted from /dev/sda ").is_empty());
+    assert_eq!(
+        sha(&nvme),
+        nvme_before,
+        "the stick, booted again, wrote to the NVMe"
+    );
+    eprintln!("four boots in {:.0} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn a_sata_disk_boots_and_keeps_var_on_it() {
+    let (f, out) = hw();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = qcow2(dir.path(), "sata.qcow2", Some(&out.join("a1.img")), 8 * GIB);
+    let _g = vm_lock();
+    let log = dir.path().join("sata.log");
+    let cfg = machine(f, "a1", vec![Disk::new(&disk, Bus::Sata, Some(1))]);
+    let mut vm = Vm::start(&cfg).unwrap();
+    vm.keep_log(&log);
+    vm.wait_ssh(&f.key, Duration::from_secs(900)).unwrap();
+    let var = vm
+        .sh(&f.key, "findmnt -no SOURCE /var; cat /run/kiln/disk")
+        .unwrap();
+    let _ = vm.ssh_as(&f.key, "root", "systemctl poweroff", b"");
+    let _ = vm.wait_exit(Duration::from_secs(300));
+    drop(vm);
+    eprintln!("{}", log_lines(&log, "kiln-init: ").join("\n"));
+    assert_eq!(
+        var.split_whitespace().collect::<Vec<_>>(),
+        ["/dev/sda4", "sda"]
+    );
+    assert!(!log_lines(&log, "kiln-init: booted from /dev/sda ").is_empty());
+}
+
+#[test]
+fn a_stick_on_a_machine_with_another_nodes_install_runs_from_the_stick_alone() {
+    let (f, out) = hw();
+    let dir = tempfile::tempdir().unwrap();
+    let stick = qcow2(
+        dir.path(),
+        "stick.qcow2",
+        Some(&out.join("a1.img")),
+        8 * GIB,
+    );
+    let nvme = qcow2(
+        dir.path(),
+        "nvme.qcow2",
+        Some(&out.join("s1.img")),
+        16 * GIB,
+    );
+    let nvme_before = sha(&nvme);
+    let _g = vm_lock();
+    let log = dir.path().join("stick.log");
+    let cfg = machine(
+        f,
+        "a1",
+        vec![
+            Disk::new(&stick, Bus::Usb, Some(1)),
+            Disk::new(&nvme, Bus::Nvme, Some(2)),
+        ],
+    );
+    let r = checks(f, "a1", &cfg, &log);
+    eprintln!("{}", log_lines(&log, "kiln-init: ").join("\n"));
+    assert!(!log_lines(&log, "kiln-init: booted from /dev/sda ").is_empty());
+    assert!(!log_lines(&log, "state /dev/sda4 mounted on /var").is_empty());
+    assert!(
+        log_lines(&log, "nvme0n1p").is_empty(),
+        "the stick's boot named an NVMe partition"
+    );
+    assert_all_pass(&r);
+    assert_eq!(
+        sha(&nvme),
+        nvme_before,
+        "the stick's boot wrote to the NVMe"
+    );
+}
+
+#[test]
+fn two_copies_of_one_image_make_the_initramfs_refuse() {
+    let (f, out) = hw();
+    let dir = tempfile::tempdir().unwrap();
+    let image = out.join("a1.img");
+    let stick = qcow2(dir.path(), "stick.qcow2", Some(&image), 8 * GIB);
+    let nvme = qcow2(dir.path(), "nvme.qcow2", Some(&image), 16 * GIB);
+    let (stick_before, nvme_before) = (sha(&stick), sha(&nvme));
+    let _g = vm_lock();
+    let cfg = machine(
+        f,
+        "a1",
+        vec![
+            Disk::new(&stick, Bus::Usb, Some(1)),
+            Disk::new(&nvme, Bus::Nvme, Some(2)),
+        ],
+    );
+    let mut vm = Vm::start(&cfg).unwrap();
+    let line = vm
+        .wait_serial("kiln-init: FATAL: disks ", 0, Duration::from_secs(600))
+        .unwrap();
+    drop(vm);
+    eprintln!("{}", line.text);
+    for want in [
+        "/dev/nvme0n1",
+        "/dev/sda",
+        "Unplug all but one",
+        "kiln-install",
+    ] {
+        assert!(
+            line.text.contains(want),
+            "{want:?} missing from: {}",
+            line.text
+        );
+    }
+    assert_eq!(
+        sha(&stick),
+        stick_before,
+        "the refused boot wrote to the stick"
+    );
+    assert_eq!(
+        sha(&nvme),
+        nvme_before,
+        "the refused boot wrote to the NVMe"
+    );
+}
