@@ -26,6 +26,7 @@ use std::process::Stdio;
 use anyhow::{Context as _, bail};
 
 use crate::render::tree::{Entry, FileTree};
+use crate::util::cancel::Cancel;
 use crate::util::tool::Tool;
 
 pub const TAR2SQFS: Tool = Tool::new("tar2sqfs", "squashfs-tools-ng");
@@ -537,6 +538,16 @@ fn append_one<W: Write>(
 
 /// Build the root image at `out` (which must not exist).
 pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> {
+    build_root_cancellable(inputs, out, &Cancel::default())
+}
+
+/// As [`build_root`]; when `cancel` is set, the stream into tar2sqfs stops
+/// and tar2sqfs is stopped, and the result is an interruption.
+pub fn build_root_cancellable(
+    inputs: &RootInputs,
+    out: &Path,
+    cancel: &Cancel,
+) -> anyhow::Result<RootImage> {
     let mut cmd = TAR2SQFS.command()?;
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     cmd.args(["--quiet", "--no-skip", "--compressor", "zstd"])
@@ -563,9 +574,14 @@ pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> 
         let _ = stderr.read_to_end(&mut v);
         v
     });
-    let streamed = write_stream(inputs, std::io::BufWriter::with_capacity(1 << 20, stdin));
-    let status = child.wait()?;
+    let streamed = write_stream(
+        inputs,
+        std::io::BufWriter::with_capacity(1 << 20, cancel.writer(stdin)),
+    );
+    let status = crate::util::tool::wait(&mut child, &line, cancel);
     let err = err_reader.join().unwrap_or_default();
+    let status = status?;
+    cancel.check()?;
     // A failed stream (say, a truncated base) is the cause; tar2sqfs then
     // only complains about the cut-off input. Its status matters when the
     // stream broke because tar2sqfs died first (EPIPE) or succeeded.
