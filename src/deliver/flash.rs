@@ -523,7 +523,11 @@ fn write_and_verify(
 ) -> anyhow::Result<FlashReport> {
     let t = opts.target.display().to_string();
     let device = target.kind == TargetKind::BlockDevice;
-    let fd_is_device = file.metadata()?.file_type().is_block_device();
+    let fd_is_device = file
+        .metadata()
+        .with_context(|| format!("inspecting {t}"))?
+        .file_type()
+        .is_block_device();
     let target_bytes = if device {
         // Now that kiln holds the device exclusively nothing new can mount
         // it; look again for anything that changed while hashing or asking.
@@ -543,7 +547,10 @@ fn write_and_verify(
             ),
         )?;
         if fd_is_device {
-            let rdev = file.metadata()?.rdev();
+            let rdev = file
+                .metadata()
+                .with_context(|| format!("inspecting {t}"))?
+                .rdev();
             let opened = (libc::major(rdev), libc::minor(rdev));
             let inspected = std::fs::metadata(&opts.target).map(|m| m.rdev()).ok();
             ensure!(

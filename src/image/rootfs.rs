@@ -188,12 +188,12 @@ fn collect_overlay(dir: &Path, rel: &str, out: &mut BTreeMap<String, Added>) -> 
         } else {
             format!("{rel}/{name}")
         };
-        let meta = std::fs::symlink_metadata(e.path())?;
+        let meta = fs_err::symlink_metadata(e.path())?;
         let mode = meta.permissions().mode() & 0o7777;
         if meta.file_type().is_symlink() {
             out.insert(
                 path,
-                Added::Symlink(std::fs::read_link(e.path())?.to_string_lossy().to_string()),
+                Added::Symlink(fs_err::read_link(e.path())?.to_string_lossy().to_string()),
             );
         } else if meta.is_dir() {
             out.insert(path.clone(), Added::Dir(mode));
@@ -600,7 +600,7 @@ pub fn build_root_cancellable(
     }
     crate::util::tool::check_status(&line, status, &err)?;
     streamed.context("streaming the root image")?;
-    let size = std::fs::metadata(out)?.len();
+    let size = fs_err::metadata(out)?.len();
     Ok(RootImage {
         path: out.to_path_buf(),
         size,

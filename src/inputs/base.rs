@@ -365,7 +365,10 @@ pub fn ensure_base_cancellable(
 
     let file =
         fs::File::open(tmp.path()).with_context(|| format!("opening {}", tmp.path().display()))?;
-    let bytes = file.metadata()?.len();
+    let bytes = file
+        .metadata()
+        .with_context(|| format!("reading {}", tmp.path().display()))?
+        .len();
     if bytes == 0 {
         bail!(
             "mmdebstrap exited successfully but wrote nothing to {}",
@@ -374,7 +377,7 @@ pub fn ensure_base_cancellable(
     }
     file.sync_all()
         .with_context(|| format!("syncing {}", tmp.path().display()))?;
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
+    fs_err::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
     let sha256 = crate::util::hash::sha256_file(tmp.path())?;
     tmp.persist(&path)
         .map_err(|e| e.error)

@@ -328,7 +328,7 @@ fn prepare_disk(cfg: &VmConfig, dir: &Path) -> anyhow::Result<(Option<PathBuf>, 
         }
     }
     let vars = dir.join("OVMF_VARS.fd");
-    std::fs::copy(OVMF_VARS, &vars)?;
+    fs_err::copy(OVMF_VARS, &vars)?;
     let Some(image) = &cfg.image else {
         return Ok((None, vars));
     };
