@@ -574,11 +574,22 @@ pub fn build_root_cancellable(
         let _ = stderr.read_to_end(&mut v);
         v
     });
-    let streamed = write_stream(
-        inputs,
-        std::io::BufWriter::with_capacity(1 << 20, cancel.writer(stdin)),
-    );
-    let status = crate::util::tool::wait(&mut child, &line, cancel);
+    // The stream is written on its own thread while this one waits for
+    // tar2sqfs and watches `cancel`: a write blocked on a full pipe cannot
+    // look at the token, but stopping tar2sqfs breaks the pipe under it.
+    let (streamed, status) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            write_stream(
+                inputs,
+                std::io::BufWriter::with_capacity(1 << 20, cancel.writer(stdin)),
+            )
+        });
+        let status = crate::util::tool::wait(&mut child, &line, cancel);
+        let streamed = writer
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the stream into {line} panicked")));
+        (streamed, status)
+    });
     let err = err_reader.join().unwrap_or_default();
     let status = status?;
     cancel.check()?;
