@@ -2,6 +2,12 @@
 //! the signal handler, calls one function per verb in `kiln::cli`, prints
 //! the error chain once and exits non-zero on failure.
 //!
+//! Signals: SIGINT, SIGTERM and SIGHUP only set the [`Cancel`] token each
+//! verb is handed; the verb stops at its next check (external tools are
+//! stopped), cleans up through its ordinary error path and returns an
+//! interruption, which is reported here with exit status 130. A second
+//! signal exits at once.
+//!
 //! The clap types stay here rather than in `kiln::cli`: they are the
 //! binary's interface (flags, help text, `--help` output) and nothing in
 //! the library needs them. The verbs take plain typed arguments (a small
@@ -16,6 +22,7 @@ use clap::{Parser, Subcommand};
 use kiln::cli;
 use kiln::config::diag::ProfileErrors;
 use kiln::config::profile::Role;
+use kiln::util::cancel::{self, Cancel};
 
 /// Bake immutable, k3os-style boot images for the nodes of a small k3s
 /// cluster, from one TOML profile.
@@ -246,8 +253,8 @@ enum RoleArg {
 }
 
 /// Hand the parsed verb to its file in `kiln::cli`, translating clap's
-/// types into the verb's own.
-fn run(args: Cli) -> anyhow::Result<()> {
+/// types into the verb's own; verbs that run long take `cancel`.
+fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
     match args.command {
         Command::Check { profile } => cli::check::run(&profile),
         Command::Keys { profile, state_dir } => cli::keys::run(&profile, state_dir.as_deref()),
@@ -259,19 +266,22 @@ fn run(args: Cli) -> anyhow::Result<()> {
             k3s_binary,
             format,
             state_dir,
-        } => cli::build::run(cli::build::BuildArgs {
-            profile,
-            nodes,
-            role: role.map(|r| match r {
-                RoleArg::Server => Role::Server,
-                RoleArg::Agent => Role::Agent,
-            }),
-            out,
-            k3s_binary,
-            qcow2: format.iter().any(|f| matches!(f, Format::Qcow2)),
-            pxe: format.iter().any(|f| matches!(f, Format::Pxe)),
-            state_dir,
-        }),
+        } => cli::build::run(
+            cli::build::BuildArgs {
+                profile,
+                nodes,
+                role: role.map(|r| match r {
+                    RoleArg::Server => Role::Server,
+                    RoleArg::Agent => Role::Agent,
+                }),
+                out,
+                k3s_binary,
+                qcow2: format.iter().any(|f| matches!(f, Format::Qcow2)),
+                pxe: format.iter().any(|f| matches!(f, Format::Pxe)),
+                state_dir,
+            },
+            cancel,
+        ),
         Command::Test {
             profile,
             node,
@@ -281,17 +291,20 @@ fn run(args: Cli) -> anyhow::Result<()> {
             k3s_binary,
             keep,
             state_dir,
-        } => cli::test::run(cli::test::TestArgs {
-            profile,
-            state_dir,
-            node,
-            image,
-            ssh_key,
-            user_keys,
-            k3s_binary,
-            keep,
-        }),
-        Command::Run { image } => cli::test::run_interactive(&image),
+        } => cli::test::run(
+            cli::test::TestArgs {
+                profile,
+                state_dir,
+                node,
+                image,
+                ssh_key,
+                user_keys,
+                k3s_binary,
+                keep,
+            },
+            cancel,
+        ),
+        Command::Run { image } => cli::test::run_interactive(&image, cancel),
         Command::Render {
             profile,
             node,
@@ -305,14 +318,17 @@ fn run(args: Cli) -> anyhow::Result<()> {
             url,
             tftp,
             state_dir,
-        } => cli::serve::run(cli::serve::ServeArgs {
-            profile,
-            listen,
-            out,
-            url,
-            tftp,
-            state_dir,
-        }),
+        } => cli::serve::run(
+            cli::serve::ServeArgs {
+                profile,
+                listen,
+                out,
+                url,
+                tftp,
+                state_dir,
+            },
+            cancel,
+        ),
         Command::Upgrade {
             profile,
             k3s,
@@ -332,29 +348,36 @@ fn run(args: Cli) -> anyhow::Result<()> {
             yes,
             force,
             size,
-        } => cli::flash::run(&kiln::deliver::flash::FlashOptions {
-            image,
-            target: device,
-            yes,
-            force,
-            size_bytes: size.map(|s| s.0),
-        }),
+        } => cli::flash::run(
+            &kiln::deliver::flash::FlashOptions {
+                image,
+                target: device,
+                yes,
+                force,
+                size_bytes: size.map(|s| s.0),
+            },
+            cancel,
+        ),
     }
 }
 
 /// Exit status after SIGINT, SIGTERM or SIGHUP (128 + SIGINT, as shells do).
-const INTERRUPTED: i32 = 130;
+const INTERRUPTED: u8 = 130;
 
-/// SIGINT, SIGTERM and SIGHUP: remove what this process staged, say what
-/// the output directory holds, exit. (`serve` installs its own: it stops
-/// answering and returns.)
-fn install_abandon_handler() {
-    let _ = ctrlc::set_handler(|| {
-        for msg in kiln::build::staging::abandon_all() {
-            eprintln!("\nkiln: {msg}");
+/// SIGINT, SIGTERM and SIGHUP set `cancel` and nothing else; a second one
+/// exits at once (what was staged stays, locked by nobody, and the next
+/// build removes it).
+fn install_signal_handler(cancel: Cancel) {
+    let installed = ctrlc::set_handler(move || {
+        if cancel.is_cancelled() {
+            eprintln!("\nkiln: interrupted again: exiting without cleaning up");
+            std::process::exit(INTERRUPTED.into());
         }
-        std::process::exit(INTERRUPTED);
+        cancel.cancel();
     });
+    if let Err(e) = installed {
+        log::warn!("installing the signal handler: {e}; a signal ends kiln without cleaning up");
+    }
 }
 
 fn main() -> ExitCode {
@@ -367,12 +390,21 @@ fn main() -> ExitCode {
     // SAFETY: umask only sets the process's file mode mask.
     unsafe { libc::umask(0o022) };
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve { .. }) {
-        install_abandon_handler();
-    }
-    match run(cli) {
+    let cancel = Cancel::new();
+    install_signal_handler(cancel.clone());
+    match run(cli, &cancel) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(i) = cancel::interrupted(&e) {
+                eprintln!("\nkiln: {i}");
+                log::debug!("stopped: {e:#}");
+                return ExitCode::from(INTERRUPTED);
+            }
+            if cancel.is_cancelled() {
+                // Stopped mid-way by the signal, whatever the error says.
+                eprintln!("\nkiln: interrupted ({e:#})");
+                return ExitCode::from(INTERRUPTED);
+            }
             if let Some(pe) = e.downcast_ref::<ProfileErrors>() {
                 eprintln!("{pe}");
             } else {

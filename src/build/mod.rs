@@ -24,6 +24,7 @@ use crate::config::profile::Role;
 use crate::config::secrets::ClusterSecrets;
 use crate::image::manifest::Manifest;
 use crate::image::rootfs;
+use crate::util::cancel::{self, Cancel, Interrupted};
 use steps::BuildContext;
 
 /// Modification time of everything kiln writes when `SOURCE_DATE_EPOCH`
@@ -48,6 +49,10 @@ pub struct BuildOptions {
     /// `kiln test` only: an SSH public key added for root, so the checks
     /// can look inside. Never set by `kiln build`.
     pub test_access_key: Option<String>,
+    /// Set by the caller (`main`, on a signal) to stop the build: it stops
+    /// between steps and inside long ones, removes its staging directory
+    /// and returns [`Interrupted`].
+    pub cancel: Cancel,
 }
 
 /// Add a test access key for root to a node's files (`kiln test` only).
@@ -136,15 +141,39 @@ pub fn build(
         tools.push(crate::image::disk::QEMU_IMG);
     }
     crate::util::tool::preflight(&tools)?;
-    let progress = Progress::new();
+    let progress = Progress::with_cancel(opts.cancel.clone());
     let staging = crate::build::staging::Staging::new(&opts.out)?;
     let cx = BuildContext::new(plan, secrets, opts, &nodes, epoch, &progress, &staging);
-    let (names, manifest) =
-        build_staged(&cx).map_err(|e| crate::build::staging::explain_no_space(e, &staging.dir))?;
+    let staged = build_staged(&cx).and_then(|r| Ok(opts.cancel.check().map(|()| r)?));
+    let (names, manifest) = match staged {
+        Ok(r) => r,
+        Err(e) if opts.cancel.is_cancelled() || cancel::interrupted(&e).is_some() => {
+            // Whatever failed, the build was asked to stop: say so, not
+            // what the stopped tool said.
+            log::debug!("build stopped: {e:#}");
+            let dir = staging.dir.clone();
+            drop(staging);
+            return Err(Interrupted::saying(format!(
+                "interrupted: removed {}; {} is as it was",
+                dir.display(),
+                opts.out.display()
+            ))
+            .into());
+        }
+        Err(e) => return Err(crate::build::staging::explain_no_space(e, &staging.dir)),
+    };
     let mut artifacts = Vec::new();
 
     let out = opts.out.clone();
     staging.publish(&out)?;
+    if opts.cancel.is_cancelled() {
+        // Too late to keep the previous build: say what OUT holds.
+        return Err(Interrupted::saying(format!(
+            "interrupted after publishing: {} holds the new build",
+            out.display()
+        ))
+        .into());
+    }
     eprintln!(
         "kiln: built {} node(s) in {:.1} s",
         nodes.len(),

@@ -98,12 +98,13 @@ fn write_node_image(
 fn write_qcow2(cx: &BuildContext, name: &str, image: &Path) -> anyhow::Result<String> {
     let q: PathBuf = cx.staging.dir.join(format!("{name}.qcow2"));
     cx.progress.stage(&format!("{name}.qcow2"), || {
-        crate::util::tool::run(
+        crate::util::tool::run_cancellable(
             crate::image::disk::QEMU_IMG
                 .command()?
                 .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
                 .arg(image)
                 .arg(&q),
+            &cx.opts.cancel,
         )?;
         std::fs::set_permissions(&q, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .with_context(|| format!("making {} private", q.display()))?;

@@ -5,19 +5,30 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 
+use crate::util::cancel::Cancel;
+
 /// Progress on stderr: one line per stage with its time.
 pub struct Progress {
     start: Instant,
+    cancel: Cancel,
 }
 
 impl Progress {
     pub fn new() -> Self {
+        Self::with_cancel(Cancel::default())
+    }
+
+    /// Progress whose stages do not start once `cancel` is set.
+    pub fn with_cancel(cancel: Cancel) -> Self {
         Progress {
             start: Instant::now(),
+            cancel,
         }
     }
 
+    /// Run one named stage (unless the build was cancelled before it).
     pub fn stage<T>(&self, what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        self.cancel.check()?;
         let t = Instant::now();
         let spinner = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             let s = indicatif::ProgressBar::new_spinner();

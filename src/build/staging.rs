@@ -10,10 +10,11 @@
 //!   its whole life; the kernel drops the lock however the process ends
 //!   (SIGKILL, power cut). The next build removes every staging directory
 //!   whose lock it can take, and says so.
-//! - **Signals.** [`abandon_all`] is what a signal handler calls (the
-//!   binary installs it for SIGINT, SIGTERM and SIGHUP): it removes what
-//!   this process staged, waiting for a publish under way to finish, and
-//!   says truthfully what `--out` holds.
+//! - **Signals.** Nothing here is global: on SIGINT, SIGTERM or SIGHUP the
+//!   binary sets the build's cancellation token, the build returns an
+//!   interruption, and the [`Staging`] is dropped like after any failure,
+//!   removing its directory and lock. The build then says truthfully what
+//!   `--out` holds (as it was, or the new build if the swap was done).
 //! - **`--out` must be kiln's.** An existing, non-empty `--out` that holds
 //!   no kiln `manifest.json` is refused: a typo must not replace a home
 //!   directory.
@@ -22,7 +23,6 @@ use std::fs::File;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -32,15 +32,6 @@ pub use crate::image::manifest::FILE as MANIFEST;
 /// A lock file without its directory younger than this may belong to a
 /// build that is just starting; older ones are removed.
 const ORPHAN_LOCK_AGE: Duration = Duration::from_secs(60);
-
-/// What a signal handler must clean up: staging dirs of this process and
-/// whether each was published.
-struct Entry {
-    dir: PathBuf,
-    out: PathBuf,
-    published: bool,
-}
-static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
 /// A staging directory that removes itself unless published.
 pub struct Staging {
@@ -74,11 +65,6 @@ impl Staging {
         let dir = staging_dir_of(&lock_path);
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         set_mode(&dir, 0o755)?;
-        REGISTRY.lock().unwrap().push(Entry {
-            dir: dir.clone(),
-            out: out.to_path_buf(),
-            published: false,
-        });
         Ok(Staging {
             dir,
             lock_path,
@@ -90,15 +76,8 @@ impl Staging {
     /// Put the staged tree at `out` in one step; then remove the previous
     /// build (now under the staging name).
     pub fn publish(mut self, out: &Path) -> anyhow::Result<()> {
-        {
-            // A signal arriving now waits until the swap is done.
-            let mut reg = REGISTRY.lock().unwrap();
-            swap_into_place(&self.dir, out)?;
-            self.published = true;
-            if let Some(e) = reg.iter_mut().find(|e| e.dir == self.dir) {
-                e.published = true;
-            }
-        }
+        swap_into_place(&self.dir, out)?;
+        self.published = true;
         sync_dir(
             out.parent()
                 .filter(|p| !p.as_os_str().is_empty())
@@ -122,34 +101,6 @@ impl Drop for Staging {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
         let _ = std::fs::remove_file(&self.lock_path);
-        REGISTRY.lock().unwrap().retain(|e| e.dir != self.dir);
-    }
-}
-
-/// For a signal handler: remove everything this process staged and say
-/// what each output directory now holds. Waits for a publish under way.
-pub fn abandon_all() -> Vec<String> {
-    let reg = match REGISTRY.lock() {
-        Ok(r) => r,
-        Err(p) => p.into_inner(),
-    };
-    reg.iter().map(abandon).collect()
-}
-
-fn abandon(e: &Entry) -> String {
-    let _ = std::fs::remove_dir_all(&e.dir);
-    let _ = std::fs::remove_file(lock_of(&e.dir));
-    if e.published {
-        format!(
-            "interrupted after publishing: {} holds the new build",
-            e.out.display()
-        )
-    } else {
-        format!(
-            "interrupted: removed {}; {} is as it was",
-            e.dir.display(),
-            e.out.display()
-        )
     }
 }
 
@@ -477,22 +428,5 @@ mod tests {
             format!("{:#}", explain_no_space(other, t.path())),
             "tar2sqfs: I/O error"
         );
-    }
-
-    #[test]
-    fn abandoning_says_truthfully_what_out_holds() {
-        let t = tempfile::tempdir().unwrap();
-        let out = t.path().join("out");
-        let dir = t.path().join(".out.staging-x");
-        std::fs::create_dir(&dir).unwrap();
-        let mut e = Entry {
-            dir: dir.clone(),
-            out: out.clone(),
-            published: false,
-        };
-        assert!(abandon(&e).contains("is as it was"));
-        assert!(!dir.exists());
-        e.published = true;
-        assert!(abandon(&e).contains("holds the new build"));
     }
 }

@@ -98,7 +98,7 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
     let (plan, opts) = (cx.plan, cx.opts);
     std::fs::create_dir_all(&cx.work).with_context(|| format!("creating {}", cx.work.display()))?;
     let base = cx.progress.stage("base root tarball", || {
-        base::plan_base_tarball(plan, &opts.cache, cx.epoch)
+        base::plan_base_tarball(plan, &opts.cache, cx.epoch, &opts.cancel)
     })?;
     super::check_space(plan, cx.nodes, &base.path, &cx.staging.dir)?;
     let lock = plan.profile_path.with_file_name("kiln.lock");
@@ -110,6 +110,7 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
             let record = !crate::inputs::k3s::is_double(opts.k3s_binary.as_deref());
             crate::inputs::k3s::Resolver::new(opts.cache.join("k3s"), &lock)
                 .with_lock_recording(record)
+                .with_cancel(opts.cancel.clone())
                 .resolve(&plan.k3s.version.to_string(), opts.k3s_binary.as_deref())
         })?;
     let files = cx
@@ -178,9 +179,9 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             role.as_str(),
             overlays.len()
         );
-        let img = cx
-            .progress
-            .stage(&what, || rootfs::build_root(&root_inputs, &out))?;
+        let img = cx.progress.stage(&what, || {
+            rootfs::build_root_cancellable(&root_inputs, &out, &cx.opts.cancel)
+        })?;
         let sha = sha256_file(&out)?;
         roots.insert(
             overlays,
@@ -223,6 +224,7 @@ fn write_checksums(cx: &BuildContext, names: &[String]) -> anyhow::Result<Vec<ma
     let mut sums = String::new();
     let mut art = Vec::new();
     for n in names {
+        cx.opts.cancel.check()?;
         let p = cx.staging.dir.join(n);
         let sha = sha256_file(&p)?;
         sums.push_str(&format!("{sha}  {n}\n"));

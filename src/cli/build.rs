@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::build::BuildOptions;
 use crate::config::profile::Role;
+use crate::util::cancel::Cancel;
 
 /// What `kiln build` was asked, as parsed by `main`.
 #[derive(Debug, Clone, Default)]
@@ -27,8 +28,9 @@ pub struct BuildArgs {
     pub state_dir: Option<PathBuf>,
 }
 
-/// Build, then print each artifact's path on stdout.
-pub fn run(args: BuildArgs) -> anyhow::Result<()> {
+/// Build, then print each artifact's path on stdout; stop (removing the
+/// staging directory) when `cancel` is set.
+pub fn run(args: BuildArgs, cancel: &Cancel) -> anyhow::Result<()> {
     let (plan, secrets) =
         crate::config::secrets::load_with_secrets(&args.profile, args.state_dir.as_deref())?;
     let opts = BuildOptions {
@@ -40,6 +42,7 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
         pxe: args.pxe,
         cache: crate::inputs::cache::cache_dir(),
         test_access_key: None,
+        cancel: cancel.clone(),
     };
     let result = crate::build::build(&plan, &secrets, &opts)?;
     for a in result.artifacts {

@@ -1,17 +1,16 @@
-//! `kiln serve`: check the URL, write the TFTP material, install serve's
-//! own Ctrl-C handler, bind, print the dnsmasq configuration on stdout and
-//! serve the netboot tree until Ctrl-C.
+//! `kiln serve`: check the URL, write the TFTP material, bind, print the
+//! dnsmasq configuration on stdout and serve the netboot tree until the
+//! caller's token is set (Ctrl-C: `main`'s handler sets it).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 
 use crate::config::plan::Plan;
 use crate::deliver::serve::{self, ServeOptions, Server};
+use crate::util::cancel::Cancel;
 
 /// Where dnsmasq is told the TFTP root is when `--tftp` was not given.
 const DEFAULT_TFTP_ROOT: &str = "/srv/kiln-tftp";
@@ -33,9 +32,9 @@ pub struct ServeArgs {
     pub state_dir: Option<PathBuf>,
 }
 
-/// Serve until Ctrl-C. Installs its own Ctrl-C handler (it stops
-/// answering and returns), so `main` must not install the abandon one.
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// Serve until `stop` is set (Ctrl-C, SIGTERM, SIGHUP): then stop
+/// answering and return.
+pub fn run(args: ServeArgs, stop: &Cancel) -> anyhow::Result<()> {
     let plan = crate::config::plan::load(&args.profile)?;
     let update_keys = load_update_keys(&plan, &args.profile, args.state_dir.as_deref())?;
     let url = resolve_url(args.url, args.listen)?;
@@ -47,8 +46,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         update_keys,
     };
     let tftp_root = write_tftp(args.tftp.as_deref(), url.as_deref(), args.listen)?;
-    // Ctrl-C stops the server from the moment it answers.
-    let stop = install_stop_handler()?;
     // Bound last: once it answers, the TFTP material is in place.
     let server = Server::bind(&plan, &opts)?;
     println!(
@@ -61,7 +58,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         server.addr(),
         server.nodes().join(", ")
     );
-    server.run(&stop)?;
+    server.run(stop.flag())?;
     eprintln!("kiln serve: stopped");
     Ok(())
 }
@@ -121,15 +118,6 @@ fn write_tftp(
         ),
         (None, _) => Ok(DEFAULT_TFTP_ROOT.to_string()),
     }
-}
-
-/// Ctrl-C (and SIGTERM, SIGHUP) set the returned flag; the server checks it.
-fn install_stop_handler() -> anyhow::Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .map_err(|e| anyhow!("installing the Ctrl-C handler: {e}"))?;
-    Ok(stop)
 }
 
 /// The dnsmasq configuration for PXE beside an existing DHCP server

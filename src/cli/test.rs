@@ -8,7 +8,9 @@ use anyhow::{Context as _, bail};
 use crate::build::{self, BuildOptions};
 use crate::config::plan::Plan;
 use crate::config::secrets::ClusterSecrets;
-use crate::verify::checks::{self as verify, Expect, Report};
+use crate::util::cancel::Cancel;
+use crate::verify::checks::{self as verify, BootOptions, Expect, Report};
+use crate::verify::vm::VmConfig;
 
 /// What `kiln test` was asked.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +26,8 @@ pub struct TestOptions {
     pub cache: PathBuf,
     /// Keep the built image and the console log here.
     pub keep: Option<PathBuf>,
+    /// Set by the caller to stop the build or the VM (which is killed).
+    pub cancel: Cancel,
 }
 
 /// What `kiln test` was asked, as parsed by `main`.
@@ -43,7 +47,8 @@ pub struct TestArgs {
 }
 
 /// `kiln test`: load, test, print the table; fails if any check failed.
-pub fn run(args: TestArgs) -> anyhow::Result<()> {
+/// Stops (build cleaned up, VM killed) when `cancel` is set.
+pub fn run(args: TestArgs, cancel: &Cancel) -> anyhow::Result<()> {
     let (plan, secrets) =
         crate::config::secrets::load_with_secrets(&args.profile, args.state_dir.as_deref())?;
     let opts = TestOptions {
@@ -54,6 +59,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         user_keys: parse_user_keys(&args.user_keys)?,
         cache: crate::inputs::cache::cache_dir(),
         keep: args.keep,
+        cancel: cancel.clone(),
     };
     let report = test_node(&plan, &secrets, &opts)?;
     print!("{}", report.table());
@@ -113,6 +119,7 @@ pub fn test_node(
                 k3s_binary: opts.k3s_binary.clone(),
                 cache: opts.cache.clone(),
                 test_access_key: public,
+                cancel: opts.cancel.clone(),
                 ..BuildOptions::default()
             };
             build::build(plan, secrets, &b)?;
@@ -133,12 +140,23 @@ pub fn test_node(
         .keep
         .as_ref()
         .map(|d| d.join(format!("{}.console.log", node.name)));
-    verify::test_node(&image, &key, &e, log.as_deref())
+    // As `verify::test_node`, on a machine that stops with `cancel`.
+    let boot = BootOptions::default();
+    let mut cfg = VmConfig::new(&node.name, &image);
+    let size = std::fs::metadata(&image)
+        .with_context(|| format!("reading {}", image.display()))?
+        .len();
+    cfg.disk_bytes = Some(size + boot.grow_bytes);
+    verify::use_nic_of(&mut cfg, node);
+    cfg.cancel = opts.cancel.clone();
+    verify::test_node_on(&cfg, &key, &e, log.as_deref(), boot.reboot)
 }
 
-/// `kiln run`: boot an image (on an overlay) with the console here.
-pub fn run_interactive(image: &Path) -> anyhow::Result<()> {
-    let cfg = crate::verify::vm::VmConfig::new("run", image);
+/// `kiln run`: boot an image (on an overlay) with the console here; QEMU
+/// is stopped when `cancel` is set.
+pub fn run_interactive(image: &Path, cancel: &Cancel) -> anyhow::Result<()> {
+    let mut cfg = VmConfig::new("run", image);
+    cfg.cancel = cancel.clone();
     eprintln!(
         "kiln run: booting {} under {:?} on an overlay (the image is not modified); quit with Ctrl-A X",
         image.display(),

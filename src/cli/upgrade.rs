@@ -65,7 +65,7 @@ fn print_plans(profile: &Path, server: Option<String>, out: Option<PathBuf>) -> 
     let text = upgrade::plans(&plan, &server);
     match out {
         Some(dir) => {
-            std::fs::create_dir_all(&dir)?;
+            fs_err::create_dir_all(&dir)?;
             let p = dir.join("kiln-upgrade-plans.yaml");
             upgrade::replace_file(&p, &text)?;
             println!("{}", p.display());

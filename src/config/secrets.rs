@@ -107,8 +107,8 @@ impl StateDir {
                 dir.display()
             );
         }
-        fs::create_dir_all(dir.join("wireguard"))?;
-        fs::set_permissions(
+        fs_err::create_dir_all(dir.join("wireguard"))?;
+        fs_err::set_permissions(
             dir.join("wireguard"),
             std::os::unix::fs::PermissionsExt::from_mode(STATE_DIR_MODE),
         )?;
@@ -191,16 +191,17 @@ fn read_or_create(
             .mode(SECRET_FILE_MODE)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(value.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
+        f.write_all(value.as_bytes())
+            .and_then(|()| f.write_all(b"\n"))
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
     }
     // A hard link publishes the file only if nobody else created it meanwhile.
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
     match linked {
         Ok(()) => {
-            fs::File::open(dir)?.sync_all()?;
+            fs_err::File::open(dir)?.sync_all()?;
             Ok(value)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

@@ -33,6 +33,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::image::gpt::{self, PartitionPlan, SECTOR_BYTES};
 
+use crate::util::cancel::{Cancel, Interrupted};
 use crate::util::size::MIB;
 
 /// Size of the read and write buffers.
@@ -468,6 +469,17 @@ pub struct FlashReport {
 
 /// Checks, confirms, writes, verifies and fixes up: `kiln flash`.
 pub fn flash(opts: &FlashOptions, facts: &dyn DeviceFacts) -> anyhow::Result<FlashReport> {
+    flash_cancellable(opts, facts, &Cancel::default())
+}
+
+/// As [`flash`]; when `cancel` is set the write stops at the next buffer
+/// (the first MiB is written last, so the target holds no partition
+/// table) and the result is an interruption.
+pub fn flash_cancellable(
+    opts: &FlashOptions,
+    facts: &dyn DeviceFacts,
+    cancel: &Cancel,
+) -> anyhow::Result<FlashReport> {
     let t = opts.target.display().to_string();
     let image = inspect_image(&opts.image)?;
     let target = facts
@@ -478,6 +490,7 @@ pub fn flash(opts: &FlashOptions, facts: &dyn DeviceFacts) -> anyhow::Result<Fla
     // full checksum, still before a single byte is written.
     refuse_if_any(opts, check(&image, &target, opts, can_prompt))?;
     let sha256 = verify_image(&image, &t)?;
+    cancel.check()?;
     let device = target.kind == TargetKind::BlockDevice;
     if device && !opts.yes {
         confirm(
@@ -490,7 +503,7 @@ pub fn flash(opts: &FlashOptions, facts: &dyn DeviceFacts) -> anyhow::Result<Fla
     }
 
     let file = open_target(opts, &target)?;
-    let result = write_and_verify(opts, facts, &image, &target, file, &sha256);
+    let result = write_and_verify(opts, facts, &image, &target, file, &sha256, cancel);
     if result.is_err() && target.kind == TargetKind::Missing {
         // A file kiln created and did not finish is no use to anyone.
         let _ = std::fs::remove_file(&opts.target);
@@ -506,10 +519,15 @@ fn write_and_verify(
     target: &TargetFacts,
     mut file: File,
     sha256: &str,
+    cancel: &Cancel,
 ) -> anyhow::Result<FlashReport> {
     let t = opts.target.display().to_string();
     let device = target.kind == TargetKind::BlockDevice;
-    let fd_is_device = file.metadata()?.file_type().is_block_device();
+    let fd_is_device = file
+        .metadata()
+        .with_context(|| format!("inspecting {t}"))?
+        .file_type()
+        .is_block_device();
     let target_bytes = if device {
         // Now that kiln holds the device exclusively nothing new can mount
         // it; look again for anything that changed while hashing or asking.
@@ -529,7 +547,10 @@ fn write_and_verify(
             ),
         )?;
         if fd_is_device {
-            let rdev = file.metadata()?.rdev();
+            let rdev = file
+                .metadata()
+                .with_context(|| format!("inspecting {t}"))?
+                .rdev();
             let opened = (libc::major(rdev), libc::minor(rdev));
             let inspected = std::fs::metadata(&opts.target).map(|m| m.rdev()).ok();
             ensure!(
@@ -559,7 +580,7 @@ fn write_and_verify(
         size
     };
 
-    write_image(image, &file, &t, target_bytes, device)?;
+    write_image(image, &file, &t, target_bytes, device, cancel)?;
     verify_written(&file, &t, image.size_bytes, sha256)?;
     if target_bytes > image.size_bytes {
         gpt::relocate_backup(&mut file, target_bytes)
@@ -693,6 +714,7 @@ fn write_image(
     t: &str,
     target_bytes: u64,
     device: bool,
+    cancel: &Cancel,
 ) -> anyhow::Result<()> {
     let src = File::open(&image.path)
         .with_context(|| format!("opening image {}", image.path.display()))?;
@@ -723,6 +745,12 @@ fn write_image(
     let mut offset = head;
     let mut unsynced = 0;
     while offset < len {
+        if cancel.is_cancelled() {
+            return Err(Interrupted::saying(format!(
+                "interrupted: {t} is partly written and holds no partition table"
+            ))
+            .into());
+        }
         let n = (len - offset).min(BUFFER_BYTES as u64) as usize;
         src.read_exact_at(&mut buf[..n], offset)
             .with_context(|| format!("reading image {} at byte {offset}", image.path.display()))?;

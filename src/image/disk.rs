@@ -112,7 +112,8 @@ pub fn write_disk(
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    f.set_len(plan.disk_size_bytes)?;
+    let writing = || format!("writing {}", path.display());
+    f.set_len(plan.disk_size_bytes).with_context(writing)?;
     gpt::write_gpt(&mut f, plan)
         .with_context(|| format!("writing the partition table of {}", path.display()))?;
     let esp_part = plan.partition("ESP").expect("planned");
@@ -127,19 +128,30 @@ pub fn write_disk(
     let slot = plan.partition("root-a").expect("planned");
     let mut src =
         File::open(root).with_context(|| format!("reading root image {}", root.display()))?;
-    let len = src.metadata()?.len();
+    let len = src
+        .metadata()
+        .with_context(|| format!("reading root image {}", root.display()))?
+        .len();
     ensure!(
         len <= slot.size_bytes(),
         "root image {} ({len} bytes) does not fit slot root-a ({} bytes)",
         root.display(),
         slot.size_bytes()
     );
-    f.seek(SeekFrom::Start(slot.offset_bytes()))?;
+    f.seek(SeekFrom::Start(slot.offset_bytes()))
+        .with_context(writing)?;
     let copied = std::io::copy(
         &mut std::io::BufReader::with_capacity(MIB as usize, &mut src),
         &mut f,
-    )?;
+    )
+    .with_context(|| {
+        format!(
+            "copying root image {} into {}",
+            root.display(),
+            path.display()
+        )
+    })?;
     ensure!(copied == len, "short copy of the root image");
-    f.sync_all()?;
+    f.sync_all().with_context(writing)?;
     Ok(())
 }

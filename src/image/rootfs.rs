@@ -26,6 +26,7 @@ use std::process::Stdio;
 use anyhow::{Context as _, bail};
 
 use crate::render::tree::{Entry, FileTree};
+use crate::util::cancel::Cancel;
 use crate::util::tool::Tool;
 
 pub const TAR2SQFS: Tool = Tool::new("tar2sqfs", "squashfs-tools-ng");
@@ -187,12 +188,12 @@ fn collect_overlay(dir: &Path, rel: &str, out: &mut BTreeMap<String, Added>) -> 
         } else {
             format!("{rel}/{name}")
         };
-        let meta = std::fs::symlink_metadata(e.path())?;
+        let meta = fs_err::symlink_metadata(e.path())?;
         let mode = meta.permissions().mode() & 0o7777;
         if meta.file_type().is_symlink() {
             out.insert(
                 path,
-                Added::Symlink(std::fs::read_link(e.path())?.to_string_lossy().to_string()),
+                Added::Symlink(fs_err::read_link(e.path())?.to_string_lossy().to_string()),
             );
         } else if meta.is_dir() {
             out.insert(path.clone(), Added::Dir(mode));
@@ -537,6 +538,16 @@ fn append_one<W: Write>(
 
 /// Build the root image at `out` (which must not exist).
 pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> {
+    build_root_cancellable(inputs, out, &Cancel::default())
+}
+
+/// As [`build_root`]; when `cancel` is set, the stream into tar2sqfs stops
+/// and tar2sqfs is stopped, and the result is an interruption.
+pub fn build_root_cancellable(
+    inputs: &RootInputs,
+    out: &Path,
+    cancel: &Cancel,
+) -> anyhow::Result<RootImage> {
     let mut cmd = TAR2SQFS.command()?;
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     cmd.args(["--quiet", "--no-skip", "--compressor", "zstd"])
@@ -563,9 +574,25 @@ pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> 
         let _ = stderr.read_to_end(&mut v);
         v
     });
-    let streamed = write_stream(inputs, std::io::BufWriter::with_capacity(1 << 20, stdin));
-    let status = child.wait()?;
+    // The stream is written on its own thread while this one waits for
+    // tar2sqfs and watches `cancel`: a write blocked on a full pipe cannot
+    // look at the token, but stopping tar2sqfs breaks the pipe under it.
+    let (streamed, status) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            write_stream(
+                inputs,
+                std::io::BufWriter::with_capacity(1 << 20, cancel.writer(stdin)),
+            )
+        });
+        let status = crate::util::tool::wait(&mut child, &line, cancel);
+        let streamed = writer
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the stream into {line} panicked")));
+        (streamed, status)
+    });
     let err = err_reader.join().unwrap_or_default();
+    let status = status?;
+    cancel.check()?;
     // A failed stream (say, a truncated base) is the cause; tar2sqfs then
     // only complains about the cut-off input. Its status matters when the
     // stream broke because tar2sqfs died first (EPIPE) or succeeded.
@@ -584,7 +611,7 @@ pub fn build_root(inputs: &RootInputs, out: &Path) -> anyhow::Result<RootImage> 
     }
     crate::util::tool::check_status(&line, status, &err)?;
     streamed.context("streaming the root image")?;
-    let size = std::fs::metadata(out)?.len();
+    let size = fs_err::metadata(out)?.len();
     Ok(RootImage {
         path: out.to_path_buf(),
         size,

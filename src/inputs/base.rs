@@ -29,6 +29,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::config::plan::{BasePlan, Plan};
 use crate::config::profile::KernelFlavour;
+use crate::util::cancel::Cancel;
 use crate::util::tool::{self, Tool};
 
 /// Bump when anything that shapes the tarball but is not in [`BaseSpec`]
@@ -307,6 +308,17 @@ pub fn mmdebstrap_command(spec: &BaseSpec, target: &Path) -> Result<Command> {
 /// the holder exits, however it exits (a lock file left by a killed build
 /// is harmless: it is locked afresh and removed by the next build).
 pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
+    ensure_base_cancellable(spec, cache, source_date_epoch, &Cancel::default())
+}
+
+/// As [`ensure_base`]; when `cancel` is set, mmdebstrap is stopped and the
+/// result is an interruption (the temp file goes with the error).
+pub fn ensure_base_cancellable(
+    spec: &BaseSpec,
+    cache: &Path,
+    source_date_epoch: u64,
+    cancel: &Cancel,
+) -> Result<BaseTarball> {
     let digest = spec_digest(spec);
     let path = cached_path(spec, cache);
     let record = record_path(&path);
@@ -347,13 +359,16 @@ pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Res
         spec.packages.len()
     );
     let started = Instant::now();
-    tool::run(&mut cmd)
+    tool::run_cancellable(&mut cmd, cancel)
         .with_context(|| format!("building the {} base tarball with mmdebstrap", spec.suite))?;
     let seconds = started.elapsed().as_secs_f64();
 
     let file =
         fs::File::open(tmp.path()).with_context(|| format!("opening {}", tmp.path().display()))?;
-    let bytes = file.metadata()?.len();
+    let bytes = file
+        .metadata()
+        .with_context(|| format!("reading {}", tmp.path().display()))?
+        .len();
     if bytes == 0 {
         bail!(
             "mmdebstrap exited successfully but wrote nothing to {}",
@@ -362,7 +377,7 @@ pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Res
     }
     file.sync_all()
         .with_context(|| format!("syncing {}", tmp.path().display()))?;
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
+    fs_err::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
     let sha256 = crate::util::hash::sha256_file(tmp.path())?;
     tmp.persist(&path)
         .map_err(|e| e.error)
@@ -466,13 +481,19 @@ pub fn use_tarball(path: &Path) -> Result<BaseTarball> {
 
 /// The base tarball for `plan`: the user's, or the cached (or freshly
 /// built) Debian one.
-pub fn plan_base_tarball(plan: &Plan, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
+pub fn plan_base_tarball(
+    plan: &Plan,
+    cache: &Path,
+    source_date_epoch: u64,
+    cancel: &Cancel,
+) -> Result<BaseTarball> {
     match &plan.base {
         BasePlan::Tarball(p) => use_tarball(p),
-        BasePlan::Debian { .. } => ensure_base(
+        BasePlan::Debian { .. } => ensure_base_cancellable(
             &base_spec(plan).expect("a Debian base has a spec"),
             cache,
             source_date_epoch,
+            cancel,
         ),
     }
 }

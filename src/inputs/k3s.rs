@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 use toml::{Table, Value};
 use ureq::tls::{RootCerts, TlsConfig};
 
+use crate::util::cancel::Cancel;
+
 /// Where k3s releases publish their assets: `<base>/<version>/<asset>`.
 pub const DEFAULT_BASE_URL: &str = "https://github.com/k3s-io/k3s/releases/download";
 /// The amd64 binary, as named in a release and in the cache.
@@ -75,6 +77,7 @@ pub struct Resolver {
     lock_path: PathBuf,
     record_lock: bool,
     stall_timeout: Duration,
+    cancel: Cancel,
 }
 
 impl Resolver {
@@ -88,6 +91,7 @@ impl Resolver {
             lock_path: lock_path.into(),
             record_lock: true,
             stall_timeout: Duration::from_secs(STALL_TIMEOUT_SECS),
+            cancel: Cancel::default(),
         }
     }
 
@@ -113,6 +117,14 @@ impl Resolver {
     #[must_use]
     pub fn with_stall_timeout(mut self, stall_timeout: Duration) -> Self {
         self.stall_timeout = stall_timeout;
+        self
+    }
+
+    /// Stop a download under way when `cancel` is set (an interruption;
+    /// nothing is cached).
+    #[must_use]
+    pub fn with_cancel(mut self, cancel: Cancel) -> Self {
+        self.cancel = cancel;
         self
     }
 
@@ -281,6 +293,7 @@ impl Resolver {
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; BUFFER_BYTES];
         loop {
+            self.cancel.check()?;
             let n = match body.read(&mut buffer) {
                 Ok(0) => break,
                 Ok(n) => n,

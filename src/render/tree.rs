@@ -137,7 +137,7 @@ impl FileTree {
         for (dir, mode) in self.parent_dirs() {
             let p = root.join(dir.trim_start_matches('/'));
             std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
+            fs_err::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
         }
         for (path, e) in &self.entries {
             let p = root.join(path.trim_start_matches('/'));
@@ -149,8 +149,9 @@ impl FileTree {
                         .mode(*mode)
                         .open(&p)
                         .with_context(|| format!("writing {}", p.display()))?;
-                    f.write_all(content)?;
-                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
+                    f.write_all(content)
+                        .with_context(|| format!("writing {}", p.display()))?;
+                    fs_err::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
                 }
                 Entry::Symlink { target } => std::os::unix::fs::symlink(target, &p)
                     .with_context(|| format!("linking {}", p.display()))?,

@@ -1,15 +1,24 @@
 //! One wrapper for external tools (mmdebstrap, tar2sqfs, qemu, …): check
 //! that they exist up front with an install hint, log the command line,
-//! and put the tail of stderr into the error.
+//! and put the tail of stderr into the error. A running tool is polled,
+//! and stopped when the caller's [`Cancel`] token is set.
 
 use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use super::cancel::{Cancel, Interrupted};
+
 /// Lines of stderr kept in an error message.
 const STDERR_TAIL_LINES: usize = 20;
+/// Longest pause between two looks at a running tool (and at the token).
+const POLL_MAX: Duration = Duration::from_millis(50);
+/// How long a tool asked to stop (SIGTERM) may take to clean up before it
+/// is killed (SIGKILL): mmdebstrap removes its temporary chroot.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// An external program and the Debian package that provides it.
 #[derive(Debug, Clone, Copy)]
@@ -85,18 +94,89 @@ fn tail(bytes: &[u8]) -> String {
 }
 
 /// Run to completion, capturing output; a non-zero exit is an error that
-/// names the command and carries the tail of its stderr.
+/// names the command and carries the tail of its stderr. Not cancellable:
+/// for short commands; see [`run_cancellable`].
 pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    run_cancellable(cmd, &Cancel::default())
+}
+
+/// As [`run`], but when `cancel` is set while the tool runs, the tool is
+/// stopped (and waited for) and the result is an [`Interrupted`] error.
+pub fn run_cancellable(cmd: &mut Command, cancel: &Cancel) -> anyhow::Result<Output> {
     let line = display(cmd);
+    cancel.check()?;
     log::debug!("running {line}");
-    let out = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("starting {line}"))?;
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let status = wait(&mut child, &line, cancel);
+    let out = Output {
+        status: status?,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
     if !out.status.success() {
         bail!("{line} failed ({}):\n{}", out.status, tail(&out.stderr));
     }
     Ok(out)
+}
+
+/// Read all of a child's pipe on a thread (so it never blocks on a full
+/// pipe while it is polled).
+fn drain(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut v);
+        }
+        v
+    })
+}
+
+/// Wait for a child the caller spawned (`line` is its command line for
+/// messages), looking at `cancel` meanwhile. When it is set: SIGTERM,
+/// [`STOP_GRACE`] to exit, then SIGKILL; the child is always reaped, and
+/// the result is an [`Interrupted`] error naming the command.
+pub fn wait(child: &mut Child, line: &str, cancel: &Cancel) -> anyhow::Result<ExitStatus> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {line}"))?
+        {
+            return Ok(status);
+        }
+        if cancel.is_cancelled() {
+            stop(child);
+            return Err(anyhow::Error::new(Interrupted::new()).context(format!("stopped {line}")));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(POLL_MAX);
+    }
+}
+
+/// Ask `child` to exit, kill it if it does not within [`STOP_GRACE`], and
+/// reap it.
+fn stop(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on our own child, not yet reaped (so its pid is
+        // still ours).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let asked = Instant::now();
+    while asked.elapsed() < STOP_GRACE {
+        if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+            return;
+        }
+        std::thread::sleep(POLL_MAX);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Check the result of a command that was spawned by the caller (for
@@ -147,5 +227,23 @@ mod tests {
             err.contains("boom") && err.contains("exit status: 3"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_cancelled_tool_is_stopped_and_reaped() {
+        let cancel = Cancel::new();
+        let setter = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            setter.cancel();
+        });
+        let started = Instant::now();
+        let err = run_cancellable(Command::new("sleep").arg("30"), &cancel).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10), "not stopped");
+        assert!(crate::util::cancel::interrupted(&err).is_some(), "{err:#}");
+        assert_eq!(format!("{err:#}"), "stopped sleep 30: interrupted");
+        // A token set before the start runs nothing.
+        let err = run_cancellable(&mut Command::new("true"), &cancel).unwrap_err();
+        assert_eq!(format!("{err:#}"), "interrupted");
     }
 }

@@ -650,7 +650,7 @@ pub fn test_node_with(
 ) -> anyhow::Result<Report> {
     let mut cfg = VmConfig::new(&e.node.name, image);
     if opts.grow_bytes > 0 {
-        let size = std::fs::metadata(image)?.len();
+        let size = fs_err::metadata(image)?.len();
         cfg.disk_bytes = Some(size + opts.grow_bytes);
     }
     use_nic_of(&mut cfg, opts.boot_as.as_ref().unwrap_or(e.node));
@@ -895,7 +895,7 @@ pub fn make_test_key(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
             ])
             .arg(&key),
     )?;
-    let public = std::fs::read_to_string(key.with_extension("pub"))
+    let public = fs_err::read_to_string(key.with_extension("pub"))
         .with_context(|| "reading the test key")?;
     Ok((key, public.trim().to_string()))
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::util::cancel::Cancel;
 use crate::util::tool::Tool;
 
 pub const QEMU: Tool = Tool::new("qemu-system-x86_64", "qemu-system-x86");
@@ -203,6 +204,9 @@ pub struct VmConfig {
     /// for nodes with a static LAN address (QEMU's DHCP is not used then).
     pub user_net: Option<(ipnet::IpNet, std::net::IpAddr)>,
     pub accel: Accel,
+    /// Set by the caller to stop waiting: the waits return an
+    /// interruption, and dropping the [`Vm`] kills QEMU.
+    pub cancel: Cancel,
 }
 
 /// A disk attached as real machines attach theirs.
@@ -303,6 +307,7 @@ impl VmConfig {
             lan: None,
             user_net: None,
             accel,
+            cancel: Cancel::default(),
         }
     }
 }
@@ -323,7 +328,7 @@ fn prepare_disk(cfg: &VmConfig, dir: &Path) -> anyhow::Result<(Option<PathBuf>, 
         }
     }
     let vars = dir.join("OVMF_VARS.fd");
-    std::fs::copy(OVMF_VARS, &vars)?;
+    fs_err::copy(OVMF_VARS, &vars)?;
     let Some(image) = &cfg.image else {
         return Ok((None, vars));
     };
@@ -404,15 +409,16 @@ pub fn interactive(cfg: &VmConfig) -> anyhow::Result<std::process::ExitStatus> {
     let (overlay, vars) = prepare_disk(cfg, dir.path())?;
     let port = free_port()?;
     eprintln!("kiln run: SSH is forwarded from 127.0.0.1:{port}");
-    let status = qemu_command(
+    let mut cmd = qemu_command(
         cfg,
         overlay.as_deref(),
         &vars,
         &format!(",hostfwd=tcp:127.0.0.1:{port}-:22"),
-    )?
-    .args(["-nographic", "-serial", "mon:stdio"])
-    .status()?;
-    Ok(status)
+    )?;
+    cmd.args(["-nographic", "-serial", "mon:stdio"]);
+    let line = crate::util::tool::display(&cmd);
+    let mut child = cmd.spawn().with_context(|| format!("starting {line}"))?;
+    crate::util::tool::wait(&mut child, &line, &cfg.cancel)
 }
 
 /// A running VM. Dropping it kills QEMU.
@@ -427,6 +433,7 @@ pub struct Vm {
     /// Host port → guest port.
     pub ports: Vec<(u16, u16)>,
     keep_log: Option<PathBuf>,
+    cancel: Cancel,
 }
 
 impl Vm {
@@ -445,6 +452,7 @@ impl Vm {
         let Err(why) = vm.firmware_runs(KVM_FIRST_OUTPUT) else {
             return Ok(vm);
         };
+        cfg.cancel.check()?;
         if forced_accel() == Some(Accel::Kvm) {
             bail!(
                 "{}: KILN_ACCEL=kvm, but {why}; unset KILN_ACCEL to fall back to TCG\n{}",
@@ -466,6 +474,9 @@ impl Vm {
     fn firmware_runs(&mut self, deadline: Duration) -> Result<(), String> {
         let start = Instant::now();
         loop {
+            if self.cancel.is_cancelled() {
+                return Err("interrupted".into());
+            }
             let lines = self.serial_lines();
             if let Some(l) = lines.iter().find(|l| l.text.contains(KVM_INTERNAL_ERROR)) {
                 return Err(format!(
@@ -586,6 +597,7 @@ impl Vm {
             serial,
             ports,
             keep_log: None,
+            cancel: cfg.cancel.clone(),
         })
     }
 
@@ -651,6 +663,7 @@ impl Vm {
     ) -> anyhow::Result<T> {
         let start = Instant::now();
         loop {
+            self.cancel.check()?;
             if let Some(v) = f(self)? {
                 return Ok(v);
             }
@@ -784,6 +797,7 @@ impl Vm {
             if !self.running() {
                 return Ok(());
             }
+            self.cancel.check()?;
             std::thread::sleep(POLL);
         }
         bail!("timed out waiting for {what}\n{}", self.tail(40))
