@@ -265,7 +265,7 @@ fn disk_args(disks: &[Disk]) -> Vec<String> {
         let device = match d.bus {
             Bus::Usb => format!("usb-storage,bus=xhci.0,drive=disk{i},removable=on{boot}"),
             Bus::Nvme => format!("nvme,drive=disk{i},serial=kiln-nvme-{i}{boot}"),
-            Bus::Sata => format!("ide-hd,drive=disk{i},bus=ide.{i}{boot}"),
+            Bus::Sata => format!("ide-hd,drive=disk{i},bus=ide.{i},serial=kiln-sata-{i}{boot}"),
         };
         args.extend(["-device".into(), device]);
     }

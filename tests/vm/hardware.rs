@@ -222,29 +222,128 @@ fn a_stick_installs_itself_onto_the_nvme_which_then_runs_alone_and_beside_it() {
     eprintln!("four boots in {:.0} s", started.elapsed().as_secs_f64());
 }
 
+/// A raw disk of `bytes` with a GPT holding one partition named `data`
+/// (not kiln's).
+fn foreign_disk(dir: &Path, bytes: u64) -> PathBuf {
+    let path = dir.join("foreign.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(bytes)
+        .unwrap();
+    let st = std::process::Command::new("sgdisk")
+        .args(["-o", "-n", "1:2048:+100M", "-c", "1:data"])
+        .stdout(std::process::Stdio::null())
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(st.success(), "sgdisk");
+    path
+}
+
+/// kiln-install's refusals, run on the node, each one: the command, what
+/// its error must say. `$BOOT`, `$SMALL` and `$FOREIGN` are the SATA
+/// disks (the kernel names them in the order their ports answer, so they
+/// are found by serial). Nothing may be written to any disk.
+const REFUSALS: &[(&str, &str)] = &[
+    (
+        "kiln-install --yes $BOOT",
+        "is the disk this node booted from",
+    ),
+    (
+        "kiln-install --yes ${BOOT}1",
+        "1 is a partition: give the whole disk",
+    ),
+    ("kiln-install --yes $SMALL", "the image needs"),
+    (
+        "kiln-install --yes $FOREIGN",
+        "holds partitions that are not kiln's",
+    ),
+    (
+        "kiln-install --force $FOREIGN",
+        "not asking on a non-terminal",
+    ),
+    ("kiln-install --yes /dev/nowhere", "is not a block device"),
+    (
+        "mount ${FOREIGN}1 /mnt && kiln-install --yes --force $FOREIGN; r=$?; umount /mnt; exit $r",
+        "1 (mounted); unmount or stop what uses it first",
+    ),
+];
+
+/// The SATA disks by serial (QEMU's `serial=kiln-sata-N`), as shell
+/// variables.
+const SATA_NAMES: &str = "by=/dev/disk/by-id/ata-QEMU_HARDDISK_kiln-sata-; BOOT=$(readlink -f ${by}0); SMALL=$(readlink -f ${by}1); FOREIGN=$(readlink -f ${by}2)";
+
 #[test]
-fn a_sata_disk_boots_and_keeps_var_on_it() {
+fn a_sata_disk_boots_keeps_var_on_it_and_kiln_install_refuses_what_flash_refuses() {
     let (f, out) = hw();
     let dir = tempfile::tempdir().unwrap();
     let disk = qcow2(dir.path(), "sata.qcow2", Some(&out.join("a1.img")), 8 * GIB);
+    let small = qcow2(dir.path(), "small.qcow2", None, 64 << 20);
+    let foreign = foreign_disk(dir.path(), 2 * GIB);
     let _g = vm_lock();
     let log = dir.path().join("sata.log");
-    let cfg = machine(f, "a1", vec![Disk::new(&disk, Bus::Sata, Some(1))]);
+    let cfg = machine(
+        f,
+        "a1",
+        vec![
+            Disk::new(&disk, Bus::Sata, Some(1)),
+            Disk::new(&small, Bus::Sata, None),
+            Disk::new(&foreign, Bus::Sata, None),
+        ],
+    );
     let mut vm = Vm::start(&cfg).unwrap();
     vm.keep_log(&log);
     vm.wait_ssh(&f.key, Duration::from_secs(900)).unwrap();
     let var = vm
-        .sh(&f.key, "findmnt -no SOURCE /var; cat /run/kiln/disk")
+        .sh(
+            &f.key,
+            &format!("{SATA_NAMES}; echo $BOOT; findmnt -no SOURCE /var; cat /run/kiln/disk"),
+        )
         .unwrap();
+    vm.sh(&f.key, &format!("{SATA_NAMES}; mkfs.ext4 -q ${{FOREIGN}}1"))
+        .unwrap();
+    let disks_sha = format!(
+        "{SATA_NAMES}; for d in $BOOT $SMALL $FOREIGN; do dd if=$d bs=1M count=1 status=none | sha256sum; done"
+    );
+    let before = vm.sh(&f.key, &disks_sha).unwrap();
+    let mut refused = Vec::new();
+    for (cmd, want) in REFUSALS {
+        let said = vm
+            .sh(
+                &f.key,
+                &format!("{SATA_NAMES}; ( {cmd} ) </dev/null 2>&1; echo \"exit $?\""),
+            )
+            .unwrap();
+        refused.push((cmd, want, said));
+    }
+    let after = vm.sh(&f.key, &disks_sha).unwrap();
     let _ = vm.ssh_as(&f.key, "root", "systemctl poweroff", b"");
     let _ = vm.wait_exit(Duration::from_secs(300));
     drop(vm);
     eprintln!("{}", log_lines(&log, "kiln-init: ").join("\n"));
+    let var: Vec<&str> = var.split_whitespace().collect();
+    let boot = var[0].trim_start_matches("/dev/");
     assert_eq!(
-        var.split_whitespace().collect::<Vec<_>>(),
-        ["/dev/sda4", "sda"]
+        var,
+        [
+            format!("/dev/{boot}"),
+            format!("/dev/{boot}4"),
+            boot.to_string()
+        ]
     );
-    assert!(!log_lines(&log, "kiln-init: booted from /dev/sda ").is_empty());
+    assert!(!log_lines(&log, &format!("kiln-init: booted from /dev/{boot} ")).is_empty());
+    for (cmd, want, said) in &refused {
+        eprintln!("$ {cmd}\n{}", said.trim_end());
+        assert!(
+            said.contains(**want),
+            "{cmd}: expected {want:?}, got:\n{said}"
+        );
+        assert!(
+            said.trim_end().ends_with("exit 1"),
+            "{cmd}: exit status:\n{said}"
+        );
+    }
+    assert_eq!(before, after, "a refused kiln-install wrote to a disk");
 }
 
 #[test]

@@ -76,7 +76,10 @@ fi
 for _ in $(seq 30); do [ -e "$target" ] && break; sleep 1; done
 [ -b "$target" ] || die "$target is not a block device (ls /dev/disk/by-id lists this machine's disks)"
 dev=$(basename "$(readlink -f "$target")")
-[ -d "/sys/block/$dev" ] || die "$target is /dev/$dev, a partition: give the whole disk"
+if [ ! -d "/sys/block/$dev" ]; then
+    [ "$target" = "/dev/$dev" ] || target="$target (/dev/$dev)"
+    die "$target is a partition: give the whole disk"
+fi
 
 # Refusals.
 if [ "$dev" = "$boot" ]; then
