@@ -31,6 +31,7 @@ STATUS=/var/lib/kiln/update-status
 # The path of the snapshot taken before the last update (kept when
 # kiln-boot-check rewrites the status).
 SNAPSHOT_STATUS=/var/lib/kiln/update-snapshot
+K3S=/usr/local/bin/k3s
 K3S_DATA=/var/lib/rancher/k3s
 K3S_CONFIG=/etc/rancher/k3s/config.yaml
 # Where the SQLite copies go; k3s puts etcd snapshots in
@@ -169,7 +170,7 @@ take_snapshot() { # NAME NODE
             # k3s asks the running server to save a snapshot of etcd; the
             # file is NAME-NODE-UNIXTIME in server/db/snapshots.
             say "snapshotting etcd: k3s etcd-snapshot save --name $name"
-            k3s etcd-snapshot save --name "$name" >&2 \
+            "$K3S" etcd-snapshot save --name "$name" >&2 \
                 || die "k3s etcd-snapshot save failed (above): not updating without a snapshot of the datastore; nothing was written to slot $other. Fix k3s (systemctl status k3s) and try again"
             # shellcheck disable=SC2012 # names are ours: no newlines
             path=$(ls -t "$K3S_DATA/server/db/snapshots/$name-"* 2>/dev/null | head -1)
