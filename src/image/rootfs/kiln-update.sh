@@ -196,7 +196,8 @@ snapshot_sqlite() { # NAME
     local db="$K3S_DATA/server/db/state.db" dir="$SQLITE_SNAPSHOTS/$1" tmp active=''
     tmp="$dir.tmp"
     [ -s "$db" ] || die "no SQLite datastore at $db to snapshot (has k3s ever started here?): not updating without one; nothing was written to slot $other"
-    if ! { mkdir -p "$SQLITE_SNAPSHOTS" && rm -rf "$tmp" && mkdir "$tmp"; }; then
+    # The datastore holds the cluster's secrets: root only, as k3s keeps it.
+    if ! { mkdir -p "$SQLITE_SNAPSHOTS" && chmod 0700 "$SQLITE_SNAPSHOTS" && rm -rf "$tmp" && mkdir -m 0700 "$tmp"; }; then
         die "cannot create $tmp for the datastore snapshot: nothing was written to slot $other"
     fi
     [ "$(systemctl is-active k3s)" = active ] && active=1
@@ -205,7 +206,7 @@ snapshot_sqlite() { # NAME
     local f ok=1
     for f in "$db" "$db-wal" "$db-shm"; do
         [ -e "$f" ] || continue
-        if ! { cp "$f" "$tmp/" && cmp -s "$f" "$tmp/$(basename "$f")"; }; then
+        if ! { cp --preserve=mode,timestamps "$f" "$tmp/" && cmp -s "$f" "$tmp/$(basename "$f")"; }; then
             ok=''
             break
         fi
