@@ -683,12 +683,154 @@ fn bundle_field(bundle: &str, key: &str) -> String {
         .to_string()
 }
 
+/// The sha256 of the first MiB of slot b's partition on the boot disk.
+fn slot_b_head(vm: &kiln::verify::vm::Vm, key: &std::path::Path) -> String {
+    let script = r#"d=$(cat /run/kiln/disk); for u in /sys/block/$d/$d*/uevent; do grep -qx PARTNAME=root-b "$u" && p=$(basename "$(dirname "$u")"); done; head -c 1048576 "/dev/$p" | sha256sum"#;
+    let h = vm.sh(key, script).unwrap();
+    assert_eq!(h.trim().len(), 64 + 3, "{h}");
+    h
+}
+
+/// Updates that must stop at the datastore snapshot, on the server running
+/// slot a: kiln-update exits non-zero and says why; slot b's partition and
+/// the status are as before.
+fn refused_without_snapshot(vm: &kiln::verify::vm::Vm, key: &std::path::Path, server: &str) {
+    let refused = |why: &[&str]| {
+        let head = slot_b_head(vm, key);
+        let status = vm.sh(key, "kiln-update --status").unwrap();
+        let o = vm
+            .ssh_as(key, "root", &format!("kiln-update --server {server}"), b"")
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        eprintln!("snapshot fails:\n{err}");
+        assert!(!o.status.success(), "{err}");
+        for w in why {
+            assert!(err.contains(w), "`{w}` not in:\n{err}");
+        }
+        assert!(err.contains("nothing was written to slot b"), "{err}");
+        assert!(!err.contains("kiln-update: writing "), "{err}");
+        assert_eq!(slot_b_head(vm, key), head, "slot b changed");
+        assert_eq!(vm.sh(key, "kiln-update --status").unwrap(), status);
+    };
+
+    // SQLite (this profile's single server): the copy cannot be made (a
+    // file where the snapshot directory goes); k3s is not stopped.
+    vm.sh(
+        key,
+        "rm -rf /var/lib/kiln/snapshots && touch /var/lib/kiln/snapshots",
+    )
+    .unwrap();
+    refused(&["cannot create /var/lib/kiln/snapshots/kiln-pre-update-"]);
+    vm.sh(key, "rm /var/lib/kiln/snapshots && systemctl is-active k3s")
+        .unwrap();
+
+    // Embedded etcd, with the double only: cluster-init in the config (in
+    // RAM: /etc is an overlay) makes the double keep an etcd member dir,
+    // and its test hook makes `k3s etcd-snapshot save` fail.
+    if real_k3s() {
+        return;
+    }
+    vm.sh(
+        key,
+        "cp /etc/rancher/k3s/config.yaml /run/config.yaml.before \
+         && echo 'cluster-init: true' >> /etc/rancher/k3s/config.yaml \
+         && systemctl restart k3s && systemctl is-active k3s",
+    )
+    .unwrap();
+    let rec = vm
+        .sh(key, "cat /var/lib/rancher/k3s/double/server")
+        .unwrap();
+    assert!(rec.contains("datastore=etcd"), "{rec}");
+    vm.sh(key, "touch /var/lib/rancher/k3s/double/fail-snapshot")
+        .unwrap();
+    refused(&[
+        "k3s etcd-snapshot save --name kiln-pre-update-",
+        "failed on purpose",
+        "k3s etcd-snapshot save failed",
+    ]);
+    let calls = vm
+        .sh(
+            key,
+            "cat /var/lib/rancher/k3s/double/snapshots 2>/dev/null || true",
+        )
+        .unwrap();
+    assert_eq!(calls.trim(), "", "the failed snapshot was recorded");
+    // Back to SQLite for the update that follows.
+    vm.sh(
+        key,
+        "systemctl stop k3s && cp /run/config.yaml.before /etc/rancher/k3s/config.yaml \
+         && rm -rf /var/lib/rancher/k3s/server/db/etcd /var/lib/rancher/k3s/double/fail-snapshot \
+         && systemctl start k3s && systemctl is-active k3s",
+    )
+    .unwrap();
+    let rec = vm
+        .sh(key, "cat /var/lib/rancher/k3s/double/server")
+        .unwrap();
+    assert!(rec.contains("datastore=sqlite"), "{rec}");
+}
+
+/// The snapshot a good update took on the SQLite server: named in the
+/// output before the slot was written and in the status, and (with the
+/// double, whose state.db is text) a copy of the datastore as it was.
+/// Returns its path.
+fn snapshot_taken(
+    vm: &kiln::verify::vm::Vm,
+    key: &std::path::Path,
+    err: &str,
+    db_before: &str,
+    from: &str,
+    to: &str,
+) -> String {
+    let name = format!("kiln-pre-update-{from}-to-{to}").replace('+', "-");
+    let said = "kiln-update: datastore snapshot: ";
+    let path = err
+        .lines()
+        .find_map(|l| l.strip_prefix(said))
+        .unwrap_or_else(|| panic!("no `{said}` line:\n{err}"))
+        .to_string();
+    assert!(
+        path.starts_with(&format!("/var/lib/kiln/snapshots/{name}-s1-")),
+        "{path}"
+    );
+    // Order: k3s stopped and copied, the snapshot named, then the slot.
+    let at = |w: &str| {
+        err.find(w)
+            .unwrap_or_else(|| panic!("`{w}` not in:\n{err}"))
+    };
+    assert!(at("snapshotting SQLite: stopping k3s") < at(said), "{err}");
+    assert!(at(said) < at("kiln-update: writing "), "{err}");
+    let st = vm.sh(key, "kiln-update --status").unwrap();
+    assert!(
+        st.contains(&format!(
+            "datastore snapshot before the last update: {path}"
+        )),
+        "{st}"
+    );
+    assert!(st.contains(&format!("datastore snapshot {path}")), "{st}");
+    vm.sh(key, &format!("test -s {path}/state.db")).unwrap();
+    if !real_k3s() {
+        let copy = vm.sh(key, &format!("cat {path}/state.db")).unwrap();
+        // The double appends a line to state.db each time it starts: the
+        // copy is the datastore as it was when k3s stopped for it, and k3s
+        // started again once, after the copy.
+        let live = vm
+            .sh(key, "cat /var/lib/rancher/k3s/server/db/state.db")
+            .unwrap();
+        assert_eq!(copy, db_before, "the copy is not the datastore as it was");
+        assert!(live.starts_with(&copy), "{live}");
+        assert_eq!(live.lines().count(), copy.lines().count() + 1, "{live}");
+    }
+    path
+}
+
 /// The A/B update cycle on one disk: an image of k3s A boots; an update
 /// too big for the slot is refused with nothing written; `kiln-update`
 /// from `kiln serve` moves it to B on the other slot (blessed once k3s is
 /// active); `--rollback` returns to A; an update whose root cannot be
 /// mounted fails its three tries and systemd-boot returns to A, which
-/// reports the failure. A file on /var survives all of it.
+/// reports the failure. A file on /var survives all of it. On this server
+/// (SQLite) every update snapshots the datastore before writing the slot,
+/// and one whose snapshot fails is refused with slot b untouched.
 #[test]
 fn ab_updates_good_broken_and_rollback() {
     let (f, out_a) = built();
@@ -836,7 +978,16 @@ fn ab_updates_good_broken_and_rollback() {
     );
     assert_eq!(vm.sh(key, "kiln-update --status").unwrap(), before);
 
-    // The good update: A → B on slot b.
+    // No snapshot of the datastore, no update.
+    refused_without_snapshot(&vm, key, &server);
+
+    // The good update: A → B on slot b, after a snapshot.
+    let db_before = if real_k3s() {
+        String::new()
+    } else {
+        vm.sh(key, "cat /var/lib/rancher/k3s/server/db/state.db")
+            .unwrap()
+    };
     let o = vm
         .ssh_as(key, "root", &format!("kiln-update --server {server}"), b"")
         .unwrap();
@@ -844,6 +995,7 @@ fn ab_updates_good_broken_and_rollback() {
     eprintln!("update:\n{err}");
     assert!(o.status.success(), "{err}");
     assert!(err.contains("slot b verified"), "{err}");
+    let snapshot = snapshot_taken(&vm, key, &err, &db_before, &a_version, K3S_B);
     let st = vm.sh(key, "kiln-update --status").unwrap();
     assert!(
         st.contains("slot b: generation 2, on trial (kiln-b+3.conf)"),
@@ -855,6 +1007,7 @@ fn ab_updates_good_broken_and_rollback() {
     eprintln!("after the update: {ok}");
     assert_eq!(facts(&vm), ("b".into(), K3S_B.into(), "kept".into()));
     double_says(&vm, K3S_B);
+    vm.sh(key, &format!("test -s {snapshot}/state.db")).unwrap();
     let st = vm.sh(key, "kiln-update --status").unwrap();
     assert!(st.contains("slot b: generation 2, good"), "{st}");
     assert!(st.contains("slot a: generation 1, good"), "{st}");
@@ -863,7 +1016,13 @@ fn ab_updates_good_broken_and_rollback() {
     let o = vm
         .ssh_as(key, "root", "kiln-update --rollback --reboot", b"")
         .unwrap();
-    eprintln!("rollback: {}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("rollback: {err}");
+    // The snapshot is still on /var, and the rollback points at it.
+    assert!(
+        err.contains(&format!("restore the datastore from {snapshot}")),
+        "{err}"
+    );
     boot(&mut vm, &mut boots);
     assert_eq!(facts(&vm), ("a".into(), a_version.clone(), "kept".into()));
     double_says(&vm, &a_version);

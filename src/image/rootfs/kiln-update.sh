@@ -15,13 +15,28 @@
 # slot is blessed (its counter removed) only once k3s is active
 # (kiln-boot-check.service); after 3 failed tries systemd-boot returns to
 # the old slot and the failure is recorded in /var/lib/kiln/update-status.
-# The state partition (/var) is never written, except that status file.
+#
+# On a server, before the slot is written, it snapshots k3s's datastore
+# into /var (see take_snapshot), because k3s does not support downgrades:
+# a rollback to the old slot needs the datastore as it was before the new
+# k3s touched it. If the snapshot fails, nothing is written.
+# The state partition (/var) is never written otherwise, except the status
+# files.
 set -euo pipefail
 
 TRIES=3
 ESP_MNT=/run/kiln/esp
 WORK=/run/kiln/update
 STATUS=/var/lib/kiln/update-status
+# The path of the snapshot taken before the last update (kept when
+# kiln-boot-check rewrites the status).
+SNAPSHOT_STATUS=/var/lib/kiln/update-snapshot
+K3S=/usr/local/bin/k3s
+K3S_DATA=/var/lib/rancher/k3s
+K3S_CONFIG=/etc/rancher/k3s/config.yaml
+# Where the SQLite copies go; k3s puts etcd snapshots in
+# $K3S_DATA/server/db/snapshots (its --etcd-snapshot-dir default).
+SQLITE_SNAPSHOTS=/var/lib/kiln/snapshots
 
 say() { echo "kiln-update: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -117,6 +132,98 @@ check_sha() { # FILE SHA WHAT
 
 field() { sed -n "s/^$1=//p" "$WORK/bundle.txt" | head -1; }
 
+# This node's role, from /etc/kiln/node: kiln writes `role=` there from
+# the profile's typed role, in every seed, and nothing else decides it. (The
+# k3s config only implies the role: a joining server and an agent both
+# have `server:`.)
+node_role() { sed -n 's/^role=//p' /etc/kiln/node 2>/dev/null | head -1; }
+
+# The datastore of this server: `etcd` or `sqlite`. Embedded etcd when the
+# rendered config starts the cluster (`cluster-init: true`) or joins
+# another server (`server:`, which kiln writes only on a server that joins
+# an HA cluster), or when etcd's data already exists: k3s keeps using etcd
+# once it has it, even without cluster-init. Otherwise k3s's default,
+# kine on SQLite.
+datastore() {
+    if grep -Eq '^cluster-init:[[:space:]]*true' "$K3S_CONFIG" 2>/dev/null \
+        || grep -q '^server:' "$K3S_CONFIG" 2>/dev/null \
+        || [ -d "$K3S_DATA/server/db/etcd" ]; then
+        echo etcd
+    else
+        echo sqlite
+    fi
+}
+
+# A snapshot name: letters, digits, dots and dashes only (k3s uses it in
+# file names and in the names of its ETCDSnapshotFile objects, which must
+# be DNS subdomains): v1.31.1+k3s1 becomes v1.31.1-k3s1.
+snapshot_name() { # FROM TO
+    echo "kiln-pre-update-$1-to-$2" | tr '[:upper:]' '[:lower:]' | tr -c 'a-z0-9.\n-' '-'
+}
+
+# Snapshot the datastore of this server into /var; print the snapshot's
+# path. Dies (before anything is written to the other slot) if it cannot.
+take_snapshot() { # NAME NODE
+    local name="$1" node="$2" path
+    case "$(datastore)" in
+        etcd)
+            # k3s asks the running server to save a snapshot of etcd; the
+            # file is NAME-NODE-UNIXTIME in server/db/snapshots.
+            say "snapshotting etcd: k3s etcd-snapshot save --name $name"
+            "$K3S" etcd-snapshot save --name "$name" >&2 \
+                || die "k3s etcd-snapshot save failed (above): not updating without a snapshot of the datastore; nothing was written to slot $other. Fix k3s (systemctl status k3s) and try again"
+            # shellcheck disable=SC2012 # names are ours: no newlines
+            path=$(ls -t "$K3S_DATA/server/db/snapshots/$name-"* 2>/dev/null | head -1)
+            [ -n "$path" ] || path="$name (k3s etcd-snapshot ls)"
+            echo "$path"
+            ;;
+        sqlite)
+            snapshot_sqlite "$name-$node-$(date +%s)"
+            ;;
+    esac
+}
+
+# A consistent copy of k3s's SQLite datastore. kine opens state.db inside
+# the k3s server process and nothing else writes it. With k3s stopped
+# (KillMode=process stops just that process; pods keep running) no
+# transaction is open, so state.db together with its -wal and -shm files
+# as they are on disk is a committed state of the database: SQLite
+# replays the WAL when the copy is opened, as after a clean shutdown. The
+# copy is compared with the source before k3s starts again, goes into a
+# temporary directory first and is renamed into place, so a snapshot
+# directory is always complete. k3s is down for the copy only.
+snapshot_sqlite() { # NAME
+    local db="$K3S_DATA/server/db/state.db" dir="$SQLITE_SNAPSHOTS/$1" tmp active=''
+    tmp="$dir.tmp"
+    [ -s "$db" ] || die "no SQLite datastore at $db to snapshot (has k3s ever started here?): not updating without one; nothing was written to slot $other"
+    # The datastore holds the cluster's secrets: root only, as k3s keeps it.
+    if ! { mkdir -p "$SQLITE_SNAPSHOTS" && chmod 0700 "$SQLITE_SNAPSHOTS" && rm -rf "$tmp" && mkdir -m 0700 "$tmp"; }; then
+        die "cannot create $tmp for the datastore snapshot: nothing was written to slot $other"
+    fi
+    [ "$(systemctl is-active k3s)" = active ] && active=1
+    say "snapshotting SQLite: stopping k3s to copy $db"
+    systemctl stop k3s || die "cannot stop k3s to snapshot its datastore: nothing was written to slot $other"
+    local f ok=1
+    for f in "$db" "$db-wal" "$db-shm"; do
+        [ -e "$f" ] || continue
+        if ! { cp --preserve=mode,timestamps "$f" "$tmp/" && cmp -s "$f" "$tmp/$(basename "$f")"; }; then
+            ok=''
+            break
+        fi
+    done
+    if [ -n "$ok" ] && ! { sync -f "$tmp" && mv "$tmp" "$dir" && sync -f "$SQLITE_SNAPSHOTS"; }; then
+        ok=''
+    fi
+    if [ -n "$active" ]; then
+        systemctl start k3s || say "warning: k3s did not start again after the snapshot (systemctl status k3s)"
+    fi
+    if [ -z "$ok" ]; then
+        rm -rf "$tmp"
+        die "copying $db to $dir failed (is /var full?): not updating without a snapshot of the datastore; nothing was written to slot $other"
+    fi
+    echo "$dir"
+}
+
 do_status() {
     mount_esp
     echo "running slot: $slot ($(sed -n 's/^k3s //p' /usr/lib/kiln/image))"
@@ -131,6 +238,7 @@ do_status() {
         fi
     done
     [ -f "$STATUS" ] && echo "last update: $(cat "$STATUS")"
+    [ -f "$SNAPSHOT_STATUS" ] && echo "datastore snapshot before the last update: $(cat "$SNAPSHOT_STATUS")"
     return 0
 }
 
@@ -144,6 +252,9 @@ do_rollback() {
     sync
     say "slot $other (generation $gen) boots next; slot $slot stays as the fallback"
     echo "rollback: $(date -u +%FT%TZ) from slot $slot to slot $other by hand" > "$STATUS"
+    if [ "$(node_role)" = server ] && [ -s "$SNAPSHOT_STATUS" ]; then
+        say "k3s does not support downgrades: restore the datastore from $(cat "$SNAPSHOT_STATUS") after the reboot (README, Upgrades)"
+    fi
 }
 
 do_update() {
@@ -185,6 +296,19 @@ do_update() {
         check_sha "$WORK/$f" "$(field "${f}_sha256")" "$f"
     done
 
+    # On a server, the datastore snapshot: before anything is written.
+    local snapshot='' role
+    role=$(node_role)
+    case "$role" in
+        server)
+            snapshot=$(take_snapshot "$(snapshot_name "$(sed -n 's/^k3s //p' /usr/lib/kiln/image)" "$k3s_new")" "$node") || exit 1
+            echo "$snapshot" > "$SNAPSHOT_STATUS.new" && mv "$SNAPSHOT_STATUS.new" "$SNAPSHOT_STATUS"
+            say "datastore snapshot: $snapshot"
+            ;;
+        agent) ;;
+        *) die "cannot tell this node's role (/etc/kiln/node: role='$role'): not updating, a server needs a datastore snapshot first" ;;
+    esac
+
     # The root image straight into the slot, then read back from the disk.
     say "writing $(field root) ($size bytes) to /dev/$part"
     local got
@@ -222,7 +346,7 @@ ENTRY
     mv "$ENTRIES/kiln-$other+$TRIES.conf.new" "$ENTRIES/kiln-$other+$TRIES.conf"
     sync
     rm -rf "$WORK"
-    echo "installed: $(date -u +%FT%TZ) slot $other, k3s $k3s_new, generation $gen, on trial ($TRIES tries)" > "$STATUS"
+    echo "installed: $(date -u +%FT%TZ) slot $other, k3s $k3s_new, generation $gen, on trial ($TRIES tries)${snapshot:+, datastore snapshot $snapshot}" > "$STATUS"
     say "slot $other boots next (generation $gen, $TRIES tries); it is kept once k3s is active, else slot $slot comes back"
 }
 
