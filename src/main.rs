@@ -44,17 +44,23 @@ enum Command {
         /// The cluster profile (TOML).
         profile: PathBuf,
     },
-    /// Print each node's WireGuard public key, and [Peer] stanzas for an
-    /// external hub.
+    /// Print each node's WireGuard public key, [Peer] stanzas for an
+    /// external hub, and known_hosts lines for the nodes' SSH host keys.
     ///
-    /// Keys are created on first use in the state directory (0700, files
-    /// 0600) and reused afterwards; private keys are never printed.
+    /// WireGuard keys, SSH host keys and k3s node passwords are created on
+    /// first use in the state directory (0700, files 0600) and reused
+    /// afterwards; private keys and passwords are never printed. A
+    /// known_hosts line names a node by name, host name, static LAN
+    /// address and WireGuard address.
     Keys {
         /// The cluster profile (TOML).
         profile: PathBuf,
         /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Print only the known_hosts lines (append them to ~/.ssh/known_hosts).
+        #[arg(long)]
+        known_hosts: bool,
     },
     /// Build a bootable disk image for each selected node.
     ///
@@ -257,7 +263,11 @@ enum RoleArg {
 fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
     match args.command {
         Command::Check { profile } => cli::check::run(&profile),
-        Command::Keys { profile, state_dir } => cli::keys::run(&profile, state_dir.as_deref()),
+        Command::Keys {
+            profile,
+            state_dir,
+            known_hosts,
+        } => cli::keys::run(&profile, state_dir.as_deref(), known_hosts),
         Command::Build {
             profile,
             nodes,

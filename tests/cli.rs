@@ -100,6 +100,114 @@ fn keys_are_stable_private_and_never_printed() {
 }
 
 #[test]
+fn keys_print_known_hosts_lines_and_never_the_node_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let profile = example_in(tmp.path(), "profiles/club.toml");
+    let all = kiln(&["keys", &profile]);
+    assert!(all.status.success(), "{}", text(&all.stderr));
+    let only = kiln(&["keys", &profile, "--known-hosts"]);
+    assert!(only.status.success(), "{}", text(&only.stderr));
+    let (all, only) = (text(&all.stdout), text(&only.stdout));
+    // The full output ends with the same lines, after a comment.
+    assert!(all.ends_with(&only), "{all}");
+    assert!(
+        all.contains("\n# SSH host keys, for ~/.ssh/known_hosts"),
+        "{all}"
+    );
+
+    let lines: Vec<&str> = only.lines().collect();
+    assert_eq!(lines.len(), 5, "{only}");
+    let state = tmp.path().join("club.state");
+    for (line, n) in lines.iter().zip(["rgb1", "rgb2", "rgb3", "rgb4", "rgb5"]) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields.len(), 3, "{line}");
+        let hosts: Vec<&str> = fields[0].split(',').collect();
+        assert_eq!(hosts[0], n, "{line}");
+        assert!(hosts.iter().all(|h| !h.is_empty()), "{line}");
+        // WireGuard addresses in club.toml are 10.0.0.0/24.
+        assert!(hosts.iter().any(|h| h.starts_with("10.0.0.")), "{line}");
+        assert_eq!(fields[1], "ssh-ed25519", "{line}");
+        assert!(fields[2].starts_with("AAAAC3NzaC1lZDI1NTE5"), "{line}");
+        // The line's key is the public half of the key in the state dir.
+        let key_file = state.join(format!("ssh-host-key/{n}_ed25519_key"));
+        assert_eq!(
+            std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        if common::have("ssh-keygen") {
+            let derived = Command::new("ssh-keygen")
+                .arg("-y")
+                .arg("-f")
+                .arg(&key_file)
+                .output()
+                .unwrap();
+            assert!(derived.status.success(), "{}", text(&derived.stderr));
+            assert!(text(&derived.stdout).starts_with(&format!("{} {}", fields[1], fields[2])));
+        }
+    }
+    // rgb1 has a static LAN address: by name, LAN and tunnel address.
+    assert!(
+        lines[0].starts_with("rgb1,192.168.1.11,10.0.0.11 ssh-ed25519 "),
+        "{only}"
+    );
+    if common::have("ssh-keygen") {
+        // ssh-keygen reads the lines as a known_hosts file.
+        let kh = tmp.path().join("known_hosts");
+        std::fs::write(&kh, &all).unwrap();
+        let out = Command::new("ssh-keygen")
+            .arg("-l")
+            .arg("-f")
+            .arg(&kh)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout).lines().count(),
+            5,
+            "{}",
+            text(&out.stdout)
+        );
+        let found = Command::new("ssh-keygen")
+            .args(["-F", "10.0.0.11", "-f"])
+            .arg(&kh)
+            .output()
+            .unwrap();
+        assert!(
+            text(&found.stdout).contains("rgb1,"),
+            "{}",
+            text(&found.stdout)
+        );
+    }
+
+    // Neither the node password nor the host private key is ever printed.
+    let check = kiln(&["check", &profile]);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    let printed = [all, only, text(&check.stdout), text(&check.stderr)].concat();
+    for n in ["rgb1", "rgb2", "rgb3", "rgb4", "rgb5"] {
+        let password_file = state.join(format!("node-password/{n}"));
+        assert_eq!(
+            std::fs::metadata(&password_file)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        let password = std::fs::read_to_string(&password_file).unwrap();
+        assert_eq!(password.trim().len(), 32, "k3s's 16 bytes in hex");
+        assert!(
+            !printed.contains(password.trim()),
+            "node password of {n} printed"
+        );
+        let key =
+            std::fs::read_to_string(state.join(format!("ssh-host-key/{n}_ed25519_key"))).unwrap();
+        for body in key.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!printed.contains(body), "host private key of {n} printed");
+        }
+    }
+}
+
+#[test]
 fn removing_a_node_keeps_its_key() {
     let tmp = tempfile::tempdir().unwrap();
     let profile = example_in(tmp.path(), "profiles/club.toml");
@@ -141,6 +249,21 @@ fn render_writes_the_tree_with_private_modes() {
     assert_eq!(mode("etc/rancher/k3s/cluster-token"), 0o600);
     assert_eq!(mode("etc/rancher/k3s/config.yaml"), 0o600);
     assert_eq!(mode("etc/kiln/firstboot.sh"), 0o755);
+    // The node's identity: private, and the same as in the state dir.
+    assert_eq!(mode("etc/rancher/node"), 0o700);
+    assert_eq!(mode("etc/rancher/node/password"), 0o600);
+    assert_eq!(mode("etc/ssh/ssh_host_ed25519_key"), 0o600);
+    assert_eq!(mode("etc/ssh/ssh_host_ed25519_key.pub"), 0o644);
+    let state = tmp.path().join("club.state");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    assert_eq!(
+        read(&out_dir.join("etc/rancher/node/password")),
+        read(&state.join("node-password/rgb1"))
+    );
+    assert_eq!(
+        read(&out_dir.join("etc/ssh/ssh_host_ed25519_key")),
+        read(&state.join("ssh-host-key/rgb1_ed25519_key"))
+    );
     assert_eq!(
         std::fs::read_to_string(out_dir.join("etc/hostname")).unwrap(),
         "rgb1\n"

@@ -119,10 +119,18 @@ fn secrets_are_only_in_private_files() {
         for node in &plan.nodes {
             let files = kiln::cli::render::render_node(&plan, &node.name, &secrets).unwrap();
             let key = secrets.private[&node.name].to_base64();
+            let password = secrets.node_passwords[&node.name].expose().to_string();
+            let host_key = secrets.ssh_host_keys[&node.name].to_openssh();
+            // A line from the middle of the private key file: its base64 body.
+            let host_key_body = host_key.lines().nth(2).unwrap().to_string();
             for (path, e) in files.tree.iter() {
                 if let Entry::File { content, mode, .. } = e {
                     let text = String::from_utf8_lossy(content);
-                    if text.contains(&key) || text.contains(&secrets.token) {
+                    if text.contains(&key)
+                        || text.contains(&secrets.token)
+                        || text.contains(&password)
+                        || text.contains(&host_key_body)
+                    {
                         assert_eq!(
                             mode & 0o077,
                             0,
@@ -146,6 +154,37 @@ fn secrets_are_only_in_private_files() {
                     .text("/etc/rancher/k3s/cluster-token")
                     .unwrap()
                     .contains(&secrets.token)
+            );
+            // The node's identity, where k3s and sshd read it.
+            assert_eq!(
+                files.tree.text("/etc/rancher/node/password").unwrap(),
+                format!("{password}\n")
+            );
+            assert_eq!(
+                files.tree.text("/etc/ssh/ssh_host_ed25519_key").unwrap(),
+                host_key
+            );
+            let public = files
+                .tree
+                .text("/etc/ssh/ssh_host_ed25519_key.pub")
+                .unwrap();
+            assert!(
+                public.starts_with(&secrets.ssh_host_keys[&node.name].public_key_text()),
+                "{public}"
+            );
+            assert!(matches!(
+                files.tree.get("/etc/ssh/ssh_host_ed25519_key.pub"),
+                Some(Entry::File { mode: 0o644, .. })
+            ));
+            let sshd = files
+                .tree
+                .text("/etc/ssh/sshd_config.d/10-kiln.conf")
+                .unwrap();
+            let host_keys: Vec<&str> = sshd.lines().filter(|l| l.starts_with("HostKey ")).collect();
+            assert_eq!(
+                host_keys,
+                ["HostKey /etc/ssh/ssh_host_ed25519_key"],
+                "{sshd}"
             );
         }
     }

@@ -221,6 +221,54 @@ fn rendered_units(files: &kiln::render::NodeFiles) -> Vec<String> {
 }
 
 #[test]
+fn ssh_host_keys_are_read_by_ssh_keygen() {
+    // The seeded private key is one OpenSSH reads, and its .pub is its half.
+    need("ssh-keygen", "openssh-client");
+    for (name, _, files) in rendered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("ssh_host_ed25519_key");
+        let private = files.tree.text("/etc/ssh/ssh_host_ed25519_key").unwrap();
+        std::fs::write(&key, private).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let out = Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let public = files
+            .tree
+            .text("/etc/ssh/ssh_host_ed25519_key.pub")
+            .unwrap();
+        let derived = String::from_utf8_lossy(&out.stdout);
+        let key_of = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        assert_eq!(key_of(&derived), key_of(public), "{name}");
+        let pub_file = tmp.path().join("ssh_host_ed25519_key.pub");
+        std::fs::write(&pub_file, public).unwrap();
+        let out = Command::new("ssh-keygen")
+            .arg("-l")
+            .arg("-f")
+            .arg(&pub_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("(ED25519)"),
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn units_pass_systemd_analyze_verify() {
     need("systemd-analyze", "systemd");
     for (name, _, files) in rendered().into_iter().step_by(4) {
@@ -229,7 +277,9 @@ fn units_pass_systemd_analyze_verify() {
         verify_root(&root, &files);
         let units = rendered_units(&files);
         assert!(
-            units.contains(&"k3s.service".to_string()) && units.len() >= 4,
+            units.contains(&"k3s.service".to_string())
+                && units.contains(&"kiln-firstboot.service".to_string())
+                && units.len() >= 3,
             "{units:?}"
         );
         let out = Command::new("systemd-analyze")

@@ -434,6 +434,20 @@ fn write_files_may_not_replace_what_kiln_renders() {
         "first-boot.write-files[0].path",
         "rendered by kiln",
     );
+    // The seeded SSH host key (and any other type's) is the node's identity.
+    for key in [
+        "/etc/ssh/ssh_host_ed25519_key",
+        "/etc/ssh/ssh_host_rsa_key.pub",
+    ] {
+        let text =
+            format!("{GOOD}\n[[first-boot.write-files]]\npath = \"{key}\"\ncontent = \"x\"\n");
+        one(
+            &text,
+            23,
+            "first-boot.write-files[0].path",
+            "rendered by kiln",
+        );
+    }
     let ok = format!(
         "{GOOD}\n[[first-boot.write-files]]\npath = \"/etc/hosts.allow\"\ncontent = \"x\"\n"
     );

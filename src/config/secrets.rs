@@ -1,9 +1,21 @@
-//! Node secrets: a WireGuard key pair per node and the k3s cluster token,
-//! kept in a state directory next to the profile.
+//! Node secrets, kept in a state directory next to the profile: per node a
+//! WireGuard key pair, a k3s node password and an SSH host key; and the
+//! k3s cluster token.
 //!
 //! Created once on first use (directory 0700, files 0600), reused on every
 //! later run, never rotated by a rebuild and never printed. A node removed
-//! from the profile keeps its key file.
+//! from the profile keeps its files. To re-key a node, delete its files.
+//!
+//! The node password and the SSH host key are the node's identity: k3s's
+//! server refuses a node name that comes back with another password, and
+//! an operator's `known_hosts` refuses a host that comes back with another
+//! key. Kept here and baked into the node's seed, they survive a reflash,
+//! a reinstall and a diskless boot.
+//!
+//! SSH host keys are ed25519 only. Every OpenSSH client since 6.5 (2014)
+//! speaks it, the operators' machines and the nodes are all newer, and a
+//! node that offers one key type gives `known_hosts` one line to pin.
+//! ECDSA would add nothing, and RSA would add a slow, large key to keep.
 
 use std::fmt;
 use std::fs;
@@ -24,6 +36,20 @@ pub const STATE_DIR_MODE: u32 = 0o700;
 pub const SECRET_FILE_MODE: u32 = 0o600;
 /// Random bytes in a generated k3s token (hex-encoded: 64 characters).
 pub const TOKEN_BYTES: usize = 32;
+/// Random bytes in a node password: k3s's agent makes 16 (hex-encoded:
+/// 32 characters) when `/etc/rancher/node/password` is missing
+/// (`ensureNodePassword` in k3s `pkg/agent/config`); kiln makes the same.
+pub const NODE_PASSWORD_BYTES: usize = 16;
+/// Subdirectories of the state directory, one file per node in each.
+const WIREGUARD_DIR: &str = "wireguard";
+const NODE_PASSWORD_DIR: &str = "node-password";
+const SSH_HOST_KEY_DIR: &str = "ssh-host-key";
+
+fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
+    Ok(b)
+}
 
 /// A node's WireGuard private key. Its `Debug` does not show the key.
 #[derive(Clone, PartialEq, Eq)]
@@ -33,9 +59,7 @@ impl PrivateKey {
     /// A new key, clamped as `wg genkey` clamps it (RFC 7748), so the base64
     /// text is exactly what `wg genkey` would print for these bytes.
     pub fn generate() -> anyhow::Result<Self> {
-        let mut b = [0u8; 32];
-        getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
-        Ok(Self::from_bytes(b))
+        Ok(Self::from_bytes(random_bytes()?))
     }
 
     pub fn from_bytes(mut b: [u8; 32]) -> Self {
@@ -64,6 +88,108 @@ impl PrivateKey {
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PrivateKey(<redacted>, public {})", self.public_key())
+    }
+}
+
+/// A node's k3s node password (what the agent sends as `K3s-Node-Password`
+/// and keeps in `/etc/rancher/node/password`). Its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodePassword(String);
+
+impl NodePassword {
+    /// 16 random bytes as lower-case hex, as k3s makes one.
+    pub fn generate() -> anyhow::Result<Self> {
+        Ok(Self::from_bytes(random_bytes()?))
+    }
+
+    pub fn from_bytes(b: [u8; NODE_PASSWORD_BYTES]) -> Self {
+        NodePassword(hex::encode(b))
+    }
+
+    /// A password as k3s reads it (trimmed); refuses an empty one or one
+    /// with whitespace or control characters inside, which k3s would send
+    /// as an HTTP header.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        (!s.is_empty() && s.chars().all(|c| c.is_ascii_graphic()))
+            .then(|| NodePassword(s.to_string()))
+    }
+
+    /// The password itself. Only for files that hold secrets.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for NodePassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NodePassword(<redacted>)")
+    }
+}
+
+/// A node's SSH host key (ed25519). Its `Debug` shows only the public key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SshHostKey(ssh_key::PrivateKey);
+
+impl SshHostKey {
+    /// A new key; `comment` goes into the key files as `ssh-keygen -C` puts it.
+    pub fn generate(comment: &str) -> anyhow::Result<Self> {
+        Ok(Self::from_seed(random_bytes()?, comment))
+    }
+
+    /// The key of a 32-byte ed25519 seed (RFC 8032 private key).
+    pub fn from_seed(seed: [u8; 32], comment: &str) -> Self {
+        let pair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
+        let mut key = ssh_key::PrivateKey::from(pair);
+        key.set_comment(comment);
+        SshHostKey(key)
+    }
+
+    /// An unencrypted OpenSSH ed25519 private key, as `ssh-keygen` writes it.
+    pub fn parse(s: &str) -> Option<Self> {
+        let key = ssh_key::PrivateKey::from_openssh(s.trim()).ok()?;
+        (key.algorithm() == ssh_key::Algorithm::Ed25519 && !key.is_encrypted())
+            .then_some(SshHostKey(key))
+    }
+
+    /// The private key file (`ssh_host_ed25519_key`). Only for files that
+    /// hold secrets.
+    pub fn to_openssh(&self) -> String {
+        self.0
+            .to_openssh(ssh_key::LineEnding::LF)
+            .expect("an ed25519 key always encodes")
+            .to_string()
+    }
+
+    /// The public key line (`ssh_host_ed25519_key.pub`): `ssh-ed25519 AAAA… comment`.
+    pub fn public_openssh(&self) -> String {
+        self.0
+            .public_key()
+            .to_openssh()
+            .expect("an ed25519 key always encodes")
+    }
+
+    /// The public key without its comment: `ssh-ed25519 AAAA…`, as
+    /// `known_hosts` wants it.
+    pub fn public_key_text(&self) -> String {
+        let mut public = self.0.public_key().clone();
+        public.set_comment("");
+        public.to_openssh().expect("an ed25519 key always encodes")
+    }
+
+    /// `SHA256:…`, as `ssh-keygen -l` and ssh's first-connection prompt show it.
+    pub fn fingerprint(&self) -> String {
+        self.0.fingerprint(ssh_key::HashAlg::Sha256).to_string()
+    }
+}
+
+impl fmt::Debug for SshHostKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SshHostKey(<redacted>, public {})",
+            self.public_key_text()
+        )
     }
 }
 
@@ -107,11 +233,13 @@ impl StateDir {
                 dir.display()
             );
         }
-        fs_err::create_dir_all(dir.join("wireguard"))?;
-        fs_err::set_permissions(
-            dir.join("wireguard"),
-            std::os::unix::fs::PermissionsExt::from_mode(STATE_DIR_MODE),
-        )?;
+        for sub in [WIREGUARD_DIR, NODE_PASSWORD_DIR, SSH_HOST_KEY_DIR] {
+            fs_err::create_dir_all(dir.join(sub))?;
+            fs_err::set_permissions(
+                dir.join(sub),
+                std::os::unix::fs::PermissionsExt::from_mode(STATE_DIR_MODE),
+            )?;
+        }
         Ok(StateDir {
             dir: dir.to_path_buf(),
         })
@@ -123,19 +251,38 @@ impl StateDir {
 
     /// The node's WireGuard key, created on first use.
     pub fn node_key(&self, node: &str) -> anyhow::Result<PrivateKey> {
-        let path = self.dir.join("wireguard").join(format!("{node}.key"));
+        let path = self.dir.join(WIREGUARD_DIR).join(format!("{node}.key"));
         let text = read_or_create(&path, || Ok(PrivateKey::generate()?.to_base64()))?;
         PrivateKey::parse(&text).with_context(|| format!("{} does not hold a WireGuard private key; restore it from a backup, or delete it to make the node a new key (peers must then be updated)", path.display()))
+    }
+
+    /// The node's k3s node password, created on first use.
+    pub fn node_password(&self, node: &str) -> anyhow::Result<NodePassword> {
+        let path = self.dir.join(NODE_PASSWORD_DIR).join(node);
+        let text = read_or_create(&path, || Ok(NodePassword::generate()?.expose().to_string()))?;
+        NodePassword::parse(&text).with_context(|| format!(
+            "{} does not hold a k3s node password (empty, or with spaces or control characters)\n    fix: restore it from the node's /etc/rancher/node/password, or delete it to give the node a new password (then delete the node's `{node}.node-password.k3s` secret in kube-system on a server, or the server refuses the node)",
+            path.display()
+        ))
+    }
+
+    /// The node's SSH host key, created on first use.
+    pub fn ssh_host_key(&self, node: &str) -> anyhow::Result<SshHostKey> {
+        let path = self
+            .dir
+            .join(SSH_HOST_KEY_DIR)
+            .join(format!("{node}_ed25519_key"));
+        let text = read_or_create(&path, || Ok(SshHostKey::generate(node)?.to_openssh()))?;
+        SshHostKey::parse(&text).with_context(|| format!(
+            "{} does not hold an unencrypted OpenSSH ed25519 private key\n    fix: restore it from a backup or the node's /etc/ssh/ssh_host_ed25519_key, or delete it to give the node a new host key (then update known_hosts: `kiln keys --known-hosts`)",
+            path.display()
+        ))
     }
 
     /// The k3s cluster token, created on first use.
     pub fn token(&self) -> anyhow::Result<String> {
         let path = self.dir.join("k3s-token");
-        let t = read_or_create(&path, || {
-            let mut b = [0u8; TOKEN_BYTES];
-            getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("reading random bytes: {e}"))?;
-            Ok(hex::encode(b))
-        })?;
+        let t = read_or_create(&path, || Ok(hex::encode(random_bytes::<TOKEN_BYTES>()?)))?;
         let t = t.trim().to_string();
         if t.is_empty() {
             bail!(
@@ -191,8 +338,9 @@ fn read_or_create(
             .mode(SECRET_FILE_MODE)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
+        let newline: &[u8] = if value.ends_with('\n') { b"" } else { b"\n" };
         f.write_all(value.as_bytes())
-            .and_then(|()| f.write_all(b"\n"))
+            .and_then(|()| f.write_all(newline))
             .and_then(|()| f.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
     }
@@ -220,6 +368,10 @@ pub struct NodeSecrets {
     pub public_keys: BTreeMap<String, WgKey>,
     /// The k3s cluster token.
     pub token: String,
+    /// This node's k3s node password.
+    pub node_password: NodePassword,
+    /// This node's SSH host key.
+    pub ssh_host_key: SshHostKey,
 }
 
 /// The node's update key: derived from its WireGuard private key, so the
@@ -241,21 +393,35 @@ pub fn state_dir(profile: &Path, given: Option<&Path>) -> PathBuf {
 
 /// Every node's keys and the cluster token, created on first use.
 pub struct ClusterSecrets {
+    /// WireGuard private keys, by node name.
     pub private: BTreeMap<String, PrivateKey>,
     pub token: String,
+    /// k3s node passwords, by node name.
+    pub node_passwords: BTreeMap<String, NodePassword>,
+    /// SSH host keys, by node name.
+    pub ssh_host_keys: BTreeMap<String, SshHostKey>,
 }
 
 impl ClusterSecrets {
     pub fn load(plan: &Plan, state: &StateDir) -> anyhow::Result<Self> {
         let mut private = BTreeMap::new();
+        let mut node_passwords = BTreeMap::new();
+        let mut ssh_host_keys = BTreeMap::new();
         for n in &plan.nodes {
             private.insert(n.name.clone(), state.node_key(&n.name)?);
+            node_passwords.insert(n.name.clone(), state.node_password(&n.name)?);
+            ssh_host_keys.insert(n.name.clone(), state.ssh_host_key(&n.name)?);
         }
         let token = match &plan.k3s.token {
             Some(t) => t.clone(),
             None => state.token()?,
         };
-        Ok(ClusterSecrets { private, token })
+        Ok(ClusterSecrets {
+            private,
+            token,
+            node_passwords,
+            ssh_host_keys,
+        })
     }
 
     pub fn public_keys(&self) -> BTreeMap<String, WgKey> {
@@ -279,6 +445,8 @@ impl ClusterSecrets {
             private_key: self.private[node].clone(),
             public_keys: self.public_keys(),
             token: self.token.clone(),
+            node_password: self.node_passwords[node].clone(),
+            ssh_host_key: self.ssh_host_keys[node].clone(),
         }
     }
 }
@@ -336,6 +504,136 @@ mod tests {
         }
         fs::write(&file, "0123456789abcdef0123\n").unwrap();
         assert_eq!(s.token().unwrap(), "0123456789abcdef0123");
+    }
+
+    #[test]
+    fn node_identity_is_created_once_and_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("club.state");
+        let s = StateDir::open(&dir).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+
+        let p = s.node_password("rgb1").unwrap();
+        assert_eq!(p.expose().len(), 2 * NODE_PASSWORD_BYTES);
+        assert!(p.expose().bytes().all(|b| b.is_ascii_hexdigit()));
+        let again = StateDir::open(&dir).unwrap().node_password("rgb1").unwrap();
+        assert_eq!(p, again);
+        assert_ne!(p, s.node_password("rgb2").unwrap());
+        let file = dir.join("node-password/rgb1");
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&dir.join("node-password")), 0o700);
+        // As k3s writes it: the password and one newline.
+        assert_eq!(
+            fs::read_to_string(&file).unwrap(),
+            format!("{}\n", p.expose())
+        );
+
+        let k = s.ssh_host_key("rgb1").unwrap();
+        let again = StateDir::open(&dir).unwrap().ssh_host_key("rgb1").unwrap();
+        assert_eq!(k, again);
+        assert_ne!(k, s.ssh_host_key("rgb2").unwrap());
+        let file = dir.join("ssh-host-key/rgb1_ed25519_key");
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&dir.join("ssh-host-key")), 0o700);
+        let text = fs::read_to_string(&file).unwrap();
+        assert!(
+            text.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("-----END OPENSSH PRIVATE KEY-----\n"),
+            "{text}"
+        );
+        assert!(k.public_key_text().starts_with("ssh-ed25519 AAAA"));
+        assert!(!k.public_key_text().contains("rgb1"));
+        assert!(k.public_openssh().ends_with(" rgb1"));
+        assert!(k.fingerprint().starts_with("SHA256:"));
+    }
+
+    #[test]
+    fn a_damaged_identity_file_is_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("club.state");
+        let s = StateDir::open(&dir).unwrap();
+        let write = |p: &Path, text: &str| {
+            let _ = fs::remove_file(p);
+            fs::write(p, text).unwrap();
+            fs::set_permissions(p, fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        let file = dir.join("node-password/rgb1");
+        for bad in ["\n", "two words\n", "a\u{1b}b"] {
+            write(&file, bad);
+            let err = format!("{:#}", s.node_password("rgb1").unwrap_err());
+            assert!(err.contains(&file.display().to_string()), "{err}");
+            assert!(err.contains("fix:"), "{err}");
+        }
+        write(&file, "0123abcd\n");
+        assert_eq!(s.node_password("rgb1").unwrap().expose(), "0123abcd");
+
+        let file = dir.join("ssh-host-key/rgb1_ed25519_key");
+        let good = SshHostKey::from_seed([3; 32], "rgb1").to_openssh();
+        let cut = &good[..good.len() / 2];
+        for bad in ["", "not a key\n", cut] {
+            write(&file, bad);
+            let err = format!("{:#}", s.ssh_host_key("rgb1").unwrap_err());
+            assert!(err.contains(&file.display().to_string()), "{err}");
+            assert!(err.contains("fix:"), "{err}");
+        }
+        write(&file, &good);
+        assert_eq!(
+            s.ssh_host_key("rgb1").unwrap(),
+            SshHostKey::from_seed([3; 32], "rgb1")
+        );
+
+        // A key file others can read is refused, like a WireGuard key.
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = format!("{:#}", s.ssh_host_key("rgb1").unwrap_err());
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn ssh_host_keys_are_what_ssh_keygen_reads() {
+        // ssh-keygen derives the same public key from the private key file.
+        if std::process::Command::new("ssh-keygen")
+            .arg("-?")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: no ssh-keygen");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let k = SshHostKey::from_seed([5; 32], "rgb1");
+        let file = tmp.path().join("key");
+        fs::write(&file, k.to_openssh()).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+        let out = std::process::Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let derived = String::from_utf8(out.stdout).unwrap();
+        assert!(derived.starts_with(&k.public_key_text()), "{derived}");
+    }
+
+    #[test]
+    fn debug_does_not_print_node_secrets() {
+        let p = NodePassword::from_bytes([1; 16]);
+        assert!(!format!("{p:?}").contains(p.expose()));
+        let k = SshHostKey::from_seed([2; 32], "n");
+        let private = k.to_openssh();
+        let body: Vec<&str> = private
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let debug = format!("{k:?}");
+        assert!(body.iter().all(|l| !debug.contains(l)), "{debug}");
     }
 
     #[test]

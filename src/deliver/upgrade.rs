@@ -868,6 +868,8 @@ role = \"agent\"
                 private_key: crate::config::secrets::PrivateKey::from_bytes([7; 32]),
                 public_keys: Default::default(),
                 token: "t".into(),
+                node_password: crate::config::secrets::NodePassword::from_bytes([8; 16]),
+                ssh_host_key: crate::config::secrets::SshHostKey::from_seed([9; 32], "n"),
             };
             let files = crate::render::render_node(&plan, node, &secrets);
             let config = files.tree.text("/etc/rancher/k3s/config.yaml").unwrap();

@@ -85,8 +85,8 @@ enum Source {
     Bytes(Vec<u8>),
 }
 
-/// kiln's files for every image: masks, default target, the factory /var
-/// and k3s's node password kept on /var.
+/// kiln's files for every image: masks, default target and the factory /var.
+/// (k3s's node password and the SSH host key come with each node's seed.)
 pub fn image_files(version_text: &str) -> FileTree {
     let mut t = FileTree::new();
     t.symlink(
@@ -102,9 +102,11 @@ pub fn image_files(version_text: &str) -> FileTree {
     // No package updates on an immutable node.
     t.symlink("/etc/systemd/system/apt-daily.timer", "/dev/null");
     t.symlink("/etc/systemd/system/apt-daily-upgrade.timer", "/dev/null");
-    // k3s keeps the agent's node password in /etc/rancher/node: keep it on /var.
-    t.symlink("/etc/rancher/node", "/var/lib/rancher/node");
-    t.file("/etc/tmpfiles.d/kiln.conf", 0o644, "# kiln: state that must survive reboots\nd /var/lib/rancher/node 0700 root root -\nd /var/lib/kiln 0755 root root -\n");
+    t.file(
+        "/etc/tmpfiles.d/kiln.conf",
+        0o644,
+        "# kiln: state that must survive reboots\nd /var/lib/kiln 0755 root root -\n",
+    );
     t.file("/etc/machine-id", 0o444, "");
     t.file("/usr/lib/kiln/image", 0o644, version_text.to_string());
     // A/B updates: the command, and the check that keeps a new slot once

@@ -11,6 +11,9 @@ use super::{NodeSecrets, SECRET_MODE, header, systemd_quote};
 /// Where the k3s binary lives in the root image.
 pub const K3S_BIN: &str = "/usr/local/bin/k3s";
 pub const TOKEN_FILE: &str = "/etc/rancher/k3s/cluster-token";
+/// Where k3s's agent (on servers too) reads its node password; it writes
+/// one only if the file is missing, so the seeded one is used.
+pub const NODE_PASSWORD_FILE: &str = "/etc/rancher/node/password";
 /// The label kiln puts on every node: its role, for upgrade plans.
 pub const ROLE_LABEL: &str = "kiln.dev/role";
 
@@ -153,6 +156,13 @@ pub fn render(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets, tree: &mut Fi
         .clone()
         .unwrap_or_else(|| secrets.token.clone());
     tree.file(TOKEN_FILE, SECRET_MODE, format!("{token}\n"));
+    // As k3s writes it: the password and a newline, 0600.
+    tree.dir("/etc/rancher/node", 0o700);
+    tree.file(
+        NODE_PASSWORD_FILE,
+        SECRET_MODE,
+        format!("{}\n", secrets.node_password.expose()),
+    );
     if let Some(r) = registries(plan) {
         tree.file("/etc/rancher/k3s/registries.yaml", SECRET_MODE, r);
     }

@@ -56,7 +56,7 @@ pub const DISK_GUID_PATH: &str = "/etc/kiln/disk-guid";
 /// Render every file of one node.
 pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeFiles {
     let mut tree = FileTree::new();
-    system::render(plan, node, &mut tree);
+    system::render(plan, node, secrets, &mut tree);
     if let Some(wg) = &plan.wireguard {
         wireguard::render(plan, wg, node, secrets, &mut tree);
     }

@@ -6,13 +6,14 @@ use std::fmt::Write as _;
 use crate::config::plan::{IfaceMatch, NodePlan, Plan};
 use crate::render::tree::FileTree;
 
-use super::header;
+use super::{NodeSecrets, SECRET_MODE, header};
 
 /// Where people's home directories live: /home is on the read-only root.
 pub const HOME_BASE: &str = "/var/home";
-/// Where SSH host keys are kept, on the state partition, so a node keeps
-/// its identity across reboots (/etc is rebuilt in RAM each boot).
-pub const SSH_HOST_KEY_DIR: &str = "/var/lib/kiln/ssh";
+/// The node's SSH host key, from the seed: kiln keeps it in the state
+/// directory, so a reflashed, reinstalled or diskless node keeps its
+/// identity (/etc is rebuilt in RAM from the seed each boot).
+pub const SSH_HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key";
 
 /// Modules k3s needs: bridge netfilter, overlayfs, and WireGuard for flannel.
 pub const K3S_MODULES: [&str; 3] = ["br_netfilter", "overlay", "wireguard"];
@@ -25,7 +26,7 @@ pub const K3S_SYSCTL: [(&str, &str); 4] = [
     ("net.bridge.bridge-nf-call-ip6tables", "1"),
 ];
 
-pub fn render(plan: &Plan, node: &NodePlan, tree: &mut FileTree) {
+pub fn render(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets, tree: &mut FileTree) {
     tree.file("/etc/hostname", 0o644, format!("{}\n", node.hostname));
     tree.file("/etc/hosts", 0o644, hosts(plan, node));
 
@@ -65,18 +66,12 @@ pub fn render(plan: &Plan, node: &NodePlan, tree: &mut FileTree) {
         0o644,
         sshd_config(plan),
     );
+    // Modes as ssh-keygen leaves them: sshd refuses a private key others can read.
+    tree.file(SSH_HOST_KEY, SECRET_MODE, secrets.ssh_host_key.to_openssh());
     tree.file(
-        "/etc/kiln/ssh-host-keys.sh",
-        0o755,
-        ssh_host_keys_script(plan),
-    );
-    tree.file("/etc/systemd/system/kiln-ssh-host-keys.service", 0o644, format!(
-        "{}[Unit]\nDescription=kiln: SSH host keys kept on the state partition\nRequiresMountsFor=/var/lib\nBefore=ssh.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/etc/kiln/ssh-host-keys.sh\n\n[Install]\nWantedBy=multi-user.target ssh.service\n",
-        header("#", plan)
-    ));
-    tree.symlink(
-        "/etc/systemd/system/multi-user.target.wants/kiln-ssh-host-keys.service",
-        "/etc/systemd/system/kiln-ssh-host-keys.service",
+        &format!("{SSH_HOST_KEY}.pub"),
+        0o644,
+        format!("{}\n", secrets.ssh_host_key.public_openssh()),
     );
 
     // Kernel settings and modules.
@@ -183,14 +178,7 @@ fn names(n: &NodePlan) -> String {
 
 fn sshd_config(plan: &Plan) -> String {
     format!(
-        "{}# Keys only: no passwords, root by key only.\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitEmptyPasswords no\nPermitRootLogin prohibit-password\nAuthorizedKeysFile /etc/ssh/authorized_keys/%u .ssh/authorized_keys\n# Host keys live on the state partition so they survive reboots.\nHostKey {SSH_HOST_KEY_DIR}/ssh_host_ed25519_key\nHostKey {SSH_HOST_KEY_DIR}/ssh_host_ecdsa_key\nHostKey {SSH_HOST_KEY_DIR}/ssh_host_rsa_key\n",
-        header("#", plan)
-    )
-}
-
-fn ssh_host_keys_script(plan: &Plan) -> String {
-    format!(
-        "#!/bin/sh\n{}# Make this node's SSH host keys once, on the state partition.\nset -eu\ndir={SSH_HOST_KEY_DIR}\nmkdir -p \"$dir\"\nchmod 700 \"$dir\"\nfor t in ed25519 ecdsa rsa; do\n  [ -s \"$dir/ssh_host_${{t}}_key\" ] || ssh-keygen -q -t \"$t\" -N '' -C \"$(cat /etc/hostname)\" -f \"$dir/ssh_host_${{t}}_key\"\ndone\n",
+        "{}# Keys only: no passwords, root by key only.\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitEmptyPasswords no\nPermitRootLogin prohibit-password\nAuthorizedKeysFile /etc/ssh/authorized_keys/%u .ssh/authorized_keys\n# The node's one host key, from its seed (kiln's state directory keeps it).\nHostKey {SSH_HOST_KEY}\n",
         header("#", plan)
     )
 }

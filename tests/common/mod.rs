@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use kiln::config::plan::Plan;
 use kiln::config::secrets::ClusterSecrets;
-use kiln::config::secrets::PrivateKey;
+use kiln::config::secrets::{NodePassword, PrivateKey, SshHostKey};
 use sha2::{Digest, Sha256};
 
 pub fn repo() -> PathBuf {
@@ -34,9 +34,30 @@ pub fn fixed_secrets(plan: &Plan) -> ClusterSecrets {
             (n.name.clone(), PrivateKey::from_bytes(d))
         })
         .collect();
+    let seed = |what: &str, node: &str| -> [u8; 32] {
+        Sha256::digest(format!("kiln golden {what} {node}")).into()
+    };
+    let node_passwords = plan
+        .nodes
+        .iter()
+        .map(|n| {
+            let b: [u8; 16] = seed("node password", &n.name)[..16].try_into().unwrap();
+            (n.name.clone(), NodePassword::from_bytes(b))
+        })
+        .collect();
+    let ssh_host_keys = plan
+        .nodes
+        .iter()
+        .map(|n| {
+            let key = SshHostKey::from_seed(seed("ssh host key", &n.name), &n.name);
+            (n.name.clone(), key)
+        })
+        .collect();
     ClusterSecrets {
         private,
         token: "golden-token-0123456789abcdef".into(),
+        node_passwords,
+        ssh_host_keys,
     }
 }
 

@@ -12,7 +12,7 @@ use super::{FIRST_USER_UID, FirstBootPlan, UserPlan, WriteFilePlan};
 const WRITABLE_PREFIXES: [&str; 2] = ["/etc/", "/var/"];
 /// Paths kiln renders itself: a write-file there would silently fight
 /// with kiln's own file. Entries ending in `/` or `-` are prefixes.
-const RESERVED_PATHS: [&str; 21] = [
+const RESERVED_PATHS: [&str; 22] = [
     "/etc/hostname",
     "/etc/hosts",
     "/etc/nftables.conf",
@@ -23,6 +23,7 @@ const RESERVED_PATHS: [&str; 21] = [
     "/etc/wireguard/",
     "/etc/ssh/sshd_config.d/10-kiln.conf",
     "/etc/ssh/authorized_keys/",
+    "/etc/ssh/ssh_host_",
     "/etc/systemd/network/20-kiln-lan.network",
     "/etc/systemd/system/k3s.service",
     "/etc/systemd/system/kiln-",
@@ -152,7 +153,7 @@ fn resolve_write_files(
             d.error(path.span.clone(), &path.key, format!("`{}` is not a file under /etc or /var", path.v), "the root image is read-only: write files under /etc/ or /var/, or put them in overlays/ to bake them into the image");
         }
         if let Some(r) = RESERVED_PATHS.iter().find(|r| {
-            if r.ends_with(['/', '-']) {
+            if r.ends_with(['/', '-', '_']) {
                 path.v.starts_with(*r)
             } else {
                 path.v == **r
