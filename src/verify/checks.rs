@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use sha2::{Digest as _, Sha256};
 
 use crate::config::plan::{NodePlan, Plan};
 use crate::render::NodeFiles;
@@ -528,7 +529,53 @@ fn check_state_fill(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> an
         ));
     }
     check_boot_disk(vm, key, e, out)?;
-    check_stay_awake(vm, key, e, out)
+    check_stay_awake(vm, key, e, out)?;
+    check_node_secrets(vm, key, e, out)
+}
+
+/// The node's k3s node password and SSH host key are the ones kiln keeps
+/// in the state dir and seeded (compared by sha256: the table is printed).
+/// The host key is the one sshd presents, read from outside.
+fn check_node_secrets(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> anyhow::Result<()> {
+    let sha = |s: &str| hex::encode(Sha256::digest(s.as_bytes()));
+    let want = format!(
+        "600 {}",
+        sha(&rendered(e.files, "/etc/rancher/node/password"))
+    );
+    let seen = vm.sh(
+        key,
+        "p=/etc/rancher/node/password; [ -L /etc/rancher/node ] && echo symlink; echo $(stat -c %a $p) $(sha256sum < $p | cut -d' ' -f1)",
+    )?;
+    out.push(Check::eq(
+        "k3s node password is the seeded one (sha256)",
+        &want,
+        seen.trim(),
+    ));
+    let pubkey = rendered(e.files, "/etc/ssh/ssh_host_ed25519_key.pub");
+    let want: Vec<&str> = pubkey.split_whitespace().take(2).collect();
+    let scan = crate::util::tool::Tool::new("ssh-keyscan", "openssh-client")
+        .command()
+        .and_then(|mut c| {
+            crate::util::tool::run(
+                c.args(["-t", "ed25519", "-p"])
+                    .arg(vm.ssh_port().to_string())
+                    .arg("127.0.0.1"),
+            )
+        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_else(|e| e.to_string());
+    let seen: Vec<&str> = scan
+        .lines()
+        .find(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().skip(1).take(2).collect())
+        .unwrap_or_default();
+    out.push(Check::new(
+        "sshd presents the seeded host key",
+        want.join(" "),
+        seen.join(" "),
+        !want.is_empty() && want == seen,
+    ));
+    Ok(())
 }
 
 /// Sleep targets masked and the lid ignored, as logind itself reports it
