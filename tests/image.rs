@@ -1858,6 +1858,26 @@ fn seed_holds_exactly_the_rendered_node_files_with_modes() {
                 }
             }
         }
+        // The one file the build adds: the disk GUID of the node's image
+        // (a netbooting node uses a kiln disk only if it carries it).
+        let guid_file = format!("seed{}", kiln::render::DISK_GUID_PATH);
+        expected.insert(guid_file.clone());
+        let guid = fs::read_to_string(dir.path().join(&guid_file)).unwrap();
+        let sgdisk = text(
+            &tool("sgdisk")
+                .arg("-p")
+                .arg(s.out.join(format!("{node}.img")))
+                .output()
+                .unwrap()
+                .stdout,
+        );
+        assert!(
+            sgdisk.contains(&format!(
+                "Disk identifier (GUID): {}",
+                guid.trim().to_uppercase()
+            )),
+            "{node}: {guid_file} ({guid}) is not the image's disk GUID:\n{sgdisk}"
+        );
         let keys: BTreeSet<String> = listing.keys().cloned().collect();
         assert_eq!(
             keys, expected,
