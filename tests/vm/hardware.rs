@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use kiln::verify::checks::{self as verify, Report};
-use kiln::verify::vm::{Bus, Disk, Vm, VmConfig};
+use kiln::verify::vm::{Bus, Disk, SerialLine, Vm, VmConfig};
 
 use super::{Fixture, assert_all_pass, build, expect_for, files_for, fixture_from, show, vm_lock};
 
@@ -80,6 +80,20 @@ fn checks(f: &Fixture, node: &str, cfg: &VmConfig, log: &Path) -> Report {
     let r = verify::test_node_on(cfg, &f.key, &e, Some(log), false).unwrap();
     show(&r);
     r
+}
+
+/// Boot `cfg` until the console shows `needle` and SSH answers, then
+/// power off; keep the serial log in `log`. The line with `needle`.
+fn boot_until(f: &Fixture, cfg: &VmConfig, log: &Path, needle: &str) -> SerialLine {
+    let mut vm = Vm::start(cfg).unwrap();
+    vm.keep_log(log);
+    let line = vm
+        .wait_serial(needle, 0, Duration::from_secs(15 * 60))
+        .unwrap();
+    vm.wait_ssh(&f.key, Duration::from_secs(600)).unwrap();
+    let _ = vm.ssh_as(&f.key, "root", "systemctl poweroff", b"");
+    vm.wait_exit(Duration::from_secs(300)).unwrap();
+    line
 }
 
 const GIB: u64 = 1 << 30;
@@ -159,18 +173,7 @@ fn a_stick_installs_itself_onto_the_nvme_which_then_runs_alone_and_beside_it() {
             Disk::new(&stick, Bus::Usb, Some(2)),
         ],
     );
-    let mut vm = Vm::start(&cfg).unwrap();
-    vm.keep_log(&log3);
-    vm.wait_serial(
-        "kiln-install: this node runs from",
-        0,
-        Duration::from_secs(15 * 60),
-    )
-    .unwrap();
-    vm.wait_ssh(&f.key, Duration::from_secs(600)).unwrap();
-    let _ = vm.ssh_as(&f.key, "root", "systemctl poweroff", b"");
-    vm.wait_exit(Duration::from_secs(300)).unwrap();
-    drop(vm);
+    boot_until(f, &cfg, &log3, "kiln-install: this node runs from");
     eprintln!(
         "boot 3 (NVMe first, stick attached):\n{}",
         log_lines(&log3, "kiln-init: ").join("\n")
@@ -195,19 +198,7 @@ fn a_stick_installs_itself_onto_the_nvme_which_then_runs_alone_and_beside_it() {
             Disk::new(&nvme, Bus::Nvme, Some(2)),
         ],
     );
-    let mut vm = Vm::start(&cfg).unwrap();
-    vm.keep_log(&log4);
-    let line = vm
-        .wait_serial(
-            "already holds this node's install",
-            0,
-            Duration::from_secs(15 * 60),
-        )
-        .unwrap();
-    vm.wait_ssh(&f.key, Duration::from_secs(600)).unwrap();
-    let _ = vm.ssh_as(&f.key, "root", "systemctl poweroff", b"");
-    vm.wait_exit(Duration::from_secs(300)).unwrap();
-    drop(vm);
+    let line = boot_until(f, &cfg, &log4, "already holds this node's install");
     eprintln!(
         "boot 4 (stick again):\n{}\n{}",
         log_lines(&log4, "kiln-init: booted").join("\n"),
