@@ -39,10 +39,15 @@ enum Command {
     ///
     /// Prints every error found (file, line, column, key and fix) and exits
     /// non-zero, or prints a summary of the nodes, roles, addresses and
-    /// what a build produces. Reads nothing but the profile.
+    /// what a build produces. Reads nothing but the profile and, when
+    /// `k3s.token` is in the secure form (K10…), the cluster CA in the
+    /// state directory, whose hash it must name.
     Check {
         /// The cluster profile (TOML).
         profile: PathBuf,
+        /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Print each node's WireGuard public key, [Peer] stanzas for an
     /// external hub, and known_hosts lines for the nodes' SSH host keys.
@@ -262,7 +267,7 @@ enum RoleArg {
 /// types into the verb's own; verbs that run long take `cancel`.
 fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
     match args.command {
-        Command::Check { profile } => cli::check::run(&profile),
+        Command::Check { profile, state_dir } => cli::check::run(&profile, state_dir.as_deref()),
         Command::Keys {
             profile,
             state_dir,

@@ -7,9 +7,13 @@ use std::path::Path;
 use crate::config::plan::{BasePlan, HubRef, Plan};
 use crate::config::profile::{AfterInstall, KernelFlavour, Topology};
 
-/// `kiln check PROFILE`: load the profile and print the summary.
-pub fn run(profile: &Path) -> anyhow::Result<()> {
+/// `kiln check PROFILE`: load the profile, check a secure-form token
+/// against the CA in the state directory (read only, never created), and
+/// print the summary.
+pub fn run(profile: &Path, state_dir: Option<&Path>) -> anyhow::Result<()> {
     let plan = crate::config::plan::load(profile)?;
+    let state = crate::config::secrets::state_dir(profile, state_dir);
+    crate::config::secrets::check_profile_token(&plan, &state)?;
     print!("{}", check(&plan));
     Ok(())
 }

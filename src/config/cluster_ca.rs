@@ -193,9 +193,8 @@ impl ClusterCa {
         for (stem, _) in CAS {
             check_pair(&files, stem)?;
         }
-        KeyPair::from_pem(&files[SERVICE_KEY]).map_err(|e| {
-            anyhow!("{SERVICE_KEY} is not an unencrypted PKCS#8 private key ({e})")
-        })?;
+        KeyPair::from_pem(&files[SERVICE_KEY])
+            .map_err(|e| anyhow!("{SERVICE_KEY} is not an unencrypted PKCS#8 private key ({e})"))?;
         Ok(ClusterCa { files })
     }
 
@@ -223,8 +222,8 @@ impl ClusterCa {
     /// with a new key, signed by the client CA, valid from shortly before
     /// `now` for [`ADMIN_CERT_VALIDITY_DAYS`].
     pub fn issue_admin(&self, now: OffsetDateTime) -> anyhow::Result<ClientCert> {
-        let ca_key = KeyPair::from_pem(&self.files[CLIENT_CA_KEY])
-            .context("reading the client CA key")?;
+        let ca_key =
+            KeyPair::from_pem(&self.files[CLIENT_CA_KEY]).context("reading the client CA key")?;
         let issuer = Issuer::from_ca_cert_pem(self.client_ca_pem(), ca_key)
             .context("reading the client CA certificate")?;
         let key = new_key()?;
@@ -331,7 +330,9 @@ mod tests {
             .collect();
         let client_key = files["client-ca.key"].clone();
         files.insert("server-ca.key".into(), client_key);
-        let err = ClusterCa::from_files(files.clone()).unwrap_err().to_string();
+        let err = ClusterCa::from_files(files.clone())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server-ca.key"), "{err}");
         files.remove("etcd/peer-ca.crt");
         let err = ClusterCa::from_files(files).unwrap_err().to_string();

@@ -1,6 +1,8 @@
 //! Node secrets, kept in a state directory next to the profile: per node a
 //! WireGuard key pair, a k3s node password and an SSH host key; and the
-//! k3s cluster token.
+//! k3s cluster token. The k3s cluster CA set lives here too (`k3s-ca/`,
+//! see `config::ca_dir`); the token nodes join with is the secure form
+//! that names it ([`join_token`]).
 //!
 //! Created once on first use (directory 0700, files 0600), reused on every
 //! later run, never rotated by a rebuild and never printed. A node removed
@@ -29,6 +31,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 
 use std::collections::BTreeMap;
 
+use crate::config::ca_dir;
+use crate::config::cluster_ca::{self, ClusterCa};
 use crate::config::plan::{self, Plan};
 use crate::config::types::WgKey;
 
@@ -366,8 +370,10 @@ pub struct NodeSecrets {
     pub private_key: PrivateKey,
     /// Every node's WireGuard public key, by node name.
     pub public_keys: BTreeMap<String, WgKey>,
-    /// The k3s cluster token.
+    /// The token k3s nodes join with, in the secure form ([`join_token`]).
     pub token: String,
+    /// The k3s cluster CA set (seeded only where `cluster_ca::seeds_ca` says).
+    pub cluster_ca: ClusterCa,
     /// This node's k3s node password.
     pub node_password: NodePassword,
     /// This node's SSH host key.
@@ -395,7 +401,10 @@ pub fn state_dir(profile: &Path, given: Option<&Path>) -> PathBuf {
 pub struct ClusterSecrets {
     /// WireGuard private keys, by node name.
     pub private: BTreeMap<String, PrivateKey>,
+    /// The token k3s nodes join with, in the secure form ([`join_token`]).
     pub token: String,
+    /// The k3s cluster CA set.
+    pub cluster_ca: ClusterCa,
     /// k3s node passwords, by node name.
     pub node_passwords: BTreeMap<String, NodePassword>,
     /// SSH host keys, by node name.
@@ -412,13 +421,12 @@ impl ClusterSecrets {
             node_passwords.insert(n.name.clone(), state.node_password(&n.name)?);
             ssh_host_keys.insert(n.name.clone(), state.ssh_host_key(&n.name)?);
         }
-        let token = match &plan.k3s.token {
-            Some(t) => t.clone(),
-            None => state.token()?,
-        };
+        let cluster_ca = ca_dir::load_or_create(state.path())?;
+        let token = join_token(plan, &cluster_ca, state.path(), || state.token())?;
         Ok(ClusterSecrets {
             private,
             token,
+            cluster_ca,
             node_passwords,
             ssh_host_keys,
         })
@@ -445,10 +453,73 @@ impl ClusterSecrets {
             private_key: self.private[node].clone(),
             public_keys: self.public_keys(),
             token: self.token.clone(),
+            cluster_ca: self.cluster_ca.clone(),
             node_password: self.node_passwords[node].clone(),
             ssh_host_key: self.ssh_host_keys[node].clone(),
         }
     }
+}
+
+/// The token nodes join with: `K10<server CA hash>::server:<secret>`, the
+/// secret being the profile's `k3s.token` or the state directory's. A
+/// profile token already in that form is used as written if its hash is
+/// the CA's, and refused otherwise (agents would refuse the server).
+pub fn join_token(
+    plan: &Plan,
+    ca: &ClusterCa,
+    state: &Path,
+    secret: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    let hash = ca.server_ca_hash();
+    match &plan.k3s.token {
+        Some(t) => {
+            check_token_hash(plan, t, Some(&hash), state)?;
+            Ok(match cluster_ca::split_secure(t) {
+                Some(_) => t.clone(),
+                None => cluster_ca::secure_token(&hash, t),
+            })
+        }
+        None => Ok(cluster_ca::secure_token(&hash, &secret()?)),
+    }
+}
+
+/// `kiln check`: a profile token in the secure form must name the CA in
+/// the state directory (read, never created here).
+pub fn check_profile_token(plan: &Plan, state: &Path) -> anyhow::Result<()> {
+    let Some(t) = &plan.k3s.token else {
+        return Ok(());
+    };
+    if cluster_ca::split_secure(t).is_none() {
+        return Ok(());
+    }
+    let ca = ca_dir::load_existing(state)?;
+    check_token_hash(plan, t, ca.map(|c| c.server_ca_hash()).as_deref(), state)
+}
+
+/// Refuse a secure-form token whose CA hash is not `hash` (or any hash,
+/// when the state directory has no CA yet). Never prints the token.
+fn check_token_hash(
+    plan: &Plan,
+    token: &str,
+    hash: Option<&str>,
+    state: &Path,
+) -> anyhow::Result<()> {
+    let Some((named, _)) = cluster_ca::split_secure(token) else {
+        return Ok(());
+    };
+    if Some(named) == hash {
+        return Ok(());
+    }
+    let ca_file = ca_dir::server_ca_path(state);
+    let actual = match hash {
+        Some(h) => format!("whose SHA-256 is {h}"),
+        None => "which does not exist yet (kiln makes a new CA on the first build)".into(),
+    };
+    bail!(
+        "{}: `k3s.token` is a secure token (K10…) for CA hash {named}, but this cluster's CA is {} {actual}\n    fix: write only the secret (what follows `::server:`) and kiln adds the K10 prefix for its CA; or restore the k3s-ca/ directory this token belongs to",
+        plan.profile_path.display(),
+        ca_file.display()
+    )
 }
 
 /// Load a profile and its secrets in one step.

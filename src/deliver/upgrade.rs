@@ -863,11 +863,14 @@ role = \"agent\"
     #[test]
     fn role_label_matches_the_rendered_nodes() {
         let plan = lab_plan();
+        let ca = crate::config::cluster_ca::ClusterCa::generate(time::OffsetDateTime::now_utc())
+            .unwrap();
         for node in &plan.nodes {
             let secrets = crate::render::NodeSecrets {
                 private_key: crate::config::secrets::PrivateKey::from_bytes([7; 32]),
                 public_keys: Default::default(),
                 token: "t".into(),
+                cluster_ca: ca.clone(),
                 node_password: crate::config::secrets::NodePassword::from_bytes([8; 16]),
                 ssh_host_key: crate::config::secrets::SshHostKey::from_seed([9; 32], "n"),
             };

@@ -48,7 +48,14 @@ pub fn config(plan: &Plan, node: &NodePlan) -> Vec<(String, Y)> {
         c.push(kv("cluster-cidr", Y::str(k.cluster_cidr.to_string())));
         c.push(kv("service-cidr", Y::str(k.service_cidr.to_string())));
         let mut san: Vec<String> = Vec::new();
-        for h in k.registration_address.iter().chain(k.tls_san.iter()) {
+        // The address `kiln kubeconfig` points at, on the server it names.
+        let api = plan.api_host().filter(|_| plan.join_url(node).is_none());
+        for h in k
+            .registration_address
+            .iter()
+            .chain(k.tls_san.iter())
+            .chain(api.iter())
+        {
             let s = match h {
                 Host::Ip(ip) => ip.to_string(),
                 Host::Name(n) => n.clone(),
@@ -150,12 +157,10 @@ pub fn render(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets, tree: &mut Fi
             yaml::to_string(&config(plan, node))
         ),
     );
-    let token = plan
-        .k3s
-        .token
-        .clone()
-        .unwrap_or_else(|| secrets.token.clone());
-    tree.file(TOKEN_FILE, SECRET_MODE, format!("{token}\n"));
+    // The secure form (`K10<server CA hash>::server:<secret>`) on every
+    // node: agents and joining servers check the CA the server presents;
+    // the server that starts the cluster accepts it as its own token.
+    tree.file(TOKEN_FILE, SECRET_MODE, format!("{}\n", secrets.token));
     // As k3s writes it: the password and a newline, 0600.
     tree.dir("/etc/rancher/node", 0o700);
     tree.file(

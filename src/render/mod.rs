@@ -4,6 +4,7 @@
 pub mod boot;
 mod firstboot;
 mod k3s;
+pub mod k3s_ca;
 mod nft;
 pub mod power;
 pub mod pxe;
@@ -62,6 +63,9 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     }
     tree.file("/etc/nftables.conf", 0o755, nft::render_ruleset(plan));
     k3s::render(plan, node, secrets, &mut tree);
+    if crate::config::cluster_ca::seeds_ca(plan, node) {
+        k3s_ca::render(plan, &secrets.cluster_ca, &mut tree);
+    }
     firstboot::render(plan, &mut tree);
     power::render(plan, node, &mut tree);
     tree.file(

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use kiln::config::cluster_ca::{self, ClusterCa};
 use kiln::config::plan::Plan;
 use kiln::config::secrets::ClusterSecrets;
 use kiln::config::secrets::{NodePassword, PrivateKey, SshHostKey};
@@ -53,12 +54,32 @@ pub fn fixed_secrets(plan: &Plan) -> ClusterSecrets {
             (n.name.clone(), key)
         })
         .collect();
+    let cluster_ca = fixed_cluster_ca();
     ClusterSecrets {
         private,
-        token: "golden-token-0123456789abcdef".into(),
+        token: cluster_ca::secure_token(&cluster_ca.server_ca_hash(), GOLDEN_SECRET),
+        cluster_ca,
         node_passwords,
         ssh_host_keys,
     }
+}
+
+/// The secret part of the golden token.
+pub const GOLDEN_SECRET: &str = "golden-token-0123456789abcdef";
+
+/// A CA set made once by kiln and kept in `tests/fixtures/k3s-ca` (test
+/// keys only): certificates carry random serials and ECDSA signatures
+/// are randomised, so golden files need a set that does not change.
+pub fn fixed_cluster_ca() -> ClusterCa {
+    let dir = repo().join("tests/fixtures/k3s-ca");
+    let files = cluster_ca::file_names()
+        .into_iter()
+        .map(|n| {
+            let text = std::fs::read_to_string(dir.join(&n)).unwrap();
+            (n, text)
+        })
+        .collect();
+    ClusterCa::from_files(files).unwrap()
 }
 
 /// Does a command exist on PATH?

@@ -110,6 +110,19 @@ fn check_k3s_values(k: &profile::K3s, d: &mut Diagnostics) {
     {
         d.error(t.span.clone(), &t.key, "the k3s token is too short or contains whitespace", "remove `token` to let kiln generate one in the state directory, or use at least 16 printable characters");
     }
+    if let Some(t) = &k.token
+        && t.v.starts_with("K10")
+        && !is_secure_token(&t.v)
+    {
+        d.error(t.span.clone(), &t.key, "the k3s token starts with K10 but is not a secure token (K10<64 hex digits>::server:<secret>)", "write only the secret; kiln adds the K10<CA hash>:: prefix for the CA it holds");
+    }
+}
+
+/// Is `t` k3s's secure form: `K10`, a SHA-256 in hex, `::`, credentials?
+fn is_secure_token(t: &str) -> bool {
+    crate::config::cluster_ca::split_secure(t).is_some_and(|(hash, creds)| {
+        hash.len() == 64 && hash.bytes().all(|c| c.is_ascii_hexdigit()) && creds.contains(':')
+    })
 }
 
 /// The k3s plan; `None` when the version is missing (reported already).

@@ -283,6 +283,19 @@ impl Plan {
         Some(format!("https://{host}:{K3S_API_PORT}"))
     }
 
+    /// Where a client outside the cluster reaches the Kubernetes API
+    /// (what `kiln kubeconfig` points at): the registration address, else
+    /// the server that starts the cluster, by its WireGuard address when
+    /// WireGuard is on, else by its LAN address.
+    pub fn api_host(&self) -> Option<Host> {
+        if let Some(h) = &self.k3s.registration_address {
+            return Some(h.clone());
+        }
+        let first = self.servers().find(|s| self.join_url(s).is_none())?;
+        let tunnel = self.wireguard.as_ref().and(first.wireguard_address);
+        tunnel.or(first.lan_address).map(Host::Ip)
+    }
+
     /// The full kernel command line items of a node: consoles, the
     /// profile's items, then the node's own.
     pub fn cmdline(&self, node: &NodePlan) -> Vec<String> {

@@ -1,0 +1,242 @@
+//! The cluster CA kiln holds: where it is seeded, the token that names
+//! it, and the admin kubeconfig it signs, checked with openssl and
+//! sha256sum rather than with kiln's own code.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use kiln::config::cluster_ca;
+use kiln::render::k3s_ca::SEED_DIR;
+use kiln::render::tree::Entry;
+
+const TOKEN_FILE: &str = "/etc/rancher/k3s/cluster-token";
+
+/// The CA hash in a secure token file.
+fn token_hash(token_file: &str) -> String {
+    let (hash, creds) = cluster_ca::split_secure(token_file.trim()).expect("a K10 token");
+    assert!(
+        creds.starts_with("server:"),
+        "credentials are server:<secret>"
+    );
+    hash.to_string()
+}
+
+#[test]
+fn only_the_server_that_starts_the_cluster_gets_the_ca() {
+    for rel in common::EXAMPLES {
+        let plan = common::load_example(rel);
+        let secrets = common::fixed_secrets(&plan);
+        let key_bodies: Vec<String> = secrets
+            .cluster_ca
+            .files()
+            .filter(|(n, _)| cluster_ca::is_key(n))
+            .map(|(_, t)| t.lines().nth(1).unwrap().to_string())
+            .collect();
+        let mut seeded = 0;
+        for node in &plan.nodes {
+            let files = kiln::cli::render::render_node(&plan, &node.name, &secrets).unwrap();
+            let has_key = files.tree.iter().any(|(_, e)| {
+                matches!(e, Entry::File { content, .. }
+                    if key_bodies.iter().any(|b| String::from_utf8_lossy(content).contains(b)))
+            });
+            if cluster_ca::seeds_ca(&plan, node) {
+                seeded += 1;
+                for (name, text) in secrets.cluster_ca.files() {
+                    let path = format!("{SEED_DIR}/{name}");
+                    assert_eq!(files.tree.text(&path), Some(text), "{rel}: {path}");
+                }
+            } else {
+                assert!(!has_key, "{rel}: {} holds a CA key", node.name);
+                assert!(
+                    files.tree.iter().all(|(p, _)| !p.starts_with(SEED_DIR)),
+                    "{rel}: {} has the CA seed",
+                    node.name
+                );
+            }
+        }
+        assert_eq!(seeded, 1, "{rel}: one server starts the cluster");
+    }
+}
+
+#[test]
+fn the_token_names_the_seeded_server_ca_by_sha256sum() {
+    if !common::have("sha256sum") {
+        eprintln!("skipped: no sha256sum");
+        return;
+    }
+    for rel in common::EXAMPLES {
+        let plan = common::load_example(rel);
+        let secrets = common::fixed_secrets(&plan);
+        let tmp = tempfile::tempdir().unwrap();
+        let server = plan
+            .nodes
+            .iter()
+            .find(|n| cluster_ca::seeds_ca(&plan, n))
+            .unwrap();
+        let files = kiln::cli::render::render_node(&plan, &server.name, &secrets).unwrap();
+        let crt = tmp.path().join("server-ca.crt");
+        std::fs::write(
+            &crt,
+            files
+                .tree
+                .text(&format!("{SEED_DIR}/server-ca.crt"))
+                .unwrap(),
+        )
+        .unwrap();
+        let out = Command::new("sha256sum").arg(&crt).output().unwrap();
+        let sum = String::from_utf8(out.stdout).unwrap();
+        let sum = sum.split_whitespace().next().unwrap().to_string();
+        // Every node joins with the same token, naming that file.
+        for node in &plan.nodes {
+            let files = kiln::cli::render::render_node(&plan, &node.name, &secrets).unwrap();
+            let token = files.tree.text(TOKEN_FILE).unwrap();
+            assert_eq!(token_hash(token), sum, "{rel}: {}", node.name);
+            assert!(token.trim().ends_with(common::GOLDEN_SECRET));
+        }
+    }
+}
+
+#[test]
+fn the_seed_unit_runs_before_k3s_and_never_overwrites() {
+    let plan = common::load_example("profiles/club.toml");
+    let secrets = common::fixed_secrets(&plan);
+    let server = plan
+        .nodes
+        .iter()
+        .find(|n| cluster_ca::seeds_ca(&plan, n))
+        .unwrap();
+    let files = kiln::cli::render::render_node(&plan, &server.name, &secrets).unwrap();
+    let unit = files
+        .tree
+        .text("/etc/systemd/system/kiln-k3s-ca.service")
+        .unwrap();
+    assert!(unit.contains("Before=k3s.service"), "{unit}");
+    assert!(matches!(
+        files
+            .tree
+            .get("/etc/systemd/system/k3s.service.requires/kiln-k3s-ca.service"),
+        Some(Entry::Symlink { .. })
+    ));
+    let script = files.tree.text("/etc/kiln/k3s-ca.sh").unwrap();
+    run_seed_script(script, &secrets.cluster_ca);
+}
+
+/// Run the seed script against a fake root: it copies the set with k3s's
+/// modes, leaves it alone on the next boot, keeps a different set k3s
+/// already has (and says so), and completes a half-copied one.
+fn run_seed_script(script: &str, ca: &cluster_ca::ClusterCa) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("seed");
+    let dst = tmp.path().join("tls");
+    for (name, text) in ca.files() {
+        let p = src.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    let script = script
+        .replace(
+            &format!("src={SEED_DIR}"),
+            &format!("src={}", src.display()),
+        )
+        .replace(
+            &format!("dst={}", kiln::render::k3s_ca::K3S_TLS_DIR),
+            &format!("dst={}", dst.display()),
+        );
+    let run = || {
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let said = run();
+    assert!(said.contains("put the cluster CA"), "{said}");
+    for (name, text) in ca.files() {
+        let p = dst.join(name);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), text, "{name}");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode,
+            if cluster_ca::is_key(name) {
+                0o600
+            } else {
+                0o644
+            },
+            "{name}"
+        );
+    }
+    assert!(run().contains("is in place"));
+
+    // Half copied: the rest is added.
+    std::fs::remove_file(dst.join("service.key")).unwrap();
+    assert!(run().contains("service.key"));
+    assert!(dst.join("service.key").exists());
+
+    // k3s's own CA: kept, and the console says so.
+    std::fs::write(dst.join("server-ca.crt"), "k3s's own\n").unwrap();
+    let said = run();
+    assert!(said.contains("keeping k3s's"), "{said}");
+    assert!(said.contains("server-ca.crt"), "{said}");
+    assert_eq!(
+        std::fs::read_to_string(dst.join("server-ca.crt")).unwrap(),
+        "k3s's own\n"
+    );
+    assert!(!Path::new(&dst.join("server-ca.crt.kiln-new")).exists());
+}
+
+/// A small profile with `token` set under `[k3s]`.
+fn plan_with_token(token: &str) -> Result<kiln::config::plan::Plan, String> {
+    let text = format!(
+        "[cluster]\nname = \"lab\"\n\n[k3s]\nversion = \"v1.31.1+k3s1\"\ntoken = \"{token}\"\n\n[[nodes]]\nname = \"s1\"\nrole = \"server\"\nlan-address = \"192.168.1.11\"\n"
+    );
+    kiln::config::plan::plan_profile(Path::new("lab.toml"), &text).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_secure_profile_token_must_name_the_ca_kiln_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path();
+    let secret = "abcdef0123456789abcdef";
+    let other = format!("K10{}::server:{secret}", "0".repeat(64));
+    let plan = plan_with_token(&other).unwrap();
+    // No CA yet: kiln would make one, which cannot have that hash.
+    let err = kiln::config::secrets::check_profile_token(&plan, state)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lab.toml") && err.contains("`k3s.token`"),
+        "{err}"
+    );
+    assert!(err.contains("fix:"), "{err}");
+    assert!(!err.contains(secret), "the token is printed: {err}");
+
+    let ca = kiln::config::ca_dir::load_or_create(state).unwrap();
+    let err = kiln::config::secrets::check_profile_token(&plan, state)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&ca.server_ca_hash()), "{err}");
+    assert!(err.contains("server-ca.crt"), "{err}");
+
+    let right = cluster_ca::secure_token(&ca.server_ca_hash(), secret);
+    let plan = plan_with_token(&right).unwrap();
+    kiln::config::secrets::check_profile_token(&plan, state).unwrap();
+    let t = kiln::config::secrets::join_token(&plan, &ca, state, || unreachable!()).unwrap();
+    assert_eq!(t, right);
+
+    // A short profile token gets the prefix.
+    let plan = plan_with_token(secret).unwrap();
+    let t = kiln::config::secrets::join_token(&plan, &ca, state, || unreachable!()).unwrap();
+    assert_eq!(t, right);
+}
+
+#[test]
+fn a_malformed_k10_token_is_a_profile_error() {
+    let err = plan_with_token("K10abc::server:abcdef0123456789").unwrap_err();
+    assert!(err.contains("k3s.token"), "{err}");
+    assert!(err.contains("not a secure token"), "{err}");
+}
