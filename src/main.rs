@@ -67,6 +67,28 @@ enum Command {
         #[arg(long)]
         known_hosts: bool,
     },
+    /// Write an admin kubeconfig for the cluster, signed by the cluster CA kiln holds.
+    ///
+    /// The client certificate (CN system:admin, O system:masters, valid one
+    /// year, a new key on every call) is signed by the client CA in the
+    /// state directory; certificate-authority-data is the server CA; the
+    /// server is https://ADDRESS:6443, ADDRESS being k3s.registration-address,
+    /// else the WireGuard address of the server that starts the cluster,
+    /// else its LAN address. Written 0600, atomically; an existing file is
+    /// replaced only with --force. Prints the path written.
+    Kubeconfig {
+        /// The cluster profile (TOML).
+        profile: PathBuf,
+        /// Where to write it, or - for stdout [default: PROFILE's directory/<cluster>.kubeconfig]
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Build a bootable disk image for each selected node.
     ///
     /// Writes OUT/<node>.img (raw GPT: ESP with systemd-boot, root-a with
@@ -273,6 +295,17 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
             state_dir,
             known_hosts,
         } => cli::keys::run(&profile, state_dir.as_deref(), known_hosts),
+        Command::Kubeconfig {
+            profile,
+            out,
+            state_dir,
+            force,
+        } => cli::kubeconfig::run(&cli::kubeconfig::KubeconfigArgs {
+            profile,
+            out,
+            state_dir,
+            force,
+        }),
         Command::Build {
             profile,
             nodes,

@@ -240,3 +240,168 @@ fn a_malformed_k10_token_is_a_profile_error() {
     assert!(err.contains("k3s.token"), "{err}");
     assert!(err.contains("not a secure token"), "{err}");
 }
+
+fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn b64(v: &serde_yaml::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(v.as_str().unwrap())
+        .unwrap()
+}
+
+#[test]
+fn the_kubeconfig_client_cert_verifies_against_the_client_ca() {
+    if !common::have("openssl") {
+        eprintln!("skipped: no openssl");
+        return;
+    }
+    let plan = common::load_example("profiles/club.toml");
+    let ca = common::fixed_cluster_ca();
+    let text =
+        kiln::cli::kubeconfig::kubeconfig(&plan, &ca, time::OffsetDateTime::now_utc()).unwrap();
+    let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(v["current-context"].as_str(), Some("club"));
+    assert_eq!(
+        v["contexts"][0]["context"]["cluster"].as_str(),
+        Some("club")
+    );
+    let cluster = &v["clusters"][0]["cluster"];
+    assert_eq!(
+        b64(&cluster["certificate-authority-data"]),
+        ca.server_ca_pem().as_bytes()
+    );
+
+    // The server address is in the tls-san of the server it names.
+    let server = cluster["server"].as_str().unwrap();
+    let host = server
+        .strip_prefix("https://")
+        .and_then(|s| s.strip_suffix(":6443"))
+        .unwrap();
+    let first = plan
+        .nodes
+        .iter()
+        .find(|n| cluster_ca::seeds_ca(&plan, n))
+        .unwrap();
+    assert_eq!(
+        Some(host.to_string()),
+        first.wireguard_address.map(|a| a.to_string())
+    );
+    let secrets = common::fixed_secrets(&plan);
+    let files = kiln::cli::render::render_node(&plan, &first.name, &secrets).unwrap();
+    let config: serde_yaml::Value =
+        serde_yaml::from_str(files.tree.text("/etc/rancher/k3s/config.yaml").unwrap()).unwrap();
+    let sans: Vec<&str> = config["tls-san"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(sans.contains(&host), "{host} not in {sans:?}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let user = &v["users"][0]["user"];
+    let cert = tmp.path().join("admin.crt");
+    let key = tmp.path().join("admin.key");
+    let client_ca = tmp.path().join("client-ca.crt");
+    std::fs::write(&cert, b64(&user["client-certificate-data"])).unwrap();
+    std::fs::write(&key, b64(&user["client-key-data"])).unwrap();
+    std::fs::write(&client_ca, ca.client_ca_pem()).unwrap();
+    let (cert, key, client_ca) = (
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        client_ca.to_str().unwrap(),
+    );
+    let verified = openssl(&[
+        "verify",
+        "-purpose",
+        "sslclient",
+        "-CAfile",
+        client_ca,
+        cert,
+    ]);
+    assert!(verified.contains(": OK"), "{verified}");
+    let subject = openssl(&[
+        "x509", "-in", cert, "-noout", "-subject", "-nameopt", "RFC2253",
+    ]);
+    assert_eq!(subject.trim(), "subject=CN=system:admin,O=system:masters");
+    // The key is the certificate's.
+    assert_eq!(
+        openssl(&["x509", "-in", cert, "-noout", "-pubkey"]),
+        openssl(&["pkey", "-in", key, "-pubout"])
+    );
+    // And the server CA does not vouch for it.
+    let server_ca = tmp.path().join("server-ca.crt");
+    std::fs::write(&server_ca, ca.server_ca_pem()).unwrap();
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile", server_ca.to_str().unwrap(), cert])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn kiln_kubeconfig_writes_0600_reuses_the_ca_and_asks_before_replacing() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let profile = tmp.path().join("club.toml");
+    std::fs::copy(common::repo().join("profiles/club.toml"), &profile).unwrap();
+    let kiln = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("kubeconfig")
+            .arg(&profile)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = kiln(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = tmp.path().join("club.kubeconfig");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        written.to_str().unwrap()
+    );
+    let mode = std::fs::metadata(&written).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let ca_file = tmp.path().join("club.state/k3s-ca/server-ca.crt");
+    let ca_before = std::fs::read(&ca_file).unwrap();
+    let first = std::fs::read(&written).unwrap();
+
+    let out = kiln(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("club.kubeconfig exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&written).unwrap(), first);
+
+    let out = kiln(&["--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(std::fs::read(&written).unwrap(), first, "a new client key");
+    assert_eq!(
+        std::fs::read(&ca_file).unwrap(),
+        ca_before,
+        "the CA is reused"
+    );
+
+    let out = kiln(&["--out", "-"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("current-context: \"club\""));
+}

@@ -1,6 +1,7 @@
 //! `kiln keys`: each node's WireGuard public key, the `[Peer]` stanzas for
 //! an external hub, and `known_hosts` lines for the nodes' SSH host keys
-//! (private keys and node passwords are never printed).
+//! (private keys and node passwords are never printed), and the hash of
+//! the cluster's server CA.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -35,6 +36,13 @@ pub fn keys(plan: &Plan, secrets: &ClusterSecrets) -> String {
     }
     s.push_str("\n# SSH host keys, for ~/.ssh/known_hosts (`kiln keys --known-hosts` prints only these lines)\n");
     s.push_str(&known_hosts(plan, secrets));
+    s.push_str(
+        "\n# k3s server CA: the SHA-256 of server-ca.crt, as the join token (K10…) pins it\n",
+    );
+    s.push_str(&format!(
+        "server-ca\tsha256:{}\n",
+        secrets.cluster_ca.server_ca_hash()
+    ));
     s
 }
 

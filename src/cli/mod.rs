@@ -5,6 +5,7 @@ pub mod build;
 pub mod check;
 pub mod flash;
 pub mod keys;
+pub mod kubeconfig;
 pub mod render;
 pub mod serve;
 pub mod test;
