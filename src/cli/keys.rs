@@ -34,15 +34,13 @@ pub fn keys(plan: &Plan, secrets: &ClusterSecrets) -> String {
         s.push('\n');
         s.push_str(&render::hub_peer_stanzas(plan, &public));
     }
+    let _ = write!(
+        s,
+        "\n# k3s server CA: the SHA-256 of server-ca.crt, as the join token (K10…) pins it\nserver-ca\tsha256:{}\n",
+        secrets.cluster_ca.server_ca_hash()
+    );
     s.push_str("\n# SSH host keys, for ~/.ssh/known_hosts (`kiln keys --known-hosts` prints only these lines)\n");
     s.push_str(&known_hosts(plan, secrets));
-    s.push_str(
-        "\n# k3s server CA: the SHA-256 of server-ca.crt, as the join token (K10…) pins it\n",
-    );
-    s.push_str(&format!(
-        "server-ca\tsha256:{}\n",
-        secrets.cluster_ca.server_ca_hash()
-    ));
     s
 }
 
