@@ -224,11 +224,13 @@ fn server_and_agent_on_one_lan() {
         image: &out.join("s1.img"),
         node: f.plan.node("s1").unwrap(),
         mgmt_mac: MGMT_MACS[0].into(),
+        udp_forward: Vec::new(),
     };
     let a = ClusterNode {
         image: &out.join("a1.img"),
         node: f.plan.node("a1").unwrap(),
         mgmt_mac: MGMT_MACS[1].into(),
+        udp_forward: Vec::new(),
     };
     let r = verify::test_cluster(&f.plan, &s, &a, &f.key, real_k3s(), None).unwrap();
     assert_all_pass(&r);
