@@ -165,3 +165,41 @@ fn operator_forward_chain(o: &OperatorAccess) -> String {
     r.push_str("\t}\n");
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(extra: &str, network: &str, addrs: [&str; 2]) -> Plan {
+        let text = format!(
+            "[cluster]\nname = \"lab\"\n[k3s]\nversion = \"v1.31.1+k3s1\"\n\
+             [wireguard]\nnetwork = \"{network}\"\n\
+             [[nodes]]\nname = \"s1\"\nrole = \"server\"\nlan-address = \"192.168.1.11\"\nwireguard-address = \"{}\"\n\
+             {extra}",
+            addrs[0]
+        );
+        let text = text.replace("OPERATOR", addrs[1]);
+        crate::config::plan::plan_profile(std::path::Path::new("lab.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn without_operators_there_are_no_operator_rules_and_no_forward_chain() {
+        let r = render_ruleset(&plan("", "10.0.0.0/24", ["10.0.0.11", ""]));
+        assert!(!r.contains("operators"), "{r}");
+        assert!(!r.contains("chain forward"), "{r}");
+    }
+
+    #[test]
+    fn ipv6_operators_get_ip6_rules_before_the_tunnel_accepts() {
+        let op = "[[operators]]\nname = \"alice\"\nwireguard-address = \"OPERATOR\"\n";
+        let r = render_ruleset(&plan(op, "fd00:10::/64", ["fd00:10::11", "fd00:10::200"]));
+        let accept = "iifname \"wg0\" ip6 saddr fd00:10::200 tcp dport { 22, 6443 } accept";
+        let reject = "ip6 saddr fd00:10::200 counter reject with icmpx type admin-prohibited";
+        let forward = "iifname \"wg0\" ip6 saddr fd00:10::200 ip6 daddr fd00:10::11 tcp dport { 22, 6443 } accept";
+        for line in [accept, reject, forward] {
+            assert!(r.contains(line), "{line} missing:\n{r}");
+        }
+        assert!(r.find(reject).unwrap() < r.find("iifname \"wg0\" accept").unwrap());
+        assert!(!r.contains("ip saddr fd00"), "{r}");
+    }
+}

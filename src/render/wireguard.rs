@@ -248,7 +248,7 @@ pub fn hub_peer_stanzas(
     let Some(wg) = &plan.wireguard else { return s };
     let _ = writeln!(
         s,
-        "# kiln cluster {}: one [Peer] per node, for the hub's [Interface] on {}",
+        "# kiln cluster {}: one [Peer] per node and operator, for the hub's [Interface] on {}",
         plan.cluster, wg.network
     );
     for n in &plan.nodes {
