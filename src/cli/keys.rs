@@ -31,7 +31,11 @@ pub fn keys(plan: &Plan, secrets: &ClusterSecrets) -> String {
     }
     if plan.wireguard.is_some() {
         s.push('\n');
-        s.push_str(&render::hub_peer_stanzas(plan, &public));
+        s.push_str(&render::hub_peer_stanzas(
+            plan,
+            &public,
+            &secrets.operator_public_keys(),
+        ));
     }
     s.push_str("\n# SSH host keys, for ~/.ssh/known_hosts (`kiln keys --known-hosts` prints only these lines)\n");
     s.push_str(&known_hosts(plan, secrets));

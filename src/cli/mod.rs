@@ -5,6 +5,7 @@ pub mod build;
 pub mod check;
 pub mod flash;
 pub mod keys;
+pub mod operator;
 pub mod render;
 pub mod serve;
 pub mod test;
