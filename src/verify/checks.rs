@@ -24,7 +24,12 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &str, expected: impl Into<String>, seen: impl Into<String>, pass: bool) -> Check {
+    pub fn new(
+        name: &str,
+        expected: impl Into<String>,
+        seen: impl Into<String>,
+        pass: bool,
+    ) -> Check {
         Check {
             name: name.to_string(),
             expected: expected.into(),
@@ -33,7 +38,7 @@ impl Check {
         }
     }
 
-    fn eq(name: &str, expected: &str, seen: &str) -> Check {
+    pub fn eq(name: &str, expected: &str, seen: &str) -> Check {
         Check::new(
             name,
             expected.trim(),
