@@ -89,6 +89,31 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write the wg-quick file an operator's laptop reaches the cluster with.
+    ///
+    /// For an `[[operators]]` entry of the profile: the operator's WireGuard
+    /// key (created once in the state directory), its tunnel address, and
+    /// the peers that lead into the cluster (the hub, or in a mesh every
+    /// node with an endpoint). Over it the laptop reaches the nodes' SSH
+    /// (22) and Kubernetes API (6443) and nothing else. Written 0600 and
+    /// atomically; the file name (without .conf) is the interface name
+    /// wg-quick creates. Prints the path; on stderr how to bring it up and,
+    /// for a hub kiln does not build, the [Peer] its admin must add.
+    Operator {
+        /// The cluster profile (TOML).
+        profile: PathBuf,
+        /// The operator, as named in `[[operators]]`.
+        name: String,
+        /// The file to write: NAME.conf, NAME at most 15 characters [default: <cluster>.conf]
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Replace an existing file that differs.
+        #[arg(long)]
+        force: bool,
+        /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Build a bootable disk image for each selected node.
     ///
     /// Writes OUT/<node>.img (raw GPT: ESP with systemd-boot, root-a with
@@ -302,6 +327,19 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
             force,
         } => cli::kubeconfig::run(&cli::kubeconfig::KubeconfigArgs {
             profile,
+            out,
+            state_dir,
+            force,
+        }),
+        Command::Operator {
+            profile,
+            name,
+            out,
+            force,
+            state_dir,
+        } => cli::operator::run(cli::operator::OperatorArgs {
+            profile,
+            name,
             out,
             state_dir,
             force,

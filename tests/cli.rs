@@ -80,7 +80,9 @@ fn keys_are_stable_private_and_never_printed() {
         "keys changed between runs"
     );
     let out = text(&first.stdout);
-    assert_eq!(out.matches("\n[Peer]\n").count(), 5, "{out}");
+    // One [Peer] per node and one for the operator's laptop.
+    assert_eq!(out.matches("\n[Peer]\n").count(), 6, "{out}");
+    assert!(out.contains("# operator alice-laptop"), "{out}");
     let state = tmp.path().join("club.state");
     assert_eq!(
         std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
@@ -97,6 +99,11 @@ fn keys_are_stable_private_and_never_printed() {
     }
     let token = std::fs::read_to_string(state.join("k3s-token")).unwrap();
     assert!(!out.contains(token.trim()) && !text(&first.stderr).contains(token.trim()));
+    let operator = std::fs::read_to_string(state.join("operators/alice-laptop.key")).unwrap();
+    assert!(
+        !out.contains(operator.trim()),
+        "operator's private key printed"
+    );
 }
 
 #[test]
@@ -330,6 +337,7 @@ fn help_gives_each_verb_its_own_description() {
         ("run", "Boot an image with its console"),
         ("serve", "Serve the netboot tree"),
         ("flash", "Write"),
+        ("operator", "Write the wg-quick file an operator's laptop"),
     ];
     for (verb, words) in want {
         let line = s
@@ -441,4 +449,73 @@ fn upgrade_edits_only_the_k3s_version_and_prints_plans() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(dir.join("kiln-upgrade-plans.yaml").is_file());
+}
+
+#[test]
+fn operator_writes_a_private_wg_quick_file_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let profile = example_in(tmp.path(), "profiles/club.toml");
+    let conf = tmp.path().join("club.conf");
+    let conf_arg = conf.to_string_lossy().to_string();
+    let out = kiln(&["operator", &profile, "alice-laptop", "--out", &conf_arg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), conf_arg);
+    let err = text(&out.stderr);
+    // The external hub's admin is told what to add.
+    assert!(err.contains("AllowedIPs = 10.0.0.200/32"), "{err}");
+    assert!(err.contains(&format!("wg-quick up {conf_arg}")), "{err}");
+    let meta = std::fs::metadata(&conf).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let written = std::fs::read_to_string(&conf).unwrap();
+    let key =
+        std::fs::read_to_string(tmp.path().join("club.state/operators/alice-laptop.key")).unwrap();
+    assert!(written.contains(&format!("PrivateKey = {}", key.trim())));
+    assert!(!err.contains(key.trim()), "private key on stderr");
+
+    // The same again is fine; another file in its place is not replaced.
+    let again = kiln(&["operator", &profile, "alice-laptop", "--out", &conf_arg]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    std::fs::write(&conf, "# mine\n").unwrap();
+    let refused = kiln(&["operator", &profile, "alice-laptop", "--out", &conf_arg]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        text(&refused.stderr).contains("--force"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "# mine\n");
+    let forced = kiln(&[
+        "operator",
+        &profile,
+        "alice-laptop",
+        "--out",
+        &conf_arg,
+        "--force",
+    ]);
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), written);
+}
+
+#[test]
+fn operator_refuses_unknown_names_and_files_wg_quick_cannot_bring_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let profile = example_in(tmp.path(), "profiles/club.toml");
+    let out = kiln(&["operator", &profile, "bob"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("operators: alice-laptop"),
+        "{}",
+        text(&out.stderr)
+    );
+    for bad in ["club.wg", "a-name-far-too-long.conf", "sp ace.conf"] {
+        let path = tmp.path().join(bad).to_string_lossy().to_string();
+        let out = kiln(&["operator", &profile, "alice-laptop", "--out", &path]);
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        assert!(
+            text(&out.stderr).contains("interface name"),
+            "{bad}: {}",
+            text(&out.stderr)
+        );
+        assert!(!Path::new(&path).exists(), "{bad} written");
+    }
 }

@@ -1,5 +1,6 @@
-//! Golden files: every rendered file of every node of both example
-//! profiles, with fixed secrets. `UPDATE_GOLDEN=1 cargo test` rewrites
+//! Golden files: every rendered file of every node of the rendered
+//! profiles (`common::RENDERED`), and each operator's wg-quick file, with
+//! fixed secrets. `UPDATE_GOLDEN=1 cargo test` rewrites
 //! them; review the diff before committing it.
 
 mod common;
@@ -50,7 +51,7 @@ fn check_or_update(path: &Path, actual: &[u8], failures: &mut Vec<String>) {
 #[test]
 fn rendered_files_match_golden() {
     let mut failures = Vec::new();
-    for rel in common::EXAMPLES {
+    for rel in common::RENDERED {
         let plan = common::load_example(rel);
         let secrets = common::fixed_secrets(&plan);
         let stem = Path::new(rel)
@@ -95,6 +96,24 @@ fn rendered_files_match_golden() {
     );
 }
 
+#[test]
+fn operator_files_match_golden() {
+    let mut failures = Vec::new();
+    for rel in common::RENDERED {
+        let plan = common::load_example(rel);
+        let secrets = common::fixed_secrets(&plan);
+        let stem = Path::new(rel).file_stem().unwrap().to_string_lossy();
+        for o in &plan.operators {
+            let text = kiln::cli::operator::operator_config(&plan, &secrets, &o.name).unwrap();
+            let path = common::repo()
+                .join("tests/golden/operator")
+                .join(format!("{stem}-{}.conf", o.name));
+            check_or_update(&path, text.as_bytes(), &mut failures);
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -113,7 +132,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn secrets_are_only_in_private_files() {
-    for rel in common::EXAMPLES {
+    for rel in common::RENDERED {
         let plan = common::load_example(rel);
         let secrets = common::fixed_secrets(&plan);
         for node in &plan.nodes {

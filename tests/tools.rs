@@ -22,7 +22,7 @@ fn need(cmd: &str, package: &str) {
 
 fn rendered() -> Vec<(String, kiln::config::plan::Plan, kiln::render::NodeFiles)> {
     let mut out = Vec::new();
-    for rel in common::EXAMPLES {
+    for rel in common::RENDERED {
         let plan = common::load_example(rel);
         let secrets = common::fixed_secrets(&plan);
         for n in &plan.nodes {
@@ -146,9 +146,15 @@ fn wg_configs_parse_with_wg_tools() {
         );
         let peers = stripped.matches("[Peer]").count();
         let wg = plan.wireguard.as_ref().unwrap();
+        // A hub node peers with everyone, like a node in a mesh.
+        let everyone = plan.nodes.len() - 1 + wg.peers.len() + plan.operators.len();
+        let hub_node = match wg.hub {
+            Some(kiln::config::plan::HubRef::Node(i)) => Some(plan.nodes[i].name.as_str()),
+            _ => None,
+        };
         let expected = match wg.topology {
-            kiln::config::profile::Topology::Mesh => plan.nodes.len() - 1 + wg.peers.len(),
-            kiln::config::profile::Topology::Hub => 1,
+            kiln::config::profile::Topology::Hub if hub_node != Some(files.node.as_str()) => 1,
+            _ => everyone,
         };
         assert_eq!(peers, expected, "{name}");
     }
@@ -392,6 +398,48 @@ fn kiln_scripts_parse_with_their_shells() {
                 "{shell} {args:?} on script {i} (broken: {broken}): {}",
                 String::from_utf8_lossy(&o.stderr)
             );
+        }
+    }
+}
+
+#[test]
+fn operator_files_parse_with_wg_quick() {
+    // The laptop's file is a wg-quick file like the nodes': `strip` reads it.
+    need("wg-quick", "wireguard-tools");
+    let dir = tempfile::tempdir().unwrap();
+    for rel in common::RENDERED {
+        let plan = common::load_example(rel);
+        let secrets = common::fixed_secrets(&plan);
+        for o in &plan.operators {
+            let text = kiln::cli::operator::operator_config(&plan, &secrets, &o.name).unwrap();
+            let path = dir
+                .path()
+                .join(kiln::cli::operator::default_file_name(&plan.cluster));
+            std::fs::write(&path, &text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let out = Command::new("wg-quick")
+                .arg("strip")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{rel} {}: {}",
+                o.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stripped = String::from_utf8(out.stdout).unwrap();
+            let private = stripped
+                .lines()
+                .find_map(|l| l.strip_prefix("PrivateKey = "))
+                .unwrap();
+            assert_eq!(
+                wg_pubkey(private),
+                secrets.operators[&o.name].public_key().to_base64(),
+                "{rel} {}",
+                o.name
+            );
+            assert!(stripped.contains("PersistentKeepalive = 25"), "{stripped}");
         }
     }
 }

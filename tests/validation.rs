@@ -893,3 +893,128 @@ fn write_files_may_not_replace_the_stay_awake_files() {
         assert!(e.hint.contains("allow-suspend"), "{e}");
     }
 }
+
+/// An operator's entry of `body`, added to the good profile with an
+/// endpoint on s1 (in a mesh the operator dials the nodes that have one).
+/// `[[operators]]` is on line 23, its keys on 24 and 25.
+fn with_operator(body: &str) -> String {
+    let s1_reachable = with(
+        "mac = \"52:54:00:00:00:01\"",
+        "mac = \"52:54:00:00:00:01\"\nlan-address = \"192.168.1.11\"",
+    );
+    format!("{s1_reachable}\n[[operators]]\n{body}\n")
+}
+
+const OPERATOR: &str = "name = \"alice-laptop\"\nwireguard-address = \"10.0.0.200\"";
+
+#[test]
+fn an_operator_with_a_name_and_an_address_passes() {
+    assert!(errors(&with_operator(OPERATOR)).is_empty());
+}
+
+#[test]
+fn operator_names_are_unique_among_nodes_peers_and_operators() {
+    one(
+        &with_operator("name = \"a1\"\nwireguard-address = \"10.0.0.200\""),
+        24,
+        "operators[0].name",
+        "already used by a node, peer or operator",
+    );
+    let twice = format!(
+        "{OPERATOR}\n[[operators]]\nname = \"alice-laptop\"\nwireguard-address = \"10.0.0.201\""
+    );
+    one(
+        &with_operator(&twice),
+        27,
+        "operators[1].name",
+        "already used",
+    );
+    let peer = "name = \"vps\"\nwireguard-address = \"10.0.0.200\"\n\n[[wireguard.peers]]\nname = \"vps\"\npublic-key = \"in8aLqpdujLG8XAFqR8Hys5zP2Uu4hNoUkomX1oX1X4=\"\naddress = \"10.0.0.1\"";
+    one(
+        &with_operator(peer),
+        24,
+        "operators[0].name",
+        "already used",
+    );
+}
+
+#[test]
+fn an_operator_address_is_inside_the_tunnel_and_its_own() {
+    one(
+        &with_operator("name = \"alice-laptop\"\nwireguard-address = \"10.1.0.200\""),
+        25,
+        "operators[0].wireguard-address",
+        "outside the WireGuard network 10.0.0.0/24",
+    );
+    let e = one(
+        &with_operator("name = \"alice-laptop\"\nwireguard-address = \"10.0.0.12\""),
+        25,
+        "operators[0].wireguard-address",
+        "already used by node `a1`",
+    );
+    assert!(e.hint.contains("address"), "{e}");
+    one(
+        &with_operator("name = \"alice-laptop\"\nwireguard-address = \"10.0.0.255\""),
+        25,
+        "operators[0].wireguard-address",
+        "broadcast address",
+    );
+    let twice =
+        format!("{OPERATOR}\n[[operators]]\nname = \"bob\"\nwireguard-address = \"10.0.0.200\"");
+    one(
+        &with_operator(&twice),
+        28,
+        "operators[1].wireguard-address",
+        "already used by operator `alice-laptop`",
+    );
+}
+
+#[test]
+fn an_operator_needs_wireguard() {
+    let off = GOOD
+        .replace("[wireguard]\nnetwork = \"10.0.0.0/24\"\n", "")
+        .replace(
+            "wireguard-address = \"10.0.0.11\"\n",
+            "lan-address = \"192.168.1.11\"\n",
+        )
+        .replace("wireguard-address = \"10.0.0.12\"\n", "");
+    assert!(errors(&off).is_empty(), "test bug: {:?}", errors(&off));
+    let text = format!("{off}\n[[operators]]\n{OPERATOR}\n");
+    let line = text.lines().position(|l| l == "[[operators]]").unwrap() + 1;
+    let e = one(&text, line, "operators[0]", "WireGuard is off");
+    assert!(e.hint.contains("[wireguard]"), "{e}");
+}
+
+#[test]
+fn an_operator_needs_its_name_and_address() {
+    one(
+        &with_operator("wireguard-address = \"10.0.0.200\""),
+        23,
+        "operators[0].name",
+        "missing required key `name`",
+    );
+    one(
+        &with_operator("name = \"alice-laptop\""),
+        23,
+        "operators[0].wireguard-address",
+        "missing required key `wireguard-address`",
+    );
+    // A misspelt key: unknown, with the right one suggested (and missing).
+    let errs = errors(&with_operator(
+        "name = \"alice-laptop\"\naddress = \"10.0.0.200\"",
+    ));
+    let e = errs
+        .iter()
+        .find(|e| e.key == "operators[0].address")
+        .unwrap_or_else(|| panic!("{errs:?}"));
+    assert_eq!(e.line, 25, "{e}");
+    assert!(e.message.contains("unknown key"), "{e}");
+    assert!(e.hint.contains("wireguard-address"), "{e}");
+}
+
+#[test]
+fn an_operator_in_a_mesh_needs_a_node_to_dial() {
+    let text = format!("{GOOD}\n[[operators]]\n{OPERATOR}\n");
+    let e = one(&text, 22, "operators[0]", "no node has an endpoint");
+    assert!(e.hint.contains("endpoint"), "{e}");
+}

@@ -10,6 +10,8 @@
 mod common;
 #[path = "vm/hardware.rs"]
 mod hardware;
+#[path = "vm/operator.rs"]
+mod operator;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -216,21 +218,43 @@ fn agent_node_passes_every_check() {
     single_node("a1");
 }
 
+/// The server (the tunnel's hub) and the agent on one LAN, and the
+/// operator's laptop reaching them through the hub with the file `kiln
+/// operator` writes.
 #[test]
-fn server_and_agent_on_one_lan() {
+fn server_agent_and_an_operator_on_the_tunnel() {
     let (f, out) = built();
     let _g = vm_lock();
+    let mut laptop = operator::Laptop::new();
+    let via = laptop.free_port();
+    let wg_port = f.plan.wireguard.as_ref().unwrap().listen_port;
     let s = ClusterNode {
         image: &out.join("s1.img"),
         node: f.plan.node("s1").unwrap(),
         mgmt_mac: MGMT_MACS[0].into(),
+        udp_forward: vec![(via, wg_port)],
     };
     let a = ClusterNode {
         image: &out.join("a1.img"),
         node: f.plan.node("a1").unwrap(),
         mgmt_mac: MGMT_MACS[1].into(),
+        udp_forward: Vec::new(),
     };
-    let r = verify::test_cluster(&f.plan, &s, &a, &f.key, real_k3s(), None).unwrap();
+    let conf = kiln::cli::operator::operator_config(&f.plan, &f.secrets, "op").unwrap();
+    let wg = |n: &ClusterNode| n.node.wireguard_address.unwrap().to_string();
+    let (s_wg, a_wg) = (wg(&s), wg(&a));
+    let r = verify::test_cluster_then(&f.plan, (&s, &a), &f.key, real_k3s(), None, |sv, av, r| {
+        operator::check_operator(
+            &mut laptop,
+            (&conf, via),
+            (sv, av),
+            (&s_wg, &a_wg),
+            &f.key,
+            r,
+        );
+        Ok(())
+    })
+    .unwrap();
     assert_all_pass(&r);
 }
 

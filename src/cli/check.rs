@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::config::plan::{BasePlan, HubRef, Plan};
+use crate::config::plan::{BasePlan, HubRef, OPERATOR_TCP_PORTS, Plan};
 use crate::config::profile::{AfterInstall, KernelFlavour, Topology};
 
 /// `kiln check PROFILE`: load the profile, check a secure-form token
@@ -28,6 +28,7 @@ pub fn check(plan: &Plan) -> String {
     write_wireguard(&mut s, plan);
     write_firewall_and_first_boot(&mut s, plan);
     write_nodes(&mut s, plan);
+    write_operators(&mut s, plan);
     write_build_plan(&mut s, plan);
     s
 }
@@ -190,6 +191,80 @@ fn node_rows(plan: &Plan) -> Vec<[String; 7]> {
             ]
         })
         .collect()
+}
+
+/// The operators, each with the peers its wg-quick file gets.
+fn write_operators(s: &mut String, plan: &Plan) {
+    let Some(wg) = &plan.wireguard else { return };
+    if plan.operators.is_empty() {
+        return;
+    }
+    let ports: Vec<String> = OPERATOR_TCP_PORTS.iter().map(u16::to_string).collect();
+    let _ = writeln!(
+        s,
+        "\noperators (reach tcp {} of the nodes over the tunnel, nothing else; `kiln operator` writes their file)",
+        ports.join(", ")
+    );
+    let peers = operator_peers_summary(plan, wg);
+    let width = plan
+        .operators
+        .iter()
+        .map(|o| o.name.len())
+        .max()
+        .unwrap_or(0);
+    for o in &plan.operators {
+        let _ = writeln!(
+            s,
+            "  {:<width$}  {:<15}  {peers}",
+            o.name,
+            o.wireguard_address.to_string()
+        );
+    }
+}
+
+/// Whom an operator's file peers with.
+fn operator_peers_summary(plan: &Plan, wg: &crate::config::plan::WgPlan) -> String {
+    match (wg.topology, wg.hub) {
+        (Topology::Hub, Some(HubRef::External(i))) => {
+            let p = &wg.peers[i];
+            let at = p
+                .endpoint
+                .as_ref()
+                .map(|e| format!(" at {e}"))
+                .unwrap_or_default();
+            format!(
+                "peer: hub {}{at} (its admin adds the operator: `kiln keys`)",
+                p.name
+            )
+        }
+        (Topology::Hub, Some(HubRef::Node(i))) => {
+            let n = &plan.nodes[i];
+            let at = n
+                .endpoint
+                .as_ref()
+                .map(|e| format!(" at {e}"))
+                .unwrap_or_default();
+            format!("peer: hub node {}{at}", n.name)
+        }
+        _ => {
+            let names: Vec<&str> = crate::render::operator_reaches(plan, wg)
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect();
+            let cut: Vec<&str> = plan
+                .nodes
+                .iter()
+                .filter(|n| n.endpoint.is_none())
+                .map(|n| n.name.as_str())
+                .collect();
+            let missing = if cut.is_empty() {
+                String::new()
+            } else {
+                format!("; no endpoint, not reachable: {}", cut.join(", "))
+            };
+            format!("peers: {} (mesh{missing})", names.join(", "))
+        }
+    }
 }
 
 /// What a build writes.

@@ -32,7 +32,11 @@ pub fn keys(plan: &Plan, secrets: &ClusterSecrets) -> String {
     }
     if plan.wireguard.is_some() {
         s.push('\n');
-        s.push_str(&render::hub_peer_stanzas(plan, &public));
+        s.push_str(&render::hub_peer_stanzas(
+            plan,
+            &public,
+            &secrets.operator_public_keys(),
+        ));
     }
     let _ = write!(
         s,

@@ -6,6 +6,7 @@ pub mod check;
 pub mod flash;
 pub mod keys;
 pub mod kubeconfig;
+pub mod operator;
 pub mod render;
 pub mod serve;
 pub mod test;

@@ -94,6 +94,7 @@ pub struct Profile {
     pub first_boot: FirstBoot,
     pub nodes: Vec<Node>,
     pub nodes_span: Range<usize>,
+    pub operators: Vec<Operator>,
 }
 
 #[derive(Debug, Default)]
@@ -239,6 +240,16 @@ pub struct Node {
     pub after_install: Option<At<AfterInstall>>,
 }
 
+/// `[[operators]]`: a machine outside the cluster (an operator's laptop)
+/// that reaches the nodes' SSH and API ports over the tunnel.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub span: Range<usize>,
+    pub key: String,
+    pub name: Option<At<String>>,
+    pub wireguard_address: Option<At<IpAddr>>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Network {
     pub span: Range<usize>,
@@ -368,6 +379,19 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Option<Profile> {
             let key = format!("nodes[{i}]");
             p.nodes.push(read_node(&mut n, d, span, key));
             n.finish(d);
+        }
+    }
+    if let Some((operators, _)) = t.array_of_tables(d, "operators") {
+        for (i, (mut o, span)) in operators.into_iter().enumerate() {
+            p.operators.push(Operator {
+                span,
+                key: format!("operators[{i}]"),
+                name: o.parse(d, "name", |s: &str| {
+                    types::parse_hostname(s).and_then(|n| label_only(&n, s))
+                }),
+                wireguard_address: o.parse(d, "wireguard-address", parse_ip),
+            });
+            o.finish(d);
         }
     }
     t.finish(d);

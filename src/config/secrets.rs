@@ -1,8 +1,9 @@
 //! Node secrets, kept in a state directory next to the profile: per node a
 //! WireGuard key pair, a k3s node password and an SSH host key; and the
-//! k3s cluster token. The k3s cluster CA set lives here too (`k3s-ca/`,
-//! see `config::ca_dir`); the token nodes join with is the secure form
-//! that names it ([`join_token`]).
+//! k3s cluster token; per operator (`[[operators]]`) a WireGuard key pair.
+//! The k3s cluster CA set lives here too (`k3s-ca/`, see
+//! `config::ca_dir`); the token nodes join with is the secure form that
+//! names it ([`join_token`]).
 //!
 //! Created once on first use (directory 0700, files 0600), reused on every
 //! later run, never rotated by a rebuild and never printed. A node removed
@@ -48,6 +49,8 @@ pub const NODE_PASSWORD_BYTES: usize = 16;
 const WIREGUARD_DIR: &str = "wireguard";
 const NODE_PASSWORD_DIR: &str = "node-password";
 const SSH_HOST_KEY_DIR: &str = "ssh-host-key";
+/// Operators' WireGuard keys, one `<name>.key` each.
+const OPERATOR_DIR: &str = "operators";
 
 fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut b = [0u8; N];
@@ -237,7 +240,12 @@ impl StateDir {
                 dir.display()
             );
         }
-        for sub in [WIREGUARD_DIR, NODE_PASSWORD_DIR, SSH_HOST_KEY_DIR] {
+        for sub in [
+            WIREGUARD_DIR,
+            NODE_PASSWORD_DIR,
+            SSH_HOST_KEY_DIR,
+            OPERATOR_DIR,
+        ] {
             fs_err::create_dir_all(dir.join(sub))?;
             fs_err::set_permissions(
                 dir.join(sub),
@@ -258,6 +266,14 @@ impl StateDir {
         let path = self.dir.join(WIREGUARD_DIR).join(format!("{node}.key"));
         let text = read_or_create(&path, || Ok(PrivateKey::generate()?.to_base64()))?;
         PrivateKey::parse(&text).with_context(|| format!("{} does not hold a WireGuard private key; restore it from a backup, or delete it to make the node a new key (peers must then be updated)", path.display()))
+    }
+
+    /// An operator's WireGuard key, created on first use. Only its
+    /// wg-quick file (`kiln operator`) holds the private key.
+    pub fn operator_key(&self, operator: &str) -> anyhow::Result<PrivateKey> {
+        let path = self.dir.join(OPERATOR_DIR).join(format!("{operator}.key"));
+        let text = read_or_create(&path, || Ok(PrivateKey::generate()?.to_base64()))?;
+        PrivateKey::parse(&text).with_context(|| format!("{} does not hold a WireGuard private key; restore it from a backup, or delete it to make the operator a new key (then rebuild the nodes and run `kiln operator` again)", path.display()))
     }
 
     /// The node's k3s node password, created on first use.
@@ -378,6 +394,8 @@ pub struct NodeSecrets {
     pub node_password: NodePassword,
     /// This node's SSH host key.
     pub ssh_host_key: SshHostKey,
+    /// Every operator's WireGuard public key, by operator name.
+    pub operator_keys: BTreeMap<String, WgKey>,
 }
 
 /// The node's update key: derived from its WireGuard private key, so the
@@ -409,6 +427,8 @@ pub struct ClusterSecrets {
     pub node_passwords: BTreeMap<String, NodePassword>,
     /// SSH host keys, by node name.
     pub ssh_host_keys: BTreeMap<String, SshHostKey>,
+    /// Operators' WireGuard private keys, by operator name.
+    pub operators: BTreeMap<String, PrivateKey>,
 }
 
 impl ClusterSecrets {
@@ -423,17 +443,30 @@ impl ClusterSecrets {
         }
         let cluster_ca = ca_dir::load_or_create(state.path())?;
         let token = join_token(plan, &cluster_ca, state.path(), || state.token())?;
+        let mut operators = BTreeMap::new();
+        for o in &plan.operators {
+            operators.insert(o.name.clone(), state.operator_key(&o.name)?);
+        }
         Ok(ClusterSecrets {
             private,
             token,
             cluster_ca,
             node_passwords,
             ssh_host_keys,
+            operators,
         })
     }
 
     pub fn public_keys(&self) -> BTreeMap<String, WgKey> {
         self.private
+            .iter()
+            .map(|(n, k)| (n.clone(), k.public_key()))
+            .collect()
+    }
+
+    /// Every operator's WireGuard public key, by operator name.
+    pub fn operator_public_keys(&self) -> BTreeMap<String, WgKey> {
+        self.operators
             .iter()
             .map(|(n, k)| (n.clone(), k.public_key()))
             .collect()
@@ -456,6 +489,7 @@ impl ClusterSecrets {
             cluster_ca: self.cluster_ca.clone(),
             node_password: self.node_passwords[node].clone(),
             ssh_host_key: self.ssh_host_keys[node].clone(),
+            operator_keys: self.operator_public_keys(),
         }
     }
 }
@@ -556,6 +590,25 @@ mod tests {
         assert_eq!(t.len(), 64);
         assert_eq!(t, s.token().unwrap());
         assert_eq!(mode(&dir.join("k3s-token")), 0o600);
+    }
+
+    #[test]
+    fn operator_keys_are_created_once_and_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("club.state");
+        let s = StateDir::open(&dir).unwrap();
+        let a = s.operator_key("alice-laptop").unwrap();
+        assert_eq!(
+            a,
+            StateDir::open(&dir)
+                .unwrap()
+                .operator_key("alice-laptop")
+                .unwrap()
+        );
+        assert_ne!(a, s.node_key("alice-laptop").unwrap(), "not a node's key");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join("operators")), 0o700);
+        assert_eq!(mode(&dir.join("operators/alice-laptop.key")), 0o600);
     }
 
     #[test]

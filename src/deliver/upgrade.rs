@@ -873,6 +873,7 @@ role = \"agent\"
                 cluster_ca: ca.clone(),
                 node_password: crate::config::secrets::NodePassword::from_bytes([8; 16]),
                 ssh_host_key: crate::config::secrets::SshHostKey::from_seed([9; 32], "n"),
+                operator_keys: Default::default(),
             };
             let files = crate::render::render_node(&plan, node, &secrets);
             let config = files.tree.text("/etc/rancher/k3s/config.yaml").unwrap();

@@ -17,7 +17,7 @@ use crate::config::plan::{NodePlan, Plan};
 use crate::render::tree::FileTree;
 
 pub use nft::render_ruleset;
-pub use wireguard::hub_peer_stanzas;
+pub use wireguard::{hub_peer_stanzas, operator_hub_stanza, operator_reaches, render_operator};
 
 /// Mode of files that hold secrets (keys, tokens, passwords).
 pub const SECRET_MODE: u32 = 0o600;

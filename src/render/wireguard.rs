@@ -14,12 +14,17 @@
 //! `kiln-wg-endpoints` sets the named ones once they resolve, retrying,
 //! and again every few minutes so a hub on dynamic DNS is followed.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use ipnet::IpNet;
 
-use crate::config::plan::{ExternalPeerPlan, HubRef, NodePlan, Plan, WgPlan};
-use crate::config::profile::Topology;
+use crate::config::plan::{
+    ExternalPeerPlan, HubRef, K3S_API_PORT, NodePlan, OPERATOR_KEEPALIVE_S, OperatorPlan, Plan,
+    SSH_PORT, WgPlan,
+};
+use crate::config::profile::{Role, Topology};
+use crate::config::secrets::PrivateKey;
 use crate::config::types::{Endpoint, Host, WgKey};
 use crate::render::tree::FileTree;
 
@@ -52,28 +57,8 @@ pub fn render(
     let _ = writeln!(s, "PrivateKey = {}", secrets.private_key.to_base64());
     let mut named = Vec::new();
     for p in peers(plan, wg, node, secrets) {
-        let _ = write!(
-            s,
-            "\n# {}\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\n",
-            p.comment,
-            p.public_key,
-            join(&p.allowed_ips)
-        );
-        match &p.endpoint {
-            Some(e) if matches!(e.host, Host::Name(_)) => {
-                let _ = writeln!(
-                    s,
-                    "# Endpoint = {e} (set by kiln-wg-endpoints.service once the name resolves)"
-                );
-                named.push((p.public_key.clone(), e.clone()));
-            }
-            Some(e) => {
-                let _ = writeln!(s, "Endpoint = {e}");
-            }
-            None => {}
-        }
-        if let Some(k) = p.keepalive {
-            let _ = writeln!(s, "PersistentKeepalive = {k}");
+        if let Some(e) = write_peer(&mut s, &p, false) {
+            named.push((p.public_key.clone(), e));
         }
     }
     tree.file(&format!("/etc/wireguard/{iface}.conf"), SECRET_MODE, s);
@@ -89,6 +74,37 @@ pub fn render(
     if !named.is_empty() {
         render_endpoint_units(plan, iface, &named, tree);
     }
+}
+
+/// Write one `[Peer]` stanza. An endpoint given by DNS name is written
+/// as a comment and returned (for `kiln-wg-endpoints`), unless
+/// `names_inline`: a laptop's wg-quick resolves it when brought up.
+fn write_peer(s: &mut String, p: &Peer, names_inline: bool) -> Option<Endpoint> {
+    let _ = write!(
+        s,
+        "\n# {}\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\n",
+        p.comment,
+        p.public_key,
+        join(&p.allowed_ips)
+    );
+    let mut named = None;
+    match &p.endpoint {
+        Some(e) if matches!(e.host, Host::Name(_)) && !names_inline => {
+            let _ = writeln!(
+                s,
+                "# Endpoint = {e} (set by kiln-wg-endpoints.service once the name resolves)"
+            );
+            named = Some(e.clone());
+        }
+        Some(e) => {
+            let _ = writeln!(s, "Endpoint = {e}");
+        }
+        None => {}
+    }
+    if let Some(k) = p.keepalive {
+        let _ = writeln!(s, "PersistentKeepalive = {k}");
+    }
+    named
 }
 
 /// Seconds between re-resolving named endpoints.
@@ -170,9 +186,23 @@ fn host_net(n: &NodePlan) -> IpNet {
     IpNet::from(n.wireguard_address.expect("validated"))
 }
 
-/// The peers of `node`: in a mesh every other node and every external
-/// peer; in a hub topology the hub only (routing the whole network), and
-/// the hub node itself every other node and external peer.
+/// An operator's laptop, as a node's peer: its address only, no
+/// endpoint (the laptop dials in and roams), no keepalive (it keeps the
+/// tunnel open itself).
+fn operator_peer(o: &OperatorPlan, secrets: &NodeSecrets) -> Peer {
+    Peer {
+        comment: format!("operator {}", o.name),
+        public_key: secrets.operator_keys[&o.name].clone(),
+        allowed_ips: vec![IpNet::from(o.wireguard_address)],
+        endpoint: None,
+        keepalive: None,
+    }
+}
+
+/// The peers of `node`: in a mesh every other node, every external peer
+/// and every operator; in a hub topology the hub only (routing the whole
+/// network), and the hub node itself every other node, external peer and
+/// operator.
 fn peers(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets) -> Vec<Peer> {
     let others = plan.nodes.iter().filter(|n| n.name != node.name);
     let all = |out: &mut Vec<Peer>| {
@@ -181,6 +211,9 @@ fn peers(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets) -> Ve
         }
         for p in &wg.peers {
             out.push(external_peer(p, wg, p.allowed_ips.clone()));
+        }
+        for o in &plan.operators {
+            out.push(operator_peer(o, secrets));
         }
     };
     let mut out = Vec::new();
@@ -208,13 +241,14 @@ fn peers(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets) -> Ve
 /// WireGuard config (public keys only).
 pub fn hub_peer_stanzas(
     plan: &Plan,
-    public_keys: &std::collections::BTreeMap<String, WgKey>,
+    public_keys: &BTreeMap<String, WgKey>,
+    operator_keys: &BTreeMap<String, WgKey>,
 ) -> String {
     let mut s = String::new();
     let Some(wg) = &plan.wireguard else { return s };
     let _ = writeln!(
         s,
-        "# kiln cluster {}: one [Peer] per node, for the hub's [Interface] on {}",
+        "# kiln cluster {}: one [Peer] per node and operator, for the hub's [Interface] on {}",
         plan.cluster, wg.network
     );
     for n in &plan.nodes {
@@ -231,6 +265,159 @@ pub fn hub_peer_stanzas(
                 s,
                 "# Endpoint = {e}   (only if the hub can reach this address; nodes dial the hub otherwise)"
             );
+        }
+    }
+    for o in &plan.operators {
+        s.push_str(&operator_hub_stanza(o, &operator_keys[&o.name]));
+    }
+    s
+}
+
+/// The `[Peer]` an external hub needs for an operator's laptop (public
+/// key only).
+pub fn operator_hub_stanza(o: &OperatorPlan, public_key: &WgKey) -> String {
+    format!(
+        "\n# operator {} (a laptop: it dials the hub, so no endpoint)\n[Peer]\nPublicKey = {public_key}\nAllowedIPs = {}\n",
+        o.name,
+        IpNet::from(o.wireguard_address)
+    )
+}
+
+/// An operator's peers: the hub alone (routing the whole tunnel network),
+/// or in a mesh every node with an endpoint (its own address each).
+fn operator_peers(plan: &Plan, wg: &WgPlan, node_keys: &BTreeMap<String, WgKey>) -> Vec<Peer> {
+    let keepalive = Some(OPERATOR_KEEPALIVE_S);
+    let node = |n: &NodePlan, allowed: Vec<IpNet>, comment: String| Peer {
+        comment,
+        public_key: node_keys[&n.name].clone(),
+        allowed_ips: allowed,
+        endpoint: n.endpoint.clone(),
+        keepalive,
+    };
+    match (wg.topology, wg.hub) {
+        (Topology::Hub, Some(HubRef::Node(h))) => {
+            let n = &plan.nodes[h];
+            let comment = format!("hub: node {} ({})", n.name, n.role.as_str());
+            vec![node(n, vec![wg.network], comment)]
+        }
+        (Topology::Hub, Some(HubRef::External(i))) => {
+            let p = &wg.peers[i];
+            vec![Peer {
+                comment: format!("hub: external peer {}", p.name),
+                public_key: p.public_key.clone(),
+                allowed_ips: vec![wg.network],
+                endpoint: p.endpoint.clone(),
+                keepalive,
+            }]
+        }
+        _ => plan
+            .nodes
+            .iter()
+            .filter(|n| n.endpoint.is_some())
+            .map(|n| {
+                let comment = format!("node {} ({})", n.name, n.role.as_str());
+                node(n, vec![host_net(n)], comment)
+            })
+            .collect(),
+    }
+}
+
+/// The nodes an operator reaches: through a hub every node, in a mesh
+/// those with an endpoint.
+pub fn operator_reaches<'p>(plan: &'p Plan, wg: &WgPlan) -> Vec<&'p NodePlan> {
+    let mesh = wg.topology == Topology::Mesh;
+    plan.nodes
+        .iter()
+        .filter(|n| !mesh || n.endpoint.is_some())
+        .collect()
+}
+
+/// The operator's own `wg-quick` file: its key, its address, and the
+/// peers that lead into the cluster. The comment header says what it
+/// reaches. Holds the operator's private key: write it 0600.
+pub fn render_operator(
+    plan: &Plan,
+    operator: &OperatorPlan,
+    private_key: &PrivateKey,
+    node_keys: &BTreeMap<String, WgKey>,
+) -> String {
+    let wg = plan
+        .wireguard
+        .as_ref()
+        .expect("validated: operators need WireGuard");
+    let mut s = operator_header(plan, wg, operator);
+    s.push_str("\n[Interface]\n");
+    let _ = writeln!(
+        s,
+        "Address = {}/{}",
+        operator.wireguard_address,
+        wg.network.prefix_len()
+    );
+    let _ = writeln!(s, "PrivateKey = {}", private_key.to_base64());
+    for p in operator_peers(plan, wg, node_keys) {
+        write_peer(&mut s, &p, true);
+    }
+    s
+}
+
+/// What the operator's file is, what it reaches and how.
+fn operator_header(plan: &Plan, wg: &WgPlan, o: &OperatorPlan) -> String {
+    let profile = plan
+        .profile_path
+        .file_name()
+        .map_or(String::new(), |f| f.to_string_lossy().to_string());
+    let mut s = format!(
+        "# WireGuard for operator {} of kiln cluster {}, rendered from {profile}.\n\
+         # Holds the operator's private key: keep it 0600 and on this machine only.\n\
+         # Bring it up with `sudo wg-quick up ./FILE.conf` (a path: a bare name\n\
+         # means /etc/wireguard/NAME.conf); FILE becomes the interface name.\n#\n",
+        o.name, plan.cluster
+    );
+    let _ = writeln!(
+        s,
+        "# Over the tunnel {}, it reaches SSH ({SSH_PORT}) and the Kubernetes API ({K3S_API_PORT}) of:",
+        wg.network
+    );
+    for n in operator_reaches(plan, wg) {
+        let addr = n.wireguard_address.expect("validated");
+        let api = if n.role == Role::Server {
+            format!("  https://{}:{K3S_API_PORT}", Host::Ip(addr))
+        } else {
+            String::new()
+        };
+        let line = format!("#   {:<12} {addr:<15} {:<6}{api}", n.name, n.role.as_str());
+        let _ = writeln!(s, "{}", line.trim_end());
+    }
+    let _ = writeln!(
+        s,
+        "# and nothing else: the nodes' firewalls refuse every other port."
+    );
+    match (wg.topology, wg.hub) {
+        (Topology::Hub, Some(HubRef::Node(h))) => {
+            let _ = writeln!(s, "# Through the hub, node {}.", plan.nodes[h].name);
+        }
+        (Topology::Hub, Some(HubRef::External(i))) => {
+            let _ = writeln!(
+                s,
+                "# Through the hub {} (not built by kiln): its admin must add this laptop's\n\
+                 # [Peer] (`kiln keys` prints it) before the tunnel carries anything.",
+                wg.peers[i].name
+            );
+        }
+        _ => {
+            let unreachable: Vec<&str> = plan
+                .nodes
+                .iter()
+                .filter(|n| n.endpoint.is_none())
+                .map(|n| n.name.as_str())
+                .collect();
+            if !unreachable.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "# Not reachable (no endpoint to dial in a mesh): {}.",
+                    unreachable.join(", ")
+                );
+            }
         }
     }
     s

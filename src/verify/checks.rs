@@ -24,7 +24,12 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &str, expected: impl Into<String>, seen: impl Into<String>, pass: bool) -> Check {
+    pub fn new(
+        name: &str,
+        expected: impl Into<String>,
+        seen: impl Into<String>,
+        pass: bool,
+    ) -> Check {
         Check {
             name: name.to_string(),
             expected: expected.into(),
@@ -33,7 +38,7 @@ impl Check {
         }
     }
 
-    fn eq(name: &str, expected: &str, seen: &str) -> Check {
+    pub fn eq(name: &str, expected: &str, seen: &str) -> Check {
         Check::new(
             name,
             expected.trim(),
@@ -953,6 +958,9 @@ pub struct ClusterNode<'a> {
     pub node: &'a NodePlan,
     /// MAC of the management NIC (user networking, SSH).
     pub mgmt_mac: String,
+    /// UDP ports forwarded onto the management NIC (see
+    /// [`VmConfig::udp_forward`]).
+    pub udp_forward: Vec<(std::net::SocketAddr, u16)>,
 }
 
 /// Boot a server and an agent of one profile on a shared virtual LAN and
@@ -964,6 +972,19 @@ pub fn test_cluster(
     key: &Path,
     real_k3s: bool,
     logs: Option<&Path>,
+) -> anyhow::Result<Report> {
+    test_cluster_then(plan, (server, agent), key, real_k3s, logs, |_, _, _| Ok(()))
+}
+
+/// As [`test_cluster`]; then `more` adds its own checks, on the two
+/// machines still running (server first).
+pub fn test_cluster_then(
+    plan: &Plan,
+    (server, agent): (&ClusterNode, &ClusterNode),
+    key: &Path,
+    real_k3s: bool,
+    logs: Option<&Path>,
+    more: impl FnOnce(&Vm, &Vm, &mut Report) -> anyhow::Result<()>,
 ) -> anyhow::Result<Report> {
     let (mut s, mut a) = boot_pair(server, agent, key, logs)?;
     let mut r = Report {
@@ -989,6 +1010,7 @@ pub fn test_cluster(
     check_tunnel(&s, &a, server, agent, key, wg, (&s_wg, &a_wg), &mut r)?;
     check_api_reach(&a, server, agent, key, (&s_wg, &s_lan), &mut r);
     check_agent_joins(plan, &mut s, &mut a, server, agent, key, real_k3s, &mut r)?;
+    more(&s, &a, &mut r)?;
     r.timeline = vec![
         Mark {
             what: format!("{} switch_root", server.node.name),
@@ -1017,6 +1039,7 @@ fn boot_pair(
     let start = |n: &ClusterNode, lan: crate::verify::vm::Lan| -> anyhow::Result<Vm> {
         let mut cfg = VmConfig::new(&n.node.name, n.image);
         cfg.mac = n.mgmt_mac.clone();
+        cfg.udp_forward = n.udp_forward.clone();
         cfg.lan = Some((
             lan,
             n.node

@@ -198,6 +198,9 @@ pub struct VmConfig {
     pub mac: String,
     /// Guest TCP ports to forward from the host's loopback (22 always).
     pub forward: Vec<u16>,
+    /// Guest UDP ports forwarded from a host address (which must exist
+    /// before QEMU starts): a WireGuard endpoint reached from outside.
+    pub udp_forward: Vec<(std::net::SocketAddr, u16)>,
     /// An extra NIC on a virtual LAN, with this MAC.
     pub lan: Option<(Lan, String)>,
     /// The management NIC's subnet and the guest's static address on it,
@@ -304,6 +307,7 @@ impl VmConfig {
             cpus: 2,
             mac: "52:54:00:12:34:56".into(),
             forward: Vec::new(),
+            udp_forward: Vec::new(),
             lan: None,
             user_net: None,
             accel,
@@ -526,6 +530,9 @@ impl Vm {
             .iter()
             .map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-{guest}:{g}"))
             .collect();
+        for (h, g) in &cfg.udp_forward {
+            fwd.push_str(&format!(",hostfwd=udp:{h}-{guest}:{g}"));
+        }
         if let Some((net, ip)) = cfg.user_net {
             fwd = format!(",net={}{fwd}", net.trunc());
             if cfg.netboot.is_some() {

@@ -17,6 +17,15 @@ pub fn repo() -> PathBuf {
 /// The example profiles, as the README points to them.
 pub const EXAMPLES: [&str; 2] = ["profiles/club.toml", "profiles/ha.toml"];
 
+/// Every profile whose rendered files are checked (golden files, nft,
+/// wg-quick): the examples (club: an external hub; ha: a mesh) and a hub
+/// topology whose hub is a node. Each has an operator.
+pub const RENDERED: [&str; 3] = [
+    "profiles/club.toml",
+    "profiles/ha.toml",
+    "tests/profiles/hub.toml",
+];
+
 pub fn load_example(rel: &str) -> Plan {
     // Plan from the text, with the path as a user would type it, so
     // rendered headers do not depend on where the repo is checked out.
@@ -61,6 +70,14 @@ pub fn fixed_secrets(plan: &Plan) -> ClusterSecrets {
         cluster_ca,
         node_passwords,
         ssh_host_keys,
+        operators: plan
+            .operators
+            .iter()
+            .map(|o| {
+                let d = seed("operator key", &o.name);
+                (o.name.clone(), PrivateKey::from_bytes(d))
+            })
+            .collect(),
     }
 }
 

@@ -5,10 +5,14 @@
 //! It behaves just enough like k3s for the boot checks:
 //! - `k3s --version` prints the version it was built as
 //!   (`K3S_DOUBLE_VERSION` at build time) and says it is a double;
-//! - `k3s server ARGS…` records its arguments and config, listens on the
-//!   supervisor port 6443 and tells systemd it is ready;
-//! - `k3s agent ARGS…` records the same, then connects to the `server:`
-//!   URL from its config until it gets through, recording each attempt;
+//! - `k3s server ARGS…` records its arguments and config, takes its CA
+//!   set from `server/tls` (making what is missing), refuses a secure
+//!   token that pins another CA, serves TLS on the supervisor port 6443
+//!   and tells systemd it is ready (see `tls` for what it answers);
+//! - `k3s agent ARGS…` records the same, then joins the `server:` URL
+//!   from its config as k3s does (fetch `/cacerts`, check it against a
+//!   secure token, then talk TLS verified with that CA) until it gets
+//!   through, recording each attempt;
 //! - `k3s etcd-snapshot save [--name N]` saves a snapshot file the way k3s
 //!   does and records the call (see `etcd_snapshot_save`).
 //!
@@ -27,8 +31,10 @@
 //! fails (exit 1, a message on stderr), as a real one does when etcd is
 //! unhealthy or /var is full.
 
-use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+mod tls;
+
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -133,6 +139,16 @@ fn config_value(config: &str, key: &str) -> Option<String> {
     })
 }
 
+/// The join token, from `token-file:` or `token:` in config.yaml.
+fn read_token(config: &str) -> Option<String> {
+    match config_value(config, "token-file") {
+        Some(f) => std::fs::read_to_string(&f).ok(),
+        None => config_value(config, "token"),
+    }
+    .map(|t| t.trim().to_string())
+    .filter(|t| !t.is_empty())
+}
+
 fn etcd_dir() -> String {
     format!("{DB_DIR}/etcd")
 }
@@ -174,32 +190,67 @@ fn open_datastore(config: &str) -> (String, String) {
 fn server(args: &[String]) -> ! {
     let mut rec = common("server", args);
     let config = std::fs::read_to_string(CONFIG).unwrap_or_default();
+    let cas = tls::load_or_make_cas().unwrap_or_else(|e| die(&e));
+    let ca_hash = tls::sha256_hex(cas.server_ca_pem.as_bytes());
+    if let Some(pinned) = read_token(&config).as_deref().and_then(tls::token_ca_hash)
+        && pinned != ca_hash
+    {
+        die(&format!(
+            "token CA hash {pinned} does not match the cluster CA certificate hash {ca_hash}"
+        ));
+    }
+    let names = tls::serving_names(&config);
+    let tls_config = tls::server_config(&cas, names.clone()).unwrap_or_else(|e| die(&e));
+    rec.push(("ca".into(), cas.origin.clone()));
+    rec.push(("server_ca_sha256".into(), ca_hash));
+    rec.push(("serving_names".into(), names.join(",")));
     let (kind, path) = open_datastore(&config);
     rec.push(("datastore".into(), kind));
     rec.push(("datastore_path".into(), path));
     let listener = match TcpListener::bind(("0.0.0.0", API_PORT)) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("k3s-double: cannot listen on {API_PORT}: {e}");
-            std::process::exit(1);
-        }
+        Err(e) => die(&format!("cannot listen on {API_PORT}: {e}")),
     };
     rec.push(("listening".into(), API_PORT.to_string()));
     record("server", &rec);
     notify_ready();
-    eprintln!("k3s-double {VERSION}: server listening on {API_PORT}");
+    eprintln!("k3s-double {VERSION}: server listening on {API_PORT} (TLS)");
+    let banner = format!("k3s-double {VERSION}");
     let mut accepted = 0u64;
     // A failed accept (a peer gone before it was accepted) is skipped.
-    for mut s in listener.incoming().flatten() {
+    // One connection at a time: enough for a double.
+    for s in listener.incoming().flatten() {
         accepted += 1;
         let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let _ = s.write_all(format!("k3s-double {VERSION}\n").as_bytes());
+        let answered = tls::serve(tls_config.clone(), s, &cas.server_ca_pem, &banner);
         let mut r = rec.clone();
         r.push(("accepted".into(), accepted.to_string()));
         r.push(("last_peer".into(), peer));
+        r.push(("last_request".into(), answered));
         record("server", &r);
     }
     std::process::exit(1)
+}
+
+/// One join attempt as k3s's agent makes it: the server's CA from
+/// `/cacerts` (checked against a secure token), then a request verified
+/// with that CA. Returns the server's answer and the token's form.
+fn join(target: &str, token: Option<&str>) -> Result<(String, &'static str), String> {
+    let ca = tls::get(target, "/cacerts", None)?;
+    let form = match token.and_then(tls::token_ca_hash) {
+        Some(pinned) => {
+            let got = tls::sha256_hex(ca.as_bytes());
+            if got != pinned {
+                return Err(format!(
+                    "the server's CA (sha256 {got}) is not the one the token pins ({pinned})"
+                ));
+            }
+            "secure"
+        }
+        None => "short",
+    };
+    let answer = tls::get(target, "/ping", Some(ca.as_bytes()))?;
+    Ok((answer.trim().to_string(), form))
 }
 
 fn agent(args: &[String]) -> ! {
@@ -213,26 +264,17 @@ fn agent(args: &[String]) -> ! {
     let mut attempts = 0u64;
     loop {
         attempts += 1;
-        let result = target
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)));
-        let (ok, detail) = match result {
-            Some(Ok(mut s)) => {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-                let mut banner = String::new();
-                let _ = s.read_to_string(&mut banner);
-                (true, banner.trim().to_string())
-            }
-            Some(Err(e)) => (false, e.to_string()),
-            None => (false, format!("cannot resolve {target}")),
+        let token = read_token(&config);
+        let (ok, detail, form) = match join(&target, token.as_deref()) {
+            Ok((answer, form)) => (true, answer, form),
+            Err(e) => (false, e, ""),
         };
         let mut r = rec.clone();
         r.push(("server".into(), target.clone()));
         r.push(("attempts".into(), attempts.to_string()));
         r.push(("connected".into(), ok.to_string()));
         r.push(("detail".into(), detail));
+        r.push(("token_form".into(), form.to_string()));
         r.push(("at".into(), now().to_string()));
         record("agent", &r);
         std::thread::sleep(Duration::from_secs(if ok { 10 } else { 2 }));

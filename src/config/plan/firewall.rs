@@ -8,7 +8,8 @@ use crate::config::profile::{self, Role};
 
 use super::{
     DEFAULT_ALLOW_TCP, ETCD_PORTS, FLANNEL_VXLAN_PORT, FLANNEL_WG_PORTS, FirewallPlan,
-    FirewallRulePlan, K3S_API_PORT, KUBELET_PORT, NodePlan, WgPlan,
+    FirewallRulePlan, K3S_API_PORT, KUBELET_PORT, NodePlan, OPERATOR_TCP_PORTS, OperatorAccess,
+    OperatorPlan, WgPlan,
 };
 
 pub(super) fn resolve_firewall(
@@ -72,6 +73,7 @@ pub(super) fn resolve_firewall(
             |l| l.iter().map(|a| a.v).collect(),
         ),
         icmp: f.icmp.unwrap_or(true),
+        operators: None,
         rules: f
             .rules
             .iter()
@@ -93,4 +95,23 @@ pub(super) fn resolve_firewall(
             })
             .collect(),
     }
+}
+
+/// With operators, what they may reach: SSH and the API of every node,
+/// over the tunnel only.
+pub(super) fn operator_access(
+    wireguard: Option<&WgPlan>,
+    nodes: &[NodePlan],
+    operators: &[OperatorPlan],
+) -> Option<OperatorAccess> {
+    let wg = wireguard?;
+    if operators.is_empty() {
+        return None;
+    }
+    Some(OperatorAccess {
+        interface: wg.interface.clone(),
+        sources: operators.iter().map(|o| o.wireguard_address).collect(),
+        tcp: OPERATOR_TCP_PORTS.to_vec(),
+        nodes: nodes.iter().filter_map(|n| n.wireguard_address).collect(),
+    })
 }

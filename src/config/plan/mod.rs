@@ -18,6 +18,7 @@ mod firewall;
 mod first_boot;
 mod k3s;
 mod nodes;
+mod operators;
 mod servers;
 mod wireguard;
 
@@ -48,6 +49,14 @@ pub const DEFAULT_AFTER_INSTALL: AfterInstall = AfterInstall::Poweroff;
 pub const FIRST_USER_UID: u32 = 1000;
 /// The k3s supervisor and API server port.
 pub const K3S_API_PORT: u16 = 6443;
+/// sshd's port on the nodes.
+pub const SSH_PORT: u16 = 22;
+/// What an operator may reach on a node over the tunnel: SSH and the
+/// Kubernetes API, nothing else.
+pub const OPERATOR_TCP_PORTS: [u16; 2] = [SSH_PORT, K3S_API_PORT];
+/// Keepalive of an operator's peers: a laptop is behind NAT, and the
+/// nodes cannot dial it.
+pub const OPERATOR_KEEPALIVE_S: u16 = 25;
 /// The kubelet port.
 pub const KUBELET_PORT: u16 = 10250;
 /// Embedded etcd client and peer ports (HA servers).
@@ -78,6 +87,8 @@ pub struct Plan {
     pub firewall: FirewallPlan,
     pub first_boot: FirstBootPlan,
     pub nodes: Vec<NodePlan>,
+    /// Machines outside the cluster that reach it through the tunnel.
+    pub operators: Vec<OperatorPlan>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +159,13 @@ pub struct ExternalPeerPlan {
     pub persistent_keepalive: Option<u16>,
 }
 
+/// An `[[operators]]` entry: a laptop with a tunnel address of its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorPlan {
+    pub name: String,
+    pub wireguard_address: IpAddr,
+}
+
 #[derive(Debug, Clone)]
 pub struct FirewallPlan {
     pub allow_tcp: Vec<u16>,
@@ -156,6 +174,20 @@ pub struct FirewallPlan {
     pub accept_cidrs: Vec<IpNet>,
     pub icmp: bool,
     pub rules: Vec<FirewallRulePlan>,
+    /// Limits on operators, checked before any accept above.
+    pub operators: Option<OperatorAccess>,
+}
+
+/// What operators may reach: `tcp` on the nodes, arriving on the tunnel
+/// `interface`; everything else from their addresses is refused, on the
+/// node itself and forwarded through it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorAccess {
+    pub interface: String,
+    pub sources: Vec<IpAddr>,
+    pub tcp: Vec<u16>,
+    /// The nodes' tunnel addresses: where forwarded operator traffic may go.
+    pub nodes: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -447,19 +479,16 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
     wireguard::check_network(&p, wg_enabled, cidrs, d);
     let nodes = nodes::resolve_nodes(&p, wg_enabled, d, &mut missing);
     servers::check_servers(&p, &nodes, wg_enabled, d);
+    let mut seen_ips = wireguard::seen_ips_for_peers(&nodes);
     let wireguard = if wg_enabled {
-        p.wireguard.as_ref().and_then(|w| {
-            wireguard::resolve_wireguard(
-                w,
-                &nodes,
-                &p.nodes,
-                d,
-                &mut wireguard::seen_ips_for_peers(&nodes),
-            )
-        })
+        p.wireguard
+            .as_ref()
+            .and_then(|w| wireguard::resolve_wireguard(w, &nodes, &p.nodes, d, &mut seen_ips))
     } else {
         None
     };
+    let operators =
+        operators::resolve_operators(&p, wg_enabled, wireguard.as_ref(), &nodes, d, &mut seen_ips);
     let flannel_backend = k3s::resolve_flannel(&p, wg_enabled, d);
     let firewall = firewall::resolve_firewall(
         &p.firewall,
@@ -470,6 +499,10 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         cidrs,
         d,
     );
+    let firewall = FirewallPlan {
+        operators: firewall::operator_access(wireguard.as_ref(), &nodes, &operators),
+        ..firewall
+    };
     let first_boot = first_boot::resolve_first_boot(&p.first_boot, d);
 
     if missing {
@@ -486,6 +519,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         firewall,
         first_boot,
         nodes,
+        operators,
     })
 }
 
