@@ -252,6 +252,14 @@ fn server_agent_and_an_operator_on_the_tunnel() {
             &f.key,
             r,
         );
+        let kubeconfig = kiln::cli::kubeconfig::kubeconfig(
+            &f.plan,
+            &f.secrets.cluster_ca,
+            time::OffsetDateTime::now_utc(),
+        )?;
+        let k3s = real_k3s().then(|| k3s_binary().as_path());
+        let version = f.plan.k3s.version.to_string();
+        operator::check_kubeconfig(&laptop, &kubeconfig, k3s, (&version, &["s1", "a1"]), r);
         Ok(())
     })
     .unwrap();
@@ -368,6 +376,11 @@ fn a_seed_from_another_node_fails_the_identity_checks() {
     assert_check(&r, "WireGuard public key (kiln keys)", false);
     assert_check(&r, "k3s config.yaml", false);
     assert_check(&r, "kernel command line", true);
+    assert_check(
+        &r,
+        "kiln's cluster CA is in /var/lib/rancher/k3s/server/tls (sha256, mode)",
+        false,
+    );
 }
 
 #[test]

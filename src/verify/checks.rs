@@ -197,6 +197,7 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     check_wireguard(vm, key, e, &mut out)?;
     check_firewall(vm, key, e, &mut out)?;
     check_k3s(vm, key, e, &mut out)?;
+    crate::verify::cluster_ca::check_cluster_ca(vm, key, e, &mut out)?;
     check_state_fill(vm, key, e, &mut out)?;
     Ok(out)
 }
@@ -734,6 +735,7 @@ pub fn test_node_on(
         return Ok(report);
     }
     let marker_before = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
+    let ca_before = crate::verify::cluster_ca::ca_listing(&vm, key)?;
     vm.sh(
         key,
         &format!("mkdir -p $(dirname {PERSIST_FILE}) && echo kiln-check > {PERSIST_FILE} && sync"),
@@ -754,6 +756,13 @@ pub fn test_node_on(
         "kiln-check",
         &vm.sh(key, &format!("cat {PERSIST_FILE} 2>&1"))?,
     ));
+    if crate::config::cluster_ca::seeds_ca(e.plan, e.node) {
+        report.checks.push(Check::eq(
+            "the cluster CA in server/tls is unchanged after a reboot",
+            &ca_before,
+            &crate::verify::cluster_ca::ca_listing(&vm, key)?,
+        ));
+    }
     let marker_after = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
     let second = vm.sh(key, "journalctl -b 0 -u kiln-firstboot --no-pager -o cat | grep -c 'run-once commands already ran' || true")?;
     report.checks.push(Check::new(
@@ -1203,8 +1212,9 @@ fn check_agent_joins(
                             .to_string()
                     };
                     Ok(Some(format!(
-                        "server={} connected={}",
+                        "server={} token={} connected={}",
                         get("server"),
+                        get("token_form"),
                         get("connected")
                     ))
                     .filter(|s| s.ends_with("connected=true")))
@@ -1212,8 +1222,8 @@ fn check_agent_joins(
             )
             .unwrap_or_else(|e| e.to_string());
         r.checks.push(Check::eq(
-            "agent (test double) got through to the server",
-            &format!("server={host} connected=true"),
+            "agent (test double) checked the server's CA against its token and got through",
+            &format!("server={host} token=secure connected=true"),
             &seen,
         ));
     }

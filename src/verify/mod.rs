@@ -3,4 +3,5 @@
 //! Uses image, inputs, render, config and util; never build or deliver.
 
 pub mod checks;
+pub mod cluster_ca;
 pub mod vm;

@@ -50,7 +50,7 @@ pub struct Laptop {
     iface: String,
     /// The host's end of the veth: QEMU's forwarded port binds here.
     pub host_addr: Ipv4Addr,
-    dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
     conf: Option<PathBuf>,
 }
 
@@ -254,10 +254,14 @@ pub fn check_operator(
         ),
     ];
     for (host, port, what, within) in cases {
+        let seen = laptop.connect(host, port, within);
+        if seen != "connects" {
+            diagnose(laptop, s, key);
+        }
         r.checks.push(Check::eq(
             &format!("operator reaches {what} ({host}:{port})"),
             "connects",
-            &laptop.connect(host, port, within),
+            &seen,
         ));
     }
     let refused = "refused (no route to host: the firewall's reject)";
@@ -283,3 +287,92 @@ pub fn check_operator(
 
 /// A port that listens on every node but only nodes may reach.
 const PROBE: u16 = kiln::verify::checks::PROBE_PORT;
+
+/// The admin kubeconfig `kiln kubeconfig` writes, used from the laptop
+/// over the tunnel: the server's certificate verifies against its CA
+/// data at its server address, the client certificate is accepted, and
+/// without it the API refuses. With a real k3s (`k3s_binary`), `kubectl
+/// get nodes` lists `nodes`.
+pub fn check_kubeconfig(
+    laptop: &Laptop,
+    kubeconfig: &str,
+    real_k3s: Option<&Path>,
+    (version, nodes): (&str, &[&str]),
+    r: &mut Report,
+) {
+    use base64::Engine as _;
+    let doc: serde_yaml::Value = serde_yaml::from_str(kubeconfig).unwrap();
+    let field = |path: &[&str]| -> String {
+        let mut v = &doc;
+        for p in path {
+            v = match p.parse::<usize>() {
+                Ok(i) => &v[i],
+                Err(_) => &v[*p],
+            };
+        }
+        v.as_str().unwrap_or_default().to_string()
+    };
+    let dir = laptop.dir.path();
+    for (file, path) in [
+        (
+            "ca.crt",
+            ["clusters", "0", "cluster", "certificate-authority-data"],
+        ),
+        (
+            "admin.crt",
+            ["users", "0", "user", "client-certificate-data"],
+        ),
+        ("admin.key", ["users", "0", "user", "client-key-data"]),
+    ] {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(field(&path))
+            .unwrap();
+        std::fs::write(dir.join(file), bytes).unwrap();
+    }
+    std::fs::write(dir.join("kubeconfig"), kubeconfig).unwrap();
+    let server = field(&["clusters", "0", "cluster", "server"]);
+    let d = dir.display();
+    let with_cert = laptop.sh(&format!(
+        "curl -sS --max-time 10 --cacert {d}/ca.crt --cert {d}/admin.crt --key {d}/admin.key {server}/version 2>&1 | tr -d ' \\n'"
+    ));
+    r.checks.push(Check::new(
+        &format!("operator's kubeconfig: TLS to {server} verified both ways, /version answered"),
+        format!("\"gitVersion\":\"{version}\""),
+        with_cert.clone(),
+        with_cert.contains(&format!("\"gitVersion\":\"{version}\"")),
+    ));
+    let without = laptop.sh(&format!(
+        "curl -s --max-time 10 --cacert {d}/ca.crt -o /dev/null -w '%{{http_code}}' {server}/api 2>&1"
+    ));
+    r.checks.push(Check::eq(
+        "without the client certificate the API refuses (HTTP status)",
+        "401",
+        &without,
+    ));
+    if let Some(k3s) = real_k3s {
+        let seen = laptop.sh(&format!(
+            "{} kubectl --kubeconfig {d}/kubeconfig get nodes -o name 2>&1 | sed 's,^node/,,' | sort | xargs",
+            k3s.display()
+        ));
+        let mut want = nodes.to_vec();
+        want.sort();
+        r.checks.push(Check::eq(
+            "kubectl --kubeconfig … get nodes, from the laptop",
+            &want.join(" "),
+            &seen,
+        ));
+    }
+}
+
+/// What both ends of the laptop's tunnel say, on stderr.
+fn diagnose(laptop: &Laptop, hub: &Vm, key: &Path) {
+    eprintln!(
+        "laptop:\n{}\nhub:\n{}",
+        laptop.sh("wg show all dump 2>&1; ip -br addr; ip route"),
+        hub.sh(
+            key,
+            "wg show all dump; ip -br addr; ip route; nft list ruleset 2>&1 | head -60"
+        )
+        .unwrap_or_else(|e| e.to_string())
+    );
+}

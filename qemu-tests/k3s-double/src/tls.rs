@@ -8,9 +8,10 @@
 //!   certificate for the supervisor/API port 6443 with the server CA, for
 //!   the names k3s puts in it (`tls-san`, `node-ip`, `advertise-address`,
 //!   localhost, 127.0.0.1, kubernetes).
-//! - The port answers `GET /cacerts` with the server CA file, to anyone,
-//!   as k3s does, and `GET /version` only to a client whose certificate
-//!   the client CA signed (anything else: 401).
+//! - The port answers `GET /cacerts` with the server CA file and
+//!   `GET /ping` to anyone, as k3s does; any other path only to a client
+//!   whose certificate the client CA signed (else 401): `/version` with
+//!   `{"gitVersion":…}`, the rest with a banner.
 //! - A token in the secure form `K10<sha256 of the CA file>::user:secret`
 //!   pins the server CA: a server refuses to start if its own CA does not
 //!   match; an agent fetches `/cacerts` without verifying, refuses a server
@@ -186,9 +187,8 @@ pub fn server_config(cas: &CaSet, names: Vec<String>) -> Result<Arc<rustls::Serv
     Ok(Arc::new(config))
 }
 
-/// Answer one connection: `/cacerts` to anyone, `/version` to a client the
-/// client CA signed, a banner otherwise. Returns the client's subject CN
-/// line for the record, if it presented a certificate.
+/// Answer one connection (see the module doc). Returns what was asked and
+/// answered, for the record.
 pub fn serve(
     cfg: Arc<rustls::ServerConfig>,
     sock: TcpStream,
@@ -216,8 +216,16 @@ pub fn serve(
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let (status, body) = match path.as_str() {
         "/cacerts" => ("200 OK", ca_pem.to_string()),
-        "/version" if client => ("200 OK", format!("{{\"gitVersion\":\"{banner}\"}}\n")),
-        "/version" => ("401 Unauthorized", "client certificate required\n".into()),
+        "/ping" => ("200 OK", format!("{banner}\n")),
+        _ if !client => ("401 Unauthorized", "client certificate required\n".into()),
+        // As k3s: the version alone (the banner is "k3s-double VERSION").
+        "/version" => (
+            "200 OK",
+            format!(
+                "{{\"gitVersion\":\"{}\"}}\n",
+                banner.rsplit(' ').next().unwrap_or(banner)
+            ),
+        ),
         _ => ("200 OK", format!("{banner}\n")),
     };
     let _ = write!(
