@@ -593,11 +593,23 @@ fn netboot_expect<'a>(
 
 #[test]
 fn a_diskless_node_netboots_from_kiln_serve() {
+    diskless_netboot("s1", "server");
+}
+
+/// The agent too: with /var in RAM it still presents the node password
+/// and SSH host key of the state dir (the identity checks of every boot),
+/// so a server that knew it lets it back in.
+#[test]
+fn a_diskless_agent_netboots_with_its_own_identity() {
+    diskless_netboot("a1", "agent");
+}
+
+fn diskless_netboot(node: &str, role: &str) {
     let (f, out) = built();
     let _g = vm_lock();
     let serving = Serving::start(&f.plan, out);
-    let files = files_for(f, "s1");
-    let e = netboot_expect(f, out, "s1", &files, false);
+    let files = files_for(f, node);
+    let e = netboot_expect(f, out, node, &files, false);
     let r = verify::test_netboot(&serving.netboot(), None, &f.key, &e, None).unwrap();
     assert_all_pass(&r);
     assert!(
@@ -607,16 +619,24 @@ fn a_diskless_node_netboots_from_kiln_serve() {
     );
     let log = serving.log();
     eprintln!("kiln serve log:\n{}", log.join("\n"));
+    let mac = f
+        .plan
+        .node(node)
+        .unwrap()
+        .mac
+        .unwrap()
+        .to_string()
+        .replace(':', "-");
     for want in [
-        "GET /boot.ipxe 200",
-        "GET /mac/52-54-00-12-34-01.ipxe 200",
-        "GET /vmlinuz 200",
-        "GET /initrd.img 200",
-        "GET /seed/s1.img 200",
-        "GET /root-server.sqfs 200",
+        "GET /boot.ipxe 200".to_string(),
+        format!("GET /mac/{mac}.ipxe 200"),
+        "GET /vmlinuz 200".into(),
+        "GET /initrd.img 200".into(),
+        format!("GET /seed/{node}.img 200"),
+        format!("GET /root-{role}.sqfs 200"),
     ] {
         assert!(
-            log.iter().any(|l| l.contains(want)),
+            log.iter().any(|l| l.contains(&want)),
             "no `{want}` in the serve log"
         );
     }

@@ -286,9 +286,9 @@ pub fn check_operator(
         ));
     }
     let refused = "refused (no route to host: the firewall's reject)";
-    for (host, what) in [(s_wg, "s1"), (a_wg, "a1, through the hub,")] {
+    for (host, what) in [(s_wg, "s1"), (a_wg, "a1 (through the hub)")] {
         r.checks.push(Check::eq(
-            &format!("operator cannot reach {what}:{PROBE}"),
+            &format!("operator cannot reach port {PROBE} of {what}"),
             refused,
             &laptop.connect(host, PROBE, Duration::ZERO),
         ));
