@@ -193,3 +193,175 @@ fn external_link(wg: &WgPlan, i: usize, kind: LinkKind, allowed_ips: Vec<IpNet>)
         keepalive: p.persistent_keepalive.or(wg.persistent_keepalive),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn nets(l: &[IpNet]) -> Vec<String> {
+        l.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn exclude_leaves_the_rest_of_the_network_without_overlap() {
+        let holes = [net("10.0.0.12/32"), net("10.0.0.13/32")];
+        let rest = exclude(net("10.0.0.0/24"), &holes);
+        assert_eq!(
+            nets(&rest),
+            [
+                "10.0.0.0/29",
+                "10.0.0.8/30",
+                "10.0.0.14/31",
+                "10.0.0.16/28",
+                "10.0.0.32/27",
+                "10.0.0.64/26",
+                "10.0.0.128/25"
+            ]
+        );
+        // Every address but the holes, each exactly once.
+        let covered: u32 = rest.iter().map(|n| 1 << (32 - n.prefix_len())).sum();
+        assert_eq!(covered, 256 - 2);
+        assert!(rest.iter().all(|r| holes.iter().all(|h| !r.contains(h))));
+    }
+
+    #[test]
+    fn exclude_without_holes_is_the_network_and_of_everything_is_nothing() {
+        let n = net("fd00:10::/64");
+        assert_eq!(exclude(n, &[]), [n]);
+        assert_eq!(exclude(n, &[net("fd00:11::1/128")]), [n]);
+        assert!(exclude(net("10.0.0.8/31"), &[net("10.0.0.0/24")]).is_empty());
+    }
+
+    /// Two sites behind an external hub, a node on its own, an operator.
+    const SITES: &str = r#"
+[cluster]
+name = "lab"
+[k3s]
+version = "v1.31.1+k3s1"
+[wireguard]
+network = "10.0.0.0/24"
+topology = "hub"
+hub = "vps"
+[[wireguard.peers]]
+name = "vps"
+public-key = "in8aLqpdujLG8XAFqR8Hys5zP2Uu4hNoUkomX1oX1X4="
+endpoint = "hub.example.org:51820"
+address = "10.0.0.1"
+[[operators]]
+name = "alice"
+wireguard-address = "10.0.0.200"
+[[nodes]]
+name = "a1"
+role = "server"
+site = "campus"
+lan-address = "192.168.1.11"
+wireguard-address = "10.0.0.11"
+[[nodes]]
+name = "a2"
+role = "agent"
+site = "campus"
+endpoint = "a2.campus.example:51830"
+wireguard-address = "10.0.0.12"
+[[nodes]]
+name = "h1"
+role = "agent"
+site = "home"
+wireguard-address = "10.0.0.21"
+[[nodes]]
+name = "x1"
+role = "agent"
+wireguard-address = "10.0.0.31"
+"#;
+
+    fn plan(text: &str) -> Plan {
+        crate::config::plan::plan_profile(std::path::Path::new("lab.toml"), text)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// One line per link: peer, kind, endpoint, AllowedIPs.
+    fn table(plan: &Plan, node: usize) -> Vec<String> {
+        let wg = plan.wireguard.as_ref().unwrap();
+        node_links(plan, wg, node)
+            .iter()
+            .map(|l| {
+                let to = match l.to {
+                    PeerRef::Node(m) => plan.nodes[m].name.clone(),
+                    PeerRef::External(p) => wg.peers[p].name.clone(),
+                    PeerRef::Operator(o) => plan.operators[o].name.clone(),
+                };
+                let at = l.endpoint.as_ref().map_or("-".into(), ToString::to_string);
+                format!("{to} {:?} {at} {}", l.kind, nets(&l.allowed_ips).join(","))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_site_peers_directly_and_sends_the_rest_to_the_hub() {
+        let p = plan(SITES);
+        let rest_a1 = nets(&exclude(net("10.0.0.0/24"), &[net("10.0.0.12/32")])).join(",");
+        assert_eq!(
+            table(&p, 0),
+            [
+                "a2 Site a2.campus.example:51830 10.0.0.12/32".to_string(),
+                format!("vps Hub hub.example.org:51820 {rest_a1}"),
+            ]
+        );
+        // a1 is dialled on its LAN address, at the tunnel port.
+        assert_eq!(table(&p, 1)[0], "a1 Site 192.168.1.11:51830 10.0.0.11/32");
+        // Alone in its site, or in none: the hub carries the whole network.
+        for node in [2, 3] {
+            assert_eq!(
+                table(&p, node),
+                ["vps Hub hub.example.org:51820 10.0.0.0/24"]
+            );
+        }
+    }
+
+    #[test]
+    fn a_hub_node_in_a_site_is_dialled_on_the_lan_and_routes_for_everyone() {
+        let text = SITES
+            .replace("hub = \"vps\"", "hub = \"a1\"")
+            .replace("endpoint = \"hub.example.org:51820\"\n", "");
+        let p = plan(&text);
+        // a2 reaches a1 over the LAN, and everything else through it.
+        assert_eq!(table(&p, 1), ["a1 Hub 192.168.1.11:51830 10.0.0.0/24"]);
+        // h1 is in another site: it dials a1's endpoint (here the same LAN
+        // address; in real life a forwarded port).
+        assert_eq!(table(&p, 2), ["a1 Hub 192.168.1.11:51830 10.0.0.0/24"]);
+        assert_eq!(
+            table(&p, 0),
+            [
+                "a2 Site a2.campus.example:51830 10.0.0.12/32",
+                "h1 Spoke - 10.0.0.21/32",
+                "x1 Spoke - 10.0.0.31/32",
+                "vps Spoke - 10.0.0.1/32",
+                "alice Spoke - 10.0.0.200/32",
+            ]
+        );
+    }
+
+    #[test]
+    fn without_sites_a_mesh_peers_everyone_and_a_spoke_only_the_hub() {
+        let mesh = SITES
+            .replace("site = \"campus\"\n", "")
+            .replace("site = \"home\"\n", "")
+            .replace("topology = \"hub\"\nhub = \"vps\"\n", "");
+        let p = plan(&mesh);
+        let kinds: Vec<LinkKind> = node_links(&p, p.wireguard.as_ref().unwrap(), 0)
+            .iter()
+            .map(|l| l.kind)
+            .collect();
+        assert_eq!(kinds, [LinkKind::Mesh; 5]);
+        let hub = SITES
+            .replace("site = \"campus\"\n", "")
+            .replace("site = \"home\"\n", "");
+        assert_eq!(
+            table(&plan(&hub), 1),
+            ["vps Hub hub.example.org:51820 10.0.0.0/24"]
+        );
+    }
+}
