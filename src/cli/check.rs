@@ -356,17 +356,18 @@ fn peer_row(plan: &Plan, wg: &WgPlan, n: &NodePlan, l: &Link) -> [String; 5] {
         LinkKind::Hub => "hub".to_string(),
         LinkKind::Spoke => "routed by this hub".to_string(),
     };
-    [n.name.clone(), peer, endpoint, allowed_summary(wg, l), why]
+    let allowed = allowed_summary(wg, l, n.site.as_deref());
+    [n.name.clone(), peer, endpoint, allowed, why]
 }
 
 /// AllowedIPs, with the hub's share of a site's tunnel network said in
 /// words (the CIDRs that make it up are in the rendered file).
-fn allowed_summary(wg: &WgPlan, l: &Link) -> String {
+fn allowed_summary(wg: &WgPlan, l: &Link, site: Option<&str>) -> String {
     let (inside, outside): (Vec<IpNet>, Vec<IpNet>) =
         l.allowed_ips.iter().partition(|a| wg.network.contains(*a));
     let mut parts: Vec<String> =
         if l.kind == LinkKind::Hub && !inside.is_empty() && inside != [wg.network] {
-            vec![format!("rest of {}", wg.network)]
+            vec![format!("{} minus site {}", wg.network, site.unwrap_or("-"))]
         } else {
             inside.iter().map(ToString::to_string).collect()
         };

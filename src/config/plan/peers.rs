@@ -141,12 +141,19 @@ fn spoke_links(plan: &Plan, wg: &WgPlan, node: usize, hub: HubRef) -> Vec<Link> 
     let direct: Vec<usize> = (0..plan.nodes.len())
         .filter(|&m| Some(m) != hub_node && same_site(plan, node, m))
         .collect();
-    let holes: Vec<IpNet> = direct.iter().map(|&m| host_net(&plan.nodes[m])).collect();
     let mut out: Vec<Link> = direct
         .iter()
-        .zip(&holes)
-        .map(|(&m, &h)| node_link(plan, wg, node, m, LinkKind::Site, vec![h]))
+        .map(|&m| {
+            let own = vec![host_net(&plan.nodes[m])];
+            node_link(plan, wg, node, m, LinkKind::Site, own)
+        })
         .collect();
+    // The node's own address too, once it has direct peers: then every
+    // node of a site gives the hub the same share, the network minus the site.
+    let mut holes: Vec<IpNet> = out.iter().flat_map(|l| l.allowed_ips.clone()).collect();
+    if !holes.is_empty() {
+        holes.push(host_net(&plan.nodes[node]));
+    }
     let rest = exclude(wg.network, &holes);
     out.push(match hub {
         HubRef::Node(h) => node_link(plan, wg, node, h, LinkKind::Hub, rest),
@@ -302,7 +309,8 @@ wireguard-address = "10.0.0.31"
     #[test]
     fn a_site_peers_directly_and_sends_the_rest_to_the_hub() {
         let p = plan(SITES);
-        let rest_a1 = nets(&exclude(net("10.0.0.0/24"), &[net("10.0.0.12/32")])).join(",");
+        let campus = [net("10.0.0.11/32"), net("10.0.0.12/32")];
+        let rest_a1 = nets(&exclude(net("10.0.0.0/24"), &campus)).join(",");
         assert_eq!(
             table(&p, 0),
             [
