@@ -220,19 +220,29 @@ pub fn hub_peer_stanzas(
 ) -> String {
     let mut s = String::new();
     let Some(wg) = &plan.wireguard else { return s };
+    let forward = match wg.network {
+        IpNet::V4(_) => "net.ipv4.ip_forward=1",
+        IpNet::V6(_) => "net.ipv6.conf.all.forwarding=1",
+    };
     let _ = writeln!(
         s,
-        "# kiln cluster {}: one [Peer] per node and operator, for the hub's [Interface] on {}",
+        "# kiln cluster {}: one [Peer] per node and operator, for the hub's [Interface] on {}\n\
+         # The hub forwards between them (set {forward}): nodes in different\n\
+         # sites or none, and operators, reach each other only through it.",
         plan.cluster, wg.network
     );
     for n in &plan.nodes {
+        let site = n
+            .site
+            .as_ref()
+            .map_or(String::new(), |x| format!(", site {x}"));
         let _ = write!(
             s,
-            "\n# {} ({})\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\n",
+            "\n# {} ({}{site})\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\n",
             n.name,
             n.role.as_str(),
             public_keys[&n.name],
-            n.wireguard_address.expect("validated")
+            host_net(n)
         );
         if let Some(e) = &n.endpoint {
             let _ = writeln!(
