@@ -1103,3 +1103,31 @@ fn a_site_name_is_one_label() {
         "not a site name",
     );
 }
+
+#[test]
+fn a_hub_node_in_a_site_needs_an_endpoint_for_other_sites() {
+    let text = with(
+        "network = \"10.0.0.0/24\"",
+        "network = \"10.0.0.0/24\"\ntopology = \"hub\"\nhub = \"s1\"",
+    )
+    .replace(
+        "mac = \"52:54:00:00:00:01\"",
+        "mac = \"52:54:00:00:00:01\"\nlan-address = \"192.168.1.11\"\nsite = \"campus\"",
+    )
+    .replace(
+        "mac = \"52:54:00:00:00:02\"",
+        "mac = \"52:54:00:00:00:02\"\nsite = \"home\"",
+    );
+    let e = one(
+        &text,
+        line_of_last(&text, "site = \"campus\""),
+        "nodes[0].endpoint",
+        "nodes of other sites (a1) cannot dial its LAN address",
+    );
+    assert!(e.hint.contains("endpoint = "), "{e}");
+    let fixed = text.replace(
+        "site = \"campus\"",
+        "site = \"campus\"\nendpoint = \"lab.example.org:51830\"",
+    );
+    assert!(errors(&fixed).is_empty(), "{:?}", errors(&fixed));
+}

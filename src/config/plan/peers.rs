@@ -333,13 +333,19 @@ wireguard-address = "10.0.0.31"
     fn a_hub_node_in_a_site_is_dialled_on_the_lan_and_routes_for_everyone() {
         let text = SITES
             .replace("hub = \"vps\"", "hub = \"a1\"")
-            .replace("endpoint = \"hub.example.org:51820\"\n", "");
+            .replace("endpoint = \"hub.example.org:51820\"\n", "")
+            .replace(
+                "lan-address = \"192.168.1.11\"\n",
+                "lan-address = \"192.168.1.11\"\nendpoint = \"campus.example.org:51830\"\n",
+            );
         let p = plan(&text);
         // a2 reaches a1 over the LAN, and everything else through it.
         assert_eq!(table(&p, 1), ["a1 Hub 192.168.1.11:51830 10.0.0.0/24"]);
-        // h1 is in another site: it dials a1's endpoint (here the same LAN
-        // address; in real life a forwarded port).
-        assert_eq!(table(&p, 2), ["a1 Hub 192.168.1.11:51830 10.0.0.0/24"]);
+        // h1 is in another site: it dials a1's endpoint.
+        assert_eq!(
+            table(&p, 2),
+            ["a1 Hub campus.example.org:51830 10.0.0.0/24"]
+        );
         assert_eq!(
             table(&p, 0),
             [

@@ -107,6 +107,9 @@ pub(super) fn resolve_wireguard(
     } else {
         resolve_sites(nodes, raw_nodes, d)
     };
+    if let Some(HubRef::Node(h)) = hub {
+        check_hub_node_reaches_other_sites(h, &sites, nodes, raw_nodes, d);
+    }
     let persistent_keepalive =
         w.persistent_keepalive
             .as_ref()
@@ -165,6 +168,43 @@ fn resolve_sites(
         check_site_endpoints(s, nodes, raw_nodes, d);
     }
     sites
+}
+
+/// A hub node in a site, dialled from other sites: its LAN address is
+/// no use there, it needs an `endpoint` they can reach.
+fn check_hub_node_reaches_other_sites(
+    hub: usize,
+    sites: &[SitePlan],
+    nodes: &[NodePlan],
+    raw_nodes: &[profile::Node],
+    d: &mut Diagnostics,
+) {
+    let raw = &raw_nodes[hub];
+    let (Some(site), None) = (&raw.site, &raw.endpoint) else {
+        return;
+    };
+    let outside: Vec<&str> = sites
+        .iter()
+        .filter(|s| s.name != site.v)
+        .flat_map(|s| s.nodes.iter().map(|&i| nodes[i].name.as_str()))
+        .collect();
+    if outside.is_empty() || d.is_broken(&format!("{}.endpoint", raw.key)) {
+        return;
+    }
+    d.error(
+        site.span.clone(),
+        &format!("{}.endpoint", raw.key),
+        format!(
+            "hub node `{}` is in site `{}`, but nodes of other sites ({}) cannot dial its LAN address",
+            nodes[hub].name,
+            site.v,
+            outside.join(", ")
+        ),
+        format!(
+            "give node `{}` an `endpoint = \"host:port\"` the other sites reach (a public name, a forwarded port); its own site still dials its LAN address",
+            nodes[hub].name
+        ),
+    );
 }
 
 /// Nodes of a site dial each other on the LAN: with two or more, each
