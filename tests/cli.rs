@@ -519,3 +519,53 @@ fn operator_refuses_unknown_names_and_files_wg_quick_cannot_bring_up() {
         assert!(!Path::new(&path).exists(), "{bad} written");
     }
 }
+
+#[test]
+fn check_prints_who_peers_with_whom_over_which_endpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = kiln(&["check", &example_in(tmp.path(), "profiles/club.toml")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("site campus: rgb1, rgb2, rgb3, rgb4, rgb5 peer directly over their LAN"),
+        "{s}"
+    );
+    let row = |node: &str, peer: &str| -> Vec<String> {
+        let rows: Vec<Vec<String>> = s
+            .lines()
+            .map(|l| {
+                l.split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .filter(|c: &Vec<String>| c.len() == 5 && c[0] == node && c[1] == peer)
+            .collect();
+        assert_eq!(rows.len(), 1, "one row {node} -> {peer}:\n{s}");
+        rows[0].clone()
+    };
+    assert_eq!(
+        row("rgb2", "rgb1"),
+        [
+            "rgb2",
+            "rgb1",
+            "192.168.1.11:51830",
+            "10.0.0.11/32",
+            "site campus"
+        ]
+    );
+    assert_eq!(
+        row("rgb5", "vps"),
+        [
+            "rgb5",
+            "vps",
+            "hub.example.org:51820",
+            "10.0.0.0/24 minus site campus",
+            "hub"
+        ]
+    );
+    // Four LAN peers and the hub for each of the five desktops.
+    assert_eq!(s.matches("site campus\n").count(), 20, "{s}");
+    assert_eq!(s.matches("  hub\n").count(), 5, "{s}");
+}

@@ -152,11 +152,43 @@ fn wg_configs_parse_with_wg_tools() {
             Some(kiln::config::plan::HubRef::Node(i)) => Some(plan.nodes[i].name.as_str()),
             _ => None,
         };
+        // A spoke peers with the hub and the other nodes of its site.
+        let node = plan.node(&files.node).unwrap();
+        let site_peers = plan
+            .nodes
+            .iter()
+            .filter(|n| n.name != node.name && Some(n.name.as_str()) != hub_node)
+            .filter(|n| node.site.is_some() && n.site == node.site)
+            .count();
         let expected = match wg.topology {
-            kiln::config::profile::Topology::Hub if hub_node != Some(files.node.as_str()) => 1,
+            kiln::config::profile::Topology::Hub if hub_node != Some(files.node.as_str()) => {
+                1 + site_peers
+            }
             _ => everyone,
         };
         assert_eq!(peers, expected, "{name}");
+        assert_no_shared_allowed_ips(&name, &stripped);
+    }
+}
+
+/// WireGuard routes by AllowedIPs: no address may belong to two peers.
+fn assert_no_shared_allowed_ips(name: &str, stripped: &str) {
+    let peers: Vec<Vec<ipnet::IpNet>> = stripped
+        .lines()
+        .filter_map(|l| l.strip_prefix("AllowedIPs = "))
+        .map(|l| l.split(", ").map(|n| n.parse().unwrap()).collect())
+        .collect();
+    for (i, a) in peers.iter().enumerate() {
+        for b in &peers[i + 1..] {
+            for x in a {
+                for y in b {
+                    assert!(
+                        !x.contains(y) && !y.contains(x),
+                        "{name}: {x} and {y} belong to two peers"
+                    );
+                }
+            }
+        }
     }
 }
 

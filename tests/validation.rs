@@ -1018,3 +1018,116 @@ fn an_operator_in_a_mesh_needs_a_node_to_dial() {
     let e = one(&text, 22, "operators[0]", "no node has an endpoint");
     assert!(e.hint.contains("endpoint"), "{e}");
 }
+
+/// GOOD behind an external hub `vps`, with extra lines after each node's MAC.
+fn behind_hub(s1: &str, a1: &str) -> String {
+    with(
+        "network = \"10.0.0.0/24\"",
+        "network = \"10.0.0.0/24\"\ntopology = \"hub\"\nhub = \"vps\"",
+    )
+    .replace(
+        "mac = \"52:54:00:00:00:01\"",
+        &format!("mac = \"52:54:00:00:00:01\"\n{s1}"),
+    )
+    .replace(
+        "mac = \"52:54:00:00:00:02\"",
+        &format!("mac = \"52:54:00:00:00:02\"\n{a1}"),
+    ) + "\n[[wireguard.peers]]\nname = \"vps\"\npublic-key = \"in8aLqpdujLG8XAFqR8Hys5zP2Uu4hNoUkomX1oX1X4=\"\nendpoint = \"hub.example.org:51820\"\naddress = \"10.0.0.1\"\n"
+}
+
+/// The 1-based line of the last occurrence of `needle`.
+fn line_of_last(text: &str, needle: &str) -> usize {
+    text[..text.rfind(needle).unwrap()].lines().count() + 1
+}
+
+#[test]
+fn nodes_sharing_a_site_with_lan_addresses_pass() {
+    let text = behind_hub(
+        "site = \"campus\"\nlan-address = \"192.168.1.11\"",
+        "site = \"campus\"\nendpoint = \"a1.campus.example:51830\"",
+    );
+    assert!(errors(&text).is_empty(), "{:?}", errors(&text));
+}
+
+#[test]
+fn a_node_sharing_a_site_needs_a_lan_address() {
+    let text = behind_hub(
+        "site = \"campus\"\nlan-address = \"192.168.1.11\"",
+        "site = \"campus\"",
+    );
+    let e = one(
+        &text,
+        line_of_last(&text, "site = "),
+        "nodes[1].lan-address",
+        "node `a1` shares site `campus` with s1 but has no LAN address",
+    );
+    assert!(e.hint.contains("lan-address = "), "{e}");
+}
+
+#[test]
+fn a_node_alone_in_its_site_needs_no_lan_address() {
+    let text = behind_hub("site = \"campus\"", "site = \"home\"");
+    assert!(errors(&text).is_empty(), "{:?}", errors(&text));
+}
+
+#[test]
+fn a_site_in_a_mesh_is_an_error() {
+    let text = with(
+        "mac = \"52:54:00:00:00:02\"",
+        "mac = \"52:54:00:00:00:02\"\nsite = \"campus\"",
+    );
+    let e = one(&text, 20, "nodes[1].site", "the topology is mesh");
+    assert!(e.hint.contains("topology = \"hub\""), "{e}");
+}
+
+#[test]
+fn a_site_without_wireguard_is_an_error() {
+    let text = with(
+        "network = \"10.0.0.0/24\"",
+        "network = \"10.0.0.0/24\"\nenabled = false",
+    )
+    .replace(
+        "mac = \"52:54:00:00:00:01\"",
+        "mac = \"52:54:00:00:00:01\"\nsite = \"campus\"\nlan-address = \"192.168.1.11\"",
+    );
+    one(&text, 15, "nodes[0].site", "WireGuard is off");
+}
+
+#[test]
+fn a_site_name_is_one_label() {
+    let text = behind_hub("site = \"the campus\"", "");
+    one(
+        &text,
+        line_of_last(&text, "site = "),
+        "nodes[0].site",
+        "not a site name",
+    );
+}
+
+#[test]
+fn a_hub_node_in_a_site_needs_an_endpoint_for_other_sites() {
+    let text = with(
+        "network = \"10.0.0.0/24\"",
+        "network = \"10.0.0.0/24\"\ntopology = \"hub\"\nhub = \"s1\"",
+    )
+    .replace(
+        "mac = \"52:54:00:00:00:01\"",
+        "mac = \"52:54:00:00:00:01\"\nlan-address = \"192.168.1.11\"\nsite = \"campus\"",
+    )
+    .replace(
+        "mac = \"52:54:00:00:00:02\"",
+        "mac = \"52:54:00:00:00:02\"\nsite = \"home\"",
+    );
+    let e = one(
+        &text,
+        line_of_last(&text, "site = \"campus\""),
+        "nodes[0].endpoint",
+        "nodes of other sites (a1) cannot dial its LAN address",
+    );
+    assert!(e.hint.contains("endpoint = "), "{e}");
+    let fixed = text.replace(
+        "site = \"campus\"",
+        "site = \"campus\"\nendpoint = \"lab.example.org:51830\"",
+    );
+    assert!(errors(&fixed).is_empty(), "{:?}", errors(&fixed));
+}

@@ -4,7 +4,12 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::config::plan::{BasePlan, HubRef, OPERATOR_TCP_PORTS, Plan};
+use ipnet::IpNet;
+
+use crate::config::plan::{
+    BasePlan, HubRef, Link, LinkKind, NodePlan, OPERATOR_TCP_PORTS, PeerRef, Plan, WgPlan,
+    node_links,
+};
 use crate::config::profile::{AfterInstall, KernelFlavour, Topology};
 
 /// `kiln check PROFILE`: load the profile, check a secure-form token
@@ -28,6 +33,7 @@ pub fn check(plan: &Plan) -> String {
     write_wireguard(&mut s, plan);
     write_firewall_and_first_boot(&mut s, plan);
     write_nodes(&mut s, plan);
+    write_peers(&mut s, plan);
     write_operators(&mut s, plan);
     write_build_plan(&mut s, plan);
     s
@@ -223,7 +229,7 @@ fn write_operators(s: &mut String, plan: &Plan) {
 }
 
 /// Whom an operator's file peers with.
-fn operator_peers_summary(plan: &Plan, wg: &crate::config::plan::WgPlan) -> String {
+fn operator_peers_summary(plan: &Plan, wg: &WgPlan) -> String {
     match (wg.topology, wg.hub) {
         (Topology::Hub, Some(HubRef::External(i))) => {
             let p = &wg.peers[i];
@@ -265,6 +271,112 @@ fn operator_peers_summary(plan: &Plan, wg: &crate::config::plan::WgPlan) -> Stri
             format!("peers: {} (mesh{missing})", names.join(", "))
         }
     }
+}
+
+/// Who peers with whom: the sites, then one row per `[Peer]` of each node.
+fn write_peers(s: &mut String, plan: &Plan) {
+    let Some(wg) = &plan.wireguard else { return };
+    let _ = writeln!(
+        s,
+        "\nwireguard peers (each node's [Peer]s: whom it dials, at which endpoint, for which tunnel addresses)"
+    );
+    s.push_str(&sites_summary(plan, wg));
+    let head = ["NODE", "PEER", "ENDPOINT", "ALLOWED IPS", "WHY"].map(String::from);
+    let mut rows = vec![head];
+    for (i, n) in plan.nodes.iter().enumerate() {
+        for l in node_links(plan, wg, i) {
+            rows.push(peer_row(plan, wg, n, &l));
+        }
+    }
+    let mut widths = [0; 5];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(s, "  {}", line.join("  ").trim_end());
+    }
+}
+
+/// The sites and what a hub outage leaves working; for an external hub,
+/// what its admin must add.
+fn sites_summary(plan: &Plan, wg: &WgPlan) -> String {
+    let mut s = String::new();
+    let hub = match wg.hub {
+        Some(HubRef::External(i)) => Some(wg.peers[i].name.as_str()),
+        Some(HubRef::Node(i)) => Some(plan.nodes[i].name.as_str()),
+        None => None,
+    };
+    for site in &wg.sites {
+        let names: Vec<&str> = site
+            .nodes
+            .iter()
+            .map(|&i| plan.nodes[i].name.as_str())
+            .collect();
+        let _ = writeln!(
+            s,
+            "  site {}: {} peer directly over their LAN; the rest goes through the hub {}",
+            site.name,
+            names.join(", "),
+            hub.unwrap_or("-")
+        );
+    }
+    if !wg.sites.is_empty() {
+        let _ = writeln!(
+            s,
+            "  with the hub down, each site keeps its own traffic; between sites, to operators and external peers it stops"
+        );
+    }
+    if let (Topology::Hub, Some(HubRef::External(i))) = (wg.topology, wg.hub) {
+        let _ = writeln!(
+            s,
+            "  the hub {} is not built by kiln: it needs every node and operator as a [Peer] (`kiln keys` prints them)",
+            wg.peers[i].name
+        );
+    }
+    s
+}
+
+/// One row of the peer table: node, peer, endpoint, AllowedIPs, why.
+fn peer_row(plan: &Plan, wg: &WgPlan, n: &NodePlan, l: &Link) -> [String; 5] {
+    let peer = match l.to {
+        PeerRef::Node(m) => plan.nodes[m].name.clone(),
+        PeerRef::External(p) => wg.peers[p].name.clone(),
+        PeerRef::Operator(o) => format!("{} (operator)", plan.operators[o].name),
+    };
+    let endpoint = l
+        .endpoint
+        .as_ref()
+        .map_or("- (it dials in)".into(), ToString::to_string);
+    let why = match l.kind {
+        LinkKind::Mesh => "mesh".to_string(),
+        LinkKind::Site => format!("site {}", n.site.as_deref().unwrap_or("-")),
+        LinkKind::Hub => "hub".to_string(),
+        LinkKind::Spoke => "routed by this hub".to_string(),
+    };
+    let allowed = allowed_summary(wg, l, n.site.as_deref());
+    [n.name.clone(), peer, endpoint, allowed, why]
+}
+
+/// AllowedIPs, with the hub's share of a site's tunnel network said in
+/// words (the CIDRs that make it up are in the rendered file).
+fn allowed_summary(wg: &WgPlan, l: &Link, site: Option<&str>) -> String {
+    let (inside, outside): (Vec<IpNet>, Vec<IpNet>) =
+        l.allowed_ips.iter().partition(|a| wg.network.contains(*a));
+    let mut parts: Vec<String> =
+        if l.kind == LinkKind::Hub && !inside.is_empty() && inside != [wg.network] {
+            vec![format!("{} minus site {}", wg.network, site.unwrap_or("-"))]
+        } else {
+            inside.iter().map(ToString::to_string).collect()
+        };
+    parts.extend(outside.iter().map(ToString::to_string));
+    parts.join(", ")
 }
 
 /// What a build writes.

@@ -230,6 +230,8 @@ pub struct Node {
     pub lan_address: Option<At<IpAddr>>,
     pub wireguard_address: Option<At<IpAddr>>,
     pub endpoint: Option<At<Endpoint>>,
+    /// The LAN the node shares with others it peers with directly.
+    pub site: Option<At<String>>,
     pub cluster_init: Option<At<bool>>,
     pub labels: Vec<(At<String>, At<String>)>,
     pub taints: Vec<At<String>>,
@@ -854,6 +856,16 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
         lan_address: n.parse(d, "lan-address", parse_ip),
         wireguard_address: n.parse(d, "wireguard-address", parse_ip),
         endpoint: n.parse(d, "endpoint", Endpoint::parse),
+        site: n.parse(d, "site", |s| {
+            if types::is_dns_label(s) {
+                Ok(s.to_string())
+            } else {
+                Err(inv(
+                    format!("`{s}` is not a site name"),
+                    "use one label of letters, digits and '-', like \"campus\"",
+                ))
+            }
+        }),
         cluster_init: n.bool(d, "cluster-init"),
         labels: Vec::new(),
         taints: n.parse_list(d, "taints", |s| {

@@ -20,8 +20,8 @@ use std::fmt::Write as _;
 use ipnet::IpNet;
 
 use crate::config::plan::{
-    ExternalPeerPlan, HubRef, K3S_API_PORT, NodePlan, OPERATOR_KEEPALIVE_S, OperatorPlan, Plan,
-    SSH_PORT, WgPlan,
+    HubRef, K3S_API_PORT, Link, LinkKind, NodePlan, OPERATOR_KEEPALIVE_S, OperatorPlan, PeerRef,
+    Plan, SSH_PORT, WgPlan, node_links,
 };
 use crate::config::profile::{Role, Topology};
 use crate::config::secrets::PrivateKey;
@@ -155,86 +155,60 @@ fn join(nets: &[IpNet]) -> String {
         .join(", ")
 }
 
-fn node_peer(
-    plan: &Plan,
-    wg: &WgPlan,
-    n: &NodePlan,
-    secrets: &NodeSecrets,
-    allowed: Vec<IpNet>,
-) -> Peer {
-    let _ = plan;
-    Peer {
-        comment: format!("node {} ({})", n.name, n.role.as_str()),
-        public_key: secrets.public_keys[&n.name].clone(),
-        allowed_ips: allowed,
-        endpoint: n.endpoint.clone(),
-        keepalive: wg.persistent_keepalive,
-    }
-}
-
-fn external_peer(p: &ExternalPeerPlan, wg: &WgPlan, allowed: Vec<IpNet>) -> Peer {
-    Peer {
-        comment: format!("external peer {}", p.name),
-        public_key: p.public_key.clone(),
-        allowed_ips: allowed,
-        endpoint: p.endpoint.clone(),
-        keepalive: p.persistent_keepalive.or(wg.persistent_keepalive),
-    }
-}
-
 fn host_net(n: &NodePlan) -> IpNet {
     IpNet::from(n.wireguard_address.expect("validated"))
 }
 
-/// An operator's laptop, as a node's peer: its address only, no
-/// endpoint (the laptop dials in and roams), no keepalive (it keeps the
-/// tunnel open itself).
-fn operator_peer(o: &OperatorPlan, secrets: &NodeSecrets) -> Peer {
-    Peer {
-        comment: format!("operator {}", o.name),
-        public_key: secrets.operator_keys[&o.name].clone(),
-        allowed_ips: vec![IpNet::from(o.wireguard_address)],
-        endpoint: None,
-        keepalive: None,
-    }
+/// The peers of `node`, as the plan links it ([`node_links`]), with their
+/// keys and a comment naming each.
+fn peers(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets) -> Vec<Peer> {
+    let i = plan
+        .nodes
+        .iter()
+        .position(|n| n.name == node.name)
+        .expect("rendering a node of the plan");
+    let site = node.site.as_deref();
+    node_links(plan, wg, i)
+        .into_iter()
+        .map(|l| {
+            let (comment, public_key) = match l.to {
+                PeerRef::Node(m) => {
+                    let n = &plan.nodes[m];
+                    let c = format!("node {} ({})", n.name, n.role.as_str());
+                    (c, secrets.public_keys[&n.name].clone())
+                }
+                PeerRef::External(p) => {
+                    let p = &wg.peers[p];
+                    (format!("external peer {}", p.name), p.public_key.clone())
+                }
+                PeerRef::Operator(o) => {
+                    let o = &plan.operators[o];
+                    (
+                        format!("operator {}", o.name),
+                        secrets.operator_keys[&o.name].clone(),
+                    )
+                }
+            };
+            Peer {
+                comment: comment + &link_note(&l, site, wg),
+                public_key,
+                allowed_ips: l.allowed_ips,
+                endpoint: l.endpoint,
+                keepalive: l.keepalive,
+            }
+        })
+        .collect()
 }
 
-/// The peers of `node`: in a mesh every other node, every external peer
-/// and every operator; in a hub topology the hub only (routing the whole
-/// network), and the hub node itself every other node, external peer and
-/// operator.
-fn peers(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets) -> Vec<Peer> {
-    let others = plan.nodes.iter().filter(|n| n.name != node.name);
-    let all = |out: &mut Vec<Peer>| {
-        for n in others.clone() {
-            out.push(node_peer(plan, wg, n, secrets, vec![host_net(n)]));
+/// What a link is for, when sites make it worth saying.
+fn link_note(l: &Link, site: Option<&str>, wg: &WgPlan) -> String {
+    match (l.kind, site) {
+        (LinkKind::Site, Some(s)) => format!(": site {s}, directly over the LAN"),
+        (LinkKind::Hub, Some(s)) if l.allowed_ips != [wg.network] => {
+            format!(": the hub, for everything outside site {s}")
         }
-        for p in &wg.peers {
-            out.push(external_peer(p, wg, p.allowed_ips.clone()));
-        }
-        for o in &plan.operators {
-            out.push(operator_peer(o, secrets));
-        }
-    };
-    let mut out = Vec::new();
-    match (wg.topology, wg.hub) {
-        (Topology::Hub, Some(HubRef::Node(h))) if plan.nodes[h].name == node.name => all(&mut out),
-        (Topology::Hub, Some(HubRef::Node(h))) => out.push(node_peer(
-            plan,
-            wg,
-            &plan.nodes[h],
-            secrets,
-            vec![wg.network],
-        )),
-        (Topology::Hub, Some(HubRef::External(i))) => {
-            let p = &wg.peers[i];
-            let mut allowed = vec![wg.network];
-            allowed.extend(p.allowed_ips.iter().filter(|a| !wg.network.contains(*a)));
-            out.push(external_peer(p, wg, allowed));
-        }
-        _ => all(&mut out),
+        _ => String::new(),
     }
-    out
 }
 
 /// `[Peer]` stanzas for every node, to paste into an external hub's
@@ -246,19 +220,29 @@ pub fn hub_peer_stanzas(
 ) -> String {
     let mut s = String::new();
     let Some(wg) = &plan.wireguard else { return s };
+    let forward = match wg.network {
+        IpNet::V4(_) => "net.ipv4.ip_forward=1",
+        IpNet::V6(_) => "net.ipv6.conf.all.forwarding=1",
+    };
     let _ = writeln!(
         s,
-        "# kiln cluster {}: one [Peer] per node and operator, for the hub's [Interface] on {}",
+        "# kiln cluster {}: one [Peer] per node and operator, for the hub's [Interface] on {}\n\
+         # The hub forwards between them (set {forward}): nodes in different\n\
+         # sites or none, and operators, reach each other only through it.",
         plan.cluster, wg.network
     );
     for n in &plan.nodes {
+        let site = n
+            .site
+            .as_ref()
+            .map_or(String::new(), |x| format!(", site {x}"));
         let _ = write!(
             s,
-            "\n# {} ({})\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\n",
+            "\n# {} ({}{site})\n[Peer]\nPublicKey = {}\nAllowedIPs = {}\n",
             n.name,
             n.role.as_str(),
             public_keys[&n.name],
-            n.wireguard_address.expect("validated")
+            host_net(n)
         );
         if let Some(e) = &n.endpoint {
             let _ = writeln!(

@@ -19,6 +19,7 @@ mod first_boot;
 mod k3s;
 mod nodes;
 mod operators;
+mod peers;
 mod servers;
 mod wireguard;
 
@@ -64,6 +65,8 @@ pub const ETCD_PORTS: [u16; 2] = [2379, 2380];
 /// flannel's VXLAN port.
 pub const FLANNEL_VXLAN_PORT: u16 = 8472;
 /// Components k3s can be told to skip with `--disable`.
+pub use peers::{Link, LinkKind, PeerRef, exclude, node_links, site_endpoint};
+
 pub const K3S_COMPONENTS: [&str; 6] = [
     "coredns",
     "servicelb",
@@ -139,6 +142,18 @@ pub struct WgPlan {
     pub hub: Option<HubRef>,
     pub persistent_keepalive: Option<u16>,
     pub peers: Vec<ExternalPeerPlan>,
+    /// In a hub topology, the nodes that share a LAN and peer directly.
+    pub sites: Vec<SitePlan>,
+}
+
+/// Nodes on one LAN (`site = "campus"`): they peer with each other over
+/// their LAN endpoints, and with the hub for everything else. The place
+/// for per-site settings, such as how the site reaches its hub.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SitePlan {
+    pub name: String,
+    /// Indices into `Plan::nodes`, in profile order.
+    pub nodes: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +253,8 @@ pub struct NodePlan {
     pub wireguard_address: Option<IpAddr>,
     /// Where other nodes reach this node's WireGuard port, if known.
     pub endpoint: Option<Endpoint>,
+    /// The site it shares a LAN with (only in a hub topology).
+    pub site: Option<String>,
     pub cluster_init: bool,
     pub labels: Vec<(String, String)>,
     pub taints: Vec<String>,
@@ -485,6 +502,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
             .as_ref()
             .and_then(|w| wireguard::resolve_wireguard(w, &nodes, &p.nodes, d, &mut seen_ips))
     } else {
+        wireguard::refuse_sites(&p.nodes, "WireGuard is off", d);
         None
     };
     let operators =

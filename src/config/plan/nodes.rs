@@ -108,6 +108,7 @@ pub(super) fn resolve_nodes(
             lan_address,
             wireguard_address: n.wireguard_address.as_ref().map(|a| a.v),
             endpoint,
+            site: n.site.as_ref().map(|a| a.v.clone()),
             cluster_init: n.cluster_init.as_ref().is_some_and(|a| a.v),
             labels: n
                 .labels

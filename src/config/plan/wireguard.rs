@@ -1,5 +1,5 @@
 //! Resolves `[wireguard]`: the tunnel network, its external peers and,
-//! in a hub topology, the hub.
+//! in a hub topology, the hub and the sites (nodes' `site`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -11,7 +11,7 @@ use crate::config::profile::{self, At, Topology};
 
 use super::{
     DEFAULT_HUB_KEEPALIVE_S, DEFAULT_WG_INTERFACE, DEFAULT_WG_PORT, ExternalPeerPlan, HubRef,
-    NodePlan, WgPlan,
+    NodePlan, SitePlan, WgPlan,
 };
 
 /// `wireguard.network` is required when WireGuard is on, and must not
@@ -95,6 +95,21 @@ pub(super) fn resolve_wireguard(
     let topology = w.topology.as_ref().map_or(Topology::Mesh, |a| a.v);
     let peers = resolve_peers(w, network, nodes, d, seen);
     let hub = resolve_hub(w, topology, &peers, nodes, raw_nodes, d);
+    let sites = if topology == Topology::Mesh {
+        if !d.is_broken("wireguard.topology") {
+            refuse_sites(
+                raw_nodes,
+                "the topology is mesh (every node already peers with every other)",
+                d,
+            );
+        }
+        Vec::new()
+    } else {
+        resolve_sites(nodes, raw_nodes, d)
+    };
+    if let Some(HubRef::Node(h)) = hub {
+        check_hub_node_reaches_other_sites(h, &sites, nodes, raw_nodes, d);
+    }
     let persistent_keepalive =
         w.persistent_keepalive
             .as_ref()
@@ -115,7 +130,124 @@ pub(super) fn resolve_wireguard(
         hub,
         persistent_keepalive,
         peers,
+        sites,
     })
+}
+
+/// `site` only means something in a hub topology: report the first node
+/// that sets one anyway, saying `why` not.
+pub(super) fn refuse_sites(raw_nodes: &[profile::Node], why: &str, d: &mut Diagnostics) {
+    if let Some(a) = raw_nodes.iter().find_map(|n| n.site.as_ref()) {
+        d.error(
+            a.span.clone(),
+            &a.key,
+            format!("`site` is set but {why}"),
+            "use `[wireguard]` with `topology = \"hub\"` and a `hub` (it carries the traffic between sites), or remove `site`",
+        );
+    }
+}
+
+/// The sites, in the order their first node appears, each checked.
+fn resolve_sites(
+    nodes: &[NodePlan],
+    raw_nodes: &[profile::Node],
+    d: &mut Diagnostics,
+) -> Vec<SitePlan> {
+    let mut sites: Vec<SitePlan> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let Some(name) = &n.site else { continue };
+        match sites.iter_mut().find(|s| &s.name == name) {
+            Some(s) => s.nodes.push(i),
+            None => sites.push(SitePlan {
+                name: name.clone(),
+                nodes: vec![i],
+            }),
+        }
+    }
+    for s in &sites {
+        check_site_endpoints(s, nodes, raw_nodes, d);
+    }
+    sites
+}
+
+/// A hub node in a site, dialled from other sites: its LAN address is
+/// no use there, it needs an `endpoint` they can reach.
+fn check_hub_node_reaches_other_sites(
+    hub: usize,
+    sites: &[SitePlan],
+    nodes: &[NodePlan],
+    raw_nodes: &[profile::Node],
+    d: &mut Diagnostics,
+) {
+    let raw = &raw_nodes[hub];
+    let (Some(site), None) = (&raw.site, &raw.endpoint) else {
+        return;
+    };
+    let outside: Vec<&str> = sites
+        .iter()
+        .filter(|s| s.name != site.v)
+        .flat_map(|s| s.nodes.iter().map(|&i| nodes[i].name.as_str()))
+        .collect();
+    if outside.is_empty() || d.is_broken(&format!("{}.endpoint", raw.key)) {
+        return;
+    }
+    d.error(
+        site.span.clone(),
+        &format!("{}.endpoint", raw.key),
+        format!(
+            "hub node `{}` is in site `{}`, but nodes of other sites ({}) cannot dial its LAN address",
+            nodes[hub].name,
+            site.v,
+            outside.join(", ")
+        ),
+        format!(
+            "give node `{}` an `endpoint = \"host:port\"` the other sites reach (a public name, a forwarded port); its own site still dials its LAN address",
+            nodes[hub].name
+        ),
+    );
+}
+
+/// Nodes of a site dial each other on the LAN: with two or more, each
+/// needs a LAN address (or an endpoint).
+fn check_site_endpoints(
+    site: &SitePlan,
+    nodes: &[NodePlan],
+    raw_nodes: &[profile::Node],
+    d: &mut Diagnostics,
+) {
+    if site.nodes.len() < 2 {
+        return;
+    }
+    for &i in &site.nodes {
+        let (n, raw) = (&nodes[i], &raw_nodes[i]);
+        let broken = ["lan-address", "endpoint", "network"]
+            .iter()
+            .any(|k| d.is_broken(&format!("{}.{k}", raw.key)));
+        if n.lan_address.is_some() || n.endpoint.is_some() || broken {
+            continue;
+        }
+        let others: Vec<&str> = site
+            .nodes
+            .iter()
+            .filter(|&&m| m != i)
+            .map(|&m| nodes[m].name.as_str())
+            .collect();
+        let at = raw.site.as_ref().expect("a node in a site has `site`");
+        d.error(
+            at.span.clone(),
+            &format!("{}.lan-address", raw.key),
+            format!(
+                "node `{}` shares site `{}` with {} but has no LAN address for them to dial",
+                n.name,
+                site.name,
+                others.join(", ")
+            ),
+            format!(
+                "add `lan-address = \"192.168.1.12\"` (its address on the {} LAN, reserved in DHCP), a static `[nodes.network]` address, or an `endpoint`",
+                site.name
+            ),
+        );
+    }
 }
 
 /// `[[wireguard.peers]]`: hosts outside the cluster (a VPS, a laptop).
