@@ -8,7 +8,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::config::cluster_ca;
 use crate::render::k3s_ca::{K3S_TLS_DIR, SEED_DIR, k3s_mode};
-use crate::verify::checks::{Check, Expect};
+use crate::verify::report::{Check, Expect};
 use crate::verify::vm::Vm;
 
 /// `name sha256 mode` per file of the set, as the node has it in

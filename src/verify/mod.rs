@@ -1,7 +1,9 @@
 //! Proving an image works: [`vm`] boots it in QEMU (OVMF, KVM or TCG),
-//! [`checks`] asserts what the profile promised from inside and outside.
+//! [`checks`] asserts what the profile promised from inside and outside
+//! ([`cluster_ca`] the CA kiln holds), into a [`report`].
 //! Uses image, inputs, render, config and util; never build or deliver.
 
 pub mod checks;
 pub mod cluster_ca;
+pub mod report;
 pub mod vm;
