@@ -6,7 +6,9 @@
 //! pxe/boot.ipxe                  chains mac/<mac>.ipxe of the booting NIC
 //! pxe/mac/52-54-00-12-34-01.ipxe one per node with a `mac`
 //! pxe/vmlinuz, pxe/initrd.img    the kernel and initramfs of the disk images
-//! pxe/root-<role>.sqfs           the root image (the same bytes as root-a)
+//! pxe/root-<role>.sqfs           the root image (the same bytes as root-a; one per
+//!                                distinct root: agents share root-server.sqfs when
+//!                                their roots are the same)
 //! pxe/seed/<node>.img            the node seed (secrets: 0600)
 //! pxe/update/<node>.txt          the node's update bundle (kiln-update)
 //! ```
