@@ -62,10 +62,10 @@ fn only_the_server_that_starts_the_cluster_gets_the_ca() {
 
 #[test]
 fn the_token_names_the_seeded_server_ca_by_sha256sum() {
-    if !common::have("sha256sum") {
-        eprintln!("skipped: no sha256sum");
-        return;
-    }
+    assert!(
+        common::have("sha256sum"),
+        "`sha256sum` is missing: apt-get install coreutils"
+    );
     for rel in common::EXAMPLES {
         let plan = common::load_example(rel);
         let secrets = common::fixed_secrets(&plan);
@@ -215,7 +215,7 @@ fn a_secure_profile_token_must_name_the_ca_kiln_holds() {
     assert!(err.contains("fix:"), "{err}");
     assert!(!err.contains(secret), "the token is printed: {err}");
 
-    let ca = kiln::config::ca_dir::load_or_create(state).unwrap();
+    let ca = kiln::config::ca_dir::load_or_create(state, false).unwrap();
     let err = kiln::config::secrets::check_profile_token(&plan, state)
         .unwrap_err()
         .to_string();
@@ -239,6 +239,10 @@ fn a_malformed_k10_token_is_a_profile_error() {
     let err = plan_with_token("K10abc::server:abcdef0123456789").unwrap_err();
     assert!(err.contains("k3s.token"), "{err}");
     assert!(err.contains("not a secure token"), "{err}");
+    // A token of another user (an agent-only `node:` token) cannot start a server.
+    let node = format!("K10{}::node:abcdef0123456789", "a".repeat(64));
+    let err = plan_with_token(&node).unwrap_err();
+    assert!(err.contains("not a secure token"), "{err}");
 }
 
 fn openssl(args: &[&str]) -> String {
@@ -260,10 +264,10 @@ fn b64(v: &serde_yaml::Value) -> Vec<u8> {
 
 #[test]
 fn the_kubeconfig_client_cert_verifies_against_the_client_ca() {
-    if !common::have("openssl") {
-        eprintln!("skipped: no openssl");
-        return;
-    }
+    assert!(
+        common::have("openssl"),
+        "`openssl` is missing: apt-get install --no-install-recommends openssl (scripts/setup does)"
+    );
     let plan = common::load_example("profiles/club.toml");
     let ca = common::fixed_cluster_ca();
     let text =
@@ -362,6 +366,23 @@ fn kiln_kubeconfig_writes_0600_reuses_the_ca_and_asks_before_replacing() {
             .output()
             .unwrap()
     };
+    // Before any build there is no CA, and kubeconfig makes none.
+    let out = kiln(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("club.state") && err.contains("fix:"), "{err}");
+    assert!(!tmp.path().join("club.state/k3s-ca").exists());
+    // `kiln keys` loads (and so makes) every secret, as a build does.
+    let keys = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("keys")
+        .arg(&profile)
+        .output()
+        .unwrap();
+    assert!(
+        keys.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keys.stderr)
+    );
     let out = kiln(&[]);
     assert!(
         out.status.success(),

@@ -259,7 +259,15 @@ fn server_agent_and_an_operator_on_the_tunnel() {
         )?;
         let k3s = real_k3s().then(|| k3s_binary().as_path());
         let version = f.plan.k3s.version.to_string();
-        operator::check_kubeconfig(&laptop, &kubeconfig, k3s, (&version, &["s1", "a1"]), r);
+        let pinned = f.secrets.cluster_ca.server_ca_hash();
+        operator::check_kubeconfig(
+            &laptop,
+            &kubeconfig,
+            k3s,
+            (&version, &["s1", "a1"]),
+            &pinned,
+            r,
+        );
         Ok(())
     })
     .unwrap();

@@ -36,9 +36,23 @@ pub struct KubeconfigArgs {
 pub fn run(args: &KubeconfigArgs) -> anyhow::Result<()> {
     let plan = crate::config::plan::load(&args.profile)?;
     let dir = secrets::state_dir(&args.profile, args.state_dir.as_deref());
+    // Never makes a CA: a kubeconfig for a CA no cluster has is useless,
+    // and the next build would switch the nodes to it.
+    if !dir.is_dir() {
+        bail!(
+            "no state directory {}: kiln kubeconfig uses the cluster CA of the state directory the nodes were built from\n    fix: build the nodes first (`kiln build {}`), or pass --state-dir DIR",
+            dir.display(),
+            args.profile.display()
+        );
+    }
     let state = StateDir::open(&dir)?;
-    let ca = ca_dir::load_or_create(state.path())
-        .with_context(|| format!("reading the cluster CA in {}", dir.display()))?;
+    let ca = ca_dir::load_existing(state.path())
+        .with_context(|| format!("reading the cluster CA in {}", dir.display()))?
+        .with_context(|| format!(
+            "no cluster CA in {}: kiln kubeconfig uses the CA the nodes were built with\n    fix: build the nodes first (`kiln build {}`), or pass --state-dir DIR naming the directory they were built from",
+            dir.join(ca_dir::CA_DIR).display(),
+            args.profile.display()
+        ))?;
     let text = kubeconfig(&plan, &ca, time::OffsetDateTime::now_utc())?;
     let out = args
         .out

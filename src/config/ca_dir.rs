@@ -29,17 +29,36 @@ const SECRET_FILE_MODE: u32 = 0o600;
 /// What to do about a set that cannot be read.
 fn fix_hint(dir: &Path) -> String {
     format!(
-        "    fix: restore {} as a whole from your backup (or copy the files from a server's /var/lib/rancher/k3s/server/tls); only if no server has ever started with this set, delete {} and kiln makes a new one (then rebuild every node)",
+        "    fix: restore {} as a whole from your backup (or copy the files from a server's /var/lib/rancher/k3s/server/tls, keys converted to PKCS#8 with `openssl pkcs8 -topk8 -nocrypt`); only if no server has ever started with this set, delete {} and kiln makes a new one (then rebuild every node)",
         dir.display(),
         dir.display()
     )
 }
 
-/// The set in `state`, made on first use.
-pub fn load_or_create(state: &Path) -> anyhow::Result<ClusterCa> {
+/// The file that lets kiln make a new CA in a state directory that
+/// already holds node secrets (see [`load_or_create`]).
+pub const NEW_CA_MARKER: &str = "k3s-ca.new";
+
+/// The set in `state`, made on first use. A state directory that held
+/// node secrets before (`earlier_builds`: nodes were built from it before
+/// kiln kept the CA) gets no new CA by itself: a cluster started from
+/// those nodes has a CA k3s made, and tokens naming a new one would lock
+/// its agents out. The user adopts that CA, or asks for a new one with
+/// the [`NEW_CA_MARKER`] file.
+pub fn load_or_create(state: &Path, earlier_builds: bool) -> anyhow::Result<ClusterCa> {
     let dir = state.join(CA_DIR);
     if dir.exists() {
         return read_set(&dir);
+    }
+    let marker = state.join(NEW_CA_MARKER);
+    if earlier_builds && !marker.exists() {
+        bail!(
+            "{} holds node secrets from builds made before kiln kept the cluster CA, and no {}: a cluster started from those nodes has a CA k3s made, and a new one would lock its agents out\n    fix: adopt the running cluster's CA: copy server-ca.crt/.key, client-ca.*, request-header-ca.*, etcd/peer-ca.*, etcd/server-ca.* and service.key from /var/lib/rancher/k3s/server/tls/ on the first server into {}/ (files 0600, directories 0700; keys converted with `openssl pkcs8 -topk8 -nocrypt`); or, if no node built from this state directory runs k3s yet, let kiln make a new CA: `touch {}`",
+            state.display(),
+            dir.display(),
+            dir.display(),
+            marker.display()
+        );
     }
     let ca = ClusterCa::generate(time::OffsetDateTime::now_utc())?;
     let tmp = state.join(format!(".{CA_DIR}.tmp{}", std::process::id()));
@@ -51,6 +70,7 @@ pub fn load_or_create(state: &Path) -> anyhow::Result<ClusterCa> {
     let _ = fs::remove_dir_all(&tmp);
     match published {
         Ok(()) => {
+            let _ = fs::remove_file(&marker);
             fs_err::File::open(state)?.sync_all()?;
             Ok(ca)
         }
@@ -150,8 +170,8 @@ mod tests {
     fn the_set_is_made_once_and_private() {
         let tmp = tempfile::tempdir().unwrap();
         let state = tmp.path();
-        let a = load_or_create(state).unwrap();
-        let b = load_or_create(state).unwrap();
+        let a = load_or_create(state, false).unwrap();
+        let b = load_or_create(state, false).unwrap();
         assert_eq!(a, b);
         assert_eq!(load_existing(state).unwrap(), Some(a.clone()));
         let dir = state.join(CA_DIR);
@@ -175,25 +195,25 @@ mod tests {
     fn an_incomplete_or_damaged_set_is_refused_by_name() {
         let tmp = tempfile::tempdir().unwrap();
         let state = tmp.path();
-        load_or_create(state).unwrap();
+        load_or_create(state, false).unwrap();
         let dir = state.join(CA_DIR);
         let key = dir.join("etcd/server-ca.key");
         let saved = fs::read(&key).unwrap();
         fs::remove_file(&key).unwrap();
-        let err = format!("{:#}", load_or_create(state).unwrap_err());
+        let err = format!("{:#}", load_or_create(state, false).unwrap_err());
         assert!(err.contains(&key.display().to_string()), "{err}");
         assert!(err.contains("fix:"), "{err}");
         assert!(!key.exists(), "a missing file must not be made again");
 
         fs::write(&key, "not a key\n").unwrap();
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
-        let err = format!("{:#}", load_or_create(state).unwrap_err());
+        let err = format!("{:#}", load_or_create(state, false).unwrap_err());
         assert!(err.contains("etcd/server-ca.key"), "{err}");
         assert!(err.contains("fix:"), "{err}");
 
         fs::write(&key, &saved).unwrap();
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
-        let err = format!("{:#}", load_or_create(state).unwrap_err());
+        let err = format!("{:#}", load_or_create(state, false).unwrap_err());
         assert!(err.contains("chmod 600"), "{err}");
     }
 
@@ -202,5 +222,25 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         assert_eq!(load_existing(tmp.path()).unwrap(), None);
         assert!(!tmp.path().join(CA_DIR).exists());
+    }
+
+    #[test]
+    fn a_state_dir_from_before_the_ca_gets_none_without_asking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path();
+        let err = format!("{:#}", load_or_create(state, true).unwrap_err());
+        assert!(err.contains("adopt the running cluster's CA"), "{err}");
+        assert!(err.contains(NEW_CA_MARKER), "{err}");
+        assert!(!state.join(CA_DIR).exists());
+        fs::write(state.join(NEW_CA_MARKER), "").unwrap();
+        let ca = load_or_create(state, true).unwrap();
+        assert!(
+            !state.join(NEW_CA_MARKER).exists(),
+            "the marker is used once"
+        );
+        assert_eq!(
+            load_or_create(state, true).unwrap().server_ca_pem(),
+            ca.server_ca_pem()
+        );
     }
 }

@@ -194,7 +194,7 @@ impl ClusterCa {
             check_pair(&files, stem)?;
         }
         KeyPair::from_pem(&files[SERVICE_KEY])
-            .map_err(|e| anyhow!("{SERVICE_KEY} is not an unencrypted PKCS#8 private key ({e})"))?;
+            .map_err(|e| anyhow!("{SERVICE_KEY} is not an unencrypted PKCS#8 private key ({e}); convert the one k3s made (PKCS#1 RSA) with `openssl pkcs8 -topk8 -nocrypt`"))?;
         Ok(ClusterCa { files })
     }
 
@@ -258,6 +258,14 @@ fn check_pair(files: &BTreeMap<String, String>, stem: &str) -> anyhow::Result<()
     let pair = KeyPair::from_pem(&files[&key]).map_err(|e| {
         anyhow!("{key} is not an unencrypted PKCS#8 private key ({e}); convert one made by k3s or openssl with `openssl pkcs8 -topk8 -nocrypt`")
     })?;
+    let blocks = files[&crt].matches("-----BEGIN CERTIFICATE-----").count();
+    if blocks != 1 {
+        // k3s hashes a bundle's root certificate (DER), not the file, for
+        // the token; kiln supports one self-signed CA per file.
+        bail!(
+            "{crt} holds {blocks} certificates; kiln keeps one self-signed CA certificate per file (a chain with intermediates is not supported)"
+        );
+    }
     let der = pem_der(&files[&crt]).with_context(|| format!("{crt} is not a PEM certificate"))?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der)
         .map_err(|e| anyhow!("{crt} is not an X.509 certificate ({e})"))?;
@@ -266,6 +274,12 @@ fn check_pair(files: &BTreeMap<String, String>, stem: &str) -> anyhow::Result<()
     }
     if !cert.is_ca() {
         bail!("{crt} is not a CA certificate");
+    }
+    if cert.subject() != cert.issuer() {
+        bail!(
+            "{crt} is not self-signed (issuer {}); kiln keeps a root CA per file",
+            cert.issuer()
+        );
     }
     Ok(())
 }

@@ -261,6 +261,15 @@ impl StateDir {
         &self.dir
     }
 
+    /// Whether nodes were built from this directory before: it holds a
+    /// node's secret or the cluster token.
+    pub fn holds_node_secrets(&self) -> bool {
+        self.dir.join("k3s-token").exists()
+            || [WIREGUARD_DIR, NODE_PASSWORD_DIR, SSH_HOST_KEY_DIR]
+                .iter()
+                .any(|d| fs::read_dir(self.dir.join(d)).is_ok_and(|mut r| r.next().is_some()))
+    }
+
     /// The node's WireGuard key, created on first use.
     pub fn node_key(&self, node: &str) -> anyhow::Result<PrivateKey> {
         let path = self.dir.join(WIREGUARD_DIR).join(format!("{node}.key"));
@@ -433,6 +442,8 @@ pub struct ClusterSecrets {
 
 impl ClusterSecrets {
     pub fn load(plan: &Plan, state: &StateDir) -> anyhow::Result<Self> {
+        // Before anything is created: were nodes built from it already?
+        let earlier_builds = state.holds_node_secrets();
         let mut private = BTreeMap::new();
         let mut node_passwords = BTreeMap::new();
         let mut ssh_host_keys = BTreeMap::new();
@@ -441,7 +452,7 @@ impl ClusterSecrets {
             node_passwords.insert(n.name.clone(), state.node_password(&n.name)?);
             ssh_host_keys.insert(n.name.clone(), state.ssh_host_key(&n.name)?);
         }
-        let cluster_ca = ca_dir::load_or_create(state.path())?;
+        let cluster_ca = ca_dir::load_or_create(state.path(), earlier_builds)?;
         let token = join_token(plan, &cluster_ca, state.path(), || state.token())?;
         let mut operators = BTreeMap::new();
         for o in &plan.operators {

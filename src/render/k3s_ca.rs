@@ -67,13 +67,18 @@ fn script(plan: &Plan) -> String {
     s.push_str(
         r#"say() { echo "kiln-k3s-ca: $*"; }
 
+# Certificates decide: keys may differ in encoding (k3s writes SEC1 and
+# PKCS#1, kiln keeps PKCS#8) and kiln checked each key against its
+# certificate when it read the set.
 differ=""
 missing=""
 for f in $files; do
     if [ ! -e "$dst/$f" ]; then
         missing="$missing $f"
-    elif ! cmp -s "$src/$f" "$dst/$f"; then
-        differ="$differ $f"
+    else
+        case "$f" in
+            *.crt) cmp -s "$src/$f" "$dst/$f" || differ="$differ $f" ;;
+        esac
     fi
 done
 
@@ -88,6 +93,8 @@ if [ -z "$missing" ]; then
     exit 0
 fi
 
+# k3s's own directories keep k3s's modes; only the two kiln fills are private.
+mkdir -p "$(dirname "$dst")"
 umask 077
 mkdir -p "$dst/etcd"
 for f in $missing; do

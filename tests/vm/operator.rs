@@ -319,6 +319,7 @@ pub fn check_kubeconfig(
     kubeconfig: &str,
     real_k3s: Option<&Path>,
     (version, nodes): (&str, &[&str]),
+    pinned_hash: &str,
     r: &mut Report,
 ) {
     use base64::Engine as _;
@@ -362,6 +363,14 @@ pub fn check_kubeconfig(
         with_cert.clone(),
         with_cert.contains(&format!("\"gitVersion\":\"{version}\"")),
     ));
+    let served = laptop.sh(&format!(
+        "curl -s --max-time 10 --cacert {d}/ca.crt {server}/cacerts | sha256sum | cut -c1-64"
+    ));
+    r.checks.push(Check::eq(
+        "the CA the API serves (/cacerts) is the one the token pins (sha256)",
+        pinned_hash,
+        &served,
+    ));
     let without = laptop.sh(&format!(
         "curl -s --max-time 10 --cacert {d}/ca.crt -o /dev/null -w '%{{http_code}}' {server}/api 2>&1"
     ));
@@ -389,10 +398,11 @@ pub fn check_kubeconfig(
 fn diagnose(laptop: &Laptop, hub: &Vm, key: &Path) {
     eprintln!(
         "laptop:\n{}\nhub:\n{}",
-        laptop.sh("wg show all dump 2>&1; ip -br addr; ip route"),
+        // `wg show` hides private keys (`dump` would print them).
+        laptop.sh("wg show all 2>&1; ip -br addr; ip route"),
         hub.sh(
             key,
-            "wg show all dump; ip -br addr; ip route; nft list ruleset 2>&1 | head -60"
+            "wg show all; ip -br addr; ip route; nft list ruleset 2>&1 | head -60"
         )
         .unwrap_or_else(|e| e.to_string())
     );

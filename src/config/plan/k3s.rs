@@ -118,10 +118,14 @@ fn check_k3s_values(k: &profile::K3s, d: &mut Diagnostics) {
     }
 }
 
-/// Is `t` k3s's secure form: `K10`, a SHA-256 in hex, `::`, credentials?
+/// Is `t` k3s's secure server token: `K10`, a SHA-256 in hex, `::server:`
+/// and the secret? (A token for another user, such as an agent-only
+/// `node:` token, cannot start or join a server.)
 fn is_secure_token(t: &str) -> bool {
     crate::config::cluster_ca::split_secure(t).is_some_and(|(hash, creds)| {
-        hash.len() == 64 && hash.bytes().all(|c| c.is_ascii_hexdigit()) && creds.contains(':')
+        hash.len() == 64
+            && hash.bytes().all(|c| c.is_ascii_hexdigit())
+            && creds.strip_prefix("server:").is_some_and(|p| !p.is_empty())
     })
 }
 
