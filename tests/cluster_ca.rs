@@ -223,7 +223,7 @@ fn a_secure_profile_token_must_name_the_ca_kiln_holds() {
     assert!(err.contains("server-ca.crt"), "{err}");
 
     let right = cluster_ca::secure_token(&ca.server_ca_hash(), secret);
-    let plan = plan_with_token(&right).unwrap();
+    let plan = plan_with_token(right.expose()).unwrap();
     kiln::config::secrets::check_profile_token(&plan, state).unwrap();
     let t = kiln::config::secrets::join_token(&plan, &ca, state, || unreachable!()).unwrap();
     assert_eq!(t, right);

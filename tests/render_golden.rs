@@ -146,7 +146,7 @@ fn secrets_are_only_in_private_files() {
                 if let Entry::File { content, mode, .. } = e {
                     let text = String::from_utf8_lossy(content);
                     if text.contains(&key)
-                        || text.contains(&secrets.token)
+                        || text.contains(secrets.token.expose())
                         || text.contains(&password)
                         || text.contains(&host_key_body)
                     {
@@ -172,7 +172,7 @@ fn secrets_are_only_in_private_files() {
                     .tree
                     .text("/etc/rancher/k3s/cluster-token")
                     .unwrap()
-                    .contains(&secrets.token)
+                    .contains(secrets.token.expose())
             );
             // The node's identity, where k3s and sshd read it.
             assert_eq!(

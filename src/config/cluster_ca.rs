@@ -50,6 +50,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::config::plan::{NodePlan, Plan};
 use crate::config::profile::Role;
+use crate::config::types::K3sToken;
 
 /// Validity of a CA, as k3s gives its self-signed CAs (10 × 365 days).
 pub const CA_VALIDITY_DAYS: i64 = 3650;
@@ -299,8 +300,8 @@ pub fn ca_hash(file: &[u8]) -> String {
 }
 
 /// The secure token: `K10<ca hash>::server:<secret>`.
-pub fn secure_token(ca_hash: &str, secret: &str) -> String {
-    format!("K10{ca_hash}::server:{secret}")
+pub fn secure_token(ca_hash: &str, secret: &str) -> K3sToken {
+    K3sToken::new(format!("K10{ca_hash}::server:{secret}"))
 }
 
 /// A token in the secure form, split: the CA hash and the credentials
@@ -370,8 +371,8 @@ mod tests {
     #[test]
     fn secure_tokens_split_back() {
         let t = secure_token("ab12", "s3cret");
-        assert_eq!(t, "K10ab12::server:s3cret");
-        assert_eq!(split_secure(&t), Some(("ab12", "server:s3cret")));
+        assert_eq!(t.expose(), "K10ab12::server:s3cret");
+        assert_eq!(split_secure(t.expose()), Some(("ab12", "server:s3cret")));
         assert_eq!(split_secure("plain-token-0123456789"), None);
     }
 }

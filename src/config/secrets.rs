@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 use crate::config::ca_dir;
 use crate::config::cluster_ca::{self, ClusterCa};
 use crate::config::plan::{self, Plan};
-use crate::config::types::WgKey;
+use crate::config::types::{K3sToken, WgKey};
 
 pub const STATE_DIR_MODE: u32 = 0o700;
 pub const SECRET_FILE_MODE: u32 = 0o600;
@@ -396,7 +396,7 @@ pub struct NodeSecrets {
     /// Every node's WireGuard public key, by node name.
     pub public_keys: BTreeMap<String, WgKey>,
     /// The token k3s nodes join with, in the secure form ([`join_token`]).
-    pub token: String,
+    pub token: K3sToken,
     /// The k3s cluster CA set (seeded only where `cluster_ca::seeds_ca` says).
     pub cluster_ca: ClusterCa,
     /// This node's k3s node password.
@@ -429,7 +429,7 @@ pub struct ClusterSecrets {
     /// WireGuard private keys, by node name.
     pub private: BTreeMap<String, PrivateKey>,
     /// The token k3s nodes join with, in the secure form ([`join_token`]).
-    pub token: String,
+    pub token: K3sToken,
     /// The k3s cluster CA set.
     pub cluster_ca: ClusterCa,
     /// k3s node passwords, by node name.
@@ -514,14 +514,14 @@ pub fn join_token(
     ca: &ClusterCa,
     state: &Path,
     secret: impl FnOnce() -> anyhow::Result<String>,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<K3sToken> {
     let hash = ca.server_ca_hash();
     match &plan.k3s.token {
         Some(t) => {
-            check_token_hash(plan, t, Some(&hash), state)?;
-            Ok(match cluster_ca::split_secure(t) {
+            check_token_hash(plan, t.expose(), Some(&hash), state)?;
+            Ok(match cluster_ca::split_secure(t.expose()) {
                 Some(_) => t.clone(),
-                None => cluster_ca::secure_token(&hash, t),
+                None => cluster_ca::secure_token(&hash, t.expose()),
             })
         }
         None => Ok(cluster_ca::secure_token(&hash, &secret()?)),
@@ -534,11 +534,16 @@ pub fn check_profile_token(plan: &Plan, state: &Path) -> anyhow::Result<()> {
     let Some(t) = &plan.k3s.token else {
         return Ok(());
     };
-    if cluster_ca::split_secure(t).is_none() {
+    if cluster_ca::split_secure(t.expose()).is_none() {
         return Ok(());
     }
     let ca = ca_dir::load_existing(state)?;
-    check_token_hash(plan, t, ca.map(|c| c.server_ca_hash()).as_deref(), state)
+    check_token_hash(
+        plan,
+        t.expose(),
+        ca.map(|c| c.server_ca_hash()).as_deref(),
+        state,
+    )
 }
 
 /// Refuse a secure-form token whose CA hash is not `hash` (or any hash,
@@ -639,6 +644,29 @@ mod tests {
         }
         fs::write(&file, "0123456789abcdef0123\n").unwrap();
         assert_eq!(s.token().unwrap(), "0123456789abcdef0123");
+    }
+
+    #[test]
+    fn debug_output_does_not_show_the_join_token() {
+        let secret = "profile-secret-0123456789";
+        let text = format!(
+            "[cluster]\nname = \"lab\"\n[k3s]\nversion = \"v1.31.1+k3s1\"\ntoken = \"{secret}\"\n[[nodes]]\nname = \"n1\"\nrole = \"server\"\nmac = \"52:54:00:aa:bb:01\"\n"
+        );
+        let plan = plan::plan_profile(Path::new("lab.toml"), &text).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(&tmp.path().join("lab.state")).unwrap();
+        let node = ClusterSecrets::load(&plan, &state).unwrap().for_node("n1");
+        assert!(
+            node.token.expose().ends_with(secret),
+            "the secret is joined"
+        );
+
+        let plan_debug = format!("{plan:?}");
+        assert!(!plan_debug.contains(secret), "{plan_debug}");
+        assert!(plan_debug.contains("K3sToken(<redacted>)"), "{plan_debug}");
+        let node_debug = format!("{node:?}");
+        assert!(!node_debug.contains(secret), "{node_debug}");
+        assert!(!node_debug.contains("::server:"), "{node_debug}");
     }
 
     #[test]

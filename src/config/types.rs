@@ -337,6 +337,32 @@ impl fmt::Display for DevicePath {
     }
 }
 
+/// A k3s token: the secret written in the profile, or the secure form
+/// (`K10<CA hash>::server:<secret>`) nodes join with. Anyone holding it
+/// can join the cluster, so its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct K3sToken(String);
+
+impl K3sToken {
+    /// Wraps a token; checking it ([`is_valid_token`]) is the caller's job,
+    /// where it can say which file or key held it.
+    pub fn new(token: impl Into<String>) -> Self {
+        K3sToken(token.into())
+    }
+
+    /// The token itself. Only for files that hold secrets and for parsing
+    /// its parts.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for K3sToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("K3sToken(<redacted>)")
+    }
+}
+
 /// The shortest k3s token kiln accepts, in the profile or the state dir.
 pub const MIN_TOKEN_CHARS: usize = 16;
 

@@ -869,7 +869,7 @@ role = \"agent\"
             let secrets = crate::render::NodeSecrets {
                 private_key: crate::config::secrets::PrivateKey::from_bytes([7; 32]),
                 public_keys: Default::default(),
-                token: "t".into(),
+                token: crate::config::types::K3sToken::new("t"),
                 cluster_ca: ca.clone(),
                 node_password: crate::config::secrets::NodePassword::from_bytes([8; 16]),
                 ssh_host_key: crate::config::secrets::SshHostKey::from_seed([9; 32], "n"),

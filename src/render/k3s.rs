@@ -160,7 +160,11 @@ pub fn render(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets, tree: &mut Fi
     // The secure form (`K10<server CA hash>::server:<secret>`) on every
     // node: agents and joining servers check the CA the server presents;
     // the server that starts the cluster accepts it as its own token.
-    tree.file(TOKEN_FILE, SECRET_MODE, format!("{}\n", secrets.token));
+    tree.file(
+        TOKEN_FILE,
+        SECRET_MODE,
+        format!("{}\n", secrets.token.expose()),
+    );
     // As k3s writes it: the password and a newline, 0600.
     tree.dir("/etc/rancher/node", 0o700);
     tree.file(

@@ -137,7 +137,7 @@ pub(super) fn k3s_plan(
 ) -> Option<K3sPlan> {
     Some(K3sPlan {
         version: k.version.as_ref()?.v.clone(),
-        token: k.token.as_ref().map(|a| a.v.clone()),
+        token: k.token.as_ref().map(|a| types::K3sToken::new(a.v.clone())),
         server_args: k.server_args.iter().map(|a| a.v.clone()).collect(),
         agent_args: k.agent_args.iter().map(|a| a.v.clone()).collect(),
         disable: k.disable.iter().map(|a| a.v.clone()).collect(),

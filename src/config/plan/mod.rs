@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::config::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
 use crate::config::profile::{self, AfterInstall, KernelFlavour, RegistryConfig, Role, Topology};
-use crate::config::types::{DevicePath, Endpoint, Host, K3sVersion, MacAddr, WgKey};
+use crate::config::types::{DevicePath, Endpoint, Host, K3sToken, K3sVersion, MacAddr, WgKey};
 
 mod base;
 mod boot;
@@ -98,7 +98,7 @@ pub struct Plan {
 pub struct K3sPlan {
     pub version: K3sVersion,
     /// A token written in the profile; `None` means generated in the state dir.
-    pub token: Option<String>,
+    pub token: Option<K3sToken>,
     pub server_args: Vec<String>,
     pub agent_args: Vec<String>,
     pub disable: Vec<String>,
