@@ -23,6 +23,8 @@ mod peers;
 mod servers;
 mod wireguard;
 
+pub use peers::{Link, LinkKind, PeerRef, exclude, node_links, site_endpoint};
+
 // Defaults, in one place. Each is documented in docs/profile.md.
 pub const DEFAULT_SUITE: &str = "bookworm";
 pub const DEFAULT_CONSOLES: [&str; 2] = ["ttyS0,115200", "tty0"];
@@ -65,8 +67,6 @@ pub const ETCD_PORTS: [u16; 2] = [2379, 2380];
 /// flannel's VXLAN port.
 pub const FLANNEL_VXLAN_PORT: u16 = 8472;
 /// Components k3s can be told to skip with `--disable`.
-pub use peers::{Link, LinkKind, PeerRef, exclude, node_links, site_endpoint};
-
 pub const K3S_COMPONENTS: [&str; 6] = [
     "coredns",
     "servicelb",
