@@ -159,15 +159,11 @@ pub fn kubeconfig(
 
 /// Write atomically, 0600; refuse to replace a different file unless `force`.
 pub fn write_kubeconfig(path: &Path, text: &str, force: bool) -> anyhow::Result<()> {
-    match std::fs::read(path) {
-        Ok(old) if old == text.as_bytes() => return Ok(()),
-        Ok(_) if !force => bail!(
-            "{} exists\n    fix: pass --force to replace it (the old file's certificate stays valid until it expires), or --out to write elsewhere",
-            path.display()
-        ),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    crate::util::atomic::write_atomically(path, text.as_bytes(), 0o600)
+    crate::util::atomic::write_unless_changed(
+        path,
+        text.as_bytes(),
+        secrets::SECRET_FILE_MODE,
+        force,
+        "pass --force to replace it (the old file's certificate stays valid until it expires), or --out to write elsewhere",
+    )
 }

@@ -9,7 +9,7 @@ use crate::config::plan::{HubRef, OperatorPlan, Plan};
 use crate::config::profile::Topology;
 use crate::config::secrets::{ClusterSecrets, SECRET_FILE_MODE};
 use crate::render;
-use crate::util::atomic::write_atomically;
+use crate::util::atomic::write_unless_changed;
 
 /// wg-quick takes the interface name from the file name (without
 /// `.conf`), and accepts at most this many characters (IFNAMSIZ − 1).
@@ -115,18 +115,14 @@ pub fn check_file_name(path: &Path) -> anyhow::Result<()> {
 /// content is left alone; one with other content is replaced only with
 /// `force`.
 fn write_config(path: &Path, text: &str, force: bool) -> anyhow::Result<()> {
-    match std::fs::read(path) {
-        Ok(old) if old == text.as_bytes() => return Ok(()),
-        Ok(_) if !force => bail!(
-            "{} exists with other content\n    fix: pass --force to replace it, or --out another file",
-            path.display()
-        ),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    write_atomically(path, text.as_bytes(), SECRET_FILE_MODE)
-        .with_context(|| format!("writing the operator's wg-quick file {}", path.display()))
+    write_unless_changed(
+        path,
+        text.as_bytes(),
+        SECRET_FILE_MODE,
+        force,
+        "pass --force to replace it, or --out another file",
+    )
+    .with_context(|| format!("writing the operator's wg-quick file {}", path.display()))
 }
 
 /// `path` as wg-quick must be given it: a bare `club.conf` would be read

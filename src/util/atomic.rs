@@ -36,6 +36,32 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<
     Ok(())
 }
 
+/// Write `bytes` to `path` with `mode`, atomically, for a file the user
+/// named: a file that already holds `bytes` is left alone, one that holds
+/// anything else is replaced only with `force`. Refused, the error names
+/// the file and ends with `fix` (which should say `--force`).
+pub fn write_unless_changed(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    force: bool,
+    fix: &str,
+) -> anyhow::Result<()> {
+    match std::fs::read(path) {
+        Ok(old) if old == bytes => return Ok(()),
+        Ok(_) if !force => {
+            anyhow::bail!(
+                "{} exists with other content\n    fix: {fix}",
+                path.display()
+            )
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    write_atomically(path, bytes, mode)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +81,25 @@ mod tests {
             1,
             "no temp file left"
         );
+    }
+
+    #[test]
+    fn a_changed_file_is_replaced_only_with_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("club.conf");
+        write_unless_changed(&p, b"one", 0o600, false, "pass --force").unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        // The same content again: left alone, no --force needed.
+        write_unless_changed(&p, b"one", 0o600, false, "pass --force").unwrap();
+        let err = write_unless_changed(&p, b"two", 0o600, false, "pass --force")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("club.conf") && err.contains("--force"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"one");
+        write_unless_changed(&p, b"two", 0o600, true, "pass --force").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
     }
 }
