@@ -21,7 +21,7 @@ use ipnet::IpNet;
 
 use crate::config::plan::{
     HubRef, K3S_API_PORT, Link, LinkKind, NodePlan, OPERATOR_KEEPALIVE_S, OperatorPlan, PeerRef,
-    Plan, SSH_PORT, WgPlan, node_links,
+    Plan, SSH_PORT, WgPlan, host_net, node_links,
 };
 use crate::config::profile::{Role, Topology};
 use crate::config::secrets::PrivateKey;
@@ -153,10 +153,6 @@ fn join(nets: &[IpNet]) -> String {
         .map(|n| n.to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn host_net(n: &NodePlan) -> IpNet {
-    IpNet::from(n.wireguard_address.expect("validated"))
 }
 
 /// The peers of `node`, as the plan links it ([`node_links`]), with their

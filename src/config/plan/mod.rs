@@ -23,7 +23,7 @@ mod peers;
 mod servers;
 mod wireguard;
 
-pub use peers::{Link, LinkKind, PeerRef, exclude, node_links, site_endpoint};
+pub use peers::{Link, LinkKind, PeerRef, exclude, host_net, node_links, site_endpoint};
 
 // Defaults, in one place. Each is documented in docs/profile.md.
 pub const DEFAULT_SUITE: &str = "bookworm";

@@ -95,7 +95,9 @@ fn same_site(plan: &Plan, a: usize, b: usize) -> bool {
     a != b && plan.nodes[a].site.is_some() && plan.nodes[a].site == plan.nodes[b].site
 }
 
-fn host_net(n: &NodePlan) -> IpNet {
+/// A node's own tunnel address as a one-host network (its AllowedIPs
+/// entry on the other side of a link).
+pub fn host_net(n: &NodePlan) -> IpNet {
     IpNet::from(
         n.wireguard_address
             .expect("validated: WireGuard nodes have an address"),
