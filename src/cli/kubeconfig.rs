@@ -162,7 +162,7 @@ pub fn write_kubeconfig(path: &Path, text: &str, force: bool) -> anyhow::Result<
     crate::util::atomic::write_unless_changed(
         path,
         text.as_bytes(),
-        secrets::SECRET_FILE_MODE,
+        crate::util::mode::SECRET_FILE_MODE,
         force,
         "pass --force to replace it (the old file's certificate stays valid until it expires), or --out to write elsewhere",
     )

@@ -7,9 +7,10 @@ use anyhow::{Context as _, bail};
 
 use crate::config::plan::{HubRef, OperatorPlan, Plan};
 use crate::config::profile::Topology;
-use crate::config::secrets::{ClusterSecrets, SECRET_FILE_MODE};
+use crate::config::secrets::ClusterSecrets;
 use crate::render;
 use crate::util::atomic::write_unless_changed;
+use crate::util::mode::SECRET_FILE_MODE;
 
 /// wg-quick takes the interface name from the file name (without
 /// `.conf`), and accepts at most this many characters (IFNAMSIZ − 1).

@@ -18,13 +18,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 
 use crate::config::cluster_ca::{self, ClusterCa};
+use crate::util::mode::{SECRET_FILE_MODE, STATE_DIR_MODE};
 
 /// The subdirectory of the state directory that holds the set.
 pub const CA_DIR: &str = "k3s-ca";
-/// The state directory's modes (`secrets::STATE_DIR_MODE` and
-/// `SECRET_FILE_MODE`; not imported, as `secrets` uses this module).
-const STATE_DIR_MODE: u32 = 0o700;
-const SECRET_FILE_MODE: u32 = 0o600;
 
 /// What to do about a set that cannot be read.
 fn fix_hint(dir: &Path) -> String {

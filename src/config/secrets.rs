@@ -36,9 +36,8 @@ use crate::config::ca_dir;
 use crate::config::cluster_ca::{self, ClusterCa};
 use crate::config::plan::{self, Plan};
 use crate::config::types::{K3sToken, WgKey};
+use crate::util::mode::{SECRET_FILE_MODE, STATE_DIR_MODE};
 
-pub const STATE_DIR_MODE: u32 = 0o700;
-pub const SECRET_FILE_MODE: u32 = 0o600;
 /// Random bytes in a generated k3s token (hex-encoded: 64 characters).
 pub const TOKEN_BYTES: usize = 32;
 /// Random bytes in a node password: k3s's agent makes 16 (hex-encoded:
