@@ -20,6 +20,24 @@ fn need(cmd: &str, package: &str) {
     );
 }
 
+/// `wg-quick strip` of `text` written to `path` (0600, as wg-quick wants
+/// it): what `wg setconf` would get. Fails naming `what`.
+fn wg_quick_strip(path: &std::path::Path, text: &str, what: &str) -> String {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new("wg-quick")
+        .arg("strip")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn rendered() -> Vec<(String, kiln::config::plan::Plan, kiln::render::NodeFiles)> {
     let mut out = Vec::new();
     for rel in common::RENDERED {
@@ -126,20 +144,11 @@ fn wg_configs_parse_with_wg_tools() {
     need("wg-quick", "wireguard-tools");
     let dir = tempfile::tempdir().unwrap();
     for (name, plan, files) in rendered() {
-        let path = dir.path().join("wg0.conf");
-        std::fs::write(&path, files.tree.text("/etc/wireguard/wg0.conf").unwrap()).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let out = Command::new("wg-quick")
-            .arg("strip")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let stripped = wg_quick_strip(
+            &dir.path().join("wg0.conf"),
+            files.tree.text("/etc/wireguard/wg0.conf").unwrap(),
+            &name,
         );
-        let stripped = String::from_utf8(out.stdout).unwrap();
         assert!(
             !stripped.contains("Address"),
             "{name}: wg-quick keys left in:\n{stripped}"
@@ -444,23 +453,12 @@ fn operator_files_parse_with_wg_quick() {
         let secrets = common::fixed_secrets(&plan);
         for o in &plan.operators {
             let text = kiln::cli::operator::operator_config(&plan, &secrets, &o.name).unwrap();
-            let path = dir
-                .path()
-                .join(kiln::cli::operator::default_file_name(&plan.cluster));
-            std::fs::write(&path, &text).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-            let out = Command::new("wg-quick")
-                .arg("strip")
-                .arg(&path)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{rel} {}: {}",
-                o.name,
-                String::from_utf8_lossy(&out.stderr)
+            let stripped = wg_quick_strip(
+                &dir.path()
+                    .join(kiln::cli::operator::default_file_name(&plan.cluster)),
+                &text,
+                &format!("{rel} {}", o.name),
             );
-            let stripped = String::from_utf8(out.stdout).unwrap();
             let private = stripped
                 .lines()
                 .find_map(|l| l.strip_prefix("PrivateKey = "))
