@@ -225,7 +225,7 @@ fn check_space(
     let roles: std::collections::BTreeSet<&str> = nodes.iter().map(|n| n.role.as_str()).collect();
     let needed =
         base_bytes * roles.len() as u64 + nodes.len() as u64 * (base_bytes + NODE_EXTRA_BYTES);
-    let Some(free) = staging::free_bytes(staging) else {
+    let Some(free) = crate::util::space::free_bytes(staging) else {
         return Ok(());
     };
     if free < needed {

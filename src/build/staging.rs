@@ -27,6 +27,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+use crate::util::space;
+
 /// The file that marks a directory as a kiln build output.
 pub use crate::image::manifest::FILE as MANIFEST;
 /// A lock file without its directory younger than this may belong to a
@@ -208,44 +210,18 @@ pub fn explain_no_space(err: anyhow::Error, staging: &Path) -> anyhow::Error {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
     });
-    let free = free_bytes(staging);
+    let free = space::free_bytes(staging);
     if !enospc && free.is_none_or(|f| f >= NEARLY_FULL_BYTES) {
         return err;
     }
-    let written = du_bytes(staging);
-    let mib = |b: u64| b.div_ceil(1 << 20);
+    let written = space::du_bytes(staging);
+    let mib = space::mib;
     err.context(format!(
         "no space left on the filesystem holding {} ({} MiB free; the build had written {} MiB there when it failed): free space, or choose an --out on a bigger filesystem",
         staging.parent().unwrap_or(staging).display(),
         free.map_or("?".into(), |f| mib(f).to_string()),
         mib(written),
     ))
-}
-
-/// Bytes available to an unprivileged user on the filesystem of `path`.
-pub fn free_bytes(path: &Path) -> Option<u64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path and out-pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
-/// Bytes allocated under `dir` (sparse files count what they use).
-fn du_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => du_bytes(&e.path()),
-            _ => e.metadata().map_or(0, |m| m.blocks() * 512),
-        })
-        .sum()
 }
 
 fn split(out: &Path) -> anyhow::Result<(PathBuf, String)> {

@@ -2,7 +2,8 @@
 //! commands), [`cancel`] (stopping a job when `main` is signalled),
 //! [`hash`] (sha256 of files, `sha256sum` output), [`atomic`] (replacing
 //! kiln's own files), [`mode`] (modes of secret files), [`size`] (units),
-//! [`range_io`] (a byte range of a disk image as `Read + Write + Seek`).
+//! [`range_io`] (a byte range of a disk image as `Read + Write + Seek`),
+//! [`space`] (free and used disk space).
 //! Uses nothing of kiln's.
 
 pub mod atomic;
@@ -11,4 +12,5 @@ pub mod hash;
 pub mod mode;
 pub mod range_io;
 pub mod size;
+pub mod space;
 pub mod tool;

@@ -243,6 +243,11 @@ impl Disk {
     }
 }
 
+/// Drive options that keep a guest's disk writes small on the host: zeros
+/// and discards (mkfs, the state partition an install writes as zeros)
+/// become unallocated clusters instead of data.
+const HOST_SPACE: &str = ",discard=unmap,detect-zeroes=unmap";
+
 /// QEMU arguments for `disks` (`-drive` and `-device`, and the USB
 /// controller if one is on USB).
 fn disk_args(disks: &[Disk]) -> Vec<String> {
@@ -258,7 +263,7 @@ fn disk_args(disks: &[Disk]) -> Vec<String> {
         };
         args.push("-drive".into());
         args.push(format!(
-            "if=none,id=disk{i},format={fmt},file={}",
+            "if=none,id=disk{i},format={fmt},file={}{HOST_SPACE}",
             d.file.display()
         ));
         let boot = d
@@ -379,7 +384,7 @@ fn qemu_command(
         .arg(format!("if=pflash,format=raw,file={}", vars.display()));
     if let Some(o) = overlay {
         cmd.arg("-drive")
-            .arg(format!("if=virtio,format=qcow2,file={}", o.display()));
+            .arg(format!("if=virtio,format=qcow2,file={}{HOST_SPACE}", o.display()));
     }
     cmd.args(disk_args(&cfg.disks));
     let (netboot, nic_boot) = match &cfg.netboot {
@@ -674,6 +679,7 @@ impl Vm {
             if let Some(v) = f(self)? {
                 return Ok(v);
             }
+            self.host_has_space()?;
             if !self.running() {
                 bail!(
                     "{}: QEMU exited while waiting for {what}\n{}",
@@ -691,6 +697,27 @@ impl Vm {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// An error once QEMU reported that the host filesystem holding this
+    /// VM's disks is full: the guest sees I/O errors from then on, and
+    /// waiting for it only ends in a timeout.
+    fn host_has_space(&self) -> anyhow::Result<()> {
+        let full = self.serial_lines().into_iter().find(|l| {
+            l.text.starts_with("[qemu stderr]") && l.text.contains("No space left on device")
+        });
+        let Some(line) = full else {
+            return Ok(());
+        };
+        let free = crate::util::space::free_bytes(self.dir.path())
+            .map_or("?".into(), |b| crate::util::space::mib(b).to_string());
+        bail!(
+            "{}: the host filesystem holding this VM's disks ({}) is full: QEMU said {:?} ({free} MiB free now); free space there or set TMPDIR to a bigger filesystem, then run again\n{}",
+            self.name,
+            self.dir.path().parent().unwrap_or(self.dir.path()).display(),
+            line.text.trim_start_matches("[qemu stderr] "),
+            self.tail(20)
+        )
     }
 
     /// The last `n` console lines, for error messages.

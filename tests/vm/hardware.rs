@@ -121,7 +121,12 @@ fn a_stick_installs_itself_onto_the_nvme_which_then_runs_alone_and_beside_it() {
     let log1 = dir.path().join("1-stick.log");
     vm.keep_log(&log1);
     let done = vm
-        .wait_serial("kiln-install: done", 0, Duration::from_secs(40 * 60))
+        .wait_until("kiln-install: done", Duration::from_secs(40 * 60), |vm| {
+            if let Some(failed) = vm.serial_find("kiln-install: failed", 0) {
+                anyhow::bail!("{}\n{}", failed.text, vm.tail(40));
+            }
+            Ok(vm.serial_find("kiln-install: done", 0))
+        })
         .unwrap();
     vm.wait_exit(Duration::from_secs(300)).unwrap();
     drop(vm);

@@ -25,6 +25,9 @@ KILN_NAMES=" ESP root-a root-b state "
 
 say() { echo "kiln-install: $*"; }
 die() { say "error: $*" >&2; exit 1; }
+# Every way out but success says so on the console, where an unattended
+# install is watched.
+trap 'rc=$?; [ "$rc" = 0 ] || [ "$rc" = 2 ] || say "failed (exit $rc): the target disk does not hold a usable install"' EXIT
 
 usage() {
     cat <<'EOF'
