@@ -27,7 +27,11 @@ say() { echo "kiln-install: $*"; }
 die() { say "error: $*" >&2; exit 1; }
 # Every way out but success says so on the console, where an unattended
 # install is watched.
-trap 'rc=$?; [ "$rc" = 0 ] || [ "$rc" = 2 ] || say "failed (exit $rc): the target disk does not hold a usable install"' EXIT
+on_exit() {
+    local rc=$?
+    [ "$rc" = 0 ] || [ "$rc" = 2 ] || say "failed (exit $rc): the target disk does not hold a usable install"
+}
+trap on_exit EXIT
 
 usage() {
     cat <<'EOF'
