@@ -15,7 +15,9 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::config::diag::Diagnostics;
-use crate::config::types::{self, DevicePath, Endpoint, Host, Invalid, K3sVersion, MacAddr, WgKey};
+use crate::config::types::{
+    self, DevicePath, Endpoint, Host, Invalid, K3sToken, K3sVersion, MacAddr, WgKey,
+};
 
 /// A value with the span and dotted key it was read from.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,7 +102,8 @@ pub struct Profile {
 #[derive(Debug, Default)]
 pub struct K3s {
     pub version: Option<At<K3sVersion>>,
-    pub token: Option<At<String>>,
+    /// Redacted in `Debug`: the profile's K3s section gets logged.
+    pub token: Option<At<K3sToken>>,
     pub server_args: Vec<At<String>>,
     pub agent_args: Vec<At<String>>,
     pub disable: Vec<At<String>>,
@@ -602,7 +605,7 @@ fn parse_iface(s: &str) -> Result<String, Invalid> {
 fn read_k3s(k: &mut Tab, d: &mut Diagnostics) -> K3s {
     let mut out = K3s {
         version: k.parse(d, "version", K3sVersion::parse),
-        token: k.str(d, "token"),
+        token: k.str(d, "token").map(|a| a.map(K3sToken::new)),
         server_args: k.str_list(d, "server-args").unwrap_or_default(),
         agent_args: k.str_list(d, "agent-args").unwrap_or_default(),
         disable: k.str_list(d, "disable").unwrap_or_default(),

@@ -106,13 +106,13 @@ fn check_k3s_values(k: &profile::K3s, d: &mut Diagnostics) {
         }
     }
     if let Some(t) = &k.token
-        && !types::is_valid_token(&t.v)
+        && !types::is_valid_token(t.v.expose())
     {
         d.error(t.span.clone(), &t.key, "the k3s token is too short or contains whitespace", "remove `token` to let kiln generate one in the state directory, or use at least 16 printable characters");
     }
     if let Some(t) = &k.token
-        && t.v.starts_with("K10")
-        && !is_secure_token(&t.v)
+        && t.v.expose().starts_with("K10")
+        && !is_secure_token(t.v.expose())
     {
         d.error(t.span.clone(), &t.key, "the k3s token starts with K10 but is not a secure token (K10<64 hex digits>::server:<secret>)", "write only the secret; kiln adds the K10<CA hash>:: prefix for the CA it holds");
     }
@@ -137,7 +137,7 @@ pub(super) fn k3s_plan(
 ) -> Option<K3sPlan> {
     Some(K3sPlan {
         version: k.version.as_ref()?.v.clone(),
-        token: k.token.as_ref().map(|a| types::K3sToken::new(a.v.clone())),
+        token: k.token.as_ref().map(|a| a.v.clone()),
         server_args: k.server_args.iter().map(|a| a.v.clone()).collect(),
         agent_args: k.agent_args.iter().map(|a| a.v.clone()).collect(),
         disable: k.disable.iter().map(|a| a.v.clone()).collect(),
