@@ -664,7 +664,10 @@ mod tests {
         let profile = crate::config::profile::read_profile(&text, &mut d).unwrap();
         let profile_debug = format!("{profile:?}");
         assert!(!profile_debug.contains(secret), "{profile_debug}");
-        assert!(profile_debug.contains("K3sToken(<redacted>)"), "{profile_debug}");
+        assert!(
+            profile_debug.contains("K3sToken(<redacted>)"),
+            "{profile_debug}"
+        );
 
         let plan_debug = format!("{plan:?}");
         assert!(!plan_debug.contains(secret), "{plan_debug}");

@@ -383,8 +383,10 @@ fn qemu_command(
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,file={}", vars.display()));
     if let Some(o) = overlay {
-        cmd.arg("-drive")
-            .arg(format!("if=virtio,format=qcow2,file={}{HOST_SPACE}", o.display()));
+        cmd.arg("-drive").arg(format!(
+            "if=virtio,format=qcow2,file={}{HOST_SPACE}",
+            o.display()
+        ));
     }
     cmd.args(disk_args(&cfg.disks));
     let (netboot, nic_boot) = match &cfg.netboot {
@@ -714,7 +716,11 @@ impl Vm {
         bail!(
             "{}: the host filesystem holding this VM's disks ({}) is full: QEMU said {:?} ({free} MiB free now); free space there or set TMPDIR to a bigger filesystem, then run again\n{}",
             self.name,
-            self.dir.path().parent().unwrap_or(self.dir.path()).display(),
+            self.dir
+                .path()
+                .parent()
+                .unwrap_or(self.dir.path())
+                .display(),
             line.text.trim_start_matches("[qemu stderr] "),
             self.tail(20)
         )

@@ -199,19 +199,37 @@ net_up() {
     fail "no DHCP answer on$ifaces"
 }
 
+# Wait until no partition or USB device has come or gone for 2 s (at
+# most 15 s): disks appear one by one (a USB stick seconds after an
+# NVMe disk, usb-storage waits a second before scanning), and every copy
+# of the boot partition must be seen before one is trusted.
+settle_disks() {
+    seen='' same=0 tries=0
+    while [ $same -lt 20 ] && [ $tries -lt 150 ]; do
+        cur=$(cat /proc/partitions; ls /sys/bus/usb/devices 2>/dev/null)
+        if [ "$cur" = "$seen" ]; then same=$((same + 1)); else same=0; seen=$cur; fi
+        tries=$((tries + 1))
+        sleep 0.1
+    done
+}
+
 # Set boot_disk to the disk this boot came from: the one holding the
 # partition systemd-boot was loaded from. Copies of one image carry the
 # same GUIDs: if several disks hold that partition, touch none of them.
 find_boot_disk() {
     esp_uuid=$(loader_part_uuid)
     if [ -n "$esp_uuid" ]; then
-        boot_disk=$(wait_for disks_with_part "$esp_uuid") \
+        wait_for disks_with_part "$esp_uuid" >/dev/null \
             || fail "no disk holds partition $esp_uuid, which systemd-boot was loaded from (waited 30 s; is the disk's driver in the initramfs?)"
+        settle_disks
+        boot_disk=$(disks_with_part "$esp_uuid")
         how="systemd-boot was loaded from its partition $esp_uuid"
         what="partition $esp_uuid, the one systemd-boot was loaded from"
     else
-        boot_disk=$(wait_for disks_with_name "root-$slot") \
+        wait_for disks_with_name "root-$slot" >/dev/null \
             || fail "no partition named root-$slot after 30 s"
+        settle_disks
+        boot_disk=$(disks_with_name "root-$slot")
         how="the only disk with a root-$slot partition; no LoaderDevicePartUUID, so not started by systemd-boot"
         what="a partition named root-$slot, and the boot loader did not say which one it was loaded from"
     fi
