@@ -133,7 +133,14 @@ fn identify(inputs: &[Input], notes: &mut Vec<Note>) -> anyhow::Result<Vec<NodeO
                     (stem, None)
                 }
             },
-            None => (stem, None),
+            None => {
+                let at = super::yaml::Origin {
+                    file: c.file.clone(),
+                    line: 1,
+                };
+                notes.push(Note::changed(&at, "hostname", &format!("none given (k3os made up a k3os-NNNN name at boot): the node is named `{stem}` after its file")));
+                (stem, None)
+            }
         };
         if let Some(first) = nodes.iter().find(|n| n.name == name) {
             bail!(

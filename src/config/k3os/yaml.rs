@@ -57,6 +57,8 @@ pub struct Scalar {
 pub struct Key {
     pub name: String,
     pub at: Origin,
+    /// Came in through a `<<` merge: a key written in the mapping replaces it.
+    pub merged: bool,
 }
 
 impl Node {
@@ -173,6 +175,7 @@ fn add_to_map(map: &mut Node, pending: &mut Option<Key>, node: Node) -> Option<(
                 *pending = Some(Key {
                     name: s.text.clone(),
                     at: node.at,
+                    merged: false,
                 });
                 None
             }
@@ -184,6 +187,11 @@ fn add_to_map(map: &mut Node, pending: &mut Option<Key>, node: Node) -> Option<(
     };
     if key.name == "<<" {
         merge_into(entries, node);
+    } else if let Some(i) = entries
+        .iter()
+        .position(|(k, _)| k.name == key.name && k.merged)
+    {
+        entries[i] = (key, node);
     } else if let Some((first, _)) = entries.iter().find(|(k, _)| k.name == key.name) {
         let msg = format!(
             "key `{}` is given twice in one mapping (first on line {})",
@@ -205,8 +213,9 @@ fn merge_into(entries: &mut Vec<(Key, Node)>, node: Node) {
     };
     for s in sources {
         if let Value::Map(more) = s.value {
-            for (k, v) in more {
+            for (mut k, v) in more {
                 if !entries.iter().any(|(e, _)| e.name == k.name) {
+                    k.merged = true;
                     entries.push((k, v));
                 }
             }
@@ -310,13 +319,14 @@ mod tests {
     #[test]
     fn anchors_merges_and_binary() {
         let m = map(
-            "base: &b\n  token: t\nk3os:\n  <<: *b\n  labels: {a: b}\nbin: !!binary aGk=\nnone:\n",
+            "base: &b\n  token: t\n  password: p\nk3os:\n  <<: *b\n  labels: {a: b}\n  password: q\nbin: !!binary aGk=\nnone:\n",
         );
         let Value::Map(k) = &m[1].1.value else {
             panic!()
         };
-        assert_eq!(k.len(), 2);
-        assert_eq!(k[1].0.name, "token");
+        let names: Vec<&str> = k.iter().map(|(k, _)| k.name.as_str()).collect();
+        assert_eq!(names, ["token", "password", "labels"]);
+        assert_eq!(scalar(&k[1].1).text, "q", "the mapping's own key wins");
         assert!(scalar(&m[2].1).binary);
         assert!(m[3].1.is_null());
     }
