@@ -45,11 +45,25 @@ fn args_of(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn import(dir: &Path) -> Output {
+/// Run the case's import in a copy of its directory: the output, and the
+/// profile (stdout, or the `--out` file the args name).
+fn import(dir: &Path) -> (Output, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
     let args = args_of(dir);
     let mut all = vec!["import-k3os"];
     all.extend(args.iter().map(String::as_str));
-    kiln(dir, &all)
+    let out = kiln(tmp.path(), &all);
+    let profile = match args.iter().position(|a| a == "--out") {
+        Some(i) if out.status.success() => {
+            std::fs::read_to_string(tmp.path().join(&args[i + 1])).unwrap()
+        }
+        _ => text(&out.stdout),
+    };
+    (out, profile)
 }
 
 /// Compare with the golden file, or write it under UPDATE_GOLDEN.
@@ -75,7 +89,7 @@ fn golden(path: &Path, actual: &str, failures: &mut Vec<String>) {
 fn imports_match_golden() {
     let mut failures = Vec::new();
     for dir in cases() {
-        let out = import(&dir);
+        let (out, profile) = import(&dir);
         if dir.join("error.txt").exists() || dir.ends_with("malformed") {
             assert_eq!(out.status.code(), Some(1), "{}", dir.display());
             assert!(out.stdout.is_empty());
@@ -88,7 +102,7 @@ fn imports_match_golden() {
             dir.display(),
             text(&out.stderr)
         );
-        golden(&dir.join("profile.toml"), &text(&out.stdout), &mut failures);
+        golden(&dir.join("profile.toml"), &profile, &mut failures);
         golden(&dir.join("stderr.txt"), &text(&out.stderr), &mut failures);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -97,7 +111,7 @@ fn imports_match_golden() {
 #[test]
 fn a_malformed_file_is_refused_at_its_line() {
     let dir = common::repo().join("tests/golden/import-k3os/malformed");
-    let out = import(&dir);
+    let (out, _) = import(&dir);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -109,9 +123,8 @@ fn a_malformed_file_is_refused_at_its_line() {
 #[test]
 fn every_key_of_the_k3os_reference_is_accounted_for() {
     let dir = common::repo().join("tests/golden/import-k3os/cluster");
-    let out = import(&dir);
+    let (out, profile) = import(&dir);
     let err = text(&out.stderr);
-    let profile = text(&out.stdout);
     // Not carried over, each named with file and line.
     for key in [
         "common.yaml:4: ssh_authorized_keys[1]: kiln does not fetch keys",
@@ -196,8 +209,7 @@ fn kiln_check_points_at_each_placeholder_then_passes() {
         if dir.ends_with("malformed") {
             continue;
         }
-        let out = import(&dir);
-        let profile = text(&out.stdout);
+        let (out, profile) = import(&dir);
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("lab.toml");
         std::fs::write(&p, &profile).unwrap();
@@ -285,4 +297,21 @@ fn a_missing_file_is_named() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// docs/coming-from-k3os.md shows the walkthrough case as it is: its
+/// inputs, what stderr says and the profile, each verbatim.
+#[test]
+fn the_walkthrough_in_the_docs_is_what_kiln_prints() {
+    let doc = std::fs::read_to_string(common::repo().join("docs/coming-from-k3os.md")).unwrap();
+    let dir = common::repo().join("tests/golden/import-k3os/walkthrough");
+    let command = format!("kiln import-k3os {}", args_of(&dir).join(" "));
+    assert!(doc.contains(&command), "{command}");
+    for f in ["server.yaml", "agent.yaml", "stderr.txt", "profile.toml"] {
+        let body = std::fs::read_to_string(dir.join(f)).unwrap();
+        assert!(
+            doc.contains(&body),
+            "docs/coming-from-k3os.md does not show {f} as it is:\n{body}"
+        );
+    }
 }

@@ -25,11 +25,15 @@
 //!   version, the WireGuard network and each node's tunnel and LAN
 //!   addresses are written as strings starting `FILL IN:` that `kiln
 //!   check` refuses, each at its own line, with the placeholder's text in
-//!   the message. A value that passes `kiln check` but is wrong fails much
-//!   later, on the hardware: a k3s older than the one the cluster ran is a
-//!   downgrade k3s does not support, and a tunnel network that overlaps the
-//!   LAN breaks routing. A placeholder fails at `kiln check`, before
-//!   anything is built; the check's error list is the to-do list.
+//!   the message. The other way, values that pass marked `# TODO`, was
+//!   not taken: a value that passes `kiln check` but is wrong fails much
+//!   later, on the hardware or in the cluster (a tunnel network that
+//!   overlaps the LAN breaks routing; a k3s release is what the workloads'
+//!   manifests meet, and one chosen for the operator may have dropped APIs
+//!   they use), and nothing forces anyone to read a TODO. A placeholder
+//!   fails at `kiln check`, before anything is built; the check's error
+//!   list is the to-do list, and the importer's stderr names the same
+//!   lines.
 //! - **kiln's shape, not k3os's.** The profile turns WireGuard on (mesh),
 //!   kiln's firewall and kiln's join (the first server's tunnel address),
 //!   as kiln is designed to run; `k3os.server_url` is therefore not carried
