@@ -52,6 +52,10 @@ const INSTALL: &[&str] = &[
     "tty",
 ];
 
+/// The fix of a value of the wrong shape.
+const SHAPE_FIX: &str =
+    "write it as k3os's configuration reference does: k3os could not have read it either";
+
 /// A scalar as k3os saw it (a string), with where it was written and the
 /// key path as written (`k3os.sysctl.kernel.printk`).
 #[derive(Debug, Clone)]
@@ -188,7 +192,7 @@ fn entries(
             return Ok(Vec::new());
         }
         bail!(
-            "{}: {}: expected a mapping, found {}",
+            "{}: {}: expected a mapping, found {}\n    fix: {SHAPE_FIX}",
             node.at,
             if path.is_empty() { "the file" } else { path },
             node.kind()
@@ -270,7 +274,7 @@ fn scalar(e: &Entry) -> anyhow::Result<Option<Val>> {
             key: e.key.clone(),
         })),
         _ => bail!(
-            "{}: {}: expected a single value, found {}",
+            "{}: {}: expected a single value, found {}\n    fix: {SHAPE_FIX}",
             e.node.at,
             e.key,
             e.node.kind()
@@ -282,7 +286,12 @@ fn scalar(e: &Entry) -> anyhow::Result<Option<Val>> {
 fn list(e: &Entry) -> anyhow::Result<Vec<Val>> {
     let items = match &e.node.value {
         Value::Seq(items) => items.clone(),
-        _ => vec![e.node.clone()],
+        Value::Map(_) => bail!(
+            "{}: {}: expected a list, found a mapping\n    fix: {SHAPE_FIX}",
+            e.node.at,
+            e.key
+        ),
+        Value::Scalar(_) => vec![e.node.clone()],
     };
     let mut out = Vec::new();
     for (i, n) in items.iter().enumerate() {
@@ -304,7 +313,7 @@ fn string_map(e: &Entry) -> anyhow::Result<Vec<(Val, Val)>> {
     }
     let Value::Map(m) = &e.node.value else {
         bail!(
-            "{}: {}: expected a mapping of names to values, found {}",
+            "{}: {}: expected a mapping of names to values, found {}\n    fix: {SHAPE_FIX}",
             e.node.at,
             e.key,
             e.node.kind()

@@ -351,6 +351,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secrets_of_k3os_tokens() {
+        let v = |t: &str| Val {
+            v: t.to_string(),
+            at: crate::config::k3os::yaml::Origin {
+                file: "a1.yaml".into(),
+                line: 4,
+            },
+            key: "k3os.token".into(),
+        };
+        let mut notes = Vec::new();
+        assert_eq!(
+            secret(&v("plain-secret"), &mut notes).as_deref(),
+            Some("plain-secret")
+        );
+        assert!(notes.is_empty());
+        let hash = "0".repeat(64);
+        let server = format!("K10{hash}::server:the-secret");
+        assert_eq!(
+            secret(&v(&server), &mut notes).as_deref(),
+            Some("the-secret")
+        );
+        assert_eq!(secret(&v(&format!("K10{hash}::node:pw")), &mut notes), None);
+        assert_eq!(notes.len(), 2);
+        assert!(!notes.iter().any(|n| n.text.contains("the-secret")));
+    }
+
+    #[test]
     fn ips_in_server_urls() {
         assert_eq!(
             url_ip("https://192.168.1.10:6443"),
