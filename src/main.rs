@@ -187,6 +187,29 @@ enum Command {
         /// A disk image from `kiln build`.
         image: PathBuf,
     },
+    /// Write a kiln profile from k3os config.yaml files.
+    ///
+    /// One config.yaml per node; a file without `hostname` is shared and
+    /// merged under each node's own, as k3os merged its config files.
+    /// Every k3os key becomes a profile key, or a note (on stderr and as a
+    /// comment at the top of the profile) saying why not. Values k3os did
+    /// not know (the k3s version, the WireGuard network, the nodes' tunnel
+    /// and LAN addresses) are written as "FILL IN: …" placeholders that
+    /// `kiln check` reports at their lines until they are filled in. The
+    /// profile goes to stdout, or to --out (0600, atomically; it may hold
+    /// the cluster token), whose path is then printed.
+    #[command(name = "import-k3os")]
+    ImportK3os {
+        /// k3os config.yaml files: one per node, and shared ones.
+        #[arg(required = true, value_name = "CONFIG.yaml")]
+        configs: Vec<PathBuf>,
+        /// Write the profile here instead of stdout (its stem names the cluster).
+        #[arg(long, value_name = "PROFILE")]
+        out: Option<PathBuf>,
+        /// Replace an existing --out that differs.
+        #[arg(long)]
+        force: bool,
+    },
     /// Write one node's rendered files into a directory, for inspection.
     ///
     /// The tree holds secrets (WireGuard private key, k3s token): files
@@ -390,6 +413,15 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
             },
             cancel,
         ),
+        Command::ImportK3os {
+            configs,
+            out,
+            force,
+        } => cli::import_k3os::run(&cli::import_k3os::ImportArgs {
+            configs,
+            out,
+            force,
+        }),
         Command::Run { image } => cli::test::run_interactive(&image, cancel),
         Command::Render {
             profile,

@@ -483,7 +483,7 @@ fn label_only(name: &str, raw: &str) -> Result<String, Invalid> {
 /// rather than normalised: `/etc//wireguard` would otherwise slip past the
 /// reserved-path check, and two spellings of one path could hide a
 /// duplicate.
-fn parse_file_path(s: &str) -> Result<String, Invalid> {
+pub fn parse_file_path(s: &str) -> Result<String, Invalid> {
     if s.chars().any(char::is_control) {
         return Err(inv(
             format!("path `{}` contains a control character", s.escape_debug()),
@@ -523,7 +523,7 @@ fn parse_file_path(s: &str) -> Result<String, Invalid> {
 /// refused or converted because converting it would change its meaning;
 /// either way no segment may be empty, `.` or `..`, so a name stays
 /// inside /proc/sys.
-fn check_sysctl_name(name: &str) -> Result<(), Invalid> {
+pub fn check_sysctl_name(name: &str) -> Result<(), Invalid> {
     let bad = |why: &str| {
         Err(inv(
             format!("`{}` is not a sysctl name: {why}", name.escape_debug()),
@@ -547,6 +547,51 @@ fn check_sysctl_name(name: &str) -> Result<(), Invalid> {
         return bad("use segments of letters, digits, '_', '-' separated by single dots");
     }
     Ok(())
+}
+
+/// A node taint, `key[=value]:Effect`.
+pub fn parse_taint(s: &str) -> Result<String, Invalid> {
+    match s.rsplit_once(':') {
+        Some((kv, "NoSchedule" | "PreferNoSchedule" | "NoExecute"))
+            if !kv.is_empty() && !kv.contains(char::is_whitespace) =>
+        {
+            Ok(s.to_string())
+        }
+        _ => Err(inv(
+            format!("`{s}` is not a taint"),
+            "write key=value:Effect with Effect NoSchedule, PreferNoSchedule or NoExecute",
+        )),
+    }
+}
+
+/// A Kubernetes label key: letters, digits, `-_./`, at most 316 characters.
+pub fn is_label_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 316
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c))
+}
+
+/// A Kubernetes label value: at most 63 letters, digits, `-_.`.
+pub fn is_label_value(s: &str) -> bool {
+    s.len() <= 63
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+}
+
+/// A kernel module name as `modprobe` takes it.
+pub fn parse_module(s: &str) -> Result<String, Invalid> {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    {
+        Ok(s.to_string())
+    } else {
+        Err(inv(
+            format!("`{s}` is not a kernel module name"),
+            "use the module's name as `modprobe` takes it, like \"br_netfilter\"",
+        ))
+    }
 }
 
 fn inv(message: impl Into<String>, hint: impl Into<String>) -> Invalid {
@@ -744,19 +789,7 @@ fn read_firewall(f: &mut Tab, d: &mut Diagnostics) -> Firewall {
 
 fn read_first_boot(f: &mut Tab, d: &mut Diagnostics) -> FirstBoot {
     let mut out = FirstBoot {
-        modules: f.parse_list(d, "modules", |s| {
-            if !s.is_empty()
-                && s.bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
-            {
-                Ok(s.to_string())
-            } else {
-                Err(inv(
-                    format!("`{s}` is not a kernel module name"),
-                    "use the module's name as `modprobe` takes it, like \"br_netfilter\"",
-                ))
-            }
-        }),
+        modules: f.parse_list(d, "modules", parse_module),
         run_once: f.str_list(d, "run-once").unwrap_or_default(),
         boot_cmd: f.str_list(d, "boot-cmd").unwrap_or_default(),
         dns_nameservers: f.parse_list(d, "dns-nameservers", parse_ip),
@@ -871,20 +904,7 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
         }),
         cluster_init: n.bool(d, "cluster-init"),
         labels: Vec::new(),
-        taints: n.parse_list(d, "taints", |s| {
-            // key[=value]:Effect
-            match s.rsplit_once(':') {
-                Some((kv, "NoSchedule" | "PreferNoSchedule" | "NoExecute"))
-                    if !kv.is_empty() && !kv.contains(char::is_whitespace) =>
-                {
-                    Ok(s.to_string())
-                }
-                _ => Err(inv(
-                    format!("`{s}` is not a taint"),
-                    "write key=value:Effect with Effect NoSchedule, PreferNoSchedule or NoExecute",
-                )),
-            }
-        }),
+        taints: n.parse_list(d, "taints", parse_taint),
         cmdline: n.str_list(d, "cmdline").unwrap_or_default(),
         network: None,
         allow_suspend: n.bool(d, "allow-suspend"),
@@ -902,17 +922,9 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
     if let Some(mut l) = n.table(d, "labels") {
         for (name, span) in l.keys() {
             let key = format!("{}.{}", l.path, quote_key(&name));
-            let ok = !name.is_empty()
-                && name.len() <= 316
-                && name
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c));
+            let ok = is_label_key(&name);
             if let Some(v) = l.str(d, &name) {
-                let value_ok = v.v.len() <= 63
-                    && v.v
-                        .bytes()
-                        .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
-                if !value_ok {
+                if !is_label_value(&v.v) {
                     d.error(
                         v.span.clone(),
                         &v.key,

@@ -38,6 +38,35 @@ const RESERVED_PATHS: [&str; 22] = [
     "/etc/systemd/system/suspend-then-hibernate.target",
 ];
 
+/// May a write-file go to `path`: under /etc or /var, without `.` or
+/// `..` components, not a directory?
+pub fn is_writable_path(path: &str) -> bool {
+    WRITABLE_PREFIXES.iter().any(|p| path.starts_with(p))
+        && !path.split('/').any(|c| c == ".." || c == ".")
+        && !path.ends_with('/')
+}
+
+/// The entry of [`RESERVED_PATHS`] that makes `path` kiln's own, if any.
+pub fn reserved_path(path: &str) -> Option<&'static str> {
+    RESERVED_PATHS.iter().copied().find(|r| {
+        if r.ends_with(['/', '-', '_']) {
+            path.starts_with(*r)
+        } else {
+            path == *r
+        }
+    })
+}
+
+/// Is `line` one line of a `.pub` file: a key type kiln knows and a body?
+pub fn is_ssh_public_key(line: &str) -> bool {
+    let mut parts = line.split_whitespace();
+    let kind = parts.next().unwrap_or("");
+    let body = parts.next().unwrap_or("");
+    let kind_ok =
+        kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
+    kind_ok && body.len() >= 16 && !line.contains('\n')
+}
+
 pub(super) fn resolve_first_boot(f: &profile::FirstBoot, d: &mut Diagnostics) -> FirstBootPlan {
     let users = resolve_users(f, d);
     let write_files = resolve_write_files(f, &users, d);
@@ -146,19 +175,10 @@ fn resolve_write_files(
             );
             continue;
         };
-        if !WRITABLE_PREFIXES.iter().any(|p| path.v.starts_with(p))
-            || path.v.split('/').any(|c| c == ".." || c == ".")
-            || path.v.ends_with('/')
-        {
+        if !is_writable_path(&path.v) {
             d.error(path.span.clone(), &path.key, format!("`{}` is not a file under /etc or /var", path.v), "the root image is read-only: write files under /etc/ or /var/, or put them in overlays/ to bake them into the image");
         }
-        if let Some(r) = RESERVED_PATHS.iter().find(|r| {
-            if r.ends_with(['/', '-', '_']) {
-                path.v.starts_with(*r)
-            } else {
-                path.v == **r
-            }
-        }) {
+        if let Some(r) = reserved_path(&path.v) {
             d.error(path.span.clone(), &path.key, format!("`{}` is rendered by kiln ({r})", path.v), "set it through the profile's own keys (hostname, users, wireguard, firewall, k3s, allow-suspend), or use another path");
         }
         if let Some(first) = seen_paths.get(path.v.as_str()) {
@@ -231,12 +251,7 @@ fn resolve_owner(s: &str, users: &[UserPlan]) -> Option<(u32, u32)> {
 /// A user's SSH keys and shell (`/bin/bash` unless set); returns the shell.
 fn check_user_keys_and_shell(u: &profile::User, d: &mut Diagnostics) -> String {
     for k in &u.ssh_authorized_keys {
-        let mut parts = k.v.split_whitespace();
-        let kind = parts.next().unwrap_or("");
-        let body = parts.next().unwrap_or("");
-        let kind_ok =
-            kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
-        if !kind_ok || body.len() < 16 || k.v.contains('\n') {
+        if !is_ssh_public_key(&k.v) {
             d.error(
                 k.span.clone(),
                 &k.key,

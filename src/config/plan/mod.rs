@@ -15,7 +15,7 @@ use crate::config::types::{DevicePath, Endpoint, Host, K3sToken, K3sVersion, Mac
 mod base;
 mod boot;
 mod firewall;
-mod first_boot;
+pub mod first_boot;
 mod k3s;
 mod nodes;
 mod operators;
