@@ -66,6 +66,7 @@ fn write_base(s: &mut String, plan: &Plan) {
             suite,
             kernel,
             packages,
+            ..
         } => {
             let _ = writeln!(
                 s,

@@ -184,6 +184,7 @@ pub fn base_spec(plan: &Plan) -> Option<BaseSpec> {
             suite,
             kernel,
             packages,
+            ..
         } => Some(debian_spec(suite, *kernel, packages)),
         BasePlan::Tarball(_) => None,
     }
