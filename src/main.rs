@@ -143,6 +143,9 @@ enum Command {
         /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Make the Debian base again with mmdebstrap (newer packages), whatever its age [default: when older than base.max-age]
+        #[arg(long)]
+        refresh_base: bool,
     },
     /// Boot a node's image in QEMU and check it from inside.
     ///
@@ -352,6 +355,7 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
             k3s_binary,
             format,
             state_dir,
+            refresh_base,
         } => cli::build::run(
             cli::build::BuildArgs {
                 profile,
@@ -365,6 +369,7 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
                 qcow2: format.iter().any(|f| matches!(f, Format::Qcow2)),
                 pxe: format.iter().any(|f| matches!(f, Format::Pxe)),
                 state_dir,
+                refresh_base,
             },
             cancel,
         ),

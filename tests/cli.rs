@@ -569,3 +569,67 @@ fn check_prints_who_peers_with_whom_over_which_endpoint() {
     assert_eq!(s.matches("site campus\n").count(), 20, "{s}");
     assert_eq!(s.matches("  hub\n").count(), 5, "{s}");
 }
+
+/// `kiln` with its cache in `cache` (no `KILN_K3S_BINARY` from outside).
+fn kiln_with_cache(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_CACHE_DIR", cache)
+        .env_remove("KILN_K3S_BINARY")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn build_accepts_refresh_base() {
+    let help = kiln(&["build", "--help"]);
+    assert!(
+        text(&help.stdout).contains("--refresh-base"),
+        "{}",
+        text(&help.stdout)
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let profile = example_in(tmp.path(), "profiles/club.toml");
+    let out_dir = tmp.path().join("out");
+    let out_dir = out_dir.to_string_lossy();
+    // Parsed and handed to the build, which stops at the unknown node
+    // before it reaches the base (and mmdebstrap).
+    let out = kiln_with_cache(
+        &cache,
+        &[
+            "build",
+            &profile,
+            "--refresh-base",
+            "--node",
+            "nosuch",
+            "--out",
+            &out_dir,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("no node `nosuch`"), "{err}");
+
+    // A supplied tarball is not kiln's to rebuild: the flag says so.
+    let text_of = std::fs::read_to_string(&profile).unwrap();
+    std::fs::write(
+        &profile,
+        text_of.replace(
+            "suite = \"bookworm\"\nkernel = \"generic\"",
+            "tarball = \"root.tar\"",
+        ),
+    )
+    .unwrap();
+    let out = kiln_with_cache(
+        &cache,
+        &["build", &profile, "--refresh-base", "--out", &out_dir],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--refresh-base: the base is the tarball") && err.contains("root.tar"),
+        "{err}"
+    );
+    assert!(!cache.join("base").exists(), "nothing was built");
+}

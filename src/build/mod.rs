@@ -46,6 +46,8 @@ pub struct BuildOptions {
     /// Also write the netboot tree (OUT/pxe, see [`crate::render::pxe`]).
     pub pxe: bool,
     pub cache: PathBuf,
+    /// `--refresh-base`: make the Debian base again, whatever its age.
+    pub refresh_base: bool,
     /// `kiln test` only: an SSH public key added for root, so the checks
     /// can look inside. Never set by `kiln build`.
     pub test_access_key: Option<String>,

@@ -98,7 +98,7 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
     let (plan, opts) = (cx.plan, cx.opts);
     std::fs::create_dir_all(&cx.work).with_context(|| format!("creating {}", cx.work.display()))?;
     let base = cx.progress.stage("base root tarball", || {
-        base::plan_base_tarball(plan, &opts.cache, cx.epoch, &opts.cancel)
+        base::plan_base_tarball(plan, &opts.cache, cx.epoch, opts.refresh_base, &opts.cancel)
     })?;
     super::check_space(plan, cx.nodes, &base.path, &cx.staging.dir)?;
     let lock = plan.profile_path.with_file_name("kiln.lock");

@@ -5,8 +5,14 @@
 //! The spec is pure data derived from the plan ([`base_spec`]); only
 //! [`ensure_base`] runs mmdebstrap. A cached tarball sits at
 //! `<cache>/base/<digest>.tar.zst` with `<digest>.json` beside it recording
-//! the spec and the tarball's sha256; a tarball without a matching record is
-//! not trusted and is rebuilt.
+//! the spec, the tarball's sha256 and when it was built (`built-at`); a
+//! tarball without a matching record is not trusted and is rebuilt.
+//!
+//! A digest names what was asked for, not the package versions the archive
+//! had then, so a cached base is also made again once it is older than
+//! `base.max-age` ([`freshness`], a pure function of the build time, the
+//! clock and the max-age), or when `kiln build --refresh-base` asks
+//! ([`Refresh`]); the new tarball replaces the old one by a rename.
 //!
 //! No mirror is named here: mmdebstrap, given no mirror, uses its built-in
 //! default Debian mirror plus the suite's `-updates` and security archives
@@ -29,6 +35,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::config::plan::{BasePlan, Plan};
 use crate::config::profile::KernelFlavour;
+use crate::config::types::MaxAge;
 use crate::util::cancel::Cancel;
 use crate::util::tool::{self, Tool};
 
@@ -295,12 +302,109 @@ pub fn mmdebstrap_command(spec: &BaseSpec, target: &Path) -> Result<Command> {
     Ok(cmd)
 }
 
+/// When a cached Debian base is made again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// When it is older than this (`base.max-age`).
+    WhenOlderThan(MaxAge),
+    /// Whatever its age (`kiln build --refresh-base`), unless it was built
+    /// at or after this unix time: by another kiln this one waited for.
+    UnlessBuiltSince(u64),
+}
+
+/// A cached base's age against its max-age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Young enough: reused for `left_secs` more seconds.
+    Fresh { age_secs: u64, left_secs: u64 },
+    /// Too old, or (`None`) of unknown age: made again by the next build.
+    Stale { age_secs: Option<u64> },
+}
+
+/// How far ahead of the clock a build time may be and still count as
+/// age 0: the clocks of machines sharing a cache differ by seconds. A
+/// build time further ahead was stamped by a wrong clock, so the base's
+/// age is unknown and it is made again (which stamps it anew).
+pub const CLOCK_SKEW_SECS: u64 = 24 * 3600;
+
+/// Is a base built at `built_at` still fresh at `now` (unix seconds)?
+/// Older than `max_age` is stale; exactly `max_age` old is still fresh.
+pub fn freshness(built_at: u64, now: u64, max_age: MaxAge) -> Freshness {
+    if built_at > now.saturating_add(CLOCK_SKEW_SECS) {
+        return Freshness::Stale { age_secs: None };
+    }
+    let age = now.saturating_sub(built_at);
+    let max = max_age.as_secs();
+    if age > max {
+        Freshness::Stale {
+            age_secs: Some(age),
+        }
+    } else {
+        Freshness::Fresh {
+            age_secs: age,
+            left_secs: max - age,
+        }
+    }
+}
+
+/// Why a cached base built at `built_at` must be made again at `now`
+/// under `refresh`; `None`: reuse it.
+pub fn rebuild_reason(refresh: Refresh, built_at: u64, now: u64) -> Option<String> {
+    match refresh {
+        Refresh::UnlessBuiltSince(since) => {
+            (built_at < since).then(|| "--refresh-base asks for a new one".to_string())
+        }
+        Refresh::WhenOlderThan(max) => match freshness(built_at, now, max) {
+            Freshness::Fresh { .. } => None,
+            Freshness::Stale {
+                age_secs: Some(age),
+            } => Some(format!(
+                "it is {} old, older than base.max-age = \"{max}\"",
+                human_age(age)
+            )),
+            Freshness::Stale { age_secs: None } => Some(format!(
+                "its build time ({built_at}) is {} ahead of this machine's clock, so its age is unknown",
+                human_age(built_at - now)
+            )),
+        },
+    }
+}
+
+/// An age for people: "42d 3h", "5h", "17 min".
+pub fn human_age(secs: u64) -> String {
+    let (days, hours, mins) = (secs / 86400, secs % 86400 / 3600, secs % 3600 / 60);
+    match (days, hours) {
+        (0, 0) => format!("{mins} min"),
+        (0, h) => format!("{h}h"),
+        (d, 0) => format!("{d}d"),
+        (d, h) => format!("{d}d {h}h"),
+    }
+}
+
+/// Seconds since the Unix epoch, by this machine's clock.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The cached tarball for `spec`, reused if it is fresh by `refresh`,
+/// else built with mmdebstrap (see [`ensure_base_cancellable`]). For
+/// callers without a profile: `base.max-age`'s default applies.
+pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
+    let refresh = Refresh::WhenOlderThan(crate::config::plan::DEFAULT_BASE_MAX_AGE);
+    ensure_base_cancellable(spec, cache, source_date_epoch, refresh, &Cancel::default())
+}
+
 /// The cached tarball for `spec`, building it with mmdebstrap first if it
-/// is missing or does not match its record.
+/// is missing, does not match its record, or is due by `refresh`.
 ///
 /// `cache` is the kiln cache dir ([`crate::inputs::cache::cache_dir`]); the build
 /// runs with `SOURCE_DATE_EPOCH=source_date_epoch`. A failed or interrupted
-/// build leaves only a hidden temp file, never `<digest>.tar.zst`.
+/// build leaves only a hidden temp file, never `<digest>.tar.zst`; a
+/// refresh replaces the old tarball by a rename, so the cache holds the old
+/// base or the new one, never a part of either. When a refresh fails, the
+/// old base stays in the cache and the error says how to keep using it.
 ///
 /// Concurrent calls for the same spec (parallel tests, two `kiln build`s)
 /// are serialised by an exclusive `flock(2)` on `<cache>/base/<digest>.lock`
@@ -308,33 +412,68 @@ pub fn mmdebstrap_command(spec: &BaseSpec, target: &Path) -> Result<Command> {
 /// others wait and then reuse its tarball. The kernel drops the lock when
 /// the holder exits, however it exits (a lock file left by a killed build
 /// is harmless: it is locked afresh and removed by the next build).
-pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
-    ensure_base_cancellable(spec, cache, source_date_epoch, &Cancel::default())
-}
-
-/// As [`ensure_base`]; when `cancel` is set, mmdebstrap is stopped and the
-/// result is an interruption (the temp file goes with the error).
+/// When `cancel` is set, mmdebstrap is stopped and the result is an
+/// interruption (the temp file goes with the error).
 pub fn ensure_base_cancellable(
     spec: &BaseSpec,
     cache: &Path,
     source_date_epoch: u64,
+    refresh: Refresh,
     cancel: &Cancel,
 ) -> Result<BaseTarball> {
+    let now = unix_now();
     let digest = spec_digest(spec);
     let path = cached_path(spec, cache);
     let record = record_path(&path);
     let dir = path.parent().expect("cached path has a parent");
     let _lock = lock_base(dir, &digest)?;
-    if let Some(t) = check_cached(&path, &record)? {
-        log::info!(
-            "base {} ({} kernel): reusing {}",
+    let why = match check_cached(&path, &record)? {
+        None => None,
+        Some(cached) => match rebuild_reason(refresh, cached.built_at, now) {
+            None => {
+                log::info!(
+                    "base {} ({} kernel): reusing {}, built {} ago",
+                    spec.suite,
+                    kernel_name(spec.kernel),
+                    path.display(),
+                    human_age(now.saturating_sub(cached.built_at))
+                );
+                return Ok(cached.tarball);
+            }
+            Some(why) => {
+                log::warn!(
+                    "building the {} base again ({why}): {}",
+                    spec.suite,
+                    path.display()
+                );
+                Some(why)
+            }
+        },
+    };
+    build_and_publish(spec, &path, source_date_epoch, cancel).with_context(|| match why {
+        None => format!("building the {} base", spec.suite),
+        Some(why) => format!(
+            "refreshing the cached {} base {} because {why}; it stays in the cache: to build with it meanwhile, {}",
             spec.suite,
-            kernel_name(spec.kernel),
-            path.display()
-        );
-        return Ok(t);
-    }
+            path.display(),
+            match refresh {
+                Refresh::WhenOlderThan(_) => "raise `base.max-age` in the profile",
+                Refresh::UnlessBuiltSince(_) => "build without --refresh-base",
+            }
+        ),
+    })
+}
 
+/// Run mmdebstrap into a temp file beside `path`, then move it to `path`
+/// and write its record. The caller holds the digest's lock.
+fn build_and_publish(
+    spec: &BaseSpec,
+    path: &Path,
+    source_date_epoch: u64,
+    cancel: &Cancel,
+) -> Result<BaseTarball> {
+    let digest = spec_digest(spec);
+    let dir = path.parent().expect("cached path has a parent");
     tool::preflight(&[MMDEBSTRAP, ZSTD])?;
     fs::create_dir_all(dir)
         .with_context(|| format!("creating the base cache {}", dir.display()))?;
@@ -380,13 +519,48 @@ pub fn ensure_base_cancellable(
         .with_context(|| format!("syncing {}", tmp.path().display()))?;
     fs_err::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
     let sha256 = crate::util::hash::sha256_file(tmp.path())?;
-    tmp.persist(&path)
+    tmp.persist(path)
         .map_err(|e| e.error)
         .with_context(|| format!("moving the base tarball to {}", path.display()))?;
 
+    let built = Built {
+        sha256: &sha256,
+        bytes,
+        source_date_epoch,
+        seconds,
+        command: &line,
+    };
+    write_record(spec, path, &built)?;
+    sync_dir(dir);
+    log::info!(
+        "built base {} in {seconds:.1} s: {} ({:.1} MB)",
+        spec.suite,
+        path.display(),
+        bytes as f64 / 1e6
+    );
+    Ok(BaseTarball {
+        path: path.to_path_buf(),
+        sha256,
+        reused: false,
+    })
+}
+
+/// What one mmdebstrap run made, for its record.
+struct Built<'a> {
+    sha256: &'a str,
+    bytes: u64,
+    source_date_epoch: u64,
+    seconds: f64,
+    command: &'a str,
+}
+
+/// Write `<digest>.json` beside the tarball at `path`: the spec, the
+/// tarball's sha256 and size, how and when (`built-at`, unix seconds) it
+/// was made.
+fn write_record(spec: &BaseSpec, path: &Path, b: &Built) -> Result<()> {
     let meta = serde_json::json!({
         "kiln-base-format": BASE_FORMAT_VERSION,
-        "digest": digest,
+        "digest": spec_digest(spec),
         "spec": {
             "suite": spec.suite,
             "kernel": kernel_name(spec.kernel),
@@ -397,40 +571,67 @@ pub fn ensure_base_cancellable(
             "excludes": spec.excludes,
         },
         "tarball": path.file_name().map(|n| n.to_string_lossy().to_string()),
-        "sha256": sha256,
-        "bytes": bytes,
-        "source-date-epoch": source_date_epoch,
-        "build-seconds": (seconds * 10.0).round() / 10.0,
-        "command": line,
+        "sha256": b.sha256,
+        "bytes": b.bytes,
+        "source-date-epoch": b.source_date_epoch,
+        "built-at": unix_now(),
+        "build-seconds": (b.seconds * 10.0).round() / 10.0,
+        "command": b.command,
     });
     write_atomic_0644(
-        &record,
+        &record_path(path),
         format!("{}\n", serde_json::to_string_pretty(&meta)?).as_bytes(),
-    )?;
-    sync_dir(dir);
-    log::info!(
-        "built base {} in {seconds:.1} s: {} ({:.1} MB)",
-        spec.suite,
-        path.display(),
-        bytes as f64 / 1e6
-    );
-    Ok(BaseTarball {
-        path,
-        sha256,
-        reused: false,
-    })
+    )
+}
+
+/// A cached tarball that matches its record, and when it was built.
+struct Cached {
+    tarball: BaseTarball,
+    built_at: u64,
+}
+
+/// The record beside a cached tarball, if it is readable JSON.
+fn read_record(record: &Path) -> Option<serde_json::Value> {
+    let text = fs::read_to_string(record).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// When a cached tarball was built: its record's `built-at`, or, for a
+/// record written before kiln kept that, the tarball's mtime.
+///
+/// The mtime is a sound stand-in: mmdebstrap writes the file at the end of
+/// its run and publishing it is a rename, which keeps the mtime
+/// (`SOURCE_DATE_EPOCH` clamps the times inside the tarball, not the
+/// file's own). Counting such a base as old instead would rebuild every
+/// cached base on the first build after upgrading kiln, however new, and
+/// need the Debian mirror right then. A cache copied without its times
+/// looks younger than it is, so it is refreshed at most one max-age late.
+fn built_at(record: &serde_json::Value, tarball: &fs::Metadata) -> u64 {
+    record
+        .get("built-at")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or_else(|| {
+            tarball
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs())
+        })
 }
 
 /// The cached tarball if it and its record agree; `None` means build.
-fn check_cached(path: &Path, record: &Path) -> Result<Option<BaseTarball>> {
-    if !path.is_file() {
+fn check_cached(path: &Path, record: &Path) -> Result<Option<Cached>> {
+    let Ok(meta) = fs::metadata(path) else {
+        return Ok(None);
+    };
+    if !meta.is_file() {
         return Ok(None);
     }
-    let recorded = fs::read_to_string(record)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    let value = read_record(record);
+    let recorded = value
+        .as_ref()
         .and_then(|v| v.get("sha256").and_then(|s| s.as_str()).map(str::to_string));
-    let Some(recorded) = recorded else {
+    let (Some(value), Some(recorded)) = (value, recorded) else {
         log::warn!(
             "{} has no readable record {}: rebuilding it",
             path.display(),
@@ -447,10 +648,13 @@ fn check_cached(path: &Path, record: &Path) -> Result<Option<BaseTarball>> {
         );
         return Ok(None);
     }
-    Ok(Some(BaseTarball {
-        path: path.to_path_buf(),
-        sha256: actual,
-        reused: true,
+    Ok(Some(Cached {
+        built_at: built_at(&value, &meta),
+        tarball: BaseTarball {
+            path: path.to_path_buf(),
+            sha256: actual,
+            reused: true,
+        },
     }))
 }
 
@@ -481,19 +685,30 @@ pub fn use_tarball(path: &Path) -> Result<BaseTarball> {
 }
 
 /// The base tarball for `plan`: the user's, or the cached (or freshly
-/// built) Debian one.
+/// built) Debian one, made again when older than `base.max-age` or, with
+/// `refresh_now` (`--refresh-base`), whatever its age.
 pub fn plan_base_tarball(
     plan: &Plan,
     cache: &Path,
     source_date_epoch: u64,
+    refresh_now: bool,
     cancel: &Cancel,
 ) -> Result<BaseTarball> {
     match &plan.base {
+        BasePlan::Tarball(p) if refresh_now => bail!(
+            "--refresh-base: the base is the tarball {} from the profile, which kiln does not build; replace that file, or build without --refresh-base",
+            p.display()
+        ),
         BasePlan::Tarball(p) => use_tarball(p),
-        BasePlan::Debian { .. } => ensure_base_cancellable(
+        BasePlan::Debian { max_age, .. } => ensure_base_cancellable(
             &base_spec(plan).expect("a Debian base has a spec"),
             cache,
             source_date_epoch,
+            if refresh_now {
+                Refresh::UnlessBuiltSince(unix_now())
+            } else {
+                Refresh::WhenOlderThan(*max_age)
+            },
             cancel,
         ),
     }
@@ -652,6 +867,118 @@ mod tests {
         )
         .unwrap();
         sha
+    }
+
+    const DAY: u64 = 86400;
+    /// 2026-12-01T00:00:00Z.
+    const NOW: u64 = 1_796_083_200;
+
+    #[test]
+    fn a_base_is_fresh_up_to_its_max_age_and_stale_after() {
+        let max = MaxAge::days(30);
+        assert_eq!(
+            freshness(NOW - 10 * DAY, NOW, max),
+            Freshness::Fresh {
+                age_secs: 10 * DAY,
+                left_secs: 20 * DAY
+            }
+        );
+        assert_eq!(
+            freshness(NOW - 30 * DAY, NOW, max),
+            Freshness::Fresh {
+                age_secs: 30 * DAY,
+                left_secs: 0
+            },
+            "exactly max-age old is not yet older than it"
+        );
+        assert_eq!(
+            freshness(NOW - 30 * DAY - 1, NOW, max),
+            Freshness::Stale {
+                age_secs: Some(30 * DAY + 1)
+            }
+        );
+        assert_eq!(
+            freshness(NOW - 2 * 3600, NOW, MaxAge::parse("1h").unwrap()),
+            Freshness::Stale {
+                age_secs: Some(2 * 3600)
+            }
+        );
+        // A clock a little behind the one that stamped the base: age 0.
+        assert_eq!(
+            freshness(NOW + 3600, NOW, max),
+            Freshness::Fresh {
+                age_secs: 0,
+                left_secs: 30 * DAY
+            }
+        );
+        // Stamped by a clock days ahead: its age is unknown.
+        assert_eq!(
+            freshness(NOW + 2 * DAY, NOW, max),
+            Freshness::Stale { age_secs: None }
+        );
+        assert_eq!(
+            freshness(0, NOW, max),
+            Freshness::Stale {
+                age_secs: Some(NOW)
+            }
+        );
+    }
+
+    #[test]
+    fn a_base_is_rebuilt_when_too_old_or_when_asked() {
+        let by_age = Refresh::WhenOlderThan(MaxAge::days(30));
+        assert_eq!(rebuild_reason(by_age, NOW - DAY, NOW), None);
+        assert_eq!(
+            rebuild_reason(by_age, NOW - 42 * DAY - 3 * 3600, NOW).as_deref(),
+            Some("it is 42d 3h old, older than base.max-age = \"30d\"")
+        );
+        let why = rebuild_reason(by_age, NOW + 3 * DAY, NOW).unwrap();
+        assert!(why.contains("3d ahead of this machine's clock"), "{why}");
+        // --refresh-base: whatever its age, unless another kiln built it
+        // after this one asked.
+        let asked = Refresh::UnlessBuiltSince(NOW);
+        assert!(rebuild_reason(asked, NOW - 60, NOW).is_some());
+        assert_eq!(rebuild_reason(asked, NOW, NOW + 90), None);
+        assert_eq!(rebuild_reason(asked, NOW + 80, NOW + 90), None);
+    }
+
+    #[test]
+    fn ages_read_as_days_hours_or_minutes() {
+        assert_eq!(human_age(0), "0 min");
+        assert_eq!(human_age(17 * 60 + 5), "17 min");
+        assert_eq!(human_age(5 * 3600 + 59), "5h");
+        assert_eq!(human_age(3 * DAY), "3d");
+        assert_eq!(human_age(42 * DAY + 3 * 3600 + 120), "42d 3h");
+    }
+
+    #[test]
+    fn the_build_time_is_the_records_or_else_the_tarballs_mtime() {
+        let cache = tempfile::tempdir().unwrap();
+        let spec = unbuildable_spec();
+        fs::create_dir_all(cache.path().join("base")).unwrap();
+        let path = cached_path(&spec, cache.path());
+        // A record from before kiln kept `built-at`: the tarball's mtime.
+        publish_fake(&spec, cache.path());
+        let mtime = std::time::UNIX_EPOCH + Duration::from_secs(NOW - 40 * DAY);
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let record = record_path(&path);
+        let cached = check_cached(&path, &record).unwrap().expect("cached");
+        assert_eq!(cached.built_at, NOW - 40 * DAY);
+        assert!(cached.tarball.reused);
+        // A record with `built-at`: that.
+        let mut v = read_record(&record).unwrap();
+        v["built-at"] = serde_json::json!(NOW - DAY);
+        fs::write(&record, v.to_string()).unwrap();
+        let cached = check_cached(&path, &record).unwrap().expect("cached");
+        assert_eq!(cached.built_at, NOW - DAY);
+        // No tarball: nothing cached.
+        fs::remove_file(&path).unwrap();
+        assert!(check_cached(&path, &record).unwrap().is_none());
     }
 
     #[test]
