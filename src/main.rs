@@ -39,9 +39,11 @@ enum Command {
     ///
     /// Prints every error found (file, line, column, key and fix) and exits
     /// non-zero, or prints a summary of the nodes, roles, addresses and
-    /// what a build produces. Reads nothing but the profile and, when
-    /// `k3s.token` is in the secure form (K10…), the cluster CA in the
-    /// state directory, whose hash it must name.
+    /// what a build produces, and how old the cached Debian base is and
+    /// when a build makes it again. Reads nothing but the profile, the
+    /// cached base's record and, when `k3s.token` is in the secure form
+    /// (K10…), the cluster CA in the state directory, whose hash it must
+    /// name.
     Check {
         /// The cluster profile (TOML).
         profile: PathBuf,

@@ -658,6 +658,52 @@ fn check_cached(path: &Path, record: &Path) -> Result<Option<Cached>> {
     }))
 }
 
+/// What the cache holds for a plan's Debian base, as `kiln check` tells
+/// it: read only, with no lock and no hashing (a build checks the sha256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedBase {
+    pub path: PathBuf,
+    pub max_age: MaxAge,
+    pub state: CacheState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheState {
+    /// Nothing cached yet: the next build makes it.
+    Missing,
+    /// A tarball without a readable record: the next build makes it again.
+    Unrecorded,
+    /// Built at `built_at` (unix seconds); `freshness` as of the call.
+    Cached { built_at: u64, freshness: Freshness },
+}
+
+/// The cached base of `plan` in `cache` at `now`; `None` for a supplied
+/// tarball, which kiln does not cache.
+pub fn inspect_cached(plan: &Plan, cache: &Path, now: u64) -> Option<CachedBase> {
+    let BasePlan::Debian { max_age, .. } = &plan.base else {
+        return None;
+    };
+    let path = cached_path(&base_spec(plan)?, cache);
+    let state = match fs::metadata(&path) {
+        Ok(meta) if meta.is_file() => match read_record(&record_path(&path)) {
+            Some(record) if record.get("sha256").is_some() => {
+                let built_at = built_at(&record, &meta);
+                CacheState::Cached {
+                    built_at,
+                    freshness: freshness(built_at, now, *max_age),
+                }
+            }
+            _ => CacheState::Unrecorded,
+        },
+        _ => CacheState::Missing,
+    };
+    Some(CachedBase {
+        path,
+        max_age: *max_age,
+        state,
+    })
+}
+
 /// A root tarball the user supplies (`base.tarball`), hashed.
 pub fn use_tarball(path: &Path) -> Result<BaseTarball> {
     match fs::metadata(path) {
