@@ -121,7 +121,8 @@ enum Command {
     /// Writes OUT/<node>.img (raw GPT: ESP with systemd-boot, root-a with
     /// the read-only squashfs root, an empty root-b, a state partition),
     /// with --format pxe also the netboot tree OUT/pxe, then
-    /// OUT/SHA256SUMS and OUT/manifest.json. Everything is built in a
+    /// OUT/sbom.cdx.json (CycloneDX: every Debian package in the root, and
+    /// k3s), OUT/SHA256SUMS and OUT/manifest.json. Everything is built in a
     /// staging directory beside OUT and moved into place only when the
     /// whole build succeeded. Prints the paths written.
     Build {

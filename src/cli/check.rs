@@ -457,5 +457,5 @@ fn write_build_plan(s: &mut String, plan: &Plan) {
         let awake = if n.allow_suspend { ", may sleep" } else { "" };
         let _ = writeln!(s, "  {}.img{install}{awake}", n.name);
     }
-    let _ = writeln!(s, "  SHA256SUMS, manifest.json");
+    let _ = writeln!(s, "  SHA256SUMS, manifest.json, sbom.cdx.json");
 }
