@@ -198,6 +198,8 @@ fn build_staged(cx: &BuildContext) -> anyhow::Result<(Vec<String>, Manifest)> {
     let sbom = steps::write_sbom(cx, &inputs)?;
     let boot = steps::build_boot_files(cx, &inputs)?;
     let roots = steps::build_roots(cx, &inputs)?;
+    // Everything is read from the base: was it one file all along?
+    inputs.base.check_unchanged()?;
     if cx.opts.pxe {
         pxe::write_shared_files(cx, &boot)?;
     }

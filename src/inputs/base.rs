@@ -182,6 +182,59 @@ pub struct BaseTarball {
     pub sha256: String,
     /// False only when this call ran mmdebstrap to make it.
     pub reused: bool,
+    /// The file `sha256` was taken of: see [`BaseTarball::check_unchanged`].
+    pub identity: FileIdentity,
+}
+
+/// Which file a path names and its size and mtime: a file renamed over it
+/// (a refresh publishes so) or rewritten in place has another identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl FileIdentity {
+    /// The identity of the file at `path` now.
+    pub fn of(path: &Path) -> Result<Self> {
+        let m = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Self::from_metadata(&m))
+    }
+
+    fn from_metadata(m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
+    }
+}
+
+impl BaseTarball {
+    /// Fails if `path` no longer holds the file hashed at the start.
+    ///
+    /// A build opens the base several times (boot files, each root), and
+    /// the cache lock is held only while the base is looked up: another
+    /// kiln that refreshes the same base meanwhile (`--refresh-base`, or
+    /// its max-age ran out) renames a new tarball over it. The cache stays
+    /// whole, but this build may have read old and new, and its manifest
+    /// and SBOM name the old one's sha256. A build calls this once it has
+    /// read everything from the base, before publishing anything.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let now = FileIdentity::of(&self.path)
+            .with_context(|| format!("checking the base tarball {}", self.path.display()))?;
+        if now != self.identity {
+            bail!(
+                "the base tarball {} changed while this build read it (another kiln refreshed it, or the file was replaced); nothing was published: run the build again",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The spec for a plan's Debian base; `None` when the user supplies a tarball.
@@ -542,6 +595,7 @@ fn build_and_publish(
         path: path.to_path_buf(),
         sha256,
         reused: false,
+        identity: FileIdentity::of(path)?,
     })
 }
 
@@ -654,6 +708,7 @@ fn check_cached(path: &Path, record: &Path) -> Result<Option<Cached>> {
             path: path.to_path_buf(),
             sha256: actual,
             reused: true,
+            identity: FileIdentity::from_metadata(&meta),
         },
     }))
 }
@@ -722,11 +777,14 @@ pub fn use_tarball(path: &Path) -> Result<BaseTarball> {
             return Err(e).with_context(|| format!("reading base tarball {}", path.display()));
         }
     }
+    // Taken before hashing: a change while hashing shows at the end.
+    let identity = FileIdentity::of(path)?;
     let sha256 = crate::util::hash::sha256_file(path)?;
     Ok(BaseTarball {
         path: path.to_path_buf(),
         sha256,
         reused: true,
+        identity,
     })
 }
 
@@ -1025,6 +1083,34 @@ mod tests {
         // No tarball: nothing cached.
         fs::remove_file(&path).unwrap();
         assert!(check_cached(&path, &record).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_base_replaced_or_rewritten_during_a_build_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.tar");
+        fs::write(&path, b"the old base").unwrap();
+        let t = use_tarball(&path).unwrap();
+        t.check_unchanged().unwrap();
+        // A refresh: a new file renamed over it.
+        let new = dir.path().join(".new");
+        fs::write(&new, b"the new base").unwrap();
+        fs::rename(&new, &path).unwrap();
+        let err = format!("{:#}", t.check_unchanged().unwrap_err());
+        assert!(err.contains("changed while this build read it"), "{err}");
+        // Rewritten in place, same size, another mtime.
+        let t = use_tarball(&path).unwrap();
+        fs::write(&path, b"the NEW base").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(NOW))
+            .unwrap();
+        assert!(t.check_unchanged().is_err());
+        // Gone.
+        fs::remove_file(&path).unwrap();
+        assert!(t.check_unchanged().is_err());
     }
 
     #[test]
