@@ -503,9 +503,10 @@ pub fn ensure_base_cancellable(
             }
         },
     };
-    build_and_publish(spec, &path, source_date_epoch, cancel).with_context(|| match why {
-        None => format!("building the {} base", spec.suite),
-        Some(why) => format!(
+    let built = build_and_publish(spec, &path, source_date_epoch, cancel);
+    let Some(why) = why else { return built };
+    built.with_context(|| {
+        format!(
             "refreshing the cached {} base {} because {why}; it stays in the cache: to build with it meanwhile, {}",
             spec.suite,
             path.display(),
@@ -513,7 +514,7 @@ pub fn ensure_base_cancellable(
                 Refresh::WhenOlderThan(_) => "raise `base.max-age` in the profile",
                 Refresh::UnlessBuiltSince(_) => "build without --refresh-base",
             }
-        ),
+        )
     })
 }
 
