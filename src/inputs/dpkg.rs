@@ -174,7 +174,7 @@ Status: install ok installed
 Priority: optional
 Section: libs
 Installed-Size: 12986
-Maintainer: GNU Libc Maintainers <debian-glibc@lists.debian.org>
+Maintainer: GNU Libc Maintainers <glibc@example.org>
 Architecture: amd64
 Multi-Arch: same
 Source: glibc
