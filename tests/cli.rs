@@ -610,7 +610,7 @@ fn check_says_how_old_the_cached_base_is_and_when_a_build_refreshes_it() {
     std::fs::create_dir_all(tarball.parent().unwrap()).unwrap();
     std::fs::write(&tarball, b"a base").unwrap();
     let record = tarball.with_extension("").with_extension("json");
-    let now = kiln::inputs::base::unix_now();
+    let now = kiln::inputs::freshness::unix_now();
     let day = 86_400;
     let publish = |built_at: u64| {
         let r = serde_json::json!({ "sha256": "0".repeat(64), "built-at": built_at });

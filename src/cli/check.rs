@@ -12,7 +12,8 @@ use crate::config::plan::{
     node_links,
 };
 use crate::config::profile::{AfterInstall, KernelFlavour, Topology};
-use crate::inputs::base::{self, CacheState, CachedBase, Freshness};
+use crate::inputs::base::{self, CacheState, CachedBase};
+use crate::inputs::freshness::{self, Freshness};
 
 /// `kiln check PROFILE`: load the profile, check a secure-form token
 /// against the CA in the state directory (read only, never created), and
@@ -21,7 +22,7 @@ pub fn run(profile: &Path, state_dir: Option<&Path>) -> anyhow::Result<()> {
     let plan = crate::config::plan::load(profile)?;
     let state = crate::config::secrets::state_dir(profile, state_dir);
     crate::config::secrets::check_profile_token(&plan, &state)?;
-    let now = base::unix_now();
+    let now = freshness::unix_now();
     let cached = base::inspect_cached(&plan, &crate::inputs::cache::cache_dir(), now);
     print!("{}", check(&plan, cached.as_ref(), now));
     Ok(())
@@ -117,9 +118,9 @@ fn base_cache_line(c: &CachedBase, now: u64) -> String {
             ..
         } => format!(
             "built {} ago (max-age {max}): reused until {} (in {}), then the next build makes it again with newer packages",
-            base::human_age(age_secs),
+            freshness::human_age(age_secs),
             utc_time(now + left_secs),
-            base::human_age(left_secs)
+            freshness::human_age(left_secs)
         ),
         CacheState::Cached {
             freshness: Freshness::Stale {
@@ -128,7 +129,7 @@ fn base_cache_line(c: &CachedBase, now: u64) -> String {
             ..
         } => format!(
             "built {} ago, older than max-age {max}: the next build makes it again with newer packages",
-            base::human_age(age)
+            freshness::human_age(age)
         ),
         CacheState::Cached {
             built_at,
