@@ -1,7 +1,7 @@
 //! The steps of a build, in order, over one [`BuildContext`]: resolve the
-//! inputs, write the SBOM, build the boot files, build the roots; then the node images
-//! ([`super::node`]) and the netboot tree ([`super::pxe`]); last the
-//! checksums and the manifest.
+//! inputs, write the SBOM, build the boot files, build the roots; then the
+//! node images ([`super::node`]) and the netboot tree ([`super::pxe`]);
+//! last the checksums and the manifest.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
