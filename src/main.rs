@@ -39,9 +39,11 @@ enum Command {
     ///
     /// Prints every error found (file, line, column, key and fix) and exits
     /// non-zero, or prints a summary of the nodes, roles, addresses and
-    /// what a build produces. Reads nothing but the profile and, when
-    /// `k3s.token` is in the secure form (K10…), the cluster CA in the
-    /// state directory, whose hash it must name.
+    /// what a build produces, and how old the cached Debian base is and
+    /// when a build makes it again. Reads nothing but the profile, the
+    /// cached base's record and, when `k3s.token` is in the secure form
+    /// (K10…), the cluster CA in the state directory, whose hash it must
+    /// name.
     Check {
         /// The cluster profile (TOML).
         profile: PathBuf,
@@ -119,7 +121,8 @@ enum Command {
     /// Writes OUT/<node>.img (raw GPT: ESP with systemd-boot, root-a with
     /// the read-only squashfs root, an empty root-b, a state partition),
     /// with --format pxe also the netboot tree OUT/pxe, then
-    /// OUT/SHA256SUMS and OUT/manifest.json. Everything is built in a
+    /// OUT/sbom.cdx.json (CycloneDX: every Debian package in the root, and
+    /// k3s), OUT/SHA256SUMS and OUT/manifest.json. Everything is built in a
     /// staging directory beside OUT and moved into place only when the
     /// whole build succeeded. Prints the paths written.
     Build {
@@ -143,6 +146,9 @@ enum Command {
         /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Make the Debian base again with mmdebstrap (newer packages), whatever its age [default: when older than base.max-age]
+        #[arg(long)]
+        refresh_base: bool,
     },
     /// Boot a node's image in QEMU and check it from inside.
     ///
@@ -375,6 +381,7 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
             k3s_binary,
             format,
             state_dir,
+            refresh_base,
         } => cli::build::run(
             cli::build::BuildArgs {
                 profile,
@@ -388,6 +395,7 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
                 qcow2: format.iter().any(|f| matches!(f, Format::Qcow2)),
                 pxe: format.iter().any(|f| matches!(f, Format::Pxe)),
                 state_dir,
+                refresh_base,
             },
             cancel,
         ),

@@ -569,3 +569,133 @@ fn check_prints_who_peers_with_whom_over_which_endpoint() {
     assert_eq!(s.matches("site campus\n").count(), 20, "{s}");
     assert_eq!(s.matches("  hub\n").count(), 5, "{s}");
 }
+
+/// `kiln` with its cache in `cache` (no `KILN_K3S_BINARY` from outside).
+fn kiln_with_cache(cache: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_CACHE_DIR", cache)
+        .env_remove("KILN_K3S_BINARY")
+        .output()
+        .unwrap()
+}
+
+/// The `base cache` line of `kiln check`.
+fn base_cache_line(cache: &Path, profile: &str) -> String {
+    let out = kiln_with_cache(cache, &["check", profile]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    s.lines()
+        .find(|l| l.starts_with("base cache "))
+        .unwrap_or_else(|| panic!("no base cache line:\n{s}"))
+        .to_string()
+}
+
+#[test]
+fn check_says_how_old_the_cached_base_is_and_when_a_build_refreshes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let profile = example_in(tmp.path(), "profiles/club.toml");
+    let line = base_cache_line(&cache, &profile);
+    assert!(
+        line.contains("none yet") && line.contains("the next build makes it"),
+        "{line}"
+    );
+
+    // A cached base (a stand-in file: check neither hashes nor opens it)
+    // with its record, as a build publishes them.
+    let plan = kiln::config::plan::load(Path::new(&profile)).unwrap();
+    let spec = kiln::inputs::base::base_spec(&plan).unwrap();
+    let tarball = kiln::inputs::base::cached_path(&spec, &cache);
+    std::fs::create_dir_all(tarball.parent().unwrap()).unwrap();
+    std::fs::write(&tarball, b"a base").unwrap();
+    let record = tarball.with_extension("").with_extension("json");
+    let now = kiln::inputs::freshness::unix_now();
+    let day = 86_400;
+    let publish = |built_at: u64| {
+        let r = serde_json::json!({ "sha256": "0".repeat(64), "built-at": built_at });
+        std::fs::write(&record, r.to_string()).unwrap();
+    };
+    publish(now - 3 * day - 60);
+    let line = base_cache_line(&cache, &profile);
+    assert!(
+        line.contains("built 3d ago (max-age 30d)") && line.contains("reused until"),
+        "{line}"
+    );
+    assert!(line.contains("(in 26d 23h)"), "{line}");
+
+    publish(now - 42 * day);
+    let line = base_cache_line(&cache, &profile);
+    assert!(
+        line.contains("built 42d ago, older than max-age 30d")
+            && line.contains("the next build makes it again"),
+        "{line}"
+    );
+
+    // A profile's own max-age.
+    let text_of = std::fs::read_to_string(&profile).unwrap();
+    std::fs::write(
+        &profile,
+        text_of.replace(
+            "kernel = \"generic\"",
+            "kernel = \"generic\"\nmax-age = \"60d\"",
+        ),
+    )
+    .unwrap();
+    let line = base_cache_line(&cache, &profile);
+    assert!(line.contains("built 42d ago (max-age 60d)"), "{line}");
+}
+
+#[test]
+fn build_accepts_refresh_base() {
+    let help = kiln(&["build", "--help"]);
+    assert!(
+        text(&help.stdout).contains("--refresh-base"),
+        "{}",
+        text(&help.stdout)
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let profile = example_in(tmp.path(), "profiles/club.toml");
+    let out_dir = tmp.path().join("out");
+    let out_dir = out_dir.to_string_lossy();
+    // Parsed and handed to the build, which stops at the unknown node
+    // before it reaches the base (and mmdebstrap).
+    let out = kiln_with_cache(
+        &cache,
+        &[
+            "build",
+            &profile,
+            "--refresh-base",
+            "--node",
+            "nosuch",
+            "--out",
+            &out_dir,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("no node `nosuch`"), "{err}");
+
+    // A supplied tarball is not kiln's to rebuild: the flag says so.
+    let text_of = std::fs::read_to_string(&profile).unwrap();
+    std::fs::write(
+        &profile,
+        text_of.replace(
+            "suite = \"bookworm\"\nkernel = \"generic\"",
+            "tarball = \"root.tar\"",
+        ),
+    )
+    .unwrap();
+    let out = kiln_with_cache(
+        &cache,
+        &["build", &profile, "--refresh-base", "--out", &out_dir],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--refresh-base: the base is the tarball") && err.contains("root.tar"),
+        "{err}"
+    );
+    assert!(!cache.join("base").exists(), "nothing was built");
+}

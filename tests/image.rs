@@ -300,7 +300,13 @@ fn build_shared() -> Shared {
     );
     // stdout lists what was written.
     let printed: BTreeSet<String> = text(&o.stdout).lines().map(str::to_string).collect();
-    for n in ["s1.img", "a1.img", "SHA256SUMS", "manifest.json"] {
+    for n in [
+        "s1.img",
+        "a1.img",
+        "SHA256SUMS",
+        "manifest.json",
+        "sbom.cdx.json",
+    ] {
         assert!(
             printed.contains(&out.join(n).to_string_lossy().to_string()),
             "stdout does not list {n}: {printed:?}"
@@ -916,9 +922,15 @@ fn images_are_private_and_the_output_holds_only_the_artifacts() {
         .collect();
     assert_eq!(
         names,
-        ["SHA256SUMS", "a1.img", "manifest.json", "s1.img"]
-            .map(String::from)
-            .into(),
+        [
+            "SHA256SUMS",
+            "a1.img",
+            "manifest.json",
+            "s1.img",
+            "sbom.cdx.json",
+        ]
+        .map(String::from)
+        .into(),
         "no work files may be left in the output"
     );
     for node in NODES {
@@ -1211,6 +1223,61 @@ fn kiln_root_files() -> BTreeMap<String, Option<Listed>> {
     );
     m.insert("usr/lib/tmpfiles.d/kiln-factory.conf".to_string(), None);
     m
+}
+
+/// The SBOM lists exactly the packages `dpkg-query` lists as installed
+/// in the image's root (its dpkg database, kept in the factory copy of
+/// `/var`), and k3s with the binary's digest.
+#[test]
+fn the_sbom_lists_what_dpkg_query_lists_in_the_root() {
+    let s = shared();
+    let root = root_a_of("s1");
+    let admin = tempfile::tempdir().unwrap();
+    let status = run_bytes(
+        tool("unsquashfs")
+            .arg("-cat")
+            .arg(&root.path)
+            .arg("usr/share/kiln/factory/var/lib/dpkg/status"),
+    );
+    fs::write(admin.path().join("status"), status).unwrap();
+    let listed = run(tool("dpkg-query")
+        .arg(format!("--admindir={}", admin.path().display()))
+        .arg("--show")
+        .arg("--showformat=${db:Status-Abbrev} ${Package} ${Version} ${Architecture}\\n"));
+    let installed: BTreeSet<String> = listed
+        .lines()
+        .filter(|l| l.starts_with("ii ") || l.starts_with("hi "))
+        .map(|l| l[3..].trim().to_string())
+        .collect();
+    assert!(installed.len() > 100, "dpkg-query listed:\n{listed}");
+
+    let sbom: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.out.join("sbom.cdx.json")).unwrap()).unwrap();
+    assert_eq!(sbom["specVersion"], "1.5");
+    let components = sbom["components"].as_array().unwrap();
+    let debs: BTreeSet<String> = components
+        .iter()
+        .filter(|c| c["purl"].as_str().unwrap().starts_with("pkg:deb/debian/"))
+        .map(|c| {
+            let arch = c["properties"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "kiln:deb:architecture")
+                .unwrap()["value"]
+                .as_str()
+                .unwrap();
+            format!(
+                "{} {} {arch}",
+                c["name"].as_str().unwrap(),
+                c["version"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(debs, installed, "SBOM packages differ from dpkg-query's");
+    let k3s = components.iter().find(|c| c["name"] == "k3s").unwrap();
+    assert_eq!(k3s["version"], K3S_VERSION);
+    assert_eq!(k3s["hashes"][0]["content"], sha256_file(&s.k3s).as_str());
 }
 
 /// root-a of `node`'s image, extracted.
@@ -2006,7 +2073,7 @@ fn a_second_build_elsewhere_is_byte_identical_and_checksums_verify() {
         started.elapsed().as_secs_f64()
     );
 
-    for name in ["SHA256SUMS", "manifest.json"] {
+    for name in ["SHA256SUMS", "manifest.json", "sbom.cdx.json"] {
         assert!(
             fs::read(out.join(name)).unwrap() == fs::read(s.out.join(name)).unwrap(),
             "{name} differs between two builds:\n{}\n---\n{}",
@@ -2057,6 +2124,10 @@ fn a_second_build_elsewhere_is_byte_identical_and_checksums_verify() {
         assert_eq!(a.size, fs::metadata(&p).unwrap().len());
         assert_eq!(a.sha256, sha256_file(&p));
     }
+    let sbom = m.sbom.as_ref().expect("the manifest names the SBOM");
+    assert_eq!(sbom.path, "sbom.cdx.json");
+    assert_eq!(sbom.sha256, sha256_file(&s.out.join(&sbom.path)));
+    assert!(m.artifacts.iter().any(|a| a.path == sbom.path));
     // The typed manifest writes back the very bytes the build wrote.
     assert!(m.to_bytes() == fs::read(s.out.join("manifest.json")).unwrap());
 }

@@ -72,6 +72,7 @@ fn write_manifest(out: &Path, cluster: &str) {
         nodes: vec![],
         profile: None,
         profile_sha256: "0".repeat(64),
+        sbom: None,
         source_date_epoch: 0,
     };
     std::fs::write(out.join("manifest.json"), m.to_bytes()).unwrap();

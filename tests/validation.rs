@@ -1131,3 +1131,47 @@ fn a_hub_node_in_a_site_needs_an_endpoint_for_other_sites() {
     );
     assert!(errors(&fixed).is_empty(), "{:?}", errors(&fixed));
 }
+
+#[test]
+fn base_max_age_is_days_or_hours() {
+    let text = format!("{GOOD}\n[base]\nmax-age = \"30 days\"\n");
+    let e = one(
+        &text,
+        line_of_last(&text, "max-age"),
+        "base.max-age",
+        "`30 days` has no unit (d or h)",
+    );
+    assert_eq!(e.file, "lab.toml");
+    assert!(e.hint.contains("\"30d\""), "{e}");
+    let text = format!("{GOOD}\n[base]\nmax-age = \"0d\"\n");
+    let e = one(
+        &text,
+        line_of_last(&text, "max-age"),
+        "base.max-age",
+        "every build",
+    );
+    assert!(e.hint.contains("--refresh-base"), "{e}");
+    let text = format!("{GOOD}\n[base]\nmax-age = 30\n");
+    one(
+        &text,
+        line_of_last(&text, "max-age"),
+        "base.max-age",
+        "string",
+    );
+    for good in ["7d", "12h"] {
+        let text = format!("{GOOD}\n[base]\nmax-age = \"{good}\"\n");
+        assert!(errors(&text).is_empty(), "{good}: {:?}", errors(&text));
+    }
+}
+
+#[test]
+fn base_max_age_does_not_apply_to_a_supplied_tarball() {
+    let text = format!("{GOOD}\n[base]\ntarball = \"root.tar\"\nmax-age = \"7d\"\n");
+    let e = one(
+        &text,
+        line_of_last(&text, "max-age"),
+        "base.max-age",
+        "cannot refresh a supplied tarball",
+    );
+    assert!(e.hint.contains("remove `max-age`"), "{e}");
+}

@@ -2,7 +2,7 @@
 //! staging directory beside the output and published only when every
 //! stage succeeded.
 //!
-//! base tarball → k3s binary → root image (per role) → initramfs →
+//! base tarball → k3s binary → SBOM → root image (per role) → initramfs →
 //! per node: rendered files → seed → ESP + GPT disk → SHA256SUMS,
 //! manifest.json → publish.
 
@@ -46,6 +46,8 @@ pub struct BuildOptions {
     /// Also write the netboot tree (OUT/pxe, see [`crate::render::pxe`]).
     pub pxe: bool,
     pub cache: PathBuf,
+    /// `--refresh-base`: make the Debian base again, whatever its age.
+    pub refresh_base: bool,
     /// `kiln test` only: an SSH public key added for root, so the checks
     /// can look inside. Never set by `kiln build`.
     pub test_access_key: Option<String>,
@@ -193,8 +195,11 @@ pub fn build(
 /// the file names (relative) and the manifest.
 fn build_staged(cx: &BuildContext) -> anyhow::Result<(Vec<String>, Manifest)> {
     let inputs = steps::resolve_inputs(cx)?;
+    let sbom = steps::write_sbom(cx, &inputs)?;
     let boot = steps::build_boot_files(cx, &inputs)?;
     let roots = steps::build_roots(cx, &inputs)?;
+    // Everything is read from the base: was it one file all along?
+    inputs.base.check_unchanged()?;
     if cx.opts.pxe {
         pxe::write_shared_files(cx, &boot)?;
     }
@@ -203,7 +208,7 @@ fn build_staged(cx: &BuildContext) -> anyhow::Result<(Vec<String>, Manifest)> {
         pxe::move_roots(cx, &roots)?;
     }
     std::fs::remove_dir_all(&cx.work).with_context(|| format!("removing {}", cx.work.display()))?;
-    steps::write_checksums_and_manifest(cx, &inputs, &boot, nodes)
+    steps::write_checksums_and_manifest(cx, &inputs, &boot, nodes, sbom)
 }
 
 /// What a node image holds besides its root: ESP contents (kernel,

@@ -1,7 +1,7 @@
 //! The steps of a build, in order, over one [`BuildContext`]: resolve the
-//! inputs, build the boot files, build the roots; then the node images
-//! ([`super::node`]) and the netboot tree ([`super::pxe`]); last the
-//! checksums and the manifest.
+//! inputs, write the SBOM, build the boot files, build the roots; then the
+//! node images ([`super::node`]) and the netboot tree ([`super::pxe`]);
+//! last the checksums and the manifest.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -16,7 +16,7 @@ use crate::config::plan::{NodePlan, Plan};
 use crate::config::profile::Role;
 use crate::config::secrets::ClusterSecrets;
 use crate::image::manifest::{self, Manifest};
-use crate::image::{initramfs, rootfs};
+use crate::image::{initramfs, rootfs, sbom};
 use crate::inputs::base::{self, BaseTarball};
 use crate::inputs::k3s::ResolvedK3s;
 use crate::inputs::kernel::{self, BaseFiles, Compression};
@@ -98,7 +98,7 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
     let (plan, opts) = (cx.plan, cx.opts);
     std::fs::create_dir_all(&cx.work).with_context(|| format!("creating {}", cx.work.display()))?;
     let base = cx.progress.stage("base root tarball", || {
-        base::plan_base_tarball(plan, &opts.cache, cx.epoch, &opts.cancel)
+        base::plan_base_tarball(plan, &opts.cache, cx.epoch, opts.refresh_base, &opts.cancel)
     })?;
     super::check_space(plan, cx.nodes, &base.path, &cx.staging.dir)?;
     let lock = plan.profile_path.with_file_name("kiln.lock");
@@ -119,6 +119,41 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
             kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES)
         })?;
     Ok(Inputs { base, k3s, files })
+}
+
+/// `sbom.cdx.json` in the staging directory (so SHA256SUMS covers it):
+/// the base's installed Debian packages and k3s.
+pub(super) fn write_sbom(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<manifest::Sbom> {
+    let base = &inputs.base.path;
+    let packages = match &inputs.files.dpkg_status {
+        Some(status) => crate::inputs::dpkg::installed_packages(status)
+            .with_context(|| format!("listing the Debian packages in {}", base.display()))?,
+        None => {
+            log::warn!(
+                "{} has no {}: the SBOM lists k3s only",
+                base.display(),
+                crate::inputs::dpkg::STATUS
+            );
+            Vec::new()
+        }
+    };
+    let version = cx.plan.k3s.version.to_string();
+    let bytes = sbom::render_sbom(&sbom::SbomInputs {
+        cluster: &cx.plan.cluster,
+        kiln_version: KILN_VERSION,
+        source_date_epoch: cx.epoch,
+        base_sha256: &inputs.base.sha256,
+        packages: &packages,
+        k3s_version: &version,
+        k3s_sha256: &inputs.k3s.sha256,
+    })?;
+    write(&cx.staging.dir.join(sbom::FILE), &bytes)?;
+    Ok(manifest::Sbom {
+        components: packages.len() + 1,
+        format: "CycloneDX 1.5 JSON".into(),
+        path: sbom::FILE.into(),
+        sha256: hex::encode(Sha256::digest(&bytes)),
+    })
 }
 
 /// The initramfs, then the kernel, initramfs and systemd-boot written into
@@ -202,10 +237,12 @@ pub(super) fn write_checksums_and_manifest(
     inputs: &Inputs,
     boot: &BootFiles,
     nodes: Vec<manifest::Node>,
+    sbom: manifest::Sbom,
 ) -> anyhow::Result<(Vec<String>, Manifest)> {
     let names = super::list_files(&cx.staging.dir)?;
     let artifacts = write_checksums(cx, &names)?;
-    let manifest = manifest_of(cx, inputs, boot, artifacts, nodes);
+    let mut manifest = manifest_of(cx, inputs, boot, artifacts, nodes);
+    manifest.sbom = Some(sbom);
     let mf_path = cx.staging.dir.join(manifest::FILE);
     let mut mf = std::fs::File::create(&mf_path)
         .with_context(|| format!("creating {}", mf_path.display()))?;
@@ -276,6 +313,7 @@ fn manifest_of(
             .file_name()
             .map(|f| f.to_string_lossy().to_string()),
         profile_sha256: hex::encode(Sha256::digest(&profile_text)),
+        sbom: None,
         source_date_epoch: cx.epoch,
     }
 }

@@ -26,6 +26,8 @@ pub struct BuildArgs {
     pub pxe: bool,
     /// Where node secrets are kept (default: beside the profile).
     pub state_dir: Option<PathBuf>,
+    /// Make the Debian base again, whatever its age.
+    pub refresh_base: bool,
 }
 
 /// Build, then print each artifact's path on stdout; stop (removing the
@@ -41,6 +43,7 @@ pub fn run(args: BuildArgs, cancel: &Cancel) -> anyhow::Result<()> {
         qcow2: args.qcow2,
         pxe: args.pxe,
         cache: crate::inputs::cache::cache_dir(),
+        refresh_base: args.refresh_base,
         test_access_key: None,
         cancel: cancel.clone(),
     };

@@ -1,5 +1,6 @@
 //! `kiln check`: load the profile and print a summary of the resolved
-//! plan (cluster, base, WireGuard, firewall, nodes, what a build writes).
+//! plan (cluster, base and the age of its cached tarball, WireGuard,
+//! firewall, nodes, what a build writes).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -11,6 +12,8 @@ use crate::config::plan::{
     node_links,
 };
 use crate::config::profile::{AfterInstall, KernelFlavour, Topology};
+use crate::inputs::base::{self, CacheState, CachedBase};
+use crate::inputs::freshness::{self, Freshness};
 
 /// `kiln check PROFILE`: load the profile, check a secure-form token
 /// against the CA in the state directory (read only, never created), and
@@ -19,17 +22,23 @@ pub fn run(profile: &Path, state_dir: Option<&Path>) -> anyhow::Result<()> {
     let plan = crate::config::plan::load(profile)?;
     let state = crate::config::secrets::state_dir(profile, state_dir);
     crate::config::secrets::check_profile_token(&plan, &state)?;
-    print!("{}", check(&plan));
+    let now = freshness::unix_now();
+    let cached = base::inspect_cached(&plan, &crate::inputs::cache::cache_dir(), now);
+    print!("{}", check(&plan, cached.as_ref(), now));
     Ok(())
 }
 
-/// `kiln check`: a summary of the plan.
-pub fn check(plan: &Plan) -> String {
+/// `kiln check`: a summary of the plan; `cached` is what the cache holds
+/// for its Debian base at `now` (unix seconds).
+pub fn check(plan: &Plan, cached: Option<&CachedBase>, now: u64) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "profile    {}", plan.profile_path.display());
     let _ = writeln!(s, "cluster    {}", plan.cluster);
     write_k3s(&mut s, plan);
     write_base(&mut s, plan);
+    if let Some(c) = cached {
+        let _ = writeln!(s, "base cache {}", base_cache_line(c, now));
+    }
     write_wireguard(&mut s, plan);
     write_firewall_and_first_boot(&mut s, plan);
     write_nodes(&mut s, plan);
@@ -66,6 +75,7 @@ fn write_base(s: &mut String, plan: &Plan) {
             suite,
             kernel,
             packages,
+            ..
         } => {
             let _ = writeln!(
                 s,
@@ -84,6 +94,58 @@ fn write_base(s: &mut String, plan: &Plan) {
         BasePlan::Tarball(p) => {
             let _ = writeln!(s, "base       tarball {}", p.display());
         }
+    }
+}
+
+/// How old the cached base is and when a build makes it again.
+fn base_cache_line(c: &CachedBase, now: u64) -> String {
+    let max = c.max_age;
+    match c.state {
+        CacheState::Missing => format!(
+            "none yet ({}): the next build makes it with mmdebstrap (one to two minutes, needs the Debian mirror)",
+            c.path.display()
+        ),
+        CacheState::Unrecorded => format!(
+            "{} has no readable record: the next build makes it again",
+            c.path.display()
+        ),
+        CacheState::Cached {
+            freshness:
+                Freshness::Fresh {
+                    age_secs,
+                    left_secs,
+                },
+            ..
+        } => format!(
+            "built {} ago (max-age {max}): reused until {} (in {}), then the next build makes it again with newer packages",
+            freshness::human_age(age_secs),
+            utc_time(now + left_secs),
+            freshness::human_age(left_secs)
+        ),
+        CacheState::Cached {
+            freshness: Freshness::Stale {
+                age_secs: Some(age),
+            },
+            ..
+        } => format!(
+            "built {} ago, older than max-age {max}: the next build makes it again with newer packages",
+            freshness::human_age(age)
+        ),
+        CacheState::Cached {
+            built_at,
+            freshness: Freshness::Stale { age_secs: None },
+        } => format!(
+            "built at {}, ahead of this machine's clock: the next build makes it again",
+            utc_time(built_at)
+        ),
+    }
+}
+
+/// A unix time as `2026-12-30 14:05 UTC`.
+fn utc_time(secs: u64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(secs.min(i64::MAX as u64) as i64) {
+        Ok(t) => format!("{} {:02}:{:02} UTC", t.date(), t.hour(), t.minute()),
+        Err(_) => format!("unix time {secs}"),
     }
 }
 
@@ -396,5 +458,5 @@ fn write_build_plan(s: &mut String, plan: &Plan) {
         let awake = if n.allow_suspend { ", may sleep" } else { "" };
         let _ = writeln!(s, "  {}.img{install}{awake}", n.name);
     }
-    let _ = writeln!(s, "  SHA256SUMS, manifest.json");
+    let _ = writeln!(s, "  SHA256SUMS, manifest.json, sbom.cdx.json");
 }

@@ -16,7 +16,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::config::diag::Diagnostics;
 use crate::config::types::{
-    self, DevicePath, Endpoint, Host, Invalid, K3sToken, K3sVersion, MacAddr, WgKey,
+    self, DevicePath, Endpoint, Host, Invalid, K3sToken, K3sVersion, MacAddr, MaxAge, WgKey,
 };
 
 /// A value with the span and dotted key it was read from.
@@ -138,6 +138,7 @@ pub struct Base {
     pub kernel: Option<At<KernelFlavour>>,
     pub packages: Vec<At<String>>,
     pub tarball: Option<At<PathBuf>>,
+    pub max_age: Option<At<MaxAge>>,
 }
 
 #[derive(Debug, Default)]
@@ -359,6 +360,7 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Option<Profile> {
             }
         });
         p.base.tarball = b.str(d, "tarball").map(|a| a.map(PathBuf::from));
+        p.base.max_age = b.parse(d, "max-age", MaxAge::parse);
         b.finish(d);
     }
     if let Some(mut i) = t.table(d, "image") {

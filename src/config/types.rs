@@ -337,6 +337,92 @@ impl fmt::Display for DevicePath {
     }
 }
 
+/// How old something may grow before it is made again, as whole days or
+/// hours: `"30d"`, `"12h"`. One number and one unit, nothing else: no
+/// spaces, signs, fractions, leading zeros or mixed units, so there is
+/// one way to write each value. At least one hour; at most ten years.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxAge {
+    count: u64,
+    unit: AgeUnit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgeUnit {
+    Days,
+    Hours,
+}
+
+const SECS_PER_HOUR: u64 = 3600;
+const SECS_PER_DAY: u64 = 24 * SECS_PER_HOUR;
+/// The longest max-age accepted, in days (ten years): enough to mean
+/// "practically never" without overflow or a typo of extra zeros passing.
+const MAX_AGE_LIMIT_DAYS: u64 = 3650;
+
+impl MaxAge {
+    /// `days` whole days.
+    pub const fn days(days: u64) -> Self {
+        MaxAge {
+            count: days,
+            unit: AgeUnit::Days,
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        const HINT: &str = "write a whole number of days or hours, like \"30d\" or \"12h\"";
+        let (digits, unit) = match s.char_indices().last() {
+            Some((i, 'd')) => (&s[..i], AgeUnit::Days),
+            Some((i, 'h')) => (&s[..i], AgeUnit::Hours),
+            _ => return Err(invalid(format!("`{s}` has no unit (d or h)"), HINT)),
+        };
+        if digits.is_empty()
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+            || (digits.len() > 1 && digits.starts_with('0'))
+        {
+            return Err(invalid(
+                format!("`{s}` is not a number of days or hours"),
+                HINT,
+            ));
+        }
+        let count: u64 = digits.parse().unwrap_or(u64::MAX);
+        let age = MaxAge { count, unit };
+        if count == 0 {
+            return Err(invalid(
+                format!("a max-age of `{s}` would rebuild on every build"),
+                "write at least \"1h\"; to rebuild once, use `kiln build --refresh-base`",
+            ));
+        }
+        if count > MAX_AGE_LIMIT_DAYS * SECS_PER_DAY / age.unit_secs() {
+            return Err(invalid(
+                format!("`{s}` is more than ten years"),
+                format!("write at most \"{MAX_AGE_LIMIT_DAYS}d\""),
+            ));
+        }
+        Ok(age)
+    }
+
+    fn unit_secs(&self) -> u64 {
+        match self.unit {
+            AgeUnit::Days => SECS_PER_DAY,
+            AgeUnit::Hours => SECS_PER_HOUR,
+        }
+    }
+
+    pub fn as_secs(&self) -> u64 {
+        self.count * self.unit_secs()
+    }
+}
+
+impl fmt::Display for MaxAge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.unit {
+            AgeUnit::Days => 'd',
+            AgeUnit::Hours => 'h',
+        };
+        write!(f, "{}{unit}", self.count)
+    }
+}
+
 /// A k3s token: the secret written in the profile, or the secure form
 /// (`K10<CA hash>::server:<secret>`) nodes join with. Anyone holding it
 /// can join the cluster, so its `Debug` does not show it.
@@ -402,6 +488,53 @@ mod tests {
         ] {
             assert!(K3sVersion::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn max_ages_are_whole_days_or_hours() {
+        for (text, secs) in [
+            ("30d", 30 * 86400),
+            ("12h", 12 * 3600),
+            ("1h", 3600),
+            ("3650d", 3650 * 86400),
+            ("87600h", 87600 * 3600),
+        ] {
+            let a = MaxAge::parse(text).unwrap_or_else(|e| panic!("{text}: {e:?}"));
+            assert_eq!(a.as_secs(), secs, "{text}");
+            assert_eq!(a.to_string(), text, "written back as given");
+        }
+        assert_eq!(MaxAge::days(30), MaxAge::parse("30d").unwrap());
+        for bad in [
+            "",
+            "30",
+            "d",
+            "h",
+            "30 d",
+            " 30d",
+            "30d ",
+            "30D",
+            "30days",
+            "1w",
+            "-1d",
+            "+1d",
+            "1.5d",
+            "030d",
+            "0d",
+            "0h",
+            "3651d",
+            "87601h",
+            "1d12h",
+            "99999999999999999999999d",
+            "３0d",
+        ] {
+            assert!(MaxAge::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(
+            MaxAge::parse("0d")
+                .unwrap_err()
+                .hint
+                .contains("--refresh-base")
+        );
     }
 
     #[test]

@@ -25,7 +25,20 @@ pub struct Manifest {
     /// The profile's file name.
     pub profile: Option<String>,
     pub profile_sha256: String,
+    /// The SBOM beside the manifest (absent in outputs of older kilns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<Sbom>,
     pub source_date_epoch: u64,
+}
+
+/// The SBOM file ([`crate::image::sbom`]): its path in the output, its
+/// sha256, and how many components it lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sbom {
+    pub components: usize,
+    pub format: String,
+    pub path: String,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

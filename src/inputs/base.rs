@@ -5,8 +5,15 @@
 //! The spec is pure data derived from the plan ([`base_spec`]); only
 //! [`ensure_base`] runs mmdebstrap. A cached tarball sits at
 //! `<cache>/base/<digest>.tar.zst` with `<digest>.json` beside it recording
-//! the spec and the tarball's sha256; a tarball without a matching record is
-//! not trusted and is rebuilt.
+//! the spec, the tarball's sha256 and when it was built (`built-at`); a
+//! tarball without a matching record is not trusted and is rebuilt.
+//!
+//! A digest names what was asked for, not the package versions the archive
+//! had then, so a cached base is also made again once it is older than
+//! `base.max-age`, or when `kiln build --refresh-base` asks (the decision
+//! is [`crate::inputs::freshness`]'s, a pure function of the build time,
+//! the clock and the max-age); the new tarball replaces the old one by a
+//! rename.
 //!
 //! No mirror is named here: mmdebstrap, given no mirror, uses its built-in
 //! default Debian mirror plus the suite's `-updates` and security archives
@@ -29,6 +36,10 @@ use sha2::{Digest as _, Sha256};
 
 use crate::config::plan::{BasePlan, Plan};
 use crate::config::profile::KernelFlavour;
+use crate::config::types::MaxAge;
+use crate::inputs::freshness::{
+    Freshness, Refresh, freshness, human_age, rebuild_reason, unix_now,
+};
 use crate::util::cancel::Cancel;
 use crate::util::tool::{self, Tool};
 
@@ -175,6 +186,59 @@ pub struct BaseTarball {
     pub sha256: String,
     /// False only when this call ran mmdebstrap to make it.
     pub reused: bool,
+    /// The file `sha256` was taken of: see [`BaseTarball::check_unchanged`].
+    pub identity: FileIdentity,
+}
+
+/// Which file a path names and its size and mtime: a file renamed over it
+/// (a refresh publishes so) or rewritten in place has another identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl FileIdentity {
+    /// The identity of the file at `path` now.
+    pub fn of(path: &Path) -> Result<Self> {
+        let m = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Self::from_metadata(&m))
+    }
+
+    fn from_metadata(m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
+    }
+}
+
+impl BaseTarball {
+    /// Fails if `path` no longer holds the file hashed at the start.
+    ///
+    /// A build opens the base several times (boot files, each root), and
+    /// the cache lock is held only while the base is looked up: another
+    /// kiln that refreshes the same base meanwhile (`--refresh-base`, or
+    /// its max-age ran out) renames a new tarball over it. The cache stays
+    /// whole, but this build may have read old and new, and its manifest
+    /// and SBOM name the old one's sha256. A build calls this once it has
+    /// read everything from the base, before publishing anything.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let now = FileIdentity::of(&self.path)
+            .with_context(|| format!("checking the base tarball {}", self.path.display()))?;
+        if now != self.identity {
+            bail!(
+                "the base tarball {} changed while this build read it (another kiln refreshed it, or the file was replaced); nothing was published: run the build again",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The spec for a plan's Debian base; `None` when the user supplies a tarball.
@@ -184,6 +248,7 @@ pub fn base_spec(plan: &Plan) -> Option<BaseSpec> {
             suite,
             kernel,
             packages,
+            ..
         } => Some(debian_spec(suite, *kernel, packages)),
         BasePlan::Tarball(_) => None,
     }
@@ -294,12 +359,23 @@ pub fn mmdebstrap_command(spec: &BaseSpec, target: &Path) -> Result<Command> {
     Ok(cmd)
 }
 
+/// The cached tarball for `spec`, reused if it is fresh by `refresh`,
+/// else built with mmdebstrap (see [`ensure_base_cancellable`]). For
+/// callers without a profile: `base.max-age`'s default applies.
+pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
+    let refresh = Refresh::WhenOlderThan(crate::config::plan::DEFAULT_BASE_MAX_AGE);
+    ensure_base_cancellable(spec, cache, source_date_epoch, refresh, &Cancel::default())
+}
+
 /// The cached tarball for `spec`, building it with mmdebstrap first if it
-/// is missing or does not match its record.
+/// is missing, does not match its record, or is due by `refresh`.
 ///
 /// `cache` is the kiln cache dir ([`crate::inputs::cache::cache_dir`]); the build
 /// runs with `SOURCE_DATE_EPOCH=source_date_epoch`. A failed or interrupted
-/// build leaves only a hidden temp file, never `<digest>.tar.zst`.
+/// build leaves only a hidden temp file, never `<digest>.tar.zst`; a
+/// refresh replaces the old tarball by a rename, so the cache holds the old
+/// base or the new one, never a part of either. When a refresh fails, the
+/// old base stays in the cache and the error says how to keep using it.
 ///
 /// Concurrent calls for the same spec (parallel tests, two `kiln build`s)
 /// are serialised by an exclusive `flock(2)` on `<cache>/base/<digest>.lock`
@@ -307,33 +383,69 @@ pub fn mmdebstrap_command(spec: &BaseSpec, target: &Path) -> Result<Command> {
 /// others wait and then reuse its tarball. The kernel drops the lock when
 /// the holder exits, however it exits (a lock file left by a killed build
 /// is harmless: it is locked afresh and removed by the next build).
-pub fn ensure_base(spec: &BaseSpec, cache: &Path, source_date_epoch: u64) -> Result<BaseTarball> {
-    ensure_base_cancellable(spec, cache, source_date_epoch, &Cancel::default())
-}
-
-/// As [`ensure_base`]; when `cancel` is set, mmdebstrap is stopped and the
-/// result is an interruption (the temp file goes with the error).
+/// When `cancel` is set, mmdebstrap is stopped and the result is an
+/// interruption (the temp file goes with the error).
 pub fn ensure_base_cancellable(
     spec: &BaseSpec,
     cache: &Path,
     source_date_epoch: u64,
+    refresh: Refresh,
     cancel: &Cancel,
 ) -> Result<BaseTarball> {
+    let now = unix_now();
     let digest = spec_digest(spec);
     let path = cached_path(spec, cache);
     let record = record_path(&path);
     let dir = path.parent().expect("cached path has a parent");
     let _lock = lock_base(dir, &digest)?;
-    if let Some(t) = check_cached(&path, &record)? {
-        log::info!(
-            "base {} ({} kernel): reusing {}",
+    let why = match check_cached(&path, &record)? {
+        None => None,
+        Some(cached) => match rebuild_reason(refresh, cached.built_at, now) {
+            None => {
+                log::info!(
+                    "base {} ({} kernel): reusing {}, built {} ago",
+                    spec.suite,
+                    kernel_name(spec.kernel),
+                    path.display(),
+                    human_age(now.saturating_sub(cached.built_at))
+                );
+                return Ok(cached.tarball);
+            }
+            Some(why) => {
+                log::warn!(
+                    "building the {} base again ({why}): {}",
+                    spec.suite,
+                    path.display()
+                );
+                Some(why)
+            }
+        },
+    };
+    let built = build_and_publish(spec, &path, source_date_epoch, cancel);
+    let Some(why) = why else { return built };
+    built.with_context(|| {
+        format!(
+            "refreshing the cached {} base {} because {why}; it stays in the cache: to build with it meanwhile, {}",
             spec.suite,
-            kernel_name(spec.kernel),
-            path.display()
-        );
-        return Ok(t);
-    }
+            path.display(),
+            match refresh {
+                Refresh::WhenOlderThan(_) => "raise `base.max-age` in the profile",
+                Refresh::UnlessBuiltSince(_) => "build without --refresh-base",
+            }
+        )
+    })
+}
 
+/// Run mmdebstrap into a temp file beside `path`, then move it to `path`
+/// and write its record. The caller holds the digest's lock.
+fn build_and_publish(
+    spec: &BaseSpec,
+    path: &Path,
+    source_date_epoch: u64,
+    cancel: &Cancel,
+) -> Result<BaseTarball> {
+    let digest = spec_digest(spec);
+    let dir = path.parent().expect("cached path has a parent");
     tool::preflight(&[MMDEBSTRAP, ZSTD])?;
     fs::create_dir_all(dir)
         .with_context(|| format!("creating the base cache {}", dir.display()))?;
@@ -379,13 +491,49 @@ pub fn ensure_base_cancellable(
         .with_context(|| format!("syncing {}", tmp.path().display()))?;
     fs_err::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
     let sha256 = crate::util::hash::sha256_file(tmp.path())?;
-    tmp.persist(&path)
+    tmp.persist(path)
         .map_err(|e| e.error)
         .with_context(|| format!("moving the base tarball to {}", path.display()))?;
 
+    let built = Built {
+        sha256: &sha256,
+        bytes,
+        source_date_epoch,
+        seconds,
+        command: &line,
+    };
+    write_record(spec, path, &built)?;
+    sync_dir(dir);
+    log::info!(
+        "built base {} in {seconds:.1} s: {} ({:.1} MB)",
+        spec.suite,
+        path.display(),
+        bytes as f64 / 1e6
+    );
+    Ok(BaseTarball {
+        path: path.to_path_buf(),
+        sha256,
+        reused: false,
+        identity: FileIdentity::of(path)?,
+    })
+}
+
+/// What one mmdebstrap run made, for its record.
+struct Built<'a> {
+    sha256: &'a str,
+    bytes: u64,
+    source_date_epoch: u64,
+    seconds: f64,
+    command: &'a str,
+}
+
+/// Write `<digest>.json` beside the tarball at `path`: the spec, the
+/// tarball's sha256 and size, how and when (`built-at`, unix seconds) it
+/// was made.
+fn write_record(spec: &BaseSpec, path: &Path, b: &Built) -> Result<()> {
     let meta = serde_json::json!({
         "kiln-base-format": BASE_FORMAT_VERSION,
-        "digest": digest,
+        "digest": spec_digest(spec),
         "spec": {
             "suite": spec.suite,
             "kernel": kernel_name(spec.kernel),
@@ -396,40 +544,67 @@ pub fn ensure_base_cancellable(
             "excludes": spec.excludes,
         },
         "tarball": path.file_name().map(|n| n.to_string_lossy().to_string()),
-        "sha256": sha256,
-        "bytes": bytes,
-        "source-date-epoch": source_date_epoch,
-        "build-seconds": (seconds * 10.0).round() / 10.0,
-        "command": line,
+        "sha256": b.sha256,
+        "bytes": b.bytes,
+        "source-date-epoch": b.source_date_epoch,
+        "built-at": unix_now(),
+        "build-seconds": (b.seconds * 10.0).round() / 10.0,
+        "command": b.command,
     });
     write_atomic_0644(
-        &record,
+        &record_path(path),
         format!("{}\n", serde_json::to_string_pretty(&meta)?).as_bytes(),
-    )?;
-    sync_dir(dir);
-    log::info!(
-        "built base {} in {seconds:.1} s: {} ({:.1} MB)",
-        spec.suite,
-        path.display(),
-        bytes as f64 / 1e6
-    );
-    Ok(BaseTarball {
-        path,
-        sha256,
-        reused: false,
-    })
+    )
+}
+
+/// A cached tarball that matches its record, and when it was built.
+struct Cached {
+    tarball: BaseTarball,
+    built_at: u64,
+}
+
+/// The record beside a cached tarball, if it is readable JSON.
+fn read_record(record: &Path) -> Option<serde_json::Value> {
+    let text = fs::read_to_string(record).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// When a cached tarball was built: its record's `built-at`, or, for a
+/// record written before kiln kept that, the tarball's mtime.
+///
+/// The mtime is a sound stand-in: mmdebstrap writes the file at the end of
+/// its run and publishing it is a rename, which keeps the mtime
+/// (`SOURCE_DATE_EPOCH` clamps the times inside the tarball, not the
+/// file's own). Counting such a base as old instead would rebuild every
+/// cached base on the first build after upgrading kiln, however new, and
+/// need the Debian mirror right then. A cache copied without its times
+/// looks younger than it is, so it is refreshed at most one max-age late.
+fn built_at(record: &serde_json::Value, tarball: &fs::Metadata) -> u64 {
+    record
+        .get("built-at")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or_else(|| {
+            tarball
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs())
+        })
 }
 
 /// The cached tarball if it and its record agree; `None` means build.
-fn check_cached(path: &Path, record: &Path) -> Result<Option<BaseTarball>> {
-    if !path.is_file() {
+fn check_cached(path: &Path, record: &Path) -> Result<Option<Cached>> {
+    let Ok(meta) = fs::metadata(path) else {
+        return Ok(None);
+    };
+    if !meta.is_file() {
         return Ok(None);
     }
-    let recorded = fs::read_to_string(record)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    let value = read_record(record);
+    let recorded = value
+        .as_ref()
         .and_then(|v| v.get("sha256").and_then(|s| s.as_str()).map(str::to_string));
-    let Some(recorded) = recorded else {
+    let (Some(value), Some(recorded)) = (value, recorded) else {
         log::warn!(
             "{} has no readable record {}: rebuilding it",
             path.display(),
@@ -446,11 +621,61 @@ fn check_cached(path: &Path, record: &Path) -> Result<Option<BaseTarball>> {
         );
         return Ok(None);
     }
-    Ok(Some(BaseTarball {
-        path: path.to_path_buf(),
-        sha256: actual,
-        reused: true,
+    Ok(Some(Cached {
+        built_at: built_at(&value, &meta),
+        tarball: BaseTarball {
+            path: path.to_path_buf(),
+            sha256: actual,
+            reused: true,
+            identity: FileIdentity::from_metadata(&meta),
+        },
     }))
+}
+
+/// What the cache holds for a plan's Debian base, as `kiln check` tells
+/// it: read only, with no lock and no hashing (a build checks the sha256).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedBase {
+    pub path: PathBuf,
+    pub max_age: MaxAge,
+    pub state: CacheState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheState {
+    /// Nothing cached yet: the next build makes it.
+    Missing,
+    /// A tarball without a readable record: the next build makes it again.
+    Unrecorded,
+    /// Built at `built_at` (unix seconds); `freshness` as of the call.
+    Cached { built_at: u64, freshness: Freshness },
+}
+
+/// The cached base of `plan` in `cache` at `now`; `None` for a supplied
+/// tarball, which kiln does not cache.
+pub fn inspect_cached(plan: &Plan, cache: &Path, now: u64) -> Option<CachedBase> {
+    let BasePlan::Debian { max_age, .. } = &plan.base else {
+        return None;
+    };
+    let path = cached_path(&base_spec(plan)?, cache);
+    let state = match fs::metadata(&path) {
+        Ok(meta) if meta.is_file() => match read_record(&record_path(&path)) {
+            Some(record) if record.get("sha256").is_some() => {
+                let built_at = built_at(&record, &meta);
+                CacheState::Cached {
+                    built_at,
+                    freshness: freshness(built_at, now, *max_age),
+                }
+            }
+            _ => CacheState::Unrecorded,
+        },
+        _ => CacheState::Missing,
+    };
+    Some(CachedBase {
+        path,
+        max_age: *max_age,
+        state,
+    })
 }
 
 /// A root tarball the user supplies (`base.tarball`), hashed.
@@ -471,28 +696,42 @@ pub fn use_tarball(path: &Path) -> Result<BaseTarball> {
             return Err(e).with_context(|| format!("reading base tarball {}", path.display()));
         }
     }
+    // Taken before hashing: a change while hashing shows at the end.
+    let identity = FileIdentity::of(path)?;
     let sha256 = crate::util::hash::sha256_file(path)?;
     Ok(BaseTarball {
         path: path.to_path_buf(),
         sha256,
         reused: true,
+        identity,
     })
 }
 
 /// The base tarball for `plan`: the user's, or the cached (or freshly
-/// built) Debian one.
+/// built) Debian one, made again when older than `base.max-age` or, with
+/// `refresh_now` (`--refresh-base`), whatever its age.
 pub fn plan_base_tarball(
     plan: &Plan,
     cache: &Path,
     source_date_epoch: u64,
+    refresh_now: bool,
     cancel: &Cancel,
 ) -> Result<BaseTarball> {
     match &plan.base {
+        BasePlan::Tarball(p) if refresh_now => bail!(
+            "--refresh-base: the base is the tarball {} from the profile, which kiln does not build; replace that file, or build without --refresh-base",
+            p.display()
+        ),
         BasePlan::Tarball(p) => use_tarball(p),
-        BasePlan::Debian { .. } => ensure_base_cancellable(
+        BasePlan::Debian { max_age, .. } => ensure_base_cancellable(
             &base_spec(plan).expect("a Debian base has a spec"),
             cache,
             source_date_epoch,
+            if refresh_now {
+                Refresh::UnlessBuiltSince(unix_now())
+            } else {
+                Refresh::WhenOlderThan(*max_age)
+            },
             cancel,
         ),
     }
@@ -651,6 +890,68 @@ mod tests {
         )
         .unwrap();
         sha
+    }
+
+    const DAY: u64 = 86400;
+    /// 2026-12-01T00:00:00Z.
+    const NOW: u64 = 1_796_083_200;
+
+    #[test]
+    fn the_build_time_is_the_records_or_else_the_tarballs_mtime() {
+        let cache = tempfile::tempdir().unwrap();
+        let spec = unbuildable_spec();
+        fs::create_dir_all(cache.path().join("base")).unwrap();
+        let path = cached_path(&spec, cache.path());
+        // A record from before kiln kept `built-at`: the tarball's mtime.
+        publish_fake(&spec, cache.path());
+        let mtime = std::time::UNIX_EPOCH + Duration::from_secs(NOW - 40 * DAY);
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let record = record_path(&path);
+        let cached = check_cached(&path, &record).unwrap().expect("cached");
+        assert_eq!(cached.built_at, NOW - 40 * DAY);
+        assert!(cached.tarball.reused);
+        // A record with `built-at`: that.
+        let mut v = read_record(&record).unwrap();
+        v["built-at"] = serde_json::json!(NOW - DAY);
+        fs::write(&record, v.to_string()).unwrap();
+        let cached = check_cached(&path, &record).unwrap().expect("cached");
+        assert_eq!(cached.built_at, NOW - DAY);
+        // No tarball: nothing cached.
+        fs::remove_file(&path).unwrap();
+        assert!(check_cached(&path, &record).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_base_replaced_or_rewritten_during_a_build_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("root.tar");
+        fs::write(&path, b"the old base").unwrap();
+        let t = use_tarball(&path).unwrap();
+        t.check_unchanged().unwrap();
+        // A refresh: a new file renamed over it.
+        let new = dir.path().join(".new");
+        fs::write(&new, b"the new base").unwrap();
+        fs::rename(&new, &path).unwrap();
+        let err = format!("{:#}", t.check_unchanged().unwrap_err());
+        assert!(err.contains("changed while this build read it"), "{err}");
+        // Rewritten in place, same size, another mtime.
+        let t = use_tarball(&path).unwrap();
+        fs::write(&path, b"the NEW base").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(NOW))
+            .unwrap();
+        assert!(t.check_unchanged().is_err());
+        // Gone.
+        fs::remove_file(&path).unwrap();
+        assert!(t.check_unchanged().is_err());
     }
 
     #[test]

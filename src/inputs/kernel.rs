@@ -1,6 +1,7 @@
-//! What the boot stages take from the base tarball: the kernel, its
-//! config and module index, chosen kernel modules, busybox and the
-//! systemd-boot EFI binary. Read by streaming the tarball (no unpacking).
+//! What the build takes from the base tarball: the kernel, its config and
+//! module index, chosen kernel modules, busybox and the systemd-boot EFI
+//! binary for the boot stages, and dpkg's status file for the SBOM. Read
+//! by streaming the tarball (no unpacking).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -27,6 +28,9 @@ pub struct BaseFiles {
     pub systemd_boot: Vec<u8>,
     /// Module files by path relative to `lib/modules/<version>/`.
     pub modules: BTreeMap<String, Vec<u8>>,
+    /// dpkg's status file ([`crate::inputs::dpkg::STATUS`]), if the root
+    /// has one (a supplied non-Debian tarball may not).
+    pub dpkg_status: Option<String>,
 }
 
 /// Normalise a tar path: no leading `./` or `/`, merged-/usr aware
@@ -98,6 +102,11 @@ pub fn read_base_files(tarball: &Path, want: &[&str]) -> anyhow::Result<BaseFile
             }
         } else if path == SYSTEMD_BOOT_EFI {
             e.read_to_end(&mut b.systemd_boot)?;
+        } else if path == crate::inputs::dpkg::STATUS && kind.is_file() {
+            let mut s = String::new();
+            e.read_to_string(&mut s)
+                .with_context(|| format!("reading {path} in {}", tarball.display()))?;
+            b.dpkg_status = Some(s);
         }
     }
     let Some((ver, vmlinuz)) = kernels.into_iter().next_back() else {
@@ -276,6 +285,32 @@ pub enum Compression {
     Gzip,
 }
 
+/// A tiny base tarball for tests, zstd-compressed as mmdebstrap writes
+/// it (`./`-prefixed paths, merged /usr): a kernel, its module index,
+/// busybox, systemd-boot and, if given, dpkg's status file.
+#[cfg(test)]
+pub(crate) fn fake_base_tarball(dir: &Path, dpkg_status: Option<&str>) -> std::path::PathBuf {
+    let path = dir.join("base.tar.zst");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut tar = tar::Builder::new(zstd::Encoder::new(file, 3).unwrap().auto_finish());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, name, data).unwrap();
+    };
+    add("./boot/vmlinuz-6.1.0-test", b"a kernel");
+    add("./usr/lib/modules/6.1.0-test/modules.dep", b"");
+    add("./usr/bin/busybox", b"busybox");
+    add(&format!("./{SYSTEMD_BOOT_EFI}"), b"MZ systemd-boot");
+    if let Some(s) = dpkg_status {
+        add("./var/lib/dpkg/status", s.as_bytes());
+    }
+    tar.into_inner().unwrap();
+    path
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +355,18 @@ mod tests {
             Compression::Gzip
         );
         assert!(initramfs_compression(Some("")).is_err());
+    }
+
+    #[test]
+    fn dpkg_status_is_read_with_the_boot_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = "Package: a\nStatus: install ok installed\nVersion: 1\nArchitecture: all\n";
+        let tarball = fake_base_tarball(dir.path(), Some(status));
+        let b = read_base_files(&tarball, &[]).unwrap();
+        assert_eq!(b.kernel_version, "6.1.0-test");
+        assert_eq!(b.dpkg_status.as_deref(), Some(status));
+        let tarball = fake_base_tarball(dir.path(), None);
+        assert_eq!(read_base_files(&tarball, &[]).unwrap().dpkg_status, None);
     }
 
     #[test]

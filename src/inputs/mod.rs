@@ -1,9 +1,12 @@
 //! What a build starts from: the base root tarball ([`base`], made by
 //! mmdebstrap and cached), the k3s binary ([`k3s`], pinned and verified),
 //! the kernel, modules and boot files read out of the base ([`kernel`]),
-//! and the [`cache`] directory. Uses render, config and util.
+//! the Debian packages installed in it ([`dpkg`]), when a cached base is
+//! made again ([`freshness`]), and the [`cache`] directory. Uses render, config and util.
 
 pub mod base;
 pub mod cache;
+pub mod dpkg;
+pub mod freshness;
 pub mod k3s;
 pub mod kernel;

@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::config::diag::Diagnostics;
 use crate::config::profile::{self, KernelFlavour};
 
-use super::{BasePlan, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SUITE};
+use super::{BasePlan, DEFAULT_BASE_MAX_AGE, DEFAULT_COMPRESSION_LEVEL, DEFAULT_SUITE};
 
 /// `path` is the profile's path: a relative tarball is found next to it.
 pub(super) fn resolve_base(path: &Path, p: &profile::Profile, d: &mut Diagnostics) -> BasePlan {
@@ -40,6 +40,14 @@ pub(super) fn resolve_base(path: &Path, p: &profile::Profile, d: &mut Diagnostic
                     "remove `packages`, or build from a suite instead of `tarball`",
                 );
             }
+            if let Some(a) = &p.base.max_age {
+                d.error(
+                    a.span.clone(),
+                    &a.key,
+                    "`base.max-age` cannot refresh a supplied tarball",
+                    "remove `max-age`: kiln only rebuilds the Debian bases it makes; replace the tarball yourself",
+                );
+            }
             let dir = path.parent().unwrap_or(Path::new("."));
             BasePlan::Tarball(if t.v.is_absolute() {
                 t.v.clone()
@@ -57,6 +65,11 @@ pub(super) fn resolve_base(path: &Path, p: &profile::Profile, d: &mut Diagnostic
                 .as_ref()
                 .map_or(KernelFlavour::Generic, |a| a.v),
             packages: p.base.packages.iter().map(|a| a.v.clone()).collect(),
+            max_age: p
+                .base
+                .max_age
+                .as_ref()
+                .map_or(DEFAULT_BASE_MAX_AGE, |a| a.v),
         },
     }
 }

@@ -10,7 +10,9 @@ use ipnet::IpNet;
 
 use crate::config::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
 use crate::config::profile::{self, AfterInstall, KernelFlavour, RegistryConfig, Role, Topology};
-use crate::config::types::{DevicePath, Endpoint, Host, K3sToken, K3sVersion, MacAddr, WgKey};
+use crate::config::types::{
+    DevicePath, Endpoint, Host, K3sToken, K3sVersion, MacAddr, MaxAge, WgKey,
+};
 
 mod base;
 mod boot;
@@ -27,6 +29,14 @@ pub use peers::{Link, LinkKind, PeerRef, exclude, host_net, node_links, site_end
 
 // Defaults, in one place. Each is documented in docs/profile.md.
 pub const DEFAULT_SUITE: &str = "bookworm";
+/// How old a cached Debian base may get before a build makes it again
+/// (`base.max-age`). Debian publishes security updates for stable within
+/// days and a point release about every two months; a base made once and
+/// kept forever never gets any of them. 30 days keeps a node at most a
+/// month behind the archive while costing one mmdebstrap run (one to two
+/// minutes) a month; a cluster that must track security fixes faster sets
+/// a shorter age or builds with `--refresh-base`.
+pub const DEFAULT_BASE_MAX_AGE: MaxAge = MaxAge::days(30);
 pub const DEFAULT_CONSOLES: [&str; 2] = ["ttyS0,115200", "tty0"];
 pub const DEFAULT_COMPRESSION_LEVEL: i64 = 3;
 /// Seconds the boot menu waits: long enough to pick the other slot by hand.
@@ -127,6 +137,8 @@ pub enum BasePlan {
         suite: String,
         kernel: KernelFlavour,
         packages: Vec<String>,
+        /// A cached base older than this is made again by the next build.
+        max_age: MaxAge,
     },
     /// A root tarball the user supplies (path resolved against the profile's directory).
     Tarball(PathBuf),
