@@ -401,14 +401,12 @@ fn write_manifests(s: &mut String, plan: &Plan) {
                     format!("manifest from {}", f.display())
                 }
                 ManifestSource::Chart(c) => format!(
-                    "Helm chart {} {} from {}{}",
+                    "Helm chart {} {}, namespace {}",
                     c.chart,
                     c.version,
-                    c.repo,
                     c.target_namespace
-                        .as_ref()
-                        .map(|n| format!(" into namespace {n}"))
-                        .unwrap_or_default()
+                        .as_deref()
+                        .unwrap_or(crate::render::manifests::HELM_CHART_NAMESPACE)
                 ),
             };
             let file = crate::render::manifests::file_name(m);
