@@ -58,7 +58,7 @@ pub struct HelmChartPlan {
 
 impl ManifestPlan {
     pub fn deploys_on(&self, node: &NodePlan) -> bool {
-        self.nodes.iter().any(|n| *n == node.name)
+        self.nodes.contains(&node.name)
     }
 }
 
@@ -385,11 +385,7 @@ fn check_yaml(text: &str) -> Result<(), YamlProblem> {
             serde_yaml::Value::Mapping(m) => {
                 let missing: Vec<&str> = ["apiVersion", "kind"]
                     .into_iter()
-                    .filter(|k| {
-                        !m.get(*k)
-                            .and_then(|v| v.as_str())
-                            .is_some_and(|s| !s.is_empty())
-                    })
+                    .filter(|k| m.get(*k).and_then(|v| v.as_str()).is_none_or(str::is_empty))
                     .collect();
                 if !missing.is_empty() {
                     return Err(at(format!(
