@@ -699,3 +699,34 @@ fn build_accepts_refresh_base() {
     );
     assert!(!cache.join("base").exists(), "nothing was built");
 }
+
+#[test]
+fn check_lists_what_k3s_deploys_and_the_proxy_without_its_password() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = kiln(&[
+        "check",
+        &common::repo().join("profiles/club.toml").to_string_lossy(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("kiln-registry.yaml")
+            && s.contains("Helm chart system-upgrade-controller 0.14.2, namespace system-upgrade"),
+        "{s}"
+    );
+    let profile = example_in(tmp.path(), "profiles/ha.toml");
+    let with_password = std::fs::read_to_string(&profile).unwrap().replace(
+        "https = \"http://proxy",
+        "https = \"http://ops:s3cret@proxy",
+    );
+    std::fs::write(&profile, with_password).unwrap();
+    let out = kiln(&["check", &profile]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("HTTPS_PROXY  http://ops:***@proxy.ha.example.org:3128"),
+        "{s}"
+    );
+    assert!(s.contains("NO_PROXY     localhost,127.0.0.0/8,"), "{s}");
+    assert!(!s.contains("s3cret"), "{s}");
+}

@@ -1168,12 +1168,17 @@ fn ancestors(path: &str) -> impl Iterator<Item = String> + '_ {
     })
 }
 
-/// kiln's own files in every root image (src/rootfs.rs `image_files`), the
-/// k3s binary and the factory tmpfiles: path → expected listing, with
-/// `None` for files whose size the test cannot know in advance.
+/// kiln's own files in every root image (src/rootfs.rs `image_files`, and
+/// the profile's k3s manifests with their copy unit from
+/// src/render/manifests.rs), the k3s binary and the factory tmpfiles:
+/// path → expected listing, with `None` for files whose size the test
+/// cannot know in advance.
 fn kiln_root_files() -> BTreeMap<String, Option<Listed>> {
     let mut m = BTreeMap::new();
-    for (path, e) in kiln::image::rootfs::image_files("").iter() {
+    let mut files = kiln::image::rootfs::image_files("");
+    let plan = kiln::config::plan::load(&shared().profile).unwrap();
+    files.extend(kiln::render::manifests::image_files(&plan));
+    for (path, e) in files.iter() {
         let listed = match e {
             // Its text names versions and digests: checked by content below.
             kiln::render::tree::Entry::File { .. } if path == "/usr/lib/kiln/image" => None,

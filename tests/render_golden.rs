@@ -96,6 +96,41 @@ fn rendered_files_match_golden() {
     );
 }
 
+/// What the root images carry for k3s (render::manifests): the manifests
+/// and HelmCharts, the deploy script and its unit, for each rendered
+/// profile that deploys something.
+#[test]
+fn image_manifest_files_match_golden() {
+    let mut failures = Vec::new();
+    let mut profiles = 0;
+    for rel in common::RENDERED {
+        let plan = common::load_example(rel);
+        if plan.manifests.is_empty() {
+            continue;
+        }
+        profiles += 1;
+        let tree = kiln::render::manifests::image_files(&plan);
+        let stem = Path::new(rel).file_stem().unwrap().to_string_lossy();
+        let base = common::repo().join("tests/golden/image").join(&*stem);
+        check_or_update(
+            &base.with_extension("list"),
+            listing(&tree).as_bytes(),
+            &mut failures,
+        );
+        for (path, e) in tree.iter() {
+            if let Entry::File { content, .. } = e {
+                check_or_update(
+                    &base.join(path.trim_start_matches('/')),
+                    content,
+                    &mut failures,
+                );
+            }
+        }
+    }
+    assert!(profiles > 0, "no rendered profile deploys manifests");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn operator_files_match_golden() {
     let mut failures = Vec::new();

@@ -1,5 +1,6 @@
 //! The rendered files, checked by the real tools that will read them:
-//! `nft -c`, `wg pubkey`, `systemd-analyze verify`, and a YAML parser.
+//! `nft -c`, `wg pubkey`, `systemd-analyze verify`, a YAML parser, and
+//! `sh` running the manifest deploy script on a scratch directory.
 //! A missing tool fails the test (CI installs them; see .ci/run).
 
 mod common;
@@ -202,10 +203,14 @@ fn assert_no_shared_allowed_ips(name: &str, stripped: &str) {
 }
 
 /// Make `root` a minimal systemd root for `systemd-analyze verify --root`:
-/// the host's unit files, and an executable for every Exec path the units
-/// name that the root lacks (the image provides those).
-fn verify_root(root: &Path, files: &kiln::render::NodeFiles) {
-    files.tree.write_to(root).unwrap();
+/// the node's files and what kiln puts in its root image for k3s
+/// (`render::manifests`), the host's unit files, and an executable for
+/// every Exec path the units name that the root lacks (the image
+/// provides those).
+fn verify_root(root: &Path, plan: &kiln::config::plan::Plan, files: &kiln::render::NodeFiles) {
+    let mut tree = files.tree.clone();
+    tree.extend(kiln::render::manifests::image_files(plan));
+    tree.write_to(root).unwrap();
     {
         let d = "usr/lib/systemd/system";
         let dst = root.join(d);
@@ -264,6 +269,10 @@ fn rendered_units(files: &kiln::render::NodeFiles) -> Vec<String> {
         .map(|(p, _)| p.rsplit('/').next().unwrap().to_string())
         .collect();
     units.push("wg-quick@wg0.service".into());
+    // Servers enable the image's manifest unit (a link in the seed).
+    if files.tree.get(kiln::render::manifests::LIST).is_some() {
+        units.push(kiln::render::manifests::UNIT.into());
+    }
     units
 }
 
@@ -318,10 +327,10 @@ fn ssh_host_keys_are_read_by_ssh_keygen() {
 #[test]
 fn units_pass_systemd_analyze_verify() {
     need("systemd-analyze", "systemd");
-    for (name, _, files) in rendered().into_iter().step_by(4) {
+    for (name, plan, files) in rendered().into_iter().step_by(4) {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("root");
-        verify_root(&root, &files);
+        verify_root(&root, &plan, &files);
         let units = rendered_units(&files);
         assert!(
             units.contains(&"k3s.service".to_string())
@@ -346,7 +355,7 @@ fn units_pass_systemd_analyze_verify() {
 #[test]
 fn a_broken_unit_fails_systemd_analyze_verify() {
     need("systemd-analyze", "systemd");
-    let (_, _, mut files) = rendered().remove(0);
+    let (_, plan, mut files) = rendered().remove(0);
     let unit = files
         .tree
         .text("/etc/systemd/system/k3s.service")
@@ -357,7 +366,7 @@ fn a_broken_unit_fails_systemd_analyze_verify() {
         .file("/etc/systemd/system/k3s.service", 0o644, unit);
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    verify_root(&root, &files);
+    verify_root(&root, &plan, &files);
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(format!("--root={}", root.display()))
@@ -472,4 +481,127 @@ fn operator_files_parse_with_wg_quick() {
             assert!(stripped.contains("PersistentKeepalive = 25"), "{stripped}");
         }
     }
+}
+
+/// The deploy script of the root image, run by the host's `sh` on a
+/// server's rendered files: it writes the listed manifests as real files
+/// (replacing a symlink, not following it), leaves them alone when they
+/// match, removes kiln's files no longer listed and nothing else, and
+/// refuses files that are not the ones listed.
+#[test]
+fn the_manifest_deploy_script_writes_real_files_and_removes_only_kiln_ones() {
+    use kiln::render::manifests::{IMAGE_DIR, LIST, SCRIPT};
+    let (_, plan, files) = rendered()
+        .into_iter()
+        .find(|(n, _, _)| n == "profiles/club.toml:rgb1")
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let mut tree = files.tree.clone();
+    tree.extend(kiln::render::manifests::image_files(&plan));
+    tree.write_to(&root).unwrap();
+    let at = |p: &str| root.join(p.trim_start_matches('/'));
+    let dst = tmp.path().join("manifests");
+    std::fs::create_dir(&dst).unwrap();
+    std::fs::write(dst.join("traefik.yaml"), "k3s's own\n").unwrap();
+    std::fs::write(dst.join("kiln-dropped.yaml"), "from an older set\n").unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::write(&outside, "not to be written through\n").unwrap();
+    std::os::unix::fs::symlink(&outside, dst.join("kiln-registry.yaml")).unwrap();
+    let run = |list: &Path| {
+        Command::new("sh")
+            .arg(at(SCRIPT))
+            .arg(at(IMAGE_DIR))
+            .arg(list)
+            .arg(&dst)
+            .output()
+            .unwrap()
+    };
+    let names = |dir: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let out = run(&at(LIST));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("removed: kiln-dropped.yaml"), "{said}");
+    assert_eq!(
+        names(&dst),
+        [
+            "kiln-registry.yaml",
+            "kiln-system-upgrade-controller.yaml",
+            "traefik.yaml"
+        ]
+    );
+    for (name, text) in kiln::render::manifests::node_manifests(&plan, plan.node("rgb1").unwrap()) {
+        let p = dst.join(&name);
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        assert!(meta.file_type().is_file(), "{name} is not a regular file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), text, "{name}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&outside).unwrap(),
+        "not to be written through\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dst.join("traefik.yaml")).unwrap(),
+        "k3s's own\n"
+    );
+    // Again: nothing to write.
+    let out = run(&at(LIST));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("written: none;"), "{said}");
+    // A list naming other bytes (a seed of another build): refused, no change.
+    let other = tmp.path().join("other.sha256");
+    let list = std::fs::read_to_string(at(LIST)).unwrap();
+    std::fs::write(&other, format!("{}{}", "0".repeat(64), &list[64..])).unwrap();
+    let out = run(&other);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAILED"),
+        "{out:?}"
+    );
+    // An empty list (every manifest dropped from the profile): kiln's go.
+    let empty = tmp.path().join("empty.sha256");
+    std::fs::write(&empty, "").unwrap();
+    assert!(run(&empty).status.success());
+    assert_eq!(names(&dst), ["traefik.yaml"]);
+}
+
+/// Every manifest the examples deploy is YAML whose documents all have
+/// apiVersion and kind, and a HelmChart's valuesContent is YAML too.
+#[test]
+fn rendered_manifests_parse_as_kubernetes_objects() {
+    use serde::Deserialize as _;
+    let mut seen = 0;
+    for rel in common::RENDERED {
+        let plan = common::load_example(rel);
+        for m in &plan.manifests {
+            let text = kiln::render::manifests::render_manifest(&plan, m);
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let v = serde_yaml::Value::deserialize(doc)
+                    .unwrap_or_else(|e| panic!("{rel} {}: {e}", m.name));
+                assert!(
+                    v["apiVersion"].is_string() && v["kind"].is_string(),
+                    "{rel} {}: {v:?}",
+                    m.name
+                );
+                if v["kind"] == "HelmChart" {
+                    let values = v["spec"]["valuesContent"].as_str().unwrap_or("{}");
+                    serde_yaml::from_str::<serde_yaml::Value>(values).unwrap();
+                }
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 3, "{seen} objects");
 }

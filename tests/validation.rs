@@ -5,6 +5,9 @@ use std::path::Path;
 
 use kiln::config::diag::Diagnostic;
 
+#[path = "validation/manifests.rs"]
+mod manifests;
+
 /// A small valid profile; tests replace parts of it.
 const GOOD: &str = r#"[cluster]
 name = "lab"

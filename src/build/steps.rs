@@ -205,7 +205,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             base: &inputs.base.path,
             overlays: overlays.clone(),
             k3s: &inputs.k3s.path,
-            image_files: rootfs::image_files(&version_text),
+            image_files: image_files(cx.plan, &version_text),
             mtime: cx.epoch,
             level: cx.plan.compression_level,
         };
@@ -228,6 +228,14 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
         );
     }
     Ok(roots)
+}
+
+/// kiln's files in every root image: units, scripts, version, and the
+/// k3s manifests of the profile (`render::manifests`).
+fn image_files(plan: &Plan, version_text: &str) -> crate::render::tree::FileTree {
+    let mut t = rootfs::image_files(version_text);
+    t.extend(crate::render::manifests::image_files(plan));
+    t
 }
 
 /// SHA256SUMS and manifest.json over every file in the staging directory,

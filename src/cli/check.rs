@@ -8,8 +8,8 @@ use std::path::Path;
 use ipnet::IpNet;
 
 use crate::config::plan::{
-    BasePlan, HubRef, Link, LinkKind, NodePlan, OPERATOR_TCP_PORTS, PeerRef, Plan, WgPlan,
-    node_links,
+    BasePlan, HubRef, Link, LinkKind, ManifestSource, NodePlan, OPERATOR_TCP_PORTS, PeerRef, Plan,
+    WgPlan, node_links,
 };
 use crate::config::profile::{AfterInstall, KernelFlavour, Topology};
 use crate::inputs::base::{self, CacheState, CachedBase};
@@ -44,6 +44,8 @@ pub fn check(plan: &Plan, cached: Option<&CachedBase>, now: u64) -> String {
     write_nodes(&mut s, plan);
     write_peers(&mut s, plan);
     write_operators(&mut s, plan);
+    write_manifests(&mut s, plan);
+    write_proxy(&mut s, plan);
     write_build_plan(&mut s, plan);
     s
 }
@@ -439,6 +441,61 @@ fn allowed_summary(wg: &WgPlan, l: &Link, site: Option<&str>) -> String {
         };
     parts.extend(outside.iter().map(ToString::to_string));
     parts.join(", ")
+}
+
+/// What k3s deploys, and from which servers.
+fn write_manifests(s: &mut String, plan: &Plan) {
+    if plan.manifests.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nk3s manifests (in every root image; each server named copies its own into {} before k3s starts)",
+        crate::render::manifests::K3S_MANIFESTS_DIR
+    );
+    let rows: Vec<[String; 3]> = plan
+        .manifests
+        .iter()
+        .map(|m| {
+            let what = match &m.source {
+                ManifestSource::Yaml { file: None, .. } => "manifest (inline)".to_string(),
+                ManifestSource::Yaml { file: Some(f), .. } => {
+                    format!("manifest from {}", f.display())
+                }
+                ManifestSource::Chart(c) => format!(
+                    "Helm chart {} {}, namespace {}",
+                    c.chart,
+                    c.version,
+                    c.target_namespace
+                        .as_deref()
+                        .unwrap_or(crate::render::manifests::HELM_CHART_NAMESPACE)
+                ),
+            };
+            let file = crate::render::manifests::file_name(m);
+            [file, what, m.nodes.join(", ")]
+        })
+        .collect();
+    let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(0);
+    let w1 = rows.iter().map(|r| r[1].len()).max().unwrap_or(0);
+    for [file, what, nodes] in rows {
+        let _ = writeln!(s, "  {file:<w0$}  {what:<w1$}  {nodes}");
+    }
+}
+
+/// The proxy k3s and containerd use (a password shown as `***`).
+fn write_proxy(s: &mut String, plan: &Plan) {
+    let Some(p) = &plan.proxy else { return };
+    let _ = writeln!(
+        s,
+        "\nproxy (k3s and containerd on every node, from {})",
+        crate::render::proxy::ENV_FILE
+    );
+    for (name, url) in [("HTTP_PROXY", &p.http), ("HTTPS_PROXY", &p.https)] {
+        if let Some(u) = url {
+            let _ = writeln!(s, "  {name:<11}  {}", u.redacted());
+        }
+    }
+    let _ = writeln!(s, "  {:<11}  {}", "NO_PROXY", p.no_proxy.join(","));
 }
 
 /// What a build writes.

@@ -1,5 +1,6 @@
 //! `kiln render`: write one node's rendered files into a directory, for
-//! inspection (files holding secrets are written 0600).
+//! inspection (files holding secrets are written 0600): its seed, and
+//! the k3s manifests its root image carries.
 
 use std::path::Path;
 
@@ -14,10 +15,13 @@ use crate::render::{self, NodeFiles};
 pub fn run(profile: &Path, node: &str, out: &Path, state_dir: Option<&Path>) -> anyhow::Result<()> {
     let (plan, secrets) = crate::config::secrets::load_with_secrets(profile, state_dir)?;
     let files = render_node(&plan, node, &secrets)?;
-    files.tree.write_to(out)?;
+    let mut tree = files.tree.clone();
+    tree.extend(render::manifests::image_files(&plan));
+    tree.write_to(out)?;
     println!("{}", out.display());
     eprintln!(
-        "rendered {} files for {node}; kernel command line: {}",
+        "rendered {} files for {node} ({} from its seed, the rest in its root image); kernel command line: {}",
+        tree.paths().count(),
         files.tree.paths().count(),
         files.cmdline
     );

@@ -138,6 +138,12 @@ impl<'s> Diagnostics<'s> {
         });
     }
 
+    /// The profile's text (to find where a value's characters sit inside
+    /// its literal).
+    pub fn source(&self) -> &'s str {
+        self.source
+    }
+
     /// The 1-based line of a byte offset (to name another entry's line).
     pub fn line_of(&self, offset: usize) -> usize {
         self.lines.line_col(self.source, offset).0

@@ -19,6 +19,12 @@ use crate::config::types::{
     self, DevicePath, Endpoint, Host, Invalid, K3sToken, K3sVersion, MacAddr, MaxAge, WgKey,
 };
 
+mod manifests;
+mod proxy;
+
+pub use manifests::{HelmChart, Manifest};
+pub use proxy::Proxy;
+
 /// A value with the span and dotted key it was read from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct At<T> {
@@ -115,6 +121,12 @@ pub struct K3s {
     /// registry host → mirror endpoints
     pub mirrors: Vec<(At<String>, Vec<At<String>>)>,
     pub registry_configs: Vec<(At<String>, RegistryConfig)>,
+    /// `[[k3s.manifests]]` and `[[k3s.helm-charts]]` (read in
+    /// `profile/manifests.rs`).
+    pub manifests: Vec<Manifest>,
+    pub helm_charts: Vec<HelmChart>,
+    /// `[k3s.proxy]` (read in `profile/proxy.rs`).
+    pub proxy: Option<Proxy>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -713,6 +725,8 @@ fn read_k3s(k: &mut Tab, d: &mut Diagnostics) -> K3s {
         }
         m.finish(d);
     }
+    manifests::read(k, d, &mut out);
+    out.proxy = proxy::read(k, d);
     out
 }
 

@@ -468,6 +468,170 @@ pub fn is_unix_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
 }
 
+/// An HTTP proxy for k3s and containerd (`HTTP_PROXY`, `HTTPS_PROXY`):
+/// `http://` or `https://`, optional `user:password@`, a host, an
+/// optional port, nothing after it but one `/`. Its text goes unquoted
+/// into a systemd environment file, so it holds no whitespace, quotes,
+/// `$` or `\`: other characters in credentials are percent-encoded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    scheme: &'static str,
+    userinfo: Option<String>,
+    host: Host,
+    port: Option<u16>,
+}
+
+impl ProxyUrl {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let bad = |why: &str| {
+            invalid(
+                format!("`{}` is not a proxy URL: {why}", s.escape_debug()),
+                "write http://HOST:PORT, like \"http://proxy.campus.example:3128\" (credentials as http://user:password@HOST:PORT, other characters percent-encoded)",
+            )
+        };
+        let (scheme, rest) = match s.split_once("://") {
+            Some((sc, rest)) if sc.eq_ignore_ascii_case("http") => ("http", rest),
+            Some((sc, rest)) if sc.eq_ignore_ascii_case("https") => ("https", rest),
+            Some((sc, _)) => return Err(bad(&format!("scheme `{sc}` is not http or https"))),
+            None => return Err(bad("no http:// or https://")),
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#']) {
+            return Err(bad("a proxy URL has no path, query or fragment"));
+        }
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        if let Some(u) = userinfo
+            && (u.is_empty() || !is_userinfo(u))
+        {
+            return Err(bad(
+                "the credentials before `@` may hold letters, digits, -._~!&()*+,;=: and %XX only",
+            ));
+        }
+        let (host, port) = split_host_port(hostport)
+            .filter(|(h, _)| !h.is_empty())
+            .ok_or_else(|| bad("no host, or not host:port"))?;
+        let host = Host::parse(host).map_err(|e| bad(&e.message))?;
+        let port = match port {
+            None => None,
+            Some(p) => Some(parse_port_str(p).map_err(|_| bad("the port is not 1 to 65535"))?),
+        };
+        Ok(ProxyUrl {
+            scheme,
+            userinfo: userinfo.map(str::to_string),
+            host,
+            port,
+        })
+    }
+
+    /// The URL with its password (if any) replaced by `***`, for output
+    /// meant for people.
+    pub fn redacted(&self) -> String {
+        let user = self.userinfo.as_ref().map(|u| match u.split_once(':') {
+            Some((name, _)) => format!("{name}:***@"),
+            None => format!("{u}@"),
+        });
+        self.with_userinfo(user.as_deref().unwrap_or(""))
+    }
+
+    fn with_userinfo(&self, userinfo: &str) -> String {
+        let port = self.port.map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{}://{userinfo}{}{port}", self.scheme, self.host)
+    }
+}
+
+impl fmt::Display for ProxyUrl {
+    /// The whole URL, credentials included: only for files that hold secrets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let user = self.userinfo.as_ref().map(|u| format!("{u}@"));
+        f.write_str(&self.with_userinfo(user.as_deref().unwrap_or("")))
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ProxyUrl({})", self.redacted())
+    }
+}
+
+/// RFC 3986 userinfo, less the characters a systemd environment file or a
+/// shell would read specially (`$`, `'`): unreserved, sub-delims, `:` and
+/// percent-escapes.
+fn is_userinfo(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if b.len() > i + 2
+                && b[i + 1].is_ascii_hexdigit()
+                && b[i + 2].is_ascii_hexdigit() =>
+            {
+                i += 3;
+                continue;
+            }
+            c if c.is_ascii_alphanumeric() || b"-._~!&()*+,;=:".contains(&c) => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`, split; `None` if malformed.
+fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        return match after {
+            "" => Some((h, None)),
+            p => Some((h, Some(p.strip_prefix(':')?))),
+        };
+    }
+    match s.split_once(':') {
+        Some((h, p)) if !p.contains(':') => Some((h, Some(p))),
+        Some(_) => None,
+        None => Some((s, None)),
+    }
+}
+
+/// An entry of `NO_PROXY` as Go's proxy rules read it (which k3s and
+/// containerd use): an IP, a CIDR, a host name, or a domain with a
+/// leading `.` (it and every name under it); a host or IP may carry a
+/// `:port`.
+pub fn parse_no_proxy(s: &str) -> Result<String, Invalid> {
+    let ok = s.parse::<IpAddr>().is_ok() || s.parse::<ipnet::IpNet>().is_ok() || {
+        let (host, port) = split_host_port(s).unwrap_or((s, None));
+        let port_ok = port.is_none_or(|p| parse_port_str(p).is_ok());
+        let name = host.strip_prefix('.').unwrap_or(host);
+        port_ok && (host.parse::<IpAddr>().is_ok() || is_hostname(name))
+    };
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(invalid(
+            format!("`{}` is not a NO_PROXY entry", s.escape_debug()),
+            "write an IP, a CIDR, a host name, or a domain with a leading dot for every name under it (\".campus.example\"); one entry per string, no `*`",
+        ))
+    }
+}
+
+/// A name Kubernetes accepts for an object and k3s for the file it
+/// deploys it from: one lower-case RFC 1123 label of at most `max`
+/// characters (a Helm release name: 53).
+pub fn parse_k8s_name(s: &str, max: usize) -> Result<String, Invalid> {
+    if is_dns_label(s) && s.len() <= max && !s.bytes().any(|c| c.is_ascii_uppercase()) {
+        Ok(s.to_string())
+    } else {
+        Err(invalid(
+            format!("`{}` is not a Kubernetes name", s.escape_debug()),
+            format!(
+                "use at most {max} lower-case letters, digits and inner hyphens, like \"registry\""
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,6 +795,82 @@ mod tests {
             let e = DevicePath::parse(bad).unwrap_err();
             assert!(e.message.contains(why), "{bad:?}: {e:?}");
             assert!(e.hint.contains("/dev/disk/by-id/"), "{bad:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn proxy_urls() {
+        for (good, shown) in [
+            (
+                "http://proxy.campus.example:3128",
+                "http://proxy.campus.example:3128",
+            ),
+            ("HTTPS://10.0.0.1/", "https://10.0.0.1"),
+            ("http://[2001:db8::1]:8080", "http://[2001:db8::1]:8080"),
+            (
+                "http://bob:s%24cret@proxy:3128",
+                "http://bob:***@proxy:3128",
+            ),
+        ] {
+            let u = ProxyUrl::parse(good).unwrap();
+            assert_eq!(u.redacted(), shown, "{good}");
+        }
+        assert_eq!(
+            ProxyUrl::parse("http://bob:s%24cret@proxy:3128")
+                .unwrap()
+                .to_string(),
+            "http://bob:s%24cret@proxy:3128"
+        );
+        for (bad, why) in [
+            ("proxy:3128", "no http://"),
+            ("socks5://proxy:1080", "scheme `socks5`"),
+            ("http://", "host"),
+            ("http://proxy:0", "port"),
+            ("http://proxy:3128/path", "no path"),
+            ("http://bob:pa$$@proxy", "credentials"),
+            ("http://bob:it's@proxy", "credentials"),
+            ("http://pro xy:3128", "host"),
+            ("http://999.1.1.1:3128", "IP"),
+        ] {
+            let e = ProxyUrl::parse(bad).unwrap_err();
+            assert!(e.message.contains(why), "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn no_proxy_entries() {
+        for good in [
+            "10.0.0.1",
+            "10.0.0.0/8",
+            "::1",
+            "2001:db8::/32",
+            "rgb1",
+            "rgb1:5000",
+            ".campus.example",
+            "Git.Campus.Example",
+        ] {
+            assert!(parse_no_proxy(good).is_ok(), "{good}");
+        }
+        assert_eq!(parse_no_proxy("Git.Example").unwrap(), "git.example");
+        for bad in [
+            "*",
+            "*.example",
+            "a b",
+            "a,b",
+            "",
+            "host:99999",
+            "10.0.0.0/33",
+        ] {
+            assert!(parse_no_proxy(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_names() {
+        assert!(parse_k8s_name("registry", 53).is_ok());
+        assert!(parse_k8s_name("system-upgrade-controller", 53).is_ok());
+        for bad in ["Registry", "-x", "x-", "a_b", "a.b", "", &"a".repeat(54)] {
+            assert!(parse_k8s_name(bad, 53).is_err(), "{bad}");
         }
     }
 }

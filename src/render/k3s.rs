@@ -141,8 +141,14 @@ fn unit(plan: &Plan, node: &NodePlan) -> String {
         .as_ref()
         .map(|w| format!(" wg-quick@{}.service", w.interface))
         .unwrap_or_default();
+    // The proxy, after /etc/default/k3s: the profile's value wins.
+    let proxy = plan
+        .proxy
+        .as_ref()
+        .map(|_| format!("EnvironmentFile={}\n", super::proxy::ENV_FILE))
+        .unwrap_or_default();
     format!(
-        "{}[Unit]\nDescription=k3s {verb} (kiln)\nDocumentation=https://docs.k3s.io\nWants=network-online.target nftables.service{wg}\nAfter=network-online.target nftables.service{wg} kiln-firstboot.service\nRequiresMountsFor=/var/lib/rancher\n\n[Service]\nType=notify\nEnvironmentFile=-/etc/default/k3s\nKillMode=process\nDelegate=yes\nLimitNOFILE=1048576\nLimitNPROC=infinity\nLimitCORE=infinity\nTasksMax=infinity\nTimeoutStartSec=0\nRestart=always\nRestartSec=5s\nExecStartPre=-/sbin/modprobe br_netfilter\nExecStartPre=-/sbin/modprobe overlay\nExecStart={exec}\n\n[Install]\nWantedBy=multi-user.target\n",
+        "{}[Unit]\nDescription=k3s {verb} (kiln)\nDocumentation=https://docs.k3s.io\nWants=network-online.target nftables.service{wg}\nAfter=network-online.target nftables.service{wg} kiln-firstboot.service\nRequiresMountsFor=/var/lib/rancher\n\n[Service]\nType=notify\nEnvironmentFile=-/etc/default/k3s\n{proxy}KillMode=process\nDelegate=yes\nLimitNOFILE=1048576\nLimitNPROC=infinity\nLimitCORE=infinity\nTasksMax=infinity\nTimeoutStartSec=0\nRestart=always\nRestartSec=5s\nExecStartPre=-/sbin/modprobe br_netfilter\nExecStartPre=-/sbin/modprobe overlay\nExecStart={exec}\n\n[Install]\nWantedBy=multi-user.target\n",
         header("#", plan)
     )
 }

@@ -5,8 +5,10 @@ pub mod boot;
 mod firstboot;
 mod k3s;
 pub mod k3s_ca;
+pub mod manifests;
 mod nft;
 pub mod power;
+pub mod proxy;
 pub mod pxe;
 mod system;
 pub mod tree;
@@ -66,6 +68,8 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     if crate::config::cluster_ca::seeds_ca(plan, node) {
         k3s_ca::render(plan, &secrets.cluster_ca, &mut tree);
     }
+    manifests::render(plan, node, &mut tree);
+    proxy::render(plan, &mut tree);
     firstboot::render(plan, &mut tree);
     power::render(plan, node, &mut tree);
     tree.file(

@@ -81,6 +81,11 @@ impl FileTree {
         self.entries.insert(path.to_string(), Entry::Dir { mode });
     }
 
+    /// Add every entry of `other` (its entries win on the same path).
+    pub fn extend(&mut self, other: FileTree) {
+        self.entries.extend(other.entries);
+    }
+
     pub fn get(&self, path: &str) -> Option<&Entry> {
         self.entries.get(path)
     }

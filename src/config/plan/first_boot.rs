@@ -12,7 +12,7 @@ use super::{FIRST_USER_UID, FirstBootPlan, UserPlan, WriteFilePlan};
 const WRITABLE_PREFIXES: [&str; 2] = ["/etc/", "/var/"];
 /// Paths kiln renders itself: a write-file there would silently fight
 /// with kiln's own file. Entries ending in `/` or `-` are prefixes.
-const RESERVED_PATHS: [&str; 22] = [
+const RESERVED_PATHS: [&str; 23] = [
     "/etc/hostname",
     "/etc/hosts",
     "/etc/nftables.conf",
@@ -29,6 +29,8 @@ const RESERVED_PATHS: [&str; 22] = [
     "/etc/systemd/system/kiln-",
     "/etc/sysctl.d/90-kiln.conf",
     "/var/lib/kiln/",
+    // k3s manifests: kiln's deploy unit owns every kiln-* file there.
+    "/var/lib/rancher/k3s/server/manifests/kiln-",
     // Staying awake (render::power): logind's drop-in and the masked sleep targets.
     "/etc/systemd/logind.conf.d/kiln-",
     "/etc/systemd/system/sleep.target",

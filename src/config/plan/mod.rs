@@ -1,6 +1,7 @@
 //! The resolved plan: a profile with its defaults applied and every
 //! cross-field rule checked. Nothing after this point parses strings or
-//! reports profile errors; nothing in here does I/O except [`load`].
+//! reports profile errors; nothing in here does I/O except [`load`] and
+//! [`plan_profile`] reading the manifest files the profile names.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -19,13 +20,17 @@ mod boot;
 mod firewall;
 pub mod first_boot;
 mod k3s;
+mod manifests;
 mod nodes;
 mod operators;
 mod peers;
+mod proxy;
 mod servers;
 mod wireguard;
 
+pub use manifests::{HelmChartPlan, MAX_MANIFEST_BYTES, ManifestPlan, ManifestSource};
 pub use peers::{Link, LinkKind, PeerRef, exclude, host_net, node_links, site_endpoint};
+pub use proxy::{NO_PROXY_ALWAYS, ProxyPlan};
 
 // Defaults, in one place. Each is documented in docs/profile.md.
 pub const DEFAULT_SUITE: &str = "bookworm";
@@ -102,6 +107,11 @@ pub struct Plan {
     pub nodes: Vec<NodePlan>,
     /// Machines outside the cluster that reach it through the tunnel.
     pub operators: Vec<OperatorPlan>,
+    /// `[[k3s.manifests]]` and `[[k3s.helm-charts]]`: what k3s deploys
+    /// from `server/manifests`, and on which servers.
+    pub manifests: Vec<ManifestPlan>,
+    /// `[k3s.proxy]`: the proxy k3s and containerd use.
+    pub proxy: Option<ProxyPlan>,
 }
 
 #[derive(Debug, Clone)]
@@ -484,7 +494,8 @@ pub fn plan_profile(path: &Path, source: &str) -> Result<Plan, ProfileErrors> {
         // Not TOML: only the syntax error, no guesses about what is missing.
         return Err(ProfileErrors(d.into_sorted()));
     };
-    let plan = resolve(path, p, &mut d);
+    let files = manifests::read_files(path, &p.k3s);
+    let plan = resolve(path, p, &files, &mut d);
     if d.is_empty() {
         Ok(plan.expect("a plan without diagnostics"))
     } else {
@@ -495,7 +506,12 @@ pub fn plan_profile(path: &Path, source: &str) -> Result<Plan, ProfileErrors> {
 /// Apply defaults and check cross-field rules. Returns `None` only when a
 /// required value is missing (and then a diagnostic says so). Each step
 /// reports its own diagnostics, in this order.
-fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan> {
+fn resolve(
+    path: &Path,
+    p: profile::Profile,
+    files: &manifests::ManifestFiles,
+    d: &mut Diagnostics,
+) -> Option<Plan> {
     let mut missing = require_top_level(&p, d);
     let cidrs = k3s::cidrs(&p.k3s);
     let boot = boot::resolve_boot(&p, d);
@@ -534,6 +550,8 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         ..firewall
     };
     let first_boot = first_boot::resolve_first_boot(&p.first_boot, d);
+    let manifests = manifests::resolve_manifests(path, &p.k3s, files, &nodes, d);
+    let proxy = proxy::resolve_proxy(&p, &nodes, wireguard.as_ref(), cidrs, d);
 
     if missing {
         return None;
@@ -550,6 +568,8 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         first_boot,
         nodes,
         operators,
+        manifests,
+        proxy,
     })
 }
 
