@@ -1,6 +1,7 @@
 //! The resolved plan: a profile with its defaults applied and every
 //! cross-field rule checked. Nothing after this point parses strings or
-//! reports profile errors; nothing in here does I/O except [`load`].
+//! reports profile errors; nothing in here does I/O except [`load`] (and
+//! [`airgap`], which stats the image tarballs the profile names).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use crate::config::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_control
 use crate::config::profile::{self, AfterInstall, KernelFlavour, RegistryConfig, Role, Topology};
 use crate::config::types::{DevicePath, Endpoint, Host, K3sToken, K3sVersion, MacAddr, WgKey};
 
+mod airgap;
 mod base;
 mod boot;
 mod firewall;
@@ -23,6 +25,9 @@ mod peers;
 mod servers;
 mod wireguard;
 
+pub use airgap::{
+    AirgapPlan, ImageTarballPlan, K3S_IMAGES_DIR, RELEASE_TARBALL_STEM, SLOT_IMAGES_DIR,
+};
 pub use peers::{Link, LinkKind, PeerRef, exclude, host_net, node_links, site_endpoint};
 
 // Defaults, in one place. Each is documented in docs/profile.md.
@@ -82,6 +87,8 @@ pub struct Plan {
     pub profile_path: PathBuf,
     pub cluster: String,
     pub k3s: K3sPlan,
+    /// The image tarballs k3s imports at start, in every root image.
+    pub airgap: AirgapPlan,
     pub boot: BootPlan,
     pub base: BasePlan,
     /// zstd level of the root squashfs.
@@ -522,6 +529,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         ..firewall
     };
     let first_boot = first_boot::resolve_first_boot(&p.first_boot, d);
+    let airgap = airgap::resolve_airgap(path, &p, d);
 
     if missing {
         return None;
@@ -530,6 +538,7 @@ fn resolve(path: &Path, p: profile::Profile, d: &mut Diagnostics) -> Option<Plan
         profile_path: path.to_path_buf(),
         cluster: p.cluster_name?.v,
         k3s: k3s::k3s_plan(&p.k3s, flannel_backend, cidrs)?,
+        airgap,
         boot,
         base,
         compression_level,
