@@ -1,6 +1,7 @@
 //! Rendering: everything a node needs, as a tree of files built in memory
 //! from the plan and the node's secrets. Pure: no I/O.
 
+pub mod airgap;
 pub mod boot;
 mod firstboot;
 mod k3s;
@@ -66,6 +67,7 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     if crate::config::cluster_ca::seeds_ca(plan, node) {
         k3s_ca::render(plan, &secrets.cluster_ca, &mut tree);
     }
+    airgap::render(plan, &mut tree);
     firstboot::render(plan, &mut tree);
     power::render(plan, node, &mut tree);
     tree.file(
