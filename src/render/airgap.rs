@@ -22,6 +22,10 @@
 //! mounted (`kiln check` refuses `write-files` there), and k3s cannot
 //! keep its `.cache.json` of imported archives there, so it imports every
 //! tarball at each start, as it does by default.
+//!
+//! The unit is conditional on the slot having the directory: a root
+//! image without tarballs then leaves `agent/images` as it is, and k3s
+//! still starts (a skipped condition does not fail what requires it).
 
 use crate::config::plan::{K3S_IMAGES_DIR, Plan, SLOT_IMAGES_DIR};
 use crate::render::tree::FileTree;
