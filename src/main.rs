@@ -140,6 +140,12 @@ enum Command {
         /// Use this k3s binary instead of the cache or a download.
         #[arg(long, value_name = "PATH", env = "KILN_K3S_BINARY")]
         k3s_binary: Option<PathBuf>,
+        /// Use this k3s air-gap image tarball (k3s.airgap = true) instead of the cache or a download.
+        ///
+        /// The release's k3s-airgap-images-amd64.tar.zst, .tar.gz or .tar for
+        /// the profile's k3s version; checked against kiln.lock when it pins one.
+        #[arg(long, value_name = "FILE", env = "KILN_AIRGAP_IMAGES")]
+        airgap_images: Option<PathBuf>,
         /// Extra outputs, comma-separated or repeated (raw disk images are always written).
         #[arg(long, value_enum, value_delimiter = ',', default_value = "raw")]
         format: Vec<Format>,
@@ -177,6 +183,9 @@ enum Command {
         /// Use this k3s binary (e.g. the test double from `make k3s-double`).
         #[arg(long, value_name = "PATH", env = "KILN_K3S_BINARY")]
         k3s_binary: Option<PathBuf>,
+        /// Use this k3s air-gap image tarball (k3s.airgap = true), as `kiln build` does.
+        #[arg(long, value_name = "FILE", env = "KILN_AIRGAP_IMAGES")]
+        airgap_images: Option<PathBuf>,
         /// Keep the built image and console log in this directory.
         #[arg(long, value_name = "DIR")]
         keep: Option<PathBuf>,
@@ -379,6 +388,7 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
             role,
             out,
             k3s_binary,
+            airgap_images,
             format,
             state_dir,
             refresh_base,
@@ -392,6 +402,7 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
                 }),
                 out,
                 k3s_binary,
+                airgap_images,
                 qcow2: format.iter().any(|f| matches!(f, Format::Qcow2)),
                 pxe: format.iter().any(|f| matches!(f, Format::Pxe)),
                 state_dir,
@@ -406,6 +417,7 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
             ssh_key,
             user_keys,
             k3s_binary,
+            airgap_images,
             keep,
             state_dir,
         } => cli::test::run(
@@ -417,6 +429,7 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
                 ssh_key,
                 user_keys,
                 k3s_binary,
+                airgap_images,
                 keep,
             },
             cancel,

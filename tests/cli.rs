@@ -730,3 +730,67 @@ fn check_lists_what_k3s_deploys_and_the_proxy_without_its_password() {
     assert!(s.contains("NO_PROXY     localhost,127.0.0.0/8,"), "{s}");
     assert!(!s.contains("s3cret"), "{s}");
 }
+
+/// A profile asking for air-gap images, with one tarball of its own
+/// next to it, in `dir`.
+fn airgap_profile_in(dir: &Path, airgap: bool) -> String {
+    std::fs::create_dir(dir.join("images")).unwrap();
+    std::fs::write(dir.join("images/registry.tar.zst"), b"x").unwrap();
+    let p = dir.join("lab.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[cluster]\nname = \"lab\"\n[k3s]\nversion = \"v1.31.1+k3s1\"\nairgap = {airgap}\nimage-tarballs = [\"images/registry.tar.zst\"]\n[[nodes]]\nname = \"s1\"\nrole = \"server\"\n"
+        ),
+    )
+    .unwrap();
+    p.to_string_lossy().to_string()
+}
+
+#[test]
+fn check_lists_the_image_tarballs_every_node_gets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = airgap_profile_in(tmp.path(), true);
+    let out = kiln(&["check", &p]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = text(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("images "))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        line.contains("k3s v1.31.1+k3s1 air-gap images")
+            && line.contains("registry.tar.zst (")
+            && line.contains("/var/lib/rancher/k3s/agent/images"),
+        "{line}"
+    );
+}
+
+#[test]
+fn build_refuses_an_airgap_tarball_the_profile_does_not_ask_for_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = airgap_profile_in(tmp.path(), false);
+    let out_dir = tmp.path().join("out");
+    let out = kiln(&[
+        "build",
+        &p,
+        "--airgap-images",
+        "/nonexistent/k3s-airgap-images-amd64.tar.zst",
+        "--out",
+        &out_dir.to_string_lossy(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--airgap-images /nonexistent/k3s-airgap-images-amd64.tar.zst")
+            && err.contains("does not set `k3s.airgap = true`")
+            && err.contains("hint: add `airgap = true`"),
+        "{err}"
+    );
+    assert!(!out_dir.exists(), "nothing written");
+    let help = text(&kiln(&["build", "--help"]).stdout);
+    assert!(
+        help.contains("--airgap-images <FILE>") && help.contains("KILN_AIRGAP_IMAGES"),
+        "{help}"
+    );
+}

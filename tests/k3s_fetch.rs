@@ -1,4 +1,5 @@
-//! k3s resolution against a fake release served on 127.0.0.1.
+//! k3s release assets (the binary, the air-gap image tarball) against a
+//! fake release served on 127.0.0.1.
 
 use std::fs;
 use std::io::{Read as _, Write as _};
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kiln::inputs::k3s::{Resolver, Source};
+use kiln::inputs::k3s::{AIRGAP_IMAGES, Resolver, Source};
 use sha2::{Digest, Sha256};
 use tiny_http::{Response, Server};
 
@@ -562,4 +563,222 @@ fn a_server_that_never_answers_fails_within_seconds_naming_the_url() {
     let url = format!("{base}/v1.31.1%2Bk3s1/sha256sum-amd64.txt");
     assert!(err.contains(&url) && err.contains("stalled"), "{err}");
     assert!(!s.lock.exists());
+}
+
+// The release's air-gap image tarball: the same path as the binary, its
+// own cache file and its own kiln.lock table.
+
+const AIRGAP: &[u8] = b"(a zstd tar of images would be here)";
+const AIRGAP_NAME: &str = "k3s-airgap-images-amd64.tar.zst";
+
+/// A release checksum file listing both the binary and the air-gap tarball.
+fn checksum_file_both(binary: &[u8], airgap: &[u8]) -> Vec<u8> {
+    format!(
+        "{}  {AIRGAP_NAME}\n{}  k3s\n",
+        sha256_hex(airgap),
+        sha256_hex(binary)
+    )
+    .into_bytes()
+}
+
+fn airgap_release(airgap: &[u8]) -> FakeRelease {
+    FakeRelease::serve(vec![
+        ("k3s", BINARY.to_vec()),
+        (AIRGAP_NAME, airgap.to_vec()),
+        ("sha256sum-amd64.txt", checksum_file_both(BINARY, AIRGAP)),
+    ])
+}
+
+#[test]
+fn airgap_tarball_is_downloaded_verified_cached_and_pinned_beside_the_binary() {
+    let s = setup();
+    let mut release = airgap_release(AIRGAP);
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(release.base_url());
+    let binary = resolver.resolve(VERSION, None).unwrap();
+    let first = resolver
+        .resolve_asset(&AIRGAP_IMAGES, VERSION, None)
+        .unwrap();
+    assert_eq!(first.source, Source::Download);
+    assert_eq!(first.sha256, sha256_hex(AIRGAP));
+    assert_eq!(first.path, s.cache.join(VERSION).join(AIRGAP_NAME));
+    assert_eq!(
+        fs::metadata(&first.path).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    assert_eq!(
+        tree(&s.cache),
+        vec![
+            VERSION.to_owned(),
+            format!("{VERSION}/k3s"),
+            format!("{VERSION}/{AIRGAP_NAME}"),
+            format!("{VERSION}/{AIRGAP_NAME}.sha256"),
+            format!("{VERSION}/k3s.sha256"),
+        ]
+    );
+    let lock: toml::Table = toml::from_str(&fs::read_to_string(&s.lock).unwrap()).unwrap();
+    assert_eq!(lock["k3s"]["sha256"].as_str(), Some(binary.sha256.as_str()));
+    assert_eq!(
+        lock["k3s-airgap-images"]["sha256"].as_str(),
+        Some(first.sha256.as_str())
+    );
+    assert_eq!(lock["k3s-airgap-images"]["version"].as_str(), Some(VERSION));
+    assert_eq!(
+        kiln::inputs::k3s::pinned(&AIRGAP_IMAGES, &s.lock).unwrap(),
+        Some((VERSION.to_owned(), first.sha256.clone()))
+    );
+
+    // Offline: the cache serves it, re-hashed.
+    release.shut_down();
+    let second = resolver
+        .resolve_asset(&AIRGAP_IMAGES, VERSION, None)
+        .unwrap();
+    assert_eq!(second.source, Source::Cache);
+    assert_eq!((second.path, second.sha256), (first.path, first.sha256));
+}
+
+#[test]
+fn a_corrupt_airgap_download_is_refused_naming_both_digests_and_nothing_is_kept() {
+    let s = setup();
+    let release = airgap_release(b"truncated");
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(release.base_url());
+    let err = format!(
+        "{:#}",
+        resolver
+            .resolve_asset(&AIRGAP_IMAGES, VERSION, None)
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("air-gap image tarball of k3s v1.31.1+k3s1")
+            && err.contains("corrupt")
+            && err.contains(&sha256_hex(AIRGAP))
+            && err.contains(&sha256_hex(b"truncated")),
+        "{err}"
+    );
+    assert_eq!(tree(&s.cache), Vec::<String>::new());
+    assert!(!s.lock.exists());
+}
+
+#[test]
+fn an_airgap_tarball_the_lock_does_not_pin_is_refused_from_file_cache_and_release() {
+    let s = setup();
+    let pinned = "c".repeat(64);
+    let lock_text =
+        format!("[k3s-airgap-images]\nversion = \"{VERSION}\"\nsha256 = \"{pinned}\"\n");
+    fs::write(&s.lock, &lock_text).unwrap();
+    let file = s.cache.parent().unwrap().join(AIRGAP_NAME);
+    fs::write(&file, AIRGAP).unwrap();
+    let release = airgap_release(AIRGAP);
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(release.base_url());
+
+    // Given on the command line.
+    let err = format!(
+        "{:#}",
+        resolver
+            .resolve_asset(&AIRGAP_IMAGES, VERSION, Some(&file))
+            .unwrap_err()
+    );
+    assert!(
+        err.contains(&pinned)
+            && err.contains(&sha256_hex(AIRGAP))
+            && err.contains(&file.display().to_string())
+            && err.contains("delete the [k3s-airgap-images] entry"),
+        "{err}"
+    );
+    // From the release: the checksum file disagrees with the pin, so the
+    // tarball is not even fetched.
+    let err = format!(
+        "{:#}",
+        resolver
+            .resolve_asset(&AIRGAP_IMAGES, VERSION, None)
+            .unwrap_err()
+    );
+    assert!(
+        err.contains(&pinned) && err.contains("checksum file"),
+        "{err}"
+    );
+    assert_eq!(
+        release.requests(),
+        vec![format!("{RELEASE_PATH}/sha256sum-amd64.txt")]
+    );
+    // From the cache.
+    let cached = resolver.cached_path(&AIRGAP_IMAGES, VERSION);
+    fs::create_dir_all(cached.parent().unwrap()).unwrap();
+    fs::write(&cached, AIRGAP).unwrap();
+    let err = format!(
+        "{:#}",
+        resolver
+            .resolve_asset(&AIRGAP_IMAGES, VERSION, None)
+            .unwrap_err()
+    );
+    assert!(err.contains(&pinned), "{err}");
+    assert_eq!(fs::read_to_string(&s.lock).unwrap(), lock_text);
+}
+
+#[test]
+fn an_airgap_tarball_given_on_the_command_line_is_checked_against_the_pin_never_fetched() {
+    let s = setup();
+    let file = s.cache.parent().unwrap().join(AIRGAP_NAME);
+    fs::write(&file, AIRGAP).unwrap();
+    let unreachable = "http://127.0.0.1:9/never-contacted";
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(unreachable);
+    let first = resolver
+        .resolve_asset(&AIRGAP_IMAGES, VERSION, Some(&file))
+        .unwrap();
+    assert_eq!(
+        (first.source, first.path.as_path()),
+        (Source::Explicit, file.as_path())
+    );
+    assert!(
+        !s.cache.exists(),
+        "a given file is not copied into the cache"
+    );
+    // Pinned on first use; the same bytes pass again.
+    assert_eq!(
+        kiln::inputs::k3s::pinned(&AIRGAP_IMAGES, &s.lock).unwrap(),
+        Some((VERSION.to_owned(), sha256_hex(AIRGAP)))
+    );
+    resolver
+        .resolve_asset(&AIRGAP_IMAGES, VERSION, Some(&file))
+        .unwrap();
+
+    let err = format!(
+        "{:#}",
+        resolver
+            .resolve_asset(&AIRGAP_IMAGES, VERSION, Some(&s.cache.join("absent")))
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("absent")
+            && err.contains("--airgap-images")
+            && err.contains("KILN_AIRGAP_IMAGES"),
+        "{err}"
+    );
+}
+
+#[test]
+fn offline_without_a_cached_airgap_tarball_says_how_to_supply_one() {
+    let s = setup();
+    let closed_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let base = format!("http://{closed_port}/releases/download");
+    let resolver = Resolver::new(&s.cache, &s.lock).with_base_url(&base);
+    let err = format!(
+        "{:#}",
+        resolver
+            .resolve_asset(&AIRGAP_IMAGES, VERSION, None)
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("--airgap-images PATH")
+            && err.contains("KILN_AIRGAP_IMAGES=PATH")
+            && err.contains(
+                &resolver
+                    .cached_path(&AIRGAP_IMAGES, VERSION)
+                    .display()
+                    .to_string()
+            ),
+        "{err}"
+    );
 }

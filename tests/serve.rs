@@ -60,6 +60,7 @@ fn write_manifest(out: &Path, cluster: &str) {
             sha256: "0".repeat(64),
         },
         cluster: cluster.into(),
+        images: vec![],
         k3s: K3s {
             sha256: "0".repeat(64),
             version: "v1.31.1+k3s1".into(),

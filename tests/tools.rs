@@ -263,7 +263,7 @@ fn rendered_units(files: &kiln::render::NodeFiles) -> Vec<String> {
         .filter(|(p, e)| {
             p.starts_with("/etc/systemd/system/")
                 && matches!(e, Entry::File { .. })
-                && p.ends_with(".service")
+                && (p.ends_with(".service") || p.ends_with(".mount"))
                 && p.matches('/').count() == 4
         })
         .map(|(p, _)| p.rsplit('/').next().unwrap().to_string())

@@ -1178,3 +1178,169 @@ fn base_max_age_does_not_apply_to_a_supplied_tarball() {
     );
     assert!(e.hint.contains("remove `max-age`"), "{e}");
 }
+
+// Air-gap images: `k3s.airgap` and `k3s.image-tarballs`.
+
+/// GOOD with `lines` added to `[k3s]` (they start on line 6).
+fn with_k3s(lines: &str) -> String {
+    with(
+        "version = \"v1.31.1+k3s1\"",
+        &format!("version = \"v1.31.1+k3s1\"\n{lines}"),
+    )
+}
+
+/// The errors of `text` as a profile in `dir` (tarball paths are read
+/// from there), with the file name checked.
+fn errors_in(dir: &Path, text: &str) -> Vec<Diagnostic> {
+    let path = dir.join("lab.toml");
+    let errs = match kiln::config::plan::plan_profile(&path, text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0,
+    };
+    for e in &errs {
+        assert_eq!(e.file, path.display().to_string(), "{e}");
+        assert!(!e.hint.is_empty(), "no fix given: {e}");
+    }
+    errs
+}
+
+#[test]
+fn airgap_is_a_boolean() {
+    one(
+        &with_k3s("airgap = \"yes\""),
+        6,
+        "k3s.airgap",
+        "expected true or false, found a string",
+    );
+}
+
+#[test]
+fn an_image_tarball_needs_an_extension_k3s_imports() {
+    let e = one(
+        &with_k3s("image-tarballs = [\"images/registry.tar.xz\"]"),
+        6,
+        "k3s.image-tarballs[0]",
+        "`registry.tar.xz` is not an image tarball k3s imports",
+    );
+    assert!(e.message.contains(".tar.zst, .tar.gz, .tar"), "{e}");
+    assert!(e.hint.contains("zstd"), "{e}");
+    one(
+        &with_k3s("image-tarballs = [\"images/\"]"),
+        6,
+        "k3s.image-tarballs[0]",
+        "does not name a file",
+    );
+}
+
+#[test]
+fn a_missing_image_tarball_is_named_with_where_it_was_looked_for() {
+    let e = one(
+        &with_k3s("image-tarballs = [\"images/absent.tar.zst\"]"),
+        6,
+        "k3s.image-tarballs[0]",
+        "image tarball `images/absent.tar.zst` does not exist",
+    );
+    assert!(e.message.contains("images/absent.tar.zst"), "{e}");
+    assert!(e.hint.contains("profile's directory"), "{e}");
+}
+
+#[test]
+fn image_tarballs_next_to_the_profile_pass_and_are_planned_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("images")).unwrap();
+    std::fs::write(dir.path().join("images/registry.tar.zst"), b"x").unwrap();
+    std::fs::write(dir.path().join("tools.tar"), b"y").unwrap();
+    let text =
+        with_k3s("airgap = true\nimage-tarballs = [\"images/registry.tar.zst\", \"tools.tar\"]");
+    assert_eq!(errors_in(dir.path(), &text), Vec::new());
+    let plan = kiln::config::plan::plan_profile(&dir.path().join("lab.toml"), &text).unwrap();
+    assert!(plan.airgap.release);
+    let got: Vec<(&str, &Path)> = plan
+        .airgap
+        .tarballs
+        .iter()
+        .map(|t| (t.name.as_str(), t.path.as_path()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "registry.tar.zst",
+                dir.path().join("images/registry.tar.zst").as_path()
+            ),
+            ("tools.tar", dir.path().join("tools.tar").as_path()),
+        ]
+    );
+    // Left out, nothing is planned.
+    let plan = kiln::config::plan::plan_profile(Path::new("lab.toml"), GOOD).unwrap();
+    assert!(plan.airgap.is_empty());
+}
+
+#[test]
+fn image_tarballs_share_one_directory_on_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    for d in ["a", "b", "c"] {
+        std::fs::create_dir(dir.path().join(d)).unwrap();
+    }
+    std::fs::write(dir.path().join("a/x.tar.zst"), b"x").unwrap();
+    std::fs::write(dir.path().join("b/x.tar.zst"), b"x").unwrap();
+    std::fs::write(dir.path().join("k3s-airgap-images-amd64.tar"), b"x").unwrap();
+    let text = with_k3s(
+        "airgap = true\nimage-tarballs = [\n  \"a/x.tar.zst\",\n  \"b/x.tar.zst\",\n  \"k3s-airgap-images-amd64.tar\",\n  \"c.tar\",\n  \"c/d.tar\",\n]",
+    );
+    // `c.tar` is missing; `c/d.tar` is missing too (its parent exists).
+    let errs = errors_in(dir.path(), &text);
+    let got: Vec<(usize, &str, bool)> = errs
+        .iter()
+        .map(|e| (e.line, e.key.as_str(), !e.message.is_empty()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (9, "k3s.image-tarballs[1]", true),
+            (10, "k3s.image-tarballs[2]", true),
+            (11, "k3s.image-tarballs[3]", true),
+            (12, "k3s.image-tarballs[4]", true),
+        ],
+        "{errs:#?}"
+    );
+    assert!(
+        errs[0]
+            .message
+            .contains("second image tarball named `x.tar.zst`")
+            && errs[0].message.contains("line 8")
+            && errs[0].hint.contains("/usr/lib/kiln/images/x.tar.zst"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].message.contains("release's air-gap tarball"),
+        "{}",
+        errs[1]
+    );
+    std::fs::create_dir(dir.path().join("c.tar")).unwrap();
+    let errs = errors_in(dir.path(), &with_k3s("image-tarballs = [\"c.tar\"]"));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].message.contains("not a regular file"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn write_files_into_agent_images_are_refused_while_the_slot_mounts_its_tarballs() {
+    let text = format!(
+        "{}\n[[first-boot.write-files]]\npath = \"/var/lib/rancher/k3s/agent/images/mine.tar\"\n",
+        with_k3s("airgap = true")
+    );
+    let e = one(
+        &text,
+        line_of_last(&text, "path = "),
+        "first-boot.write-files[0].path",
+        "would be hidden",
+    );
+    assert!(e.hint.contains("k3s.image-tarballs"), "{e}");
+    let without = text.replace("airgap = true\n", "");
+    assert!(errors(&without).is_empty(), "{:?}", errors(&without));
+}

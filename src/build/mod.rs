@@ -2,7 +2,8 @@
 //! staging directory beside the output and published only when every
 //! stage succeeded.
 //!
-//! base tarball → k3s binary → SBOM → root image (per role) → initramfs →
+//! base tarball → k3s binary, image tarballs → SBOM → root image (per
+//! role) → initramfs →
 //! per node: rendered files → seed → ESP + GPT disk → SHA256SUMS,
 //! manifest.json → publish.
 
@@ -42,6 +43,9 @@ pub struct BuildOptions {
     pub role: Option<Role>,
     /// `--k3s-binary` / `KILN_K3S_BINARY`.
     pub k3s_binary: Option<PathBuf>,
+    /// `--airgap-images` / `KILN_AIRGAP_IMAGES`: the release's air-gap
+    /// image tarball (with `k3s.airgap = true`).
+    pub airgap_images: Option<PathBuf>,
     pub qcow2: bool,
     /// Also write the netboot tree (OUT/pxe, see [`crate::render::pxe`]).
     pub pxe: bool,
@@ -137,6 +141,7 @@ pub fn build(
     opts: &BuildOptions,
 ) -> anyhow::Result<BuildResult> {
     let nodes = select_nodes(plan, opts)?;
+    crate::inputs::airgap::check_given(plan, opts.airgap_images.as_deref())?;
     let epoch = source_date_epoch()?;
     let mut tools = vec![rootfs::TAR2SQFS];
     if opts.qcow2 {
@@ -217,16 +222,19 @@ const NODE_EXTRA_BYTES: u64 = 64 << 20;
 
 /// Refuse to start writing when the filesystem of `staging` cannot hold
 /// the build: each root image is about the size of the (compressed) base
-/// tarball, and each node image holds a root plus its ESP.
+/// tarball plus the image tarballs (`image_bytes`), and each node image
+/// holds a root plus its ESP.
 fn check_space(
     plan: &Plan,
     nodes: &[&NodePlan],
     base: &Path,
+    image_bytes: u64,
     staging: &Path,
 ) -> anyhow::Result<()> {
     let base_bytes = std::fs::metadata(base)
         .with_context(|| format!("reading {}", base.display()))?
-        .len();
+        .len()
+        + image_bytes;
     let roles: std::collections::BTreeSet<&str> = nodes.iter().map(|n| n.role.as_str()).collect();
     let needed =
         base_bytes * roles.len() as u64 + nodes.len() as u64 * (base_bytes + NODE_EXTRA_BYTES);

@@ -17,6 +17,7 @@ use crate::config::profile::Role;
 use crate::config::secrets::ClusterSecrets;
 use crate::image::manifest::{self, Manifest};
 use crate::image::{initramfs, rootfs, sbom};
+use crate::inputs::airgap::ImageTarball;
 use crate::inputs::base::{self, BaseTarball};
 use crate::inputs::k3s::ResolvedK3s;
 use crate::inputs::kernel::{self, BaseFiles, Compression};
@@ -62,11 +63,14 @@ impl<'a> BuildContext<'a> {
     }
 }
 
-/// What the build starts from: the base tarball, the k3s binary and the
-/// boot files read out of the base.
+/// What the build starts from: the base tarball, the k3s binary, the
+/// image tarballs for k3s to import and the boot files read out of the
+/// base.
 pub(super) struct Inputs {
     pub base: BaseTarball,
     pub k3s: ResolvedK3s,
+    /// The release's air-gap tarball and the profile's (often none).
+    pub images: Vec<ImageTarball>,
     pub files: BaseFiles,
 }
 
@@ -92,33 +96,53 @@ pub(super) struct Root {
 /// Root images by their overlays: one per distinct set (per role at most).
 pub(super) type Roots = BTreeMap<Vec<PathBuf>, Root>;
 
-/// The base tarball (then a check that the build fits), the k3s binary,
-/// and the kernel, modules, busybox and systemd-boot out of the base.
+/// The base tarball, the k3s binary, the image tarballs (then a check
+/// that the build fits), and the kernel, modules, busybox and
+/// systemd-boot out of the base.
 pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
     let (plan, opts) = (cx.plan, cx.opts);
     std::fs::create_dir_all(&cx.work).with_context(|| format!("creating {}", cx.work.display()))?;
     let base = cx.progress.stage("base root tarball", || {
         base::plan_base_tarball(plan, &opts.cache, cx.epoch, opts.refresh_base, &opts.cancel)
     })?;
-    super::check_space(plan, cx.nodes, &base.path, &cx.staging.dir)?;
     let lock = plan.profile_path.with_file_name("kiln.lock");
+    let resolver = crate::inputs::k3s::Resolver::new(opts.cache.join("k3s"), &lock)
+        .with_cancel(opts.cancel.clone());
     let k3s = cx
         .progress
         .stage(&format!("k3s {}", plan.k3s.version), || {
             // The test double is never pinned in kiln.lock: a later real build
             // would otherwise meet the double's digest.
             let record = !crate::inputs::k3s::is_double(opts.k3s_binary.as_deref());
-            crate::inputs::k3s::Resolver::new(opts.cache.join("k3s"), &lock)
+            resolver
+                .clone()
                 .with_lock_recording(record)
-                .with_cancel(opts.cancel.clone())
                 .resolve(&plan.k3s.version.to_string(), opts.k3s_binary.as_deref())
         })?;
+    let images = if plan.airgap.is_empty() && opts.airgap_images.is_none() {
+        Vec::new()
+    } else {
+        cx.progress.stage("image tarballs for k3s to import", || {
+            crate::inputs::airgap::resolve_image_tarballs(
+                plan,
+                &resolver,
+                opts.airgap_images.as_deref(),
+            )
+        })?
+    };
+    let image_bytes = images.iter().map(|t| t.size).sum();
+    super::check_space(plan, cx.nodes, &base.path, image_bytes, &cx.staging.dir)?;
     let files = cx
         .progress
         .stage("kernel, modules, busybox, systemd-boot", || {
             kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES)
         })?;
-    Ok(Inputs { base, k3s, files })
+    Ok(Inputs {
+        base,
+        k3s,
+        images,
+        files,
+    })
 }
 
 /// `sbom.cdx.json` in the staging directory (so SHA256SUMS covers it):
@@ -187,10 +211,13 @@ pub(super) fn build_boot_files(cx: &BuildContext, inputs: &Inputs) -> anyhow::Re
 /// One root image per distinct set of overlays (per role at most), for
 /// the roles of the selected nodes.
 pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<Roots> {
-    let version_text = format!(
+    let mut version_text = format!(
         "kiln {KILN_VERSION}\nk3s {}\nk3s-sha256 {}\nbase-sha256 {}\nkernel {}\n",
         cx.plan.k3s.version, inputs.k3s.sha256, inputs.base.sha256, inputs.files.kernel_version
     );
+    for t in &inputs.images {
+        version_text.push_str(&format!("image-tarball {} {}\n", t.sha256, t.name));
+    }
     let mut roots = Roots::new();
     for role in [Role::Server, Role::Agent] {
         if !cx.nodes.iter().any(|n| n.role == role) {
@@ -205,6 +232,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             base: &inputs.base.path,
             overlays: overlays.clone(),
             k3s: &inputs.k3s.path,
+            images: &inputs.images,
             image_files: image_files(cx.plan, &version_text),
             mtime: cx.epoch,
             level: cx.plan.compression_level,
@@ -218,6 +246,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             rootfs::build_root_cancellable(&root_inputs, &out, &cx.opts.cancel)
         })?;
         let sha = sha256_file(&out)?;
+        report_image_bytes(role, &inputs.images, img.size);
         roots.insert(
             overlays,
             Root {
@@ -236,6 +265,25 @@ fn image_files(plan: &Plan, version_text: &str) -> crate::render::tree::FileTree
     let mut t = rootfs::image_files(version_text);
     t.extend(crate::render::manifests::image_files(plan));
     t
+}
+
+/// What the image tarballs cost a root image, on stderr: the bytes they
+/// add. squashfs stores them about as they are: a `.tar.zst` or
+/// `.tar.gz` is compressed already, and so are the layers in a plain
+/// `.tar` that `docker save` writes.
+fn report_image_bytes(role: Role, images: &[ImageTarball], root_bytes: u64) {
+    if images.is_empty() {
+        return;
+    }
+    let added: u64 = images.iter().map(|t| t.size).sum();
+    let mib = |b: u64| b as f64 / crate::util::size::MIB as f64;
+    eprintln!(
+        "kiln: image tarballs add {:.1} MiB ({added} bytes, {} file(s)) to the {} root image, now {:.1} MiB",
+        mib(added),
+        images.len(),
+        role.as_str(),
+        mib(root_bytes)
+    );
 }
 
 /// SHA256SUMS and manifest.json over every file in the staging directory,
@@ -306,6 +354,15 @@ fn manifest_of(
             sha256: inputs.base.sha256.clone(),
         },
         cluster: plan.cluster.clone(),
+        images: inputs
+            .images
+            .iter()
+            .map(|t| manifest::ImageTarball {
+                name: t.name.clone(),
+                sha256: t.sha256.clone(),
+                size: t.size,
+            })
+            .collect(),
         k3s: manifest::K3s {
             sha256: inputs.k3s.sha256.clone(),
             version: plan.k3s.version.to_string(),

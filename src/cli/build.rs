@@ -20,6 +20,8 @@ pub struct BuildArgs {
     pub out: PathBuf,
     /// Use this k3s binary instead of the cache or a download.
     pub k3s_binary: Option<PathBuf>,
+    /// Use this air-gap image tarball instead of the cache or a download.
+    pub airgap_images: Option<PathBuf>,
     /// Also a qcow2 copy of each image.
     pub qcow2: bool,
     /// Also the netboot tree OUT/pxe.
@@ -40,6 +42,7 @@ pub fn run(args: BuildArgs, cancel: &Cancel) -> anyhow::Result<()> {
         nodes: args.nodes,
         role: args.role,
         k3s_binary: args.k3s_binary,
+        airgap_images: args.airgap_images,
         qcow2: args.qcow2,
         pxe: args.pxe,
         cache: crate::inputs::cache::cache_dir(),

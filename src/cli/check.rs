@@ -39,6 +39,7 @@ pub fn check(plan: &Plan, cached: Option<&CachedBase>, now: u64) -> String {
     if let Some(c) = cached {
         let _ = writeln!(s, "base cache {}", base_cache_line(c, now));
     }
+    write_airgap(&mut s, plan);
     write_wireguard(&mut s, plan);
     write_firewall_and_first_boot(&mut s, plan);
     write_nodes(&mut s, plan);
@@ -67,6 +68,32 @@ fn write_k3s(s: &mut String, plan: &Plan) {
             .as_ref()
             .map(|r| format!(", registration address {r}"))
             .unwrap_or_default()
+    );
+}
+
+/// The images line: the tarballs every root carries for k3s to import.
+fn write_airgap(s: &mut String, plan: &Plan) {
+    let a = &plan.airgap;
+    if a.is_empty() {
+        return;
+    }
+    let mut items = Vec::new();
+    if a.release {
+        items.push(format!(
+            "k3s {} air-gap images (pinned in kiln.lock)",
+            plan.k3s.version
+        ));
+    }
+    items.extend(
+        a.tarballs
+            .iter()
+            .map(|t| format!("{} ({})", t.name, t.path.display())),
+    );
+    let _ = writeln!(
+        s,
+        "images     {}; in every root image, at {} on every node",
+        items.join(", "),
+        crate::config::plan::K3S_IMAGES_DIR
     );
 }
 

@@ -21,6 +21,8 @@ pub struct TestOptions {
     /// A private key authorized for root in the profile (needed with `image`).
     pub ssh_key: Option<PathBuf>,
     pub k3s_binary: Option<PathBuf>,
+    /// The release's air-gap image tarball (`--airgap-images`).
+    pub airgap_images: Option<PathBuf>,
     /// Private keys of the profile's users (`user=path`), for the login check.
     pub user_keys: Vec<(String, PathBuf)>,
     pub cache: PathBuf,
@@ -43,6 +45,7 @@ pub struct TestArgs {
     /// `USER=PATH`, as given to `--user-key`.
     pub user_keys: Vec<String>,
     pub k3s_binary: Option<PathBuf>,
+    pub airgap_images: Option<PathBuf>,
     pub keep: Option<PathBuf>,
 }
 
@@ -56,6 +59,7 @@ pub fn run(args: TestArgs, cancel: &Cancel) -> anyhow::Result<()> {
         image: args.image,
         ssh_key: args.ssh_key,
         k3s_binary: args.k3s_binary,
+        airgap_images: args.airgap_images,
         user_keys: parse_user_keys(&args.user_keys)?,
         cache: crate::inputs::cache::cache_dir(),
         keep: args.keep,
@@ -117,6 +121,7 @@ pub fn test_node(
                 out: out.clone(),
                 nodes: vec![node.name.clone()],
                 k3s_binary: opts.k3s_binary.clone(),
+                airgap_images: opts.airgap_images.clone(),
                 cache: opts.cache.clone(),
                 test_access_key: public,
                 cancel: opts.cancel.clone(),

@@ -16,7 +16,8 @@ use toml::de::{DeTable, DeValue};
 
 use crate::config::diag::Diagnostics;
 use crate::config::types::{
-    self, DevicePath, Endpoint, Host, Invalid, K3sToken, K3sVersion, MacAddr, MaxAge, WgKey,
+    self, DevicePath, Endpoint, Host, ImageTarballPath, Invalid, K3sToken, K3sVersion, MacAddr,
+    MaxAge, WgKey,
 };
 
 mod manifests;
@@ -127,6 +128,10 @@ pub struct K3s {
     pub helm_charts: Vec<HelmChart>,
     /// `[k3s.proxy]` (read in `profile/proxy.rs`).
     pub proxy: Option<Proxy>,
+    /// `airgap`: the release's air-gap image tarball in every root image.
+    pub airgap: Option<At<bool>>,
+    /// `image-tarballs`: more image tarballs for every root image.
+    pub image_tarballs: Vec<At<ImageTarballPath>>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -679,6 +684,8 @@ fn read_k3s(k: &mut Tab, d: &mut Diagnostics) -> K3s {
         tls_san: k.parse_list(d, "tls-san", Host::parse),
         cluster_cidr: k.parse(d, "cluster-cidr", parse_cidr),
         service_cidr: k.parse(d, "service-cidr", parse_cidr),
+        airgap: k.bool(d, "airgap"),
+        image_tarballs: k.parse_list(d, "image-tarballs", ImageTarballPath::parse),
         ..K3s::default()
     };
     if let Some(mut m) = k.table(d, "mirrors") {

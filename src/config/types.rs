@@ -423,6 +423,69 @@ impl fmt::Display for MaxAge {
     }
 }
 
+/// What k3s decompresses when it imports an image tarball from
+/// `agent/images` (k3s's list is longer: `.tar.lz4`, `.tar.bz2`, `.tgz`,
+/// …); kiln takes the three forms k3s's own releases publish theirs in.
+pub const IMAGE_TARBALL_EXTENSIONS: [&str; 3] = [".tar.zst", ".tar.gz", ".tar"];
+
+/// The extension of `name` among [`IMAGE_TARBALL_EXTENSIONS`], when
+/// something precedes it (`.tar` alone is not a tarball's name).
+pub fn image_tarball_extension(name: &str) -> Option<&'static str> {
+    IMAGE_TARBALL_EXTENSIONS
+        .into_iter()
+        .find(|ext| name.len() > ext.len() && name.ends_with(ext))
+}
+
+/// An image tarball the profile names (`k3s.image-tarballs`): a path,
+/// absolute or relative to the profile's directory, whose file name ends
+/// in an extension k3s imports. The file name is its name on the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageTarballPath {
+    path: std::path::PathBuf,
+    name: String,
+}
+
+impl ImageTarballPath {
+    pub fn parse(s: &str) -> Result<Self, Invalid> {
+        let exts = IMAGE_TARBALL_EXTENSIONS.join(", ");
+        if s.chars().any(char::is_control) {
+            return Err(invalid(
+                format!("path `{}` contains a control character", s.escape_debug()),
+                "write the path on one line, without NUL, newline or tab",
+            ));
+        }
+        let name = s.rsplit('/').next().unwrap_or_default();
+        if name.is_empty() || name == "." || name == ".." {
+            return Err(invalid(
+                format!("`{s}` does not name a file"),
+                "write the path of the tarball file, like \"images/registry.tar.zst\"",
+            ));
+        }
+        if image_tarball_extension(name).is_none() {
+            return Err(invalid(
+                format!(
+                    "`{name}` is not an image tarball k3s imports: its name must end in one of {exts}"
+                ),
+                "write the tarball as `docker save IMAGE… | zstd -o NAME.tar.zst` (or keep it a plain .tar, or gzip it) and name it so",
+            ));
+        }
+        Ok(ImageTarballPath {
+            path: std::path::PathBuf::from(s),
+            name: name.to_string(),
+        })
+    }
+
+    /// The path as written.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The file name: its name in the image and on the node.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// A k3s token: the secret written in the profile, or the secure form
 /// (`K10<CA hash>::server:<secret>`) nodes join with. Anyone holding it
 /// can join the cluster, so its `Debug` does not show it.
@@ -760,6 +823,30 @@ mod tests {
                 .contains("3 bytes")
         );
         assert!(WgKey::parse("not base64!").is_err());
+    }
+
+    #[test]
+    fn image_tarball_paths() {
+        let t = ImageTarballPath::parse("images/registry.tar.zst").unwrap();
+        assert_eq!(t.name(), "registry.tar.zst");
+        assert_eq!(t.path(), std::path::Path::new("images/registry.tar.zst"));
+        assert_eq!(
+            ImageTarballPath::parse("/srv/a.tar").unwrap().name(),
+            "a.tar"
+        );
+        assert_eq!(image_tarball_extension("a.tar.gz"), Some(".tar.gz"));
+        assert_eq!(image_tarball_extension("a.tar.zst"), Some(".tar.zst"));
+        for bad in [
+            "a.zip", "a.tar.xz", "images/", ".tar", "a.tgz", "..", "a\n.tar",
+        ] {
+            assert!(ImageTarballPath::parse(bad).is_err(), "{bad:?}");
+        }
+        let e = ImageTarballPath::parse("images/a.tar.xz").unwrap_err();
+        assert!(
+            e.message.contains("a.tar.xz") && e.message.contains(".tar.zst"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub struct Manifest {
     pub artifacts: Vec<Artifact>,
     pub base: Digest,
     pub cluster: String,
+    /// The image tarballs every root image carries for k3s to import
+    /// (`k3s.airgap`, `k3s.image-tarballs`); absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageTarball>,
     pub k3s: K3s,
     pub kernel: Kernel,
     pub kiln_version: String,
@@ -51,6 +55,15 @@ pub struct Artifact {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Digest {
     pub sha256: String,
+}
+
+/// One image tarball, as it is in `/usr/lib/kiln/images` and, on the
+/// node, in `/var/lib/rancher/k3s/agent/images`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageTarball {
+    pub name: String,
+    pub sha256: String,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

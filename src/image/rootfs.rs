@@ -1,6 +1,7 @@
-//! The root image: the base tarball, the overlays, the k3s binary and
-//! kiln's own image files, streamed as one tar into `tar2sqfs`, which
-//! writes a zstd squashfs. Rootless: nothing is unpacked, owners, modes,
+//! The root image: the base tarball, the overlays, the k3s binary, the
+//! image tarballs k3s imports (in `/usr/lib/kiln/images`, see
+//! `render::airgap`) and kiln's own image files, streamed as one tar into
+//! `tar2sqfs`, which writes a zstd squashfs. Rootless: nothing is unpacked, owners, modes,
 //! device nodes, hard links and xattrs come from the tar headers.
 //!
 //! Why tar2sqfs (squashfs-tools-ng) and not the `backhand` crate: it
@@ -25,6 +26,8 @@ use std::process::Stdio;
 
 use anyhow::{Context as _, bail};
 
+use crate::config::plan::SLOT_IMAGES_DIR;
+use crate::inputs::airgap::ImageTarball;
 use crate::render::tree::{Entry, FileTree};
 use crate::util::cancel::Cancel;
 use crate::util::tool::Tool;
@@ -56,6 +59,8 @@ pub struct RootInputs<'a> {
     /// Overlay directories, later ones win.
     pub overlays: Vec<PathBuf>,
     pub k3s: &'a Path,
+    /// Image tarballs for k3s to import, into [`SLOT_IMAGES_DIR`].
+    pub images: &'a [ImageTarball],
     /// kiln's own files in the image (units, masks, version).
     pub image_files: FileTree,
     pub mtime: u64,
@@ -284,7 +289,7 @@ fn write_stream<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
 }
 
 /// What the image adds to the base, by path: overlays in order, then
-/// kiln's image files, then k3s (later ones win).
+/// kiln's image files, then k3s and the image tarballs (later ones win).
 fn collect_added(inputs: &RootInputs) -> anyhow::Result<BTreeMap<String, Added>> {
     let mut added: BTreeMap<String, Added> = BTreeMap::new();
     for o in &inputs.overlays {
@@ -320,6 +325,17 @@ fn collect_added(inputs: &RootInputs) -> anyhow::Result<BTreeMap<String, Added>>
             source: Source::Path(inputs.k3s.to_path_buf()),
         },
     );
+    for t in inputs.images {
+        added.insert(
+            format!("{}/{}", SLOT_IMAGES_DIR.trim_start_matches('/'), t.name),
+            Added::File {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                source: Source::Path(t.path.clone()),
+            },
+        );
+    }
     Ok(added)
 }
 
@@ -623,4 +639,70 @@ pub fn build_root_cancellable(
 /// Stream the image as a plain tar (for tests and listings).
 pub fn write_tar<W: Write>(inputs: &RootInputs, out: W) -> anyhow::Result<()> {
     write_stream(inputs, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A base tarball with `/etc` and one file under `/var`.
+    fn tiny_base(dir: &Path) -> PathBuf {
+        let path = dir.join("base.tar");
+        let mut t = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (p, kind, body) in [
+            ("etc", tar::EntryType::Directory, &b""[..]),
+            ("etc/os-release", tar::EntryType::Regular, b"ID=debian\n"),
+            ("var", tar::EntryType::Directory, b""),
+        ] {
+            let mut h = header_for(kind, 0o755, 0, 0, 1, body.len() as u64);
+            t.append_data(&mut h, p, body).unwrap();
+        }
+        t.into_inner().unwrap().flush().unwrap();
+        path
+    }
+
+    #[test]
+    fn image_tarballs_are_in_the_slot_directory_read_only_to_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let k3s = dir.path().join("k3s");
+        std::fs::write(&k3s, b"#!/bin/sh\n").unwrap();
+        let tarball = dir.path().join("given.tar.zst");
+        std::fs::write(&tarball, b"zstd frames").unwrap();
+        let images = [ImageTarball {
+            name: "k3s-airgap-images-amd64.tar.zst".into(),
+            path: tarball,
+            sha256: String::new(),
+            size: 11,
+        }];
+        let base = tiny_base(dir.path());
+        let inputs = RootInputs {
+            base: &base,
+            overlays: vec![],
+            k3s: &k3s,
+            images: &images,
+            image_files: FileTree::new(),
+            mtime: 7,
+            level: 3,
+        };
+        let mut stream = Vec::new();
+        write_tar(&inputs, &mut stream).unwrap();
+        let mut archive = tar::Archive::new(stream.as_slice());
+        let mut seen = BTreeMap::new();
+        for e in archive.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().to_string();
+            let mode = e.header().mode().unwrap();
+            let mut body = Vec::new();
+            e.read_to_end(&mut body).unwrap();
+            seen.insert(path, (mode, e.header().uid().unwrap(), body));
+        }
+        assert_eq!(
+            seen["usr/lib/kiln/images/k3s-airgap-images-amd64.tar.zst"],
+            (0o644, 0, b"zstd frames".to_vec())
+        );
+        // Its parents exist, in order, before it.
+        for d in ["usr", "usr/lib", "usr/lib/kiln", "usr/lib/kiln/images"] {
+            assert_eq!(seen[d].0, 0o755, "{d}");
+        }
+    }
 }

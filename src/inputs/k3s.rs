@@ -1,11 +1,15 @@
-//! k3s binary resolution: find the k3s binary for a pinned release.
+//! k3s release assets: find the k3s binary, or the release's air-gap
+//! image tarball, for a pinned release.
 //!
-//! In order: an explicit path (`--k3s-binary` / `KILN_K3S_BINARY`), the
-//! per-version cache (`<cache>/<version>/k3s`, re-hashed on every use), or a
-//! download from the release assets, checked against the release's
+//! Both are one [`Asset`] of the release and take the same path. In
+//! order: an explicit path (`--k3s-binary` / `KILN_K3S_BINARY`,
+//! `--airgap-images` / `KILN_AIRGAP_IMAGES`), the per-version cache
+//! (`<cache>/<version>/<asset>`, re-hashed on every use), or a download
+//! from the release assets, checked against the release's
 //! `sha256sum-amd64.txt` while streaming. The digest is then pinned in
-//! `kiln.lock`, so a later build of the same version with other bytes (a
-//! replaced release asset, a test double mixed with the real binary) fails.
+//! `kiln.lock` (one table per asset), so a later build of the same
+//! version with other bytes (a replaced release asset, a test double
+//! mixed with the real binary) fails.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -22,15 +26,10 @@ use crate::util::cancel::Cancel;
 
 /// Where k3s releases publish their assets: `<base>/<version>/<asset>`.
 pub const DEFAULT_BASE_URL: &str = "https://github.com/k3s-io/k3s/releases/download";
-/// The amd64 binary, as named in a release and in the cache.
-const BINARY_NAME: &str = "k3s";
-/// Release asset with one `<sha256>  <asset>` line per amd64 asset.
+/// Release asset with one `<sha256>  <asset>` line per amd64 asset (the
+/// binary and the air-gap tarballs alike).
 const CHECKSUM_ASSET: &str = "sha256sum-amd64.txt";
-/// Next to a cached binary: its digest, in `sha256sum` format.
-const DIGEST_FILE: &str = "k3s.sha256";
-/// Table of `kiln.lock` holding the k3s pin.
-const LOCK_TABLE: &str = "k3s";
-/// Copy buffer for streaming the ~70 MB binary.
+/// Copy buffer for streaming an asset.
 const BUFFER_BYTES: usize = 1 << 20;
 /// The checksum file is a few lines; refuse anything larger.
 const CHECKSUM_FILE_MAX_BYTES: u64 = 1 << 20;
@@ -40,15 +39,79 @@ const CONNECT_TIMEOUT_SECS: u64 = 30;
 /// or in the middle of a body: it has stalled (a slow link still delivers
 /// something every few seconds).
 const STALL_TIMEOUT_SECS: u64 = 60;
-/// Give up on one request after this long in all: the ~70 MB binary at
-/// 20 KB/s. Bounds a server that trickles a byte just often enough never to
-/// stall.
-const REQUEST_TIMEOUT_SECS: u64 = 3600;
 
-/// Where a resolved k3s binary came from.
+/// One amd64 asset of a k3s release that kiln puts into images: how it
+/// is named, cached, pinned, supplied by hand and talked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asset {
+    /// File name in the release, and in the cache's version directory.
+    pub name: &'static str,
+    /// Table of `kiln.lock` holding its pin (`version`, `sha256`).
+    pub lock_table: &'static str,
+    /// What it is, before a version in messages ("k3s v1.31.1+k3s1").
+    subject: &'static str,
+    /// What it is, before a path in messages ("k3s binary /tmp/k3s").
+    label: &'static str,
+    /// "binary" or "tarball", in hints.
+    noun: &'static str,
+    /// The flag and environment variable that supply it by hand.
+    flag: &'static str,
+    env: &'static str,
+    /// Mode of the cached file.
+    mode: u32,
+    /// Give up on one request after this long in all: bounds a server
+    /// that trickles a byte just often enough never to stall.
+    request_timeout_secs: u64,
+}
+
+/// The k3s binary (`k3s`, ~70 MB).
+pub const BINARY: Asset = Asset {
+    name: "k3s",
+    lock_table: "k3s",
+    subject: "k3s",
+    label: "k3s binary",
+    noun: "binary",
+    flag: "--k3s-binary",
+    env: "KILN_K3S_BINARY",
+    mode: 0o755,
+    // The ~70 MB binary at 20 KB/s.
+    request_timeout_secs: 3600,
+};
+
+/// The release's air-gap image tarball for amd64: every image k3s runs
+/// by default, as `docker save` writes them, zstd-compressed. The release
+/// also has `.tar` and `.tar.gz` copies (listed in the same checksum
+/// file); kiln downloads the smallest.
+pub const AIRGAP_IMAGES: Asset = Asset {
+    name: "k3s-airgap-images-amd64.tar.zst",
+    lock_table: "k3s-airgap-images",
+    subject: "the air-gap image tarball of k3s",
+    label: "air-gap image tarball",
+    noun: "tarball",
+    flag: "--airgap-images",
+    env: "KILN_AIRGAP_IMAGES",
+    mode: 0o644,
+    // A ~200 MB tarball at 20 KB/s.
+    request_timeout_secs: 3 * 3600,
+};
+
+impl Asset {
+    /// `<subject> <version>`, as messages name it.
+    fn of(&self, version: &str) -> String {
+        format!("{} {version}", self.subject)
+    }
+
+    /// Next to the cached asset: its digest, in `sha256sum` format.
+    fn digest_file(&self) -> String {
+        format!("{}.sha256", self.name)
+    }
+}
+
+/// Where a resolved asset came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    /// A path the user gave (`--k3s-binary` or `KILN_K3S_BINARY`).
+    /// A path the user gave (`--k3s-binary` or `KILN_K3S_BINARY`, or the
+    /// air-gap equivalents).
     Explicit,
     /// The per-version cache, re-hashed and matching its recorded digest.
     Cache,
@@ -56,20 +119,22 @@ pub enum Source {
     Download,
 }
 
-/// A k3s binary ready to be put into an image.
+/// A k3s release asset (the binary, or the air-gap image tarball) ready
+/// to be put into an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedK3s {
-    /// The binary on disk.
+    /// The file on disk.
     pub path: PathBuf,
     /// The release tag it is for, e.g. `v1.31.1+k3s1`.
     pub version: String,
-    /// Lowercase hex sha256 of the binary's bytes.
+    /// Lowercase hex sha256 of the file's bytes.
     pub sha256: String,
     /// How it was found.
     pub source: Source,
 }
 
-/// Finds the k3s binary for a version: explicit path, then cache, then download.
+/// Finds a k3s release asset for a version: explicit path, then cache,
+/// then download.
 #[derive(Debug, Clone)]
 pub struct Resolver {
     cache_dir: PathBuf,
@@ -131,7 +196,13 @@ impl Resolver {
     /// Where the cached binary for `version` lives (or would live).
     #[must_use]
     pub fn cached_binary_path(&self, version: &str) -> PathBuf {
-        self.cache_dir.join(version).join(BINARY_NAME)
+        self.cached_path(&BINARY, version)
+    }
+
+    /// Where the cached `asset` for `version` lives (or would live).
+    #[must_use]
+    pub fn cached_path(&self, asset: &Asset, version: &str) -> PathBuf {
+        self.cache_dir.join(version).join(asset.name)
     }
 
     /// Resolve the k3s binary for `version` (a release tag like `v1.31.1+k3s1`).
@@ -145,6 +216,21 @@ impl Resolver {
     /// matches its recorded digest, a failed or corrupt download (the message
     /// says how to supply the binary offline), or a digest the lock disagrees with.
     pub fn resolve(&self, version: &str, explicit: Option<&Path>) -> Result<ResolvedK3s> {
+        self.resolve_asset(&BINARY, version, explicit)
+    }
+
+    /// Resolve `asset` of release `version` as [`Resolver::resolve`] does
+    /// the binary: `explicit`, else the cache, else a download; checked
+    /// against, or pinned in, the asset's table of `kiln.lock`.
+    ///
+    /// # Errors
+    /// As [`Resolver::resolve`].
+    pub fn resolve_asset(
+        &self,
+        asset: &Asset,
+        version: &str,
+        explicit: Option<&Path>,
+    ) -> Result<ResolvedK3s> {
         ensure!(
             !version.is_empty() && !version.contains(['/', '\\']) && !version.starts_with('.'),
             "invalid k3s version {version:?}: expected a release tag like v1.31.1+k3s1"
@@ -154,60 +240,62 @@ impl Resolver {
             .then(|| read_lock(&self.lock_path))
             .transpose()?;
         let pinned = match &lock {
-            Some(table) => lock_pin(table, &self.lock_path)?
+            Some(table) => lock_pin(table, asset.lock_table, &self.lock_path)?
                 .filter(|(v, _)| v == version)
                 .map(|(_, sha)| sha),
             None => None,
         };
         let resolved = match explicit {
-            Some(path) => resolve_explicit(version, path)?,
-            None => match self.resolve_cached(version)? {
+            Some(path) => resolve_explicit(asset, version, path)?,
+            None => match self.resolve_cached(asset, version)? {
                 Some(cached) => cached,
-                None => self.download(version, pinned.as_deref())?,
+                None => self.download(asset, version, pinned.as_deref())?,
             },
         };
         if let Some(table) = &mut lock {
             match pinned {
                 Some(pin) if pin != resolved.sha256 => {
-                    return Err(lock_mismatch(&resolved, &pin, &self.lock_path));
+                    return Err(lock_mismatch(asset, &resolved, &pin, &self.lock_path));
                 }
                 Some(_) => {}
-                None => record_pin(table, &resolved, &self.lock_path)?,
+                None => record_pin(table, asset.lock_table, &resolved, &self.lock_path)?,
             }
         }
         Ok(resolved)
     }
 
-    /// The cached binary, if there is one. A binary placed there by hand
+    /// The cached asset, if there is one. A file placed there by hand
     /// (no recorded digest yet) is adopted: hashed and its digest recorded.
-    fn resolve_cached(&self, version: &str) -> Result<Option<ResolvedK3s>> {
-        let path = self.cached_binary_path(version);
+    fn resolve_cached(&self, asset: &Asset, version: &str) -> Result<Option<ResolvedK3s>> {
+        let path = self.cached_path(asset, version);
         if !path.is_file() {
             return Ok(None);
         }
         let sha256 = crate::util::hash::sha256_file(&path)?;
-        let digest_path = path.with_file_name(DIGEST_FILE);
+        let digest_path = path.with_file_name(asset.digest_file());
         match fs::read_to_string(&digest_path) {
             Ok(text) => {
-                let recorded = crate::util::hash::sha256sums_lookup(&text, BINARY_NAME)
+                let recorded = crate::util::hash::sha256sums_lookup(&text, asset.name)
                     .with_context(|| {
                         format!(
-                            "reading {}: no `<sha256>  {BINARY_NAME}` line",
-                            digest_path.display()
+                            "reading {}: no `<sha256>  {}` line",
+                            digest_path.display(),
+                            asset.name
                         )
                     })?;
                 ensure!(
                     recorded == sha256,
-                    "cached k3s {version} at {} is corrupt: recorded sha256 {recorded}, actual \
+                    "cached {} at {} is corrupt: recorded sha256 {recorded}, actual \
                      {sha256}\nhint: delete {} to download it again",
+                    asset.of(version),
                     path.display(),
-                    path.parent().unwrap_or(&path).display()
+                    path.display()
                 );
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 crate::util::atomic::write_atomically(
                     &digest_path,
-                    format!("{sha256}  {BINARY_NAME}\n").as_bytes(),
+                    format!("{sha256}  {}\n", asset.name).as_bytes(),
                     0o644,
                 )?;
             }
@@ -221,22 +309,59 @@ impl Resolver {
         }))
     }
 
-    /// Download the binary into the cache, verifying it against the release
-    /// checksum file (and against the lock's pin, before fetching the binary).
-    fn download(&self, version: &str, pinned: Option<&str>) -> Result<ResolvedK3s> {
+    /// Download the asset into the cache, verifying it against the release
+    /// checksum file (and against the lock's pin, before fetching the asset).
+    fn download(&self, asset: &Asset, version: &str, pinned: Option<&str>) -> Result<ResolvedK3s> {
         let release_url = format!("{}/{}", self.base_url, encode_path_segment(version));
         let sums_url = format!("{release_url}/{CHECKSUM_ASSET}");
-        let binary_url = format!("{release_url}/{BINARY_NAME}");
-        let cached = self.cached_binary_path(version);
-        let unavailable = |url: &str, why: &dyn std::fmt::Display| {
-            anyhow!(
-                "k3s {version} is not cached and could not be downloaded from {url}: {why}\n\
-                 hint: supply the binary with `--k3s-binary PATH` or `KILN_K3S_BINARY=PATH`, \
-                 or place it at {} (it is hashed and pinned on first use)",
-                cached.display()
-            )
+        let asset_url = format!("{release_url}/{}", asset.name);
+        let cached = self.cached_path(asset, version);
+        let fetch = Fetch {
+            resolver: self,
+            asset,
+            version,
+            cached: &cached,
+            agent: self.agent(asset),
         };
-        let agent = ureq::Agent::config_builder()
+        let sums = fetch
+            .get(&sums_url, "release checksum file")?
+            .with_config()
+            .limit(CHECKSUM_FILE_MAX_BYTES)
+            .read_to_string()
+            .map_err(|e| fetch.failed(&sums_url, &e))?;
+        let expected =
+            crate::util::hash::sha256sums_lookup(&sums, asset.name).with_context(|| {
+                format!(
+                    "release checksum file {sums_url} has no valid `<sha256>  {}` line",
+                    asset.name
+                )
+            })?;
+        if let Some(pin) = pinned
+            && pin != expected
+        {
+            bail!(
+                "{}: release checksum file {sums_url} lists sha256 {expected}, but {} \
+                 pins sha256 {pin}\nhint: if the change is intended, delete the [{}] \
+                 entry from {} and run again",
+                asset.of(version),
+                self.lock_path.display(),
+                asset.lock_table,
+                self.lock_path.display()
+            );
+        }
+        let body = fetch.get(&asset_url, asset.label)?.into_reader();
+        let actual = fetch.stream_into_cache(body, &asset_url, &expected)?;
+        Ok(ResolvedK3s {
+            path: cached,
+            version: version.to_owned(),
+            sha256: actual,
+            source: Source::Download,
+        })
+    }
+
+    /// An HTTP agent with the platform's roots and this resolver's timeouts.
+    fn agent(&self, asset: &Asset) -> ureq::Agent {
+        ureq::Agent::config_builder()
             .tls_config(
                 TlsConfig::builder()
                     .root_certs(RootCerts::PlatformVerifier)
@@ -245,60 +370,76 @@ impl Resolver {
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(CONNECT_TIMEOUT_SECS)))
             .timeout_per_read(Some(self.stall_timeout))
-            .timeout_per_call(Some(Duration::from_secs(REQUEST_TIMEOUT_SECS)))
+            .timeout_per_call(Some(Duration::from_secs(asset.request_timeout_secs)))
             .build()
-            .new_agent();
-        let failed =
-            |url: &str, e: &(dyn std::error::Error + 'static)| unavailable(url, &self.why(e));
-        let get = |url: &str, what: &str| -> Result<ureq::Body> {
-            let response = agent.get(url).call().map_err(|e| failed(url, &e))?;
-            let status = response.status();
-            if !status.is_success() {
-                return Err(unavailable(url, &format!("{what}: HTTP {status}")));
-            }
-            Ok(response.into_body())
-        };
+            .new_agent()
+    }
+}
 
-        let sums = get(&sums_url, "release checksum file")?
-            .with_config()
-            .limit(CHECKSUM_FILE_MAX_BYTES)
-            .read_to_string()
-            .map_err(|e| failed(&sums_url, &e))?;
-        let expected =
-            crate::util::hash::sha256sums_lookup(&sums, BINARY_NAME).with_context(|| {
-                format!(
-                    "release checksum file {sums_url} has no valid `<sha256>  {BINARY_NAME}` line"
-                )
-            })?;
-        if let Some(pin) = pinned
-            && pin != expected
-        {
-            bail!(
-                "k3s {version}: release checksum file {sums_url} lists sha256 {expected}, but {} \
-                 pins sha256 {pin}\nhint: if the change is intended, delete the [{LOCK_TABLE}] \
-                 entry from {} and run again",
-                self.lock_path.display(),
-                self.lock_path.display()
-            );
+/// One download of one asset: its requests and their errors.
+struct Fetch<'a> {
+    resolver: &'a Resolver,
+    asset: &'a Asset,
+    version: &'a str,
+    /// Where the asset is cached once verified.
+    cached: &'a Path,
+    agent: ureq::Agent,
+}
+
+impl Fetch<'_> {
+    /// The asset cannot be had from `url`, and how to supply it instead.
+    fn unavailable(&self, url: &str, why: &dyn std::fmt::Display) -> anyhow::Error {
+        let a = self.asset;
+        anyhow!(
+            "{} is not cached and could not be downloaded from {url}: {why}\n\
+             hint: supply the {} with `{} PATH` or `{}=PATH`, \
+             or place it at {} (it is hashed and pinned on first use)",
+            a.of(self.version),
+            a.noun,
+            a.flag,
+            a.env,
+            self.cached.display()
+        )
+    }
+
+    fn failed(&self, url: &str, e: &(dyn std::error::Error + 'static)) -> anyhow::Error {
+        self.unavailable(url, &self.resolver.why(e, self.asset))
+    }
+
+    /// GET `url` (`what` names it in an HTTP error).
+    fn get(&self, url: &str, what: &str) -> Result<ureq::Body> {
+        let response = self
+            .agent
+            .get(url)
+            .call()
+            .map_err(|e| self.failed(url, &e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(self.unavailable(url, &format!("{what}: HTTP {status}")));
         }
+        Ok(response.into_body())
+    }
 
-        let mut body = get(&binary_url, "k3s binary")?.into_reader();
-        fs::create_dir_all(&self.cache_dir)
-            .with_context(|| format!("creating cache directory {}", self.cache_dir.display()))?;
+    /// Stream `body` into the cache, hashing it; keep it only if its
+    /// sha256 is `expected`. Returns the digest.
+    fn stream_into_cache(&self, mut body: impl Read, url: &str, expected: &str) -> Result<String> {
+        let (cache_dir, asset) = (&self.resolver.cache_dir, self.asset);
+        fs::create_dir_all(cache_dir)
+            .with_context(|| format!("creating cache directory {}", cache_dir.display()))?;
         // In the cache dir, not the version dir: a failure leaves nothing behind.
         let mut staged = tempfile::Builder::new()
-            .prefix(".k3s-download-")
-            .tempfile_in(&self.cache_dir)
-            .with_context(|| format!("creating a temp file in {}", self.cache_dir.display()))?;
+            .prefix(&format!(".{}-download-", asset.name))
+            .tempfile_in(cache_dir)
+            .with_context(|| format!("creating a temp file in {}", cache_dir.display()))?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; BUFFER_BYTES];
         loop {
-            self.cancel.check()?;
+            self.resolver.cancel.check()?;
             let n = match body.read(&mut buffer) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(failed(&binary_url, &e)),
+                Err(e) => return Err(self.failed(url, &e)),
             };
             hasher.update(&buffer[..n]);
             staged
@@ -308,45 +449,45 @@ impl Resolver {
         let actual = hex::encode(hasher.finalize());
         ensure!(
             actual == expected,
-            "k3s {version} downloaded from {binary_url} is corrupt: {CHECKSUM_ASSET} expects sha256 \
-             {expected}, the download has sha256 {actual}; nothing was cached"
+            "{} downloaded from {url} is corrupt: {CHECKSUM_ASSET} expects sha256 \
+             {expected}, the download has sha256 {actual}; nothing was cached",
+            asset.of(self.version)
         );
         let file = staged.as_file();
-        file.set_permissions(fs::Permissions::from_mode(0o755))
+        file.set_permissions(fs::Permissions::from_mode(asset.mode))
             .and_then(|()| file.sync_all())
             .with_context(|| format!("finishing {}", staged.path().display()))?;
-        let version_dir = cached.parent().expect("cache path has a parent");
+        let version_dir = self.cached.parent().expect("cache path has a parent");
         fs::create_dir_all(version_dir)
             .with_context(|| format!("creating cache directory {}", version_dir.display()))?;
         staged
-            .persist(&cached)
+            .persist(self.cached)
             .map_err(|e| e.error)
-            .with_context(|| format!("moving the download into place at {}", cached.display()))?;
-        let digest_line = format!("{actual}  {BINARY_NAME}\n");
+            .with_context(|| {
+                format!(
+                    "moving the download into place at {}",
+                    self.cached.display()
+                )
+            })?;
         crate::util::atomic::write_atomically(
-            &cached.with_file_name(DIGEST_FILE),
-            digest_line.as_bytes(),
+            &self.cached.with_file_name(asset.digest_file()),
+            format!("{actual}  {}\n", asset.name).as_bytes(),
             0o644,
         )?;
-        Ok(ResolvedK3s {
-            path: cached,
-            version: version.to_owned(),
-            sha256: actual,
-            source: Source::Download,
-        })
+        Ok(actual)
     }
 }
 
 impl Resolver {
     /// What went wrong with a request, in words: a timeout says the server
     /// stalled (or was too slow) and after how long; anything else as is.
-    fn why(&self, e: &(dyn std::error::Error + 'static)) -> String {
+    fn why(&self, e: &(dyn std::error::Error + 'static), asset: &Asset) -> String {
         let stall = self.stall_timeout.as_secs_f64();
         match timeout_in(e) {
             Some(ureq::Timeout::PerRead) => format!("the server stalled: no data for {stall} s"),
             Some(ureq::Timeout::PerCall) => format!(
-                "the server stalled or is too slow: the request took over \
-                 {REQUEST_TIMEOUT_SECS} s"
+                "the server stalled or is too slow: the request took over {} s",
+                asset.request_timeout_secs
             ),
             Some(ureq::Timeout::Connect) => {
                 format!("no connection within {CONNECT_TIMEOUT_SECS} s ({e})")
@@ -370,17 +511,21 @@ fn timeout_in(e: &(dyn std::error::Error + 'static)) -> Option<ureq::Timeout> {
     timeout_in(e.downcast_ref::<io::Error>()?.get_ref()?)
 }
 
-/// The user's own binary: must be a regular file; hashed for the lock.
-fn resolve_explicit(version: &str, path: &Path) -> Result<ResolvedK3s> {
+/// The user's own copy: must be a regular file; hashed for the lock.
+fn resolve_explicit(asset: &Asset, version: &str, path: &Path) -> Result<ResolvedK3s> {
     let meta = fs::metadata(path).with_context(|| {
         format!(
-            "k3s binary {} (from --k3s-binary or KILN_K3S_BINARY)",
-            path.display()
+            "{} {} (from {} or {})",
+            asset.label,
+            path.display(),
+            asset.flag,
+            asset.env
         )
     })?;
     ensure!(
         meta.is_file(),
-        "k3s binary {} is not a regular file",
+        "{} {} is not a regular file",
+        asset.label,
         path.display()
     );
     Ok(ResolvedK3s {
@@ -391,21 +536,28 @@ fn resolve_explicit(version: &str, path: &Path) -> Result<ResolvedK3s> {
     })
 }
 
-fn lock_mismatch(resolved: &ResolvedK3s, pin: &str, lock_path: &Path) -> anyhow::Error {
+fn lock_mismatch(
+    asset: &Asset,
+    resolved: &ResolvedK3s,
+    pin: &str,
+    lock_path: &Path,
+) -> anyhow::Error {
     anyhow!(
-        "k3s {} at {} has sha256 {}, but {} pins sha256 {pin} for that version\nhint: if the \
-         change is intended (a rebuilt or different binary), delete the [{LOCK_TABLE}] entry \
+        "{} at {} has sha256 {}, but {} pins sha256 {pin} for that version\nhint: if the \
+         change is intended (a rebuilt or different {}), delete the [{}] entry \
          from {} and run again",
-        resolved.version,
+        asset.of(&resolved.version),
         resolved.path.display(),
         resolved.sha256,
         lock_path.display(),
+        asset.noun,
+        asset.lock_table,
         lock_path.display()
     )
 }
 
 /// The lock file as a table (empty if it does not exist yet); other tables are
-/// kept as they are when the k3s pin is written back.
+/// kept as they are when a pin is written back.
 fn read_lock(path: &Path) -> Result<Table> {
     match fs::read_to_string(path) {
         Ok(text) => {
@@ -416,29 +568,38 @@ fn read_lock(path: &Path) -> Result<Table> {
     }
 }
 
-/// The `(version, sha256)` pinned in `[k3s]`, if any.
-fn lock_pin(lock: &Table, path: &Path) -> Result<Option<(String, String)>> {
-    let Some(entry) = lock.get(LOCK_TABLE) else {
+/// The `(version, sha256)` that `kiln.lock` at `lock_path` pins for
+/// `asset`, if any (a missing lock file pins nothing).
+///
+/// # Errors
+/// An unreadable or malformed lock file.
+pub fn pinned(asset: &Asset, lock_path: &Path) -> Result<Option<(String, String)>> {
+    lock_pin(&read_lock(lock_path)?, asset.lock_table, lock_path)
+}
+
+/// The `(version, sha256)` pinned in `[<table>]`, if any.
+fn lock_pin(lock: &Table, table: &str, path: &Path) -> Result<Option<(String, String)>> {
+    let Some(entry) = lock.get(table) else {
         return Ok(None);
     };
     let field = |key: &str| entry.get(key).and_then(Value::as_str).map(str::to_owned);
     match (field("version"), field("sha256")) {
         (Some(version), Some(sha256)) => Ok(Some((version, sha256))),
         _ => bail!(
-            "lock file {}: [{LOCK_TABLE}] needs string keys `version` and `sha256`\nhint: delete \
-             the [{LOCK_TABLE}] entry to have it recorded again",
+            "lock file {}: [{table}] needs string keys `version` and `sha256`\nhint: delete \
+             the [{table}] entry to have it recorded again",
             path.display()
         ),
     }
 }
 
-/// Pin `resolved` in `[k3s]`, replacing a pin for another version, and write
-/// the lock file atomically.
-fn record_pin(lock: &mut Table, resolved: &ResolvedK3s, path: &Path) -> Result<()> {
+/// Pin `resolved` in `[<table>]`, replacing a pin for another version, and
+/// write the lock file atomically.
+fn record_pin(lock: &mut Table, table: &str, resolved: &ResolvedK3s, path: &Path) -> Result<()> {
     let mut entry = Table::new();
     entry.insert("version".into(), Value::String(resolved.version.clone()));
     entry.insert("sha256".into(), Value::String(resolved.sha256.clone()));
-    lock.insert(LOCK_TABLE.into(), Value::Table(entry));
+    lock.insert(table.into(), Value::Table(entry));
     let text = toml::to_string(lock)
         .with_context(|| format!("serializing lock file {}", path.display()))?;
     crate::util::atomic::write_atomically(path, text.as_bytes(), 0o644)
@@ -520,11 +681,11 @@ mod tests {
             sha256: SHA_A.into(),
             source: Source::Explicit,
         };
-        record_pin(&mut lock, &resolved, &lock_path).unwrap();
+        record_pin(&mut lock, "k3s", &resolved, &lock_path).unwrap();
         let reread = read_lock(&lock_path).unwrap();
         assert_eq!(reread["base"]["sha256"].as_str(), Some("x"));
         assert_eq!(
-            lock_pin(&reread, &lock_path).unwrap(),
+            lock_pin(&reread, "k3s", &lock_path).unwrap(),
             Some(("v1.31.1+k3s1".to_owned(), SHA_A.to_owned()))
         );
         let leftovers: Vec<_> = fs::read_dir(dir.path())
@@ -543,7 +704,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lock_path = dir.path().join("kiln.lock");
         let lock: Table = toml::from_str("[k3s]\nversion = \"v1.31.1+k3s1\"\n").unwrap();
-        let err = lock_pin(&lock, &lock_path).unwrap_err().to_string();
+        let err = lock_pin(&lock, "k3s", &lock_path).unwrap_err().to_string();
         assert!(err.contains("kiln.lock") && err.contains("sha256"), "{err}");
     }
 }

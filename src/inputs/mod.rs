@@ -1,9 +1,12 @@
 //! What a build starts from: the base root tarball ([`base`], made by
 //! mmdebstrap and cached), the k3s binary ([`k3s`], pinned and verified),
-//! the kernel, modules and boot files read out of the base ([`kernel`]),
-//! the Debian packages installed in it ([`dpkg`]), when a cached base is
-//! made again ([`freshness`]), and the [`cache`] directory. Uses render, config and util.
+//! the image tarballs k3s imports ([`airgap`]: the release's, verified and
+//! pinned the same way, and the profile's), the kernel, modules and boot
+//! files read out of the base ([`kernel`]), the Debian packages installed
+//! in it ([`dpkg`]), when a cached base is made again ([`freshness`]), and
+//! the [`cache`] directory. Uses render, config and util.
 
+pub mod airgap;
 pub mod base;
 pub mod cache;
 pub mod dpkg;

@@ -1,6 +1,7 @@
 //! Rendering: everything a node needs, as a tree of files built in memory
 //! from the plan and the node's secrets. Pure: no I/O.
 
+pub mod airgap;
 pub mod boot;
 mod firstboot;
 mod k3s;
@@ -70,6 +71,7 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     }
     manifests::render(plan, node, &mut tree);
     proxy::render(plan, &mut tree);
+    airgap::render(plan, &mut tree);
     firstboot::render(plan, &mut tree);
     power::render(plan, node, &mut tree);
     tree.file(

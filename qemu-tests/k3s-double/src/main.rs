@@ -5,6 +5,8 @@
 //! It behaves just enough like k3s for the boot checks:
 //! - `k3s --version` prints the version it was built as
 //!   (`K3S_DOUBLE_VERSION` at build time) and says it is a double;
+//! - `k3s server ARGS…` and `k3s agent ARGS…` first record what k3s
+//!   would import from `agent/images` (see `images`);
 //! - `k3s server ARGS…` records its arguments and config, takes its CA
 //!   set from `server/tls` (making what is missing), refuses a secure
 //!   token that pins another CA, serves TLS on the supervisor port 6443
@@ -24,13 +26,15 @@
 //! copy of it shows which start it was taken after.
 //!
 //! Records go to /var/lib/rancher/k3s/double/ (on the state partition,
-//! like k3s's data), one `key=value` per line.
+//! like k3s's data), one `key=value` per line: `server` or `agent`, and
+//! `images` (a key may repeat there: one `import=` line per tarball).
 //!
 //! Test hook (of the double only, nothing in kiln knows it): while
 //! /var/lib/rancher/k3s/double/fail-snapshot exists, `etcd-snapshot save`
 //! fails (exit 1, a message on stderr), as a real one does when etcd is
 //! unhealthy or /var is full.
 
+mod images;
 mod tls;
 
 use std::io::Write as _;
@@ -188,6 +192,7 @@ fn open_datastore(config: &str) -> (String, String) {
 }
 
 fn server(args: &[String]) -> ! {
+    record("images", &images::listing(images::IMAGES_DIR));
     let mut rec = common("server", args);
     let config = std::fs::read_to_string(CONFIG).unwrap_or_default();
     let cas = tls::load_or_make_cas().unwrap_or_else(|e| die(&e));
@@ -254,6 +259,7 @@ fn join(target: &str, token: Option<&str>) -> Result<(String, &'static str), Str
 }
 
 fn agent(args: &[String]) -> ! {
+    record("images", &images::listing(images::IMAGES_DIR));
     let rec = common("agent", args);
     let config = std::fs::read_to_string(CONFIG).unwrap_or_default();
     let Some(target) = server_url(&config).as_deref().and_then(host_port) else {

@@ -1,7 +1,8 @@
 //! The resolved plan: a profile with its defaults applied and every
 //! cross-field rule checked. Nothing after this point parses strings or
 //! reports profile errors; nothing in here does I/O except [`load`] and
-//! [`plan_profile`] reading the manifest files the profile names.
+//! [`plan_profile`] reading the manifest files the profile names (and
+//! [`airgap`], which stats the image tarballs the profile names).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use crate::config::types::{
     DevicePath, Endpoint, Host, K3sToken, K3sVersion, MacAddr, MaxAge, WgKey,
 };
 
+mod airgap;
 mod base;
 mod boot;
 mod firewall;
@@ -28,6 +30,9 @@ mod proxy;
 mod servers;
 mod wireguard;
 
+pub use airgap::{
+    AirgapPlan, ImageTarballPlan, K3S_IMAGES_DIR, RELEASE_TARBALL_STEM, SLOT_IMAGES_DIR,
+};
 pub use manifests::{HelmChartPlan, MAX_MANIFEST_BYTES, ManifestPlan, ManifestSource};
 pub use peers::{Link, LinkKind, PeerRef, exclude, host_net, node_links, site_endpoint};
 pub use proxy::{NO_PROXY_ALWAYS, ProxyPlan};
@@ -97,6 +102,8 @@ pub struct Plan {
     pub profile_path: PathBuf,
     pub cluster: String,
     pub k3s: K3sPlan,
+    /// The image tarballs k3s imports at start, in every root image.
+    pub airgap: AirgapPlan,
     pub boot: BootPlan,
     pub base: BasePlan,
     /// zstd level of the root squashfs.
@@ -552,6 +559,7 @@ fn resolve(
     let first_boot = first_boot::resolve_first_boot(&p.first_boot, d);
     let manifests = manifests::resolve_manifests(path, &p.k3s, files, &nodes, d);
     let proxy = proxy::resolve_proxy(&p, &nodes, wireguard.as_ref(), cidrs, d);
+    let airgap = airgap::resolve_airgap(path, &p, d);
 
     if missing {
         return None;
@@ -560,6 +568,7 @@ fn resolve(
         profile_path: path.to_path_buf(),
         cluster: p.cluster_name?.v,
         k3s: k3s::k3s_plan(&p.k3s, flannel_backend, cidrs)?,
+        airgap,
         boot,
         base,
         compression_level,
