@@ -7,6 +7,8 @@
 //!
 //! VMs run one test at a time (a lock): the machines have two cores.
 
+#[path = "vm/airgap.rs"]
+mod airgap;
 mod common;
 #[path = "vm/hardware.rs"]
 mod hardware;

@@ -59,6 +59,8 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     check_firewall(vm, key, e, &mut out)?;
     check_k3s(vm, key, e, &mut out)?;
     crate::verify::cluster_ca::check_cluster_ca(vm, key, e, &mut out)?;
+    crate::verify::manifests::check_manifests(vm, key, e, &mut out)?;
+    crate::verify::manifests::check_proxy(vm, key, e, &mut out)?;
     check_state_fill(vm, key, e, &mut out)?;
     Ok(out)
 }
@@ -597,6 +599,7 @@ pub fn test_node_on(
     }
     let marker_before = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
     let ca_before = crate::verify::cluster_ca::ca_listing(&vm, key)?;
+    let manifests_before = crate::verify::manifests::manifest_listing(&vm, key)?;
     vm.sh(
         key,
         &format!("mkdir -p $(dirname {PERSIST_FILE}) && echo kiln-check > {PERSIST_FILE} && sync"),
@@ -624,6 +627,11 @@ pub fn test_node_on(
             &crate::verify::cluster_ca::ca_listing(&vm, key)?,
         ));
     }
+    report.checks.push(Check::eq(
+        "k3s's manifests from kiln are unchanged after a reboot",
+        &manifests_before,
+        &crate::verify::manifests::manifest_listing(&vm, key)?,
+    ));
     let marker_after = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
     let second = vm.sh(key, "journalctl -b 0 -u kiln-firstboot --no-pager -o cat | grep -c 'run-once commands already ran' || true")?;
     report.checks.push(Check::new(

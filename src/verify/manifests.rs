@@ -4,9 +4,9 @@
 //! k3s started; an agent has none; k3s runs with the profile's proxy
 //! environment (or none).
 //!
-//! Not called by [`crate::verify::checks`]: the VM tests call them where
-//! a boot of a profile with manifests or a proxy is at hand (after a
-//! reboot, and after an A/B update with the new plan in [`Expect`]).
+//! [`crate::verify::checks`] runs them on every first boot (and compares
+//! the listing across a reboot); with no manifests or proxy in the
+//! profile they check that there are none.
 
 use std::fmt::Write as _;
 use std::path::Path;
