@@ -10,6 +10,9 @@
 mod node;
 mod progress;
 mod pxe;
+mod reuse;
+pub mod stage_cache;
+pub mod stage_key;
 pub mod staging;
 mod steps;
 
@@ -150,7 +153,7 @@ pub fn build(
     crate::util::tool::preflight(&tools)?;
     let progress = Progress::with_cancel(opts.cancel.clone());
     let staging = crate::build::staging::Staging::new(&opts.out)?;
-    let cx = BuildContext::new(plan, secrets, opts, &nodes, epoch, &progress, &staging);
+    let cx = BuildContext::new(plan, secrets, opts, &nodes, epoch, &progress, &staging)?;
     let staged = build_staged(&cx).and_then(|r| Ok(opts.cancel.check().map(|()| r)?));
     let (names, manifest) = match staged {
         Ok(r) => r,
@@ -208,12 +211,12 @@ fn build_staged(cx: &BuildContext) -> anyhow::Result<(Vec<String>, Manifest)> {
     if cx.opts.pxe {
         pxe::write_shared_files(cx, &boot)?;
     }
-    let nodes = node::write_node_images(cx, &inputs, &boot, &roots)?;
+    let (nodes, digests) = node::write_node_images(cx, &inputs, &boot, &roots)?;
     if cx.opts.pxe {
         pxe::move_roots(cx, &roots)?;
     }
     std::fs::remove_dir_all(&cx.work).with_context(|| format!("removing {}", cx.work.display()))?;
-    steps::write_checksums_and_manifest(cx, &inputs, &boot, nodes, sbom)
+    steps::write_checksums_and_manifest(cx, &inputs, &boot, nodes, &digests, sbom)
 }
 
 /// What a node image holds besides its root: ESP contents (kernel,

@@ -1,34 +1,44 @@
 //! Per node: the rendered files, the seed, the ESP and the GPT disk image
 //! (and its qcow2 copy), with the node's netboot files alongside.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 
+use super::reuse::{self, KEEP_SHARED, Stage};
+use super::stage_cache::Check;
+use super::stage_key::StageKey;
 use super::steps::{BootFiles, BuildContext, Inputs, Root, Roots};
 use super::{inject_test_key, overlay_dirs, pxe, write_private};
 use crate::config::plan::NodePlan;
+use crate::image::esp::{EspData, EspFile};
 use crate::image::manifest;
-use crate::image::{disk, esp::EspFile, initramfs};
+use crate::image::{disk, initramfs};
 use crate::render::boot;
+use crate::util::hash::sha256_file;
 
-/// Every selected node's image (and qcow2, and netboot files); their
-/// manifest entries, in the order of the nodes.
+/// Every selected node's image (and qcow2, and netboot files): their
+/// manifest entries, in the order of the nodes, and the images' sha256 by
+/// file name (known from writing or caching them: not hashed again).
 pub(super) fn write_node_images(
     cx: &BuildContext,
     inputs: &Inputs,
     boot: &BootFiles,
     roots: &Roots,
-) -> anyhow::Result<Vec<manifest::Node>> {
+) -> anyhow::Result<(Vec<manifest::Node>, BTreeMap<String, String>)> {
     let mut entries = Vec::new();
+    let mut digests = BTreeMap::new();
     for node in cx.nodes {
         let root = &roots[&overlay_dirs(cx.plan, node.role)];
         let name = &node.name;
-        let image = cx.staging.dir.join(format!("{name}.img"));
-        let seed_sha = cx.progress.stage(&format!("{name}.img"), || {
+        let file = format!("{name}.img");
+        let image = cx.staging.dir.join(&file);
+        let (seed_sha, image_sha) = cx.progress.stage(&file, || {
             write_node_image(cx, inputs, boot, root, node, &image)
         })?;
+        digests.insert(file, image_sha);
         let mut entry = manifest::Node {
             cmdline: boot::options(cx.plan, node, 'a'),
             name: name.clone(),
@@ -45,12 +55,12 @@ pub(super) fn write_node_images(
         }
         entries.push(entry);
     }
-    Ok(entries)
+    Ok((entries, digests))
 }
 
 /// One node's disk image at `image`: its seed (also into the netboot tree),
-/// then the ESP and the GPT disk around its role's root. Returns the
-/// seed's sha256.
+/// then the ESP and the GPT disk around its role's root (or the cached
+/// image with the same key). Returns the seed's and the image's sha256.
 fn write_node_image(
     cx: &BuildContext,
     inputs: &Inputs,
@@ -58,7 +68,7 @@ fn write_node_image(
     root: &Root,
     node: &NodePlan,
     image: &Path,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, String)> {
     let (plan, name) = (cx.plan, &node.name);
     let mut rendered = crate::render::render_node(plan, node, &cx.secrets.for_node(name));
     if let Some(k) = &cx.opts.test_access_key {
@@ -90,8 +100,41 @@ fn write_node_image(
         EspFile::copy_of(boot::seed_path('a'), &seed_path),
     ];
     esp_files.extend(disk::install_files(&parts)?);
-    disk::write_disk(image, &parts, &guid_seed, &root.path, &esp_files)?;
-    Ok(hex::encode(Sha256::digest(&seed)))
+    let stage = Stage {
+        dir: "node-image",
+        label: format!("{name}.img"),
+        check: Check::Stat,
+        // This build's images and the previous build's.
+        keep: KEEP_SHARED.max(2 * cx.nodes.len()),
+    };
+    let key = image_key(cx, &guid_seed, root, &esp_files)?;
+    let img = reuse::cached(cx, &stage, &key, image, || {
+        disk::write_disk(image, &parts, &guid_seed, &root.path, &esp_files)
+    })?;
+    Ok((hex::encode(Sha256::digest(&seed)), img.sha256))
+}
+
+/// The key of a node image: what [`disk::write_disk`] writes it from (the
+/// GUID seed, which with the root's size fixes the partitions; the root;
+/// every ESP file's path and content).
+fn image_key(
+    cx: &BuildContext,
+    guid_seed: &str,
+    root: &Root,
+    esp_files: &[EspFile],
+) -> anyhow::Result<String> {
+    let mut key = StageKey::new("node-image")
+        .field("kiln", &cx.reuse.identity)
+        .field("guid-seed", guid_seed)
+        .field("root", format!("{} {}", root.sha, root.size));
+    for f in esp_files {
+        let sha = match &f.data {
+            EspData::Bytes(b) => hex::encode(Sha256::digest(b)),
+            EspData::File(p) => sha256_file(p)?,
+        };
+        key = key.field(&f.path, sha);
+    }
+    Ok(key.digest())
 }
 
 /// `<name>.qcow2` beside the raw `image`, private; its file name.

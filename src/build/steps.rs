@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 
+use super::reuse::{self, KEEP_SHARED, Reuse, Stage, StageLog};
+use super::stage_cache::{Check, StageCache, kiln_identity};
+use super::stage_key::{StageKey, tree_digest};
 use super::staging::Staging;
 use super::{BuildOptions, KILN_VERSION, Progress, overlay_dirs};
 use crate::config::plan::{NodePlan, Plan};
@@ -37,6 +40,8 @@ pub(super) struct BuildContext<'a> {
     pub work: PathBuf,
     /// The netboot tree (STAGING/pxe), written with `--format pxe` only.
     pub pxe_dir: PathBuf,
+    /// The stage cache, kiln's identity in its keys, and the stage log.
+    pub reuse: Reuse,
 }
 
 impl<'a> BuildContext<'a> {
@@ -48,8 +53,13 @@ impl<'a> BuildContext<'a> {
         epoch: u64,
         progress: &'a Progress,
         staging: &'a Staging,
-    ) -> Self {
-        BuildContext {
+    ) -> anyhow::Result<Self> {
+        let reuse = Reuse {
+            cache: StageCache::new(&opts.cache),
+            identity: kiln_identity()?,
+            log: StageLog::default(),
+        };
+        Ok(BuildContext {
             plan,
             secrets,
             opts,
@@ -59,7 +69,8 @@ impl<'a> BuildContext<'a> {
             staging,
             work: staging.dir.join(".work"),
             pxe_dir: staging.dir.join(crate::render::pxe::DIR),
-        }
+            reuse,
+        })
     }
 }
 
@@ -185,20 +196,32 @@ pub(super) fn write_sbom(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<m
 pub(super) fn build_boot_files(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<BootFiles> {
     let files = &inputs.files;
     let compression = kernel::initramfs_compression(files.config.as_deref())?;
-    let initrd = cx.progress.stage("initramfs", || {
-        initramfs::build_initramfs(files, compression, cx.epoch as u32)
-    })?;
+    // The initramfs is made of the base's files by kiln's code alone.
+    let key = StageKey::new("initramfs")
+        .field("kiln", &cx.reuse.identity)
+        .field("base-sha256", &inputs.base.sha256)
+        .field("compression", format!("{compression:?}"))
+        .field("mtime", cx.epoch)
+        .digest();
+    let stage = Stage {
+        dir: "initramfs",
+        label: "initramfs".into(),
+        check: Check::Sha256,
+        keep: KEEP_SHARED,
+    };
     let initrd_path = cx.work.join("initrd.img");
-    write(&initrd_path, &initrd)?;
+    let initrd = reuse::cached(cx, &stage, &key, &initrd_path, || {
+        let bytes = cx.progress.stage("initramfs", || {
+            initramfs::build_initramfs(files, compression, cx.epoch as u32)
+        })?;
+        write(&initrd_path, &bytes)
+    })?;
     let vmlinuz_path = cx.work.join("vmlinuz");
     write(&vmlinuz_path, &files.vmlinuz)?;
     let sdboot_path = cx.work.join("systemd-bootx64.efi");
     write(&sdboot_path, &files.systemd_boot)?;
-    let sha = if cx.opts.pxe {
-        Some((sha256_file(&vmlinuz_path)?, sha256_file(&initrd_path)?))
-    } else {
-        None
-    };
+    let vmlinuz_sha = hex::encode(Sha256::digest(&files.vmlinuz));
+    let sha = cx.opts.pxe.then(|| (vmlinuz_sha, initrd.sha256));
     Ok(BootFiles {
         compression,
         initrd: initrd_path,
@@ -218,6 +241,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
     for t in &inputs.images {
         version_text.push_str(&format!("image-tarball {} {}\n", t.sha256, t.name));
     }
+    let tar2sqfs = reuse::tool_version(&rootfs::TAR2SQFS)?;
     let mut roots = Roots::new();
     for role in [Role::Server, Role::Agent] {
         if !cx.nodes.iter().any(|n| n.role == role) {
@@ -242,21 +266,57 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             role.as_str(),
             overlays.len()
         );
-        let img = cx.progress.stage(&what, || {
-            rootfs::build_root_cancellable(&root_inputs, &out, &cx.opts.cancel)
+        let key = root_key(cx, inputs, &root_inputs, &tar2sqfs)?;
+        let stage = Stage {
+            dir: "root",
+            label: format!("root[{}]", role.as_str()),
+            check: Check::Sha256,
+            keep: KEEP_SHARED,
+        };
+        let img = reuse::cached(cx, &stage, &key, &out, || {
+            cx.progress.stage(&what, || {
+                rootfs::build_root_cancellable(&root_inputs, &out, &cx.opts.cancel)
+            })?;
+            Ok(())
         })?;
-        let sha = sha256_file(&out)?;
         report_image_bytes(role, &inputs.images, img.size);
         roots.insert(
             overlays,
             Root {
                 path: out,
                 size: img.size,
-                sha,
+                sha: img.sha256,
             },
         );
     }
     Ok(roots)
+}
+
+/// The key of a root image: everything that goes into the tar stream
+/// tar2sqfs reads (the base, the overlays, kiln's files, k3s, the image
+/// tarballs, the mtime) and how it is compressed.
+fn root_key(
+    cx: &BuildContext,
+    inputs: &Inputs,
+    root: &rootfs::RootInputs,
+    tar2sqfs: &str,
+) -> anyhow::Result<String> {
+    let overlays = rootfs::overlay_tree(&root.overlays)?;
+    let mut key = StageKey::new("root")
+        .field("kiln", &cx.reuse.identity)
+        .field("base-sha256", &inputs.base.sha256)
+        .field("overlays", tree_digest(&overlays))
+        .field("image-files", tree_digest(&root.image_files))
+        .field("k3s-sha256", &inputs.k3s.sha256);
+    for t in root.images {
+        key = key.field("image-tarball", format!("{} {}", t.sha256, t.name));
+    }
+    Ok(key
+        .field("mtime", root.mtime)
+        .field("compression-level", root.level)
+        .field("block-bytes", rootfs::BLOCK_BYTES)
+        .field("tar2sqfs", tar2sqfs)
+        .digest())
 }
 
 /// kiln's files in every root image: units, scripts, version, and the
@@ -286,17 +346,20 @@ fn report_image_bytes(role: Role, images: &[ImageTarball], root_bytes: u64) {
     );
 }
 
-/// SHA256SUMS and manifest.json over every file in the staging directory,
-/// then the directory synced. Returns the files' names (relative, sorted).
+/// SHA256SUMS and manifest.json over every file in the staging directory
+/// (`known`: sha256 of some of them by name, not hashed again), then the
+/// stage log, then the directory synced. Returns the files' names
+/// (relative, sorted).
 pub(super) fn write_checksums_and_manifest(
     cx: &BuildContext,
     inputs: &Inputs,
     boot: &BootFiles,
     nodes: Vec<manifest::Node>,
+    known: &BTreeMap<String, String>,
     sbom: manifest::Sbom,
 ) -> anyhow::Result<(Vec<String>, Manifest)> {
     let names = super::list_files(&cx.staging.dir)?;
-    let artifacts = write_checksums(cx, &names)?;
+    let artifacts = write_checksums(cx, &names, known)?;
     let mut manifest = manifest_of(cx, inputs, boot, artifacts, nodes);
     manifest.sbom = Some(sbom);
     let mf_path = cx.staging.dir.join(manifest::FILE);
@@ -305,6 +368,10 @@ pub(super) fn write_checksums_and_manifest(
     mf.write_all(&manifest.to_bytes())
         .and_then(|()| mf.sync_all())
         .with_context(|| format!("writing {}", mf_path.display()))?;
+    write(
+        &cx.staging.dir.join(reuse::STAGE_LOG),
+        cx.reuse.log.text().as_bytes(),
+    )?;
     let dir = &cx.staging.dir;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -313,13 +380,20 @@ pub(super) fn write_checksums_and_manifest(
 }
 
 /// SHA256SUMS over `names`; their manifest entries.
-fn write_checksums(cx: &BuildContext, names: &[String]) -> anyhow::Result<Vec<manifest::Artifact>> {
+fn write_checksums(
+    cx: &BuildContext,
+    names: &[String],
+    known: &BTreeMap<String, String>,
+) -> anyhow::Result<Vec<manifest::Artifact>> {
     let mut sums = String::new();
     let mut art = Vec::new();
     for n in names {
         cx.opts.cancel.check()?;
         let p = cx.staging.dir.join(n);
-        let sha = sha256_file(&p)?;
+        let sha = match known.get(n) {
+            Some(sha) => sha.clone(),
+            None => sha256_file(&p)?,
+        };
         sums.push_str(&format!("{sha}  {n}\n"));
         art.push(manifest::Artifact {
             path: n.clone(),

@@ -7,7 +7,6 @@ pub const QEMU_IMG: crate::util::tool::Tool =
     crate::util::tool::Tool::new("qemu-img", "qemu-utils");
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
@@ -126,8 +125,7 @@ pub fn write_disk(
     )
     .with_context(|| format!("writing the ESP of {}", path.display()))?;
     let slot = plan.partition("root-a").expect("planned");
-    let mut src =
-        File::open(root).with_context(|| format!("reading root image {}", root.display()))?;
+    let src = File::open(root).with_context(|| format!("reading root image {}", root.display()))?;
     let len = src
         .metadata()
         .with_context(|| format!("reading root image {}", root.display()))?
@@ -138,20 +136,15 @@ pub fn write_disk(
         root.display(),
         slot.size_bytes()
     );
-    f.seek(SeekFrom::Start(slot.offset_bytes()))
-        .with_context(writing)?;
-    let copied = std::io::copy(
-        &mut std::io::BufReader::with_capacity(MIB as usize, &mut src),
-        &mut f,
-    )
-    .with_context(|| {
+    // In the kernel, and shared where the filesystem can (reflinks): the
+    // root is the same bytes in every node of a role.
+    crate::util::sparse::copy_range(&src, 0, &f, slot.offset_bytes(), len).with_context(|| {
         format!(
             "copying root image {} into {}",
             root.display(),
             path.display()
         )
     })?;
-    ensure!(copied == len, "short copy of the root image");
     f.sync_all().with_context(writing)?;
     Ok(())
 }

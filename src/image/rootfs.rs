@@ -226,6 +226,37 @@ fn collect_overlay(dir: &Path, rel: &str, out: &mut BTreeMap<String, Added>) -> 
     Ok(())
 }
 
+/// The overlays as one file tree (later ones win), contents read: what
+/// they add to a root image, for the stage key of the root
+/// (`build::stage_key::tree_digest`).
+pub fn overlay_tree(overlays: &[PathBuf]) -> anyhow::Result<FileTree> {
+    let mut added = BTreeMap::new();
+    for o in overlays {
+        collect_overlay(o, "", &mut added)?;
+    }
+    let mut tree = FileTree::new();
+    for (path, a) in added {
+        let path = format!("/{path}");
+        match a {
+            Added::Dir(mode) => tree.dir(&path, mode),
+            Added::Symlink(target) => tree.symlink(&path, &target),
+            Added::File {
+                mode,
+                uid,
+                gid,
+                source,
+            } => {
+                let content = match source {
+                    Source::Path(p) => fs_err::read(p)?,
+                    Source::Bytes(b) => b,
+                };
+                tree.file_owned(&path, mode, uid, gid, content);
+            }
+        }
+    }
+    Ok(tree)
+}
+
 fn open_base(path: &Path) -> anyhow::Result<Box<dyn Read>> {
     let f = std::io::BufReader::with_capacity(
         1 << 20,

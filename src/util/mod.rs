@@ -3,7 +3,8 @@
 //! [`hash`] (sha256 of files, `sha256sum` output), [`atomic`] (replacing
 //! kiln's own files), [`mode`] (modes of secret files), [`size`] (units),
 //! [`range_io`] (a byte range of a disk image as `Read + Write + Seek`),
-//! [`space`] (free and used disk space).
+//! [`space`] (free and used disk space), [`sparse`] (in-kernel copies
+//! that keep holes).
 //! Uses nothing of kiln's.
 
 pub mod atomic;
@@ -13,4 +14,5 @@ pub mod mode;
 pub mod range_io;
 pub mod size;
 pub mod space;
+pub mod sparse;
 pub mod tool;

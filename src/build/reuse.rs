@@ -1,0 +1,115 @@
+//! Running a stage through the stage cache ([`super::stage_cache`]): the
+//! entry whose key matches is put in place, else the stage runs and its
+//! output is kept. Each stage says which on stderr and in the stage log,
+//! `OUT/stages.log` (`reused root[server] key=…`, `built s1.img key=…`),
+//! which is not in SHA256SUMS: a reused and a fresh build differ only there.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::Context as _;
+
+use super::stage_cache::{Check, Entry, StageCache, link_or_copy};
+use super::steps::BuildContext;
+use crate::util::hash::sha256_file;
+
+/// The stage log's file name in the output.
+pub const STAGE_LOG: &str = "stages.log";
+/// Entries kept per stage for roots and initramfs: a few generations of
+/// each role.
+pub const KEEP_SHARED: usize = 8;
+
+/// One cached stage: its cache folder, its name in the log, how its
+/// entry is checked, how many entries of its kind to keep.
+pub(super) struct Stage<'a> {
+    pub dir: &'a str,
+    pub label: String,
+    pub check: Check,
+    pub keep: usize,
+}
+
+/// What the build reused and built, in order.
+#[derive(Default)]
+pub(super) struct StageLog(Mutex<Vec<String>>);
+
+impl StageLog {
+    fn say(&self, line: String) {
+        eprintln!("kiln: {line}");
+        self.0.lock().expect("not poisoned").push(line);
+    }
+
+    /// The log's text, a line per stage.
+    pub fn text(&self) -> String {
+        let lines = self.0.lock().expect("not poisoned");
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+}
+
+/// The cache and the log of one build.
+pub(super) struct Reuse {
+    pub cache: StageCache,
+    /// [`super::stage_cache::kiln_identity`], in every key.
+    pub identity: String,
+    pub log: StageLog,
+}
+
+/// `dest` from the entry of `stage` for `key`, or made by `make` (which
+/// writes `dest`) and then cached. Its size and sha256 either way.
+pub(super) fn cached(
+    cx: &BuildContext,
+    stage: &Stage,
+    key: &str,
+    dest: &Path,
+    make: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Entry> {
+    let reuse = &cx.reuse;
+    cx.opts.cancel.check()?;
+    if let Some(hit) = reuse.cache.lookup(stage.dir, key, stage.check) {
+        link_or_copy(&hit.path, dest).with_context(|| {
+            format!(
+                "copying cached {} {} to {}",
+                stage.label,
+                hit.path.display(),
+                dest.display()
+            )
+        })?;
+        reuse.log.say(format!("reused {} key={key}", stage.label));
+        return Ok(Entry {
+            path: dest.to_path_buf(),
+            ..hit
+        });
+    }
+    make()?;
+    let entry = match reuse.cache.store(stage.dir, key, dest) {
+        Ok(e) => Entry {
+            path: dest.to_path_buf(),
+            ..e
+        },
+        Err(e) => {
+            // A cache that cannot be written costs the next build time,
+            // not this build its output.
+            log::warn!("not caching {}: {e:#}", stage.label);
+            Entry {
+                path: dest.to_path_buf(),
+                size: std::fs::metadata(dest)
+                    .with_context(|| format!("reading {}", dest.display()))?
+                    .len(),
+                sha256: sha256_file(dest)?,
+            }
+        }
+    };
+    reuse.cache.prune(stage.dir, stage.keep);
+    reuse.log.say(format!("built {} key={key}", stage.label));
+    Ok(entry)
+}
+
+/// The first line `tool --version` prints: a tool's version for keys.
+pub(super) fn tool_version(tool: &crate::util::tool::Tool) -> anyhow::Result<String> {
+    let out = crate::util::tool::run(tool.command()?.arg("--version"))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
