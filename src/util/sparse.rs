@@ -122,7 +122,12 @@ mod tests {
         );
 
         // A window of the source into the middle of another file.
-        let out = File::create(dir.path().join("out")).unwrap();
+        let out = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("out"))
+            .unwrap();
         out.set_len(1 << 20).unwrap();
         let from = File::open(&src).unwrap();
         assert_eq!(copy_range(&from, 2, &out, 100, 2).unwrap(), 2);
