@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
@@ -22,40 +23,87 @@ use crate::util::hash::sha256_file;
 /// Every selected node's image (and qcow2, and netboot files): their
 /// manifest entries, in the order of the nodes, and the images' sha256 by
 /// file name (known from writing or caching them: not hashed again).
+///
+/// Nodes are written by one worker per CPU: a node's cost is hashing its
+/// image (CPU) and syncing it (waiting on the disk), which overlap well.
 pub(super) fn write_node_images(
     cx: &BuildContext,
     inputs: &Inputs,
     boot: &BootFiles,
     roots: &Roots,
 ) -> anyhow::Result<(Vec<manifest::Node>, BTreeMap<String, String>)> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, cx.nodes.len().max(1));
+    // After one node fails, the other workers start no new node.
+    let failed = AtomicBool::new(false);
+    let mut done: Vec<(usize, anyhow::Result<NodeOutput>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let failed = &failed;
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    for (i, node) in cx.nodes.iter().enumerate().skip(w).step_by(workers) {
+                        if failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = write_node(cx, inputs, boot, roots, node);
+                        failed.fetch_or(r.is_err(), Ordering::Relaxed);
+                        out.push((i, r));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a node worker panicked"))
+            .collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
     let mut entries = Vec::new();
     let mut digests = BTreeMap::new();
-    for node in cx.nodes {
-        let root = &roots[&overlay_dirs(cx.plan, node.role)];
-        let name = &node.name;
-        let file = format!("{name}.img");
-        let image = cx.staging.dir.join(&file);
-        let (seed_sha, image_sha) = cx.progress.stage(&file, || {
-            write_node_image(cx, inputs, boot, root, node, &image)
-        })?;
-        digests.insert(file, image_sha);
-        let mut entry = manifest::Node {
-            cmdline: boot::options(cx.plan, node, 'a'),
-            name: name.clone(),
-            pxe: None,
-            qcow2: None,
-            role: node.role.as_str().to_string(),
-            root_sha256: root.sha.clone(),
-        };
-        if cx.opts.qcow2 {
-            entry.qcow2 = Some(write_qcow2(cx, name, &image)?);
-        }
-        if cx.opts.pxe {
-            entry.pxe = pxe::write_node_files(cx, inputs, boot, root, node, &seed_sha)?;
-        }
+    for (_, r) in done {
+        let (entry, file, sha) = r?;
+        digests.insert(file, sha);
         entries.push(entry);
     }
     Ok((entries, digests))
+}
+
+/// A node's manifest entry, its image's file name and sha256.
+type NodeOutput = (manifest::Node, String, String);
+
+/// One node's image, qcow2 and netboot files.
+fn write_node(
+    cx: &BuildContext,
+    inputs: &Inputs,
+    boot: &BootFiles,
+    roots: &Roots,
+    node: &NodePlan,
+) -> anyhow::Result<NodeOutput> {
+    let root = &roots[&overlay_dirs(cx.plan, node.role)];
+    let name = &node.name;
+    let file = format!("{name}.img");
+    let image = cx.staging.dir.join(&file);
+    let (seed_sha, image_sha) = cx.progress.stage(&file, || {
+        write_node_image(cx, inputs, boot, root, node, &image)
+    })?;
+    let mut entry = manifest::Node {
+        cmdline: boot::options(cx.plan, node, 'a'),
+        name: name.clone(),
+        pxe: None,
+        qcow2: None,
+        role: node.role.as_str().to_string(),
+        root_sha256: root.sha.clone(),
+    };
+    if cx.opts.qcow2 {
+        entry.qcow2 = Some(write_qcow2(cx, name, &image)?);
+    }
+    if cx.opts.pxe {
+        entry.pxe = pxe::write_node_files(cx, inputs, boot, root, node, &seed_sha)?;
+    }
+    Ok((entry, file, image_sha))
 }
 
 /// One node's disk image at `image`: its seed (also into the netboot tree),

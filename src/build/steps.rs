@@ -220,8 +220,10 @@ pub(super) fn build_boot_files(cx: &BuildContext, inputs: &Inputs) -> anyhow::Re
     write(&vmlinuz_path, &files.vmlinuz)?;
     let sdboot_path = cx.work.join("systemd-bootx64.efi");
     write(&sdboot_path, &files.systemd_boot)?;
-    let vmlinuz_sha = hex::encode(Sha256::digest(&files.vmlinuz));
-    let sha = cx.opts.pxe.then(|| (vmlinuz_sha, initrd.sha256));
+    let sha = cx
+        .opts
+        .pxe
+        .then(|| (hex::encode(Sha256::digest(&files.vmlinuz)), initrd.sha256));
     Ok(BootFiles {
         compression,
         initrd: initrd_path,

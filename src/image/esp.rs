@@ -349,6 +349,12 @@ fn format_options(offset_bytes: u64, size_bytes: u64, volume_id: u32) -> Result<
 /// writing only chunks that are not zero already (a fresh sparse image
 /// stays sparse).
 fn zero_range(disk: &File, offset_bytes: u64, size_bytes: u64) -> Result<()> {
+    // A new image file is all holes here: nothing to read or clear.
+    let first = crate::util::sparse::next_data(disk, offset_bytes)
+        .context("looking for data in the ESP's range")?;
+    if first.is_none_or(|(start, _)| start >= offset_bytes + size_bytes) {
+        return Ok(());
+    }
     let mut buf = vec![0u8; BUFFER_BYTES];
     let zeros = vec![0u8; BUFFER_BYTES];
     let mut done = 0;

@@ -18,17 +18,32 @@ pub fn copy_range(src: &File, src_at: u64, dest: &File, dest_at: u64, len: u64) 
     let mut pos = src_at;
     let mut copied = 0;
     while pos < end {
-        let Some(data) = seek(src, pos, libc::SEEK_DATA)? else {
+        let Some((data, hole)) = next_data(src, pos)? else {
             break;
         };
         if data >= end {
             break;
         }
-        let hole = seek(src, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let hole = hole.min(end);
         copied += copy_extent(src, data, dest, dest_at + (data - src_at), hole - data)?;
         pos = hole;
     }
     Ok(copied)
+}
+
+/// The first data extent of `f` at or after `at`: `(start, end)`, the end
+/// being where the next hole starts (at the latest the file's end);
+/// `None` when only holes follow. A filesystem without hole support
+/// reports the whole rest as data.
+pub fn next_data(f: &File, at: u64) -> io::Result<Option<(u64, u64)>> {
+    let Some(start) = seek(f, at, libc::SEEK_DATA)? else {
+        return Ok(None);
+    };
+    let end = match seek(f, start, libc::SEEK_HOLE)? {
+        Some(end) => end,
+        None => f.metadata()?.len(),
+    };
+    Ok(Some((start, end)))
 }
 
 /// A copy of `src` at `dest` (created, `mode`), holes kept.
