@@ -2056,6 +2056,9 @@ fn a_second_build_elsewhere_is_byte_identical_and_checksums_verify() {
     let copy = dir.path().join("elsewhere");
     copy_tree(profile_dir, &copy);
     let out = dir.path().join("out2");
+    // A stage cache of its own: this build makes everything afresh,
+    // whatever the shared build took from the user's cache.
+    let cache = cache_with_base(dir.path());
     let started = Instant::now();
     // Under umask 000: modes must not depend on the caller's umask.
     let o = Command::new("sh")
@@ -2070,10 +2073,16 @@ fn a_second_build_elsewhere_is_byte_identical_and_checksums_verify() {
         .arg("--k3s-binary")
         .arg(&s.k3s)
         .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
+        .env("KILN_CACHE_DIR", &cache)
         .env_remove("KILN_K3S_BINARY")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        stage_log(&out).iter().all(|l| l.starts_with("built ")),
+        "the cold build reused something: {:?}",
+        stage_log(&out)
+    );
     assert_nothing_writable_by_others(&out);
     eprintln!(
         "image tests: second build in {:.1} s",
@@ -2164,6 +2173,131 @@ fn copy_tree(from: &Path, to: &Path) {
             fs::copy(e.path(), &dest).unwrap();
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Reuse: the stage cache
+
+/// `DIR/cache`: an empty kiln cache with the user's cached bases linked in.
+fn cache_with_base(dir: &Path) -> PathBuf {
+    let cache = dir.join("cache");
+    fs::create_dir(&cache).unwrap();
+    let real_base = kiln::inputs::cache::cache_dir().join("base");
+    std::os::unix::fs::symlink(&real_base, cache.join("base")).unwrap();
+    cache
+}
+
+/// The lines of OUT/stages.log, sorted (nodes are built in parallel).
+fn stage_log(out: &Path) -> Vec<String> {
+    let text = fs::read_to_string(out.join("stages.log")).unwrap();
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|l| l.split(" key=").next().unwrap().to_string())
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Build `profile` into `out` with the kiln cache `cache`.
+fn build_cached(profile: &Path, out: &Path, cache: &Path, k3s: &Path) {
+    let o = kiln()
+        .arg("build")
+        .arg(profile)
+        .arg("--out")
+        .arg(out)
+        .arg("--k3s-binary")
+        .arg(k3s)
+        .env("KILN_CACHE_DIR", cache)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+/// sha256 of every file of a build output but the stage log, hashed here.
+fn output_digests(out: &Path) -> BTreeMap<String, String> {
+    fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n != "stages.log")
+        .map(|n| (n.clone(), sha256_file(&out.join(&n))))
+        .collect()
+}
+
+#[test]
+fn a_warm_rebuild_reuses_every_stage_and_writes_the_bytes_of_a_cold_one() {
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache_with_base(dir.path());
+    let profile = write_profile(dir.path(), &s.public_key);
+    let (cold, warm, again) = (
+        dir.path().join("cold"),
+        dir.path().join("warm"),
+        dir.path().join("again"),
+    );
+    build_cached(&profile, &cold, &cache, &s.k3s);
+    let built = [
+        "built a1.img",
+        "built initramfs",
+        "built root[server]",
+        "built s1.img",
+    ];
+    assert_eq!(stage_log(&cold), built);
+    build_cached(&profile, &warm, &cache, &s.k3s);
+    assert_eq!(
+        stage_log(&warm),
+        built.map(|l| l.replace("built", "reused"))
+    );
+    let digests = output_digests(&cold);
+    assert!(digests.contains_key("s1.img") && digests.contains_key("a1.img"));
+    assert_eq!(output_digests(&warm), digests, "reused bytes differ");
+
+    // A damaged entry is not used: the root is made again, the same.
+    let roots = cache.join("stages/root");
+    let entry = fs::read_dir(&roots)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_none())
+        .expect("a cached root");
+    let mut f = fs::OpenOptions::new().write(true).open(&entry).unwrap();
+    f.write_all(b"not squashfs").unwrap();
+    drop(f);
+    build_cached(&profile, &again, &cache, &s.k3s);
+    let log = stage_log(&again);
+    assert!(log.contains(&"built root[server]".to_string()), "{log:?}");
+    assert!(log.contains(&"reused s1.img".to_string()), "{log:?}");
+    assert_eq!(output_digests(&again), digests, "a rebuilt root differs");
+}
+
+#[test]
+fn a_config_only_rebuild_reuses_the_roots_and_the_initramfs() {
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache_with_base(dir.path());
+    let profile = write_profile(dir.path(), &s.public_key);
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    build_cached(&profile, &first, &cache, &s.k3s);
+    let before = output_digests(&first);
+
+    // The boot command is in every node's seed, nowhere else.
+    let text = fs::read_to_string(&profile).unwrap();
+    let edited = text.replace("echo boot >>", "echo boot again >>");
+    assert_ne!(edited, text, "vm.toml's boot-cmd changed: update this test");
+    fs::write(&profile, edited).unwrap();
+    build_cached(&profile, &second, &cache, &s.k3s);
+    assert_eq!(
+        stage_log(&second),
+        [
+            "built a1.img",
+            "built s1.img",
+            "reused initramfs",
+            "reused root[server]",
+        ]
+    );
+    let after = output_digests(&second);
+    for img in ["s1.img", "a1.img"] {
+        assert_ne!(before[img], after[img], "{img} did not change");
+    }
+    assert_eq!(before["sbom.cdx.json"], after["sbom.cdx.json"]);
 }
 
 // ---------------------------------------------------------------------------
