@@ -2250,6 +2250,16 @@ fn a_warm_rebuild_reuses_every_stage_and_writes_the_bytes_of_a_cold_one() {
     let digests = output_digests(&cold);
     assert!(digests.contains_key("s1.img") && digests.contains_key("a1.img"));
     assert_eq!(output_digests(&warm), digests, "reused bytes differ");
+    // A reused image is the user's own file: booting it in place must
+    // not change another output (or the cache).
+    for img in ["s1.img", "a1.img"] {
+        let (c, w) = (
+            fs::metadata(cold.join(img)).unwrap(),
+            fs::metadata(warm.join(img)).unwrap(),
+        );
+        assert_ne!(c.ino(), w.ino(), "{img} is shared by two outputs");
+        assert_eq!(w.nlink(), 1, "{img} is shared with the cache");
+    }
 
     // A damaged entry is not used: the root is made again, the same.
     let roots = cache.join("stages/root");

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 
-use super::reuse::{self, KEEP_SHARED, Stage};
+use super::reuse::{self, KEEP_SHARED, ReuseBy, Stage};
 use super::stage_cache::Check;
 use super::stage_key::StageKey;
 use super::steps::{BootFiles, BuildContext, Inputs, Root, Roots};
@@ -152,6 +152,7 @@ fn write_node_image(
         dir: "node-image",
         label: format!("{name}.img"),
         check: Check::Stat,
+        reuse_by: ReuseBy::Copy,
         // This build's images and the previous build's.
         keep: KEEP_SHARED.max(2 * cx.nodes.len()),
     };

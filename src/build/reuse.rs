@@ -20,12 +20,24 @@ pub const STAGE_LOG: &str = "stages.log";
 pub const KEEP_SHARED: usize = 8;
 
 /// One cached stage: its cache folder, its name in the log, how its
-/// entry is checked, how many entries of its kind to keep.
+/// entry is checked and put in place, how many entries of its kind to
+/// keep.
 pub(super) struct Stage<'a> {
     pub dir: &'a str,
     pub label: String,
     pub check: Check,
+    pub reuse_by: ReuseBy,
     pub keep: usize,
+}
+
+/// How a reused entry gets to the build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReuseBy {
+    /// A hard link (else a copy): for what only the build reads.
+    Link,
+    /// A copy that keeps holes: for what the user gets and may write to
+    /// (a node image booted in place), so two outputs never share a file.
+    Copy,
 }
 
 /// What the build reused and built, in order.
@@ -65,7 +77,12 @@ pub(super) fn cached(
     let reuse = &cx.reuse;
     cx.opts.cancel.check()?;
     if let Some(hit) = reuse.cache.lookup(stage.dir, key, stage.check) {
-        link_or_copy(&hit.path, dest).with_context(|| {
+        let placed = match stage.reuse_by {
+            ReuseBy::Link => link_or_copy(&hit.path, dest).map_err(anyhow::Error::from),
+            ReuseBy::Copy => crate::util::sparse::copy_file(&hit.path, dest, mode_of(&hit.path)?)
+                .and_then(|()| Ok(std::fs::File::open(dest)?.sync_all()?)),
+        };
+        placed.with_context(|| {
             format!(
                 "copying cached {} {} to {}",
                 stage.label,
@@ -101,6 +118,15 @@ pub(super) fn cached(
     reuse.cache.prune(stage.dir, stage.keep);
     reuse.log.say(format!("built {} key={key}", stage.label));
     Ok(entry)
+}
+
+fn mode_of(path: &Path) -> anyhow::Result<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .permissions()
+        .mode()
+        & 0o7777)
 }
 
 /// The first line `tool --version` prints: a tool's version for keys.

@@ -9,10 +9,11 @@
 //! and rebuilt. Both files are written under a temp name and renamed, so a
 //! killed build leaves no entry that looks whole.
 //!
-//! Entries enter and leave by hard link when the cache and the build
-//! output share a filesystem (no copy), else by a copy that keeps holes.
-//! Nothing writes to a file once it is built, so sharing it is safe; a
-//! file changed anyway fails the check above.
+//! Entries enter by hard link when the cache and the build output share
+//! a filesystem (no copy), else by a copy that keeps holes; how they
+//! leave is the caller's choice ([`link_or_copy`] or a copy). kiln never
+//! writes to a file once it is built; a file changed anyway (an image
+//! booted in place) fails the check above.
 //!
 //! The cache is bounded per stage ([`StageCache::prune`]: the entries used
 //! last are kept); `rm -rf CACHE/stages` empties it at any time between

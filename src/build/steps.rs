@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 
-use super::reuse::{self, KEEP_SHARED, Reuse, Stage, StageLog};
+use super::reuse::{self, KEEP_SHARED, Reuse, ReuseBy, Stage, StageLog};
 use super::stage_cache::{Check, StageCache, kiln_identity};
 use super::stage_key::{StageKey, tree_digest};
 use super::staging::Staging;
@@ -207,6 +207,7 @@ pub(super) fn build_boot_files(cx: &BuildContext, inputs: &Inputs) -> anyhow::Re
         dir: "initramfs",
         label: "initramfs".into(),
         check: Check::Sha256,
+        reuse_by: ReuseBy::Link,
         keep: KEEP_SHARED,
     };
     let initrd_path = cx.work.join("initrd.img");
@@ -273,6 +274,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             dir: "root",
             label: format!("root[{}]", role.as_str()),
             check: Check::Sha256,
+            reuse_by: ReuseBy::Link,
             keep: KEEP_SHARED,
         };
         let img = reuse::cached(cx, &stage, &key, &out, || {
