@@ -928,6 +928,7 @@ fn images_are_private_and_the_output_holds_only_the_artifacts() {
             "manifest.json",
             "s1.img",
             "sbom.cdx.json",
+            "stages.log",
         ]
         .map(String::from)
         .into(),
@@ -2237,6 +2238,7 @@ fn a_warm_rebuild_reuses_every_stage_and_writes_the_bytes_of_a_cold_one() {
     build_cached(&profile, &cold, &cache, &s.k3s);
     let built = [
         "built a1.img",
+        "built base-files",
         "built initramfs",
         "built root[server]",
         "built s1.img",
@@ -2299,6 +2301,7 @@ fn a_config_only_rebuild_reuses_the_roots_and_the_initramfs() {
         [
             "built a1.img",
             "built s1.img",
+            "reused base-files",
             "reused initramfs",
             "reused root[server]",
         ]
@@ -2435,7 +2438,18 @@ fn a_build_failing_midway_in_the_root_image_leaves_the_previous_output() {
     let fifo_dir = profile_dir.join("overlays/common/etc/kiln-test");
     fs::create_dir_all(&fifo_dir).unwrap();
     run(Command::new("mkfifo").arg(fifo_dir.join("fifo")));
-    let o = kiln_build(&profile, &prev.out, Some(&s.k3s));
+    // A cache of its own, so the initramfs is made, not reused.
+    let cache = cache_with_base(&prev.parent);
+    let o = kiln()
+        .arg("build")
+        .arg(&profile)
+        .arg("--out")
+        .arg(&prev.out)
+        .arg("--k3s-binary")
+        .arg(&s.k3s)
+        .env("KILN_CACHE_DIR", &cache)
+        .output()
+        .unwrap();
     let err = assert_failed(&o, "FIFO in an overlay", &["fifo", "overlays hold only"]);
     assert!(
         err.contains("initramfs: done"),

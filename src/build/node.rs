@@ -157,7 +157,7 @@ fn write_node_image(
         keep: KEEP_SHARED.max(2 * cx.nodes.len()),
     };
     let key = image_key(cx, &guid_seed, root, &esp_files)?;
-    let img = reuse::cached(cx, &stage, &key, image, || {
+    let img = reuse::cached(cx, &stage, Some(&key), image, || {
         disk::write_disk(image, &parts, &guid_seed, &root.path, &esp_files)
     })?;
     Ok((hex::encode(Sha256::digest(&seed)), img.sha256))

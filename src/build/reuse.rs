@@ -67,15 +67,22 @@ pub(super) struct Reuse {
 
 /// `dest` from the entry of `stage` for `key`, or made by `make` (which
 /// writes `dest`) and then cached. Its size and sha256 either way.
+/// Without a key (its inputs could not be read: `make` then fails with
+/// the stage's own error, or succeeds) nothing is looked up or kept.
 pub(super) fn cached(
     cx: &BuildContext,
     stage: &Stage,
-    key: &str,
+    key: Option<&str>,
     dest: &Path,
     make: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<Entry> {
     let reuse = &cx.reuse;
     cx.opts.cancel.check()?;
+    let Some(key) = key else {
+        make()?;
+        reuse.log.say(format!("built {} uncached", stage.label));
+        return entry_of(dest);
+    };
     if let Some(hit) = reuse.cache.lookup(stage.dir, key, stage.check) {
         let placed = match stage.reuse_by {
             ReuseBy::Link => link_or_copy(&hit.path, dest).map_err(anyhow::Error::from),
@@ -106,18 +113,23 @@ pub(super) fn cached(
             // A cache that cannot be written costs the next build time,
             // not this build its output.
             log::warn!("not caching {}: {e:#}", stage.label);
-            Entry {
-                path: dest.to_path_buf(),
-                size: std::fs::metadata(dest)
-                    .with_context(|| format!("reading {}", dest.display()))?
-                    .len(),
-                sha256: sha256_file(dest)?,
-            }
+            entry_of(dest)?
         }
     };
     reuse.cache.prune(stage.dir, stage.keep);
     reuse.log.say(format!("built {} key={key}", stage.label));
     Ok(entry)
+}
+
+/// A file's size and sha256.
+fn entry_of(path: &Path) -> anyhow::Result<Entry> {
+    Ok(Entry {
+        path: path.to_path_buf(),
+        size: std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len(),
+        sha256: sha256_file(path)?,
+    })
 }
 
 fn mode_of(path: &Path) -> anyhow::Result<u32> {

@@ -143,17 +143,51 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
     };
     let image_bytes = images.iter().map(|t| t.size).sum();
     super::check_space(plan, cx.nodes, &base.path, image_bytes, &cx.staging.dir)?;
-    let files = cx
-        .progress
-        .stage("kernel, modules, busybox, systemd-boot", || {
-            kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES)
-        })?;
+    let files = base_files(cx, &base)?;
     Ok(Inputs {
         base,
         k3s,
         images,
         files,
     })
+}
+
+/// The kernel, modules, busybox, systemd-boot and dpkg status out of the
+/// base, or out of the stage cache (they depend on the base alone).
+fn base_files(cx: &BuildContext, base: &BaseTarball) -> anyhow::Result<BaseFiles> {
+    let key = StageKey::new("base-files")
+        .field("kiln", &cx.reuse.identity)
+        .field("base-sha256", &base.sha256)
+        .field("modules", initramfs::INITRAMFS_MODULES.join(" "))
+        .digest();
+    let stage = Stage {
+        dir: "base-files",
+        label: "base-files".into(),
+        check: Check::Sha256,
+        reuse_by: ReuseBy::Link,
+        keep: KEEP_SHARED,
+    };
+    let packed = cx.work.join("base-files.tar");
+    let mut fresh = None;
+    reuse::cached(cx, &stage, Some(&key), &packed, || {
+        let files = cx
+            .progress
+            .stage("kernel, modules, busybox, systemd-boot", || {
+                kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES)
+            })?;
+        write(&packed, &crate::inputs::kernel_pack::pack(&files)?)?;
+        fresh = Some(files);
+        Ok(())
+    })?;
+    match fresh {
+        Some(files) => Ok(files),
+        None => {
+            let bytes =
+                std::fs::read(&packed).with_context(|| format!("reading {}", packed.display()))?;
+            crate::inputs::kernel_pack::unpack(&bytes)
+                .with_context(|| format!("reading the cached base files {}", packed.display()))
+        }
+    }
 }
 
 /// `sbom.cdx.json` in the staging directory (so SHA256SUMS covers it):
@@ -211,7 +245,7 @@ pub(super) fn build_boot_files(cx: &BuildContext, inputs: &Inputs) -> anyhow::Re
         keep: KEEP_SHARED,
     };
     let initrd_path = cx.work.join("initrd.img");
-    let initrd = reuse::cached(cx, &stage, &key, &initrd_path, || {
+    let initrd = reuse::cached(cx, &stage, Some(&key), &initrd_path, || {
         let bytes = cx.progress.stage("initramfs", || {
             initramfs::build_initramfs(files, compression, cx.epoch as u32)
         })?;
@@ -269,7 +303,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             role.as_str(),
             overlays.len()
         );
-        let key = root_key(cx, inputs, &root_inputs, &tar2sqfs)?;
+        let key = root_key(cx, inputs, &root_inputs, &tar2sqfs);
         let stage = Stage {
             dir: "root",
             label: format!("root[{}]", role.as_str()),
@@ -277,7 +311,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             reuse_by: ReuseBy::Link,
             keep: KEEP_SHARED,
         };
-        let img = reuse::cached(cx, &stage, &key, &out, || {
+        let img = reuse::cached(cx, &stage, key.as_deref(), &out, || {
             cx.progress.stage(&what, || {
                 rootfs::build_root_cancellable(&root_inputs, &out, &cx.opts.cancel)
             })?;
@@ -298,14 +332,21 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
 
 /// The key of a root image: everything that goes into the tar stream
 /// tar2sqfs reads (the base, the overlays, kiln's files, k3s, the image
-/// tarballs, the mtime) and how it is compressed.
+/// tarballs, the mtime) and how it is compressed. `None` when the overlays
+/// cannot be read (a FIFO in them): the stage then fails with its error.
 fn root_key(
     cx: &BuildContext,
     inputs: &Inputs,
     root: &rootfs::RootInputs,
     tar2sqfs: &str,
-) -> anyhow::Result<String> {
-    let overlays = rootfs::overlay_tree(&root.overlays)?;
+) -> Option<String> {
+    let overlays = match rootfs::overlay_tree(&root.overlays) {
+        Ok(t) => t,
+        Err(e) => {
+            log::debug!("no cache key for the root: {e:#}");
+            return None;
+        }
+    };
     let mut key = StageKey::new("root")
         .field("kiln", &cx.reuse.identity)
         .field("base-sha256", &inputs.base.sha256)
@@ -315,12 +356,13 @@ fn root_key(
     for t in root.images {
         key = key.field("image-tarball", format!("{} {}", t.sha256, t.name));
     }
-    Ok(key
-        .field("mtime", root.mtime)
-        .field("compression-level", root.level)
-        .field("block-bytes", rootfs::BLOCK_BYTES)
-        .field("tar2sqfs", tar2sqfs)
-        .digest())
+    Some(
+        key.field("mtime", root.mtime)
+            .field("compression-level", root.level)
+            .field("block-bytes", rootfs::BLOCK_BYTES)
+            .field("tar2sqfs", tar2sqfs)
+            .digest(),
+    )
 }
 
 /// kiln's files in every root image: units, scripts, version, and the

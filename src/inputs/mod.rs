@@ -2,7 +2,8 @@
 //! mmdebstrap and cached), the k3s binary ([`k3s`], pinned and verified),
 //! the image tarballs k3s imports ([`airgap`]: the release's, verified and
 //! pinned the same way, and the profile's), the kernel, modules and boot
-//! files read out of the base ([`kernel`]), the Debian packages installed
+//! files read out of the base ([`kernel`], packed as one file for the
+//! stage cache by [`kernel_pack`]), the Debian packages installed
 //! in it ([`dpkg`]), when a cached base is made again ([`freshness`]), and
 //! the [`cache`] directory. Uses render, config and util.
 
@@ -13,3 +14,4 @@ pub mod dpkg;
 pub mod freshness;
 pub mod k3s;
 pub mod kernel;
+pub mod kernel_pack;
