@@ -6,6 +6,11 @@
 //! role) → initramfs →
 //! per node: rendered files → seed → ESP + GPT disk → SHA256SUMS,
 //! manifest.json → publish.
+//!
+//! The kernel files, the initramfs, each root and each node image go
+//! through the stage cache ([`stage_key`], [`stage_cache`], `reuse`): an
+//! output whose inputs did not change is reused, and `OUT/stages.log`
+//! says which.
 
 mod node;
 mod progress;
