@@ -560,7 +560,7 @@ fn check_prints_who_peers_with_whom_over_which_endpoint() {
         [
             "rgb5",
             "vps",
-            "hub.example.org:51820",
+            "tcp hub.example.org:443 (kiln-relay)",
             "10.0.0.0/24 minus site campus",
             "hub"
         ]
