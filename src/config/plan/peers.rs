@@ -119,7 +119,13 @@ fn every_peer(plan: &Plan, wg: &WgPlan, node: usize, kind: LinkKind) -> Vec<Link
             } else {
                 kind
             };
-            node_link(plan, wg, node, m, kind, vec![host_net(&plan.nodes[m])])
+            let mut l = node_link(plan, wg, node, m, kind, vec![host_net(&plan.nodes[m])]);
+            // A spoke on TCP always dials in: the hub's UDP would not reach
+            // it, and where it does, WireGuard would move the spoke off its relay.
+            if kind == LinkKind::Spoke && wg.hub_transport.get(m) == Some(&HubTransport::Tcp) {
+                l.endpoint = None;
+            }
+            l
         })
         .collect();
     out.extend(
