@@ -268,6 +268,20 @@ fn check_relay_units(
         &want,
         seen.trim(),
     ));
+    if transport == Some(HubTransport::Auto) {
+        // Which transport kiln-wg-transport chose, for `kiln test`'s table.
+        let state = crate::render::relay::TRANSPORT_STATE;
+        let seen = vm.sh(
+            key,
+            &format!("for i in $(seq 15); do [ -s {state} ] && break; sleep 1; done; cat {state}"),
+        )?;
+        out.push(Check::new(
+            "hub transport in use (kiln-wg-transport)",
+            "udp or tcp",
+            seen.trim(),
+            matches!(seen.trim(), "udp" | "tcp"),
+        ));
+    }
     Ok(())
 }
 
@@ -1066,6 +1080,39 @@ fn check_tunnel_over_tcp(
         "at least 1",
         served.trim(),
         served.trim().parse::<u32>().is_ok_and(|n| n >= 1),
+    ));
+    check_without_udp(s, a, key, wg, r)
+}
+
+/// The hub drops every UDP packet from the network (not its own relay,
+/// which hands packets over on loopback) to its tunnel port for a moment (a
+/// table of its own, removed after): the agent still pings it through
+/// the tunnel, so the tunnel needs no UDP between them.
+fn check_without_udp(
+    s: &Vm,
+    a: &Vm,
+    key: &Path,
+    wg: &crate::config::plan::WgPlan,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let port = wg.listen_port;
+    s.sh(key, &format!("nft add table inet kiln_test_no_udp && nft add chain inet kiln_test_no_udp input '{{ type filter hook input priority -10; }}' && nft add rule inet kiln_test_no_udp input iifname != lo udp dport {port} counter drop"))?;
+    let hub = s.sh(
+        key,
+        &format!(
+            "ip -o -4 addr show dev {} | awk '{{print $4}}' | cut -d/ -f1",
+            wg.interface
+        ),
+    )?;
+    let seen = a.sh(key, &format!("for i in $(seq 10); do busybox ping -c 1 -W 1 {} >/dev/null 2>&1 && echo ok && exit 0; sleep 1; done; echo no reply", hub.trim()))?;
+    let dropped = s.sh(key, "nft list table inet kiln_test_no_udp | grep -o 'packets [0-9]*'; nft delete table inet kiln_test_no_udp")?;
+    r.checks.push(Check::eq(
+        &format!(
+            "the agent pings the hub with UDP to port {port} dropped ({})",
+            dropped.trim()
+        ),
+        "ok",
+        &seen,
     ));
     Ok(())
 }
