@@ -7,6 +7,8 @@ use kiln::config::diag::Diagnostic;
 
 #[path = "validation/manifests.rs"]
 mod manifests;
+#[path = "validation/transport.rs"]
+mod transport;
 
 /// A small valid profile; tests replace parts of it.
 const GOOD: &str = r#"[cluster]

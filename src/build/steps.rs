@@ -72,6 +72,8 @@ pub(super) struct Inputs {
     /// The release's air-gap tarball and the profile's (often none).
     pub images: Vec<ImageTarball>,
     pub files: BaseFiles,
+    /// `kiln-relay`, when a node reaches its hub over TCP.
+    pub relay: Option<PathBuf>,
 }
 
 /// The kernel, initramfs and bootloader, written into the work directory.
@@ -137,11 +139,16 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
         .stage("kernel, modules, busybox, systemd-boot", || {
             kernel::read_base_files(&base.path, initramfs::INITRAMFS_MODULES)
         })?;
+    let relay = match &plan.wireguard {
+        Some(wg) if wg.uses_relay() => Some(crate::inputs::relay::locate()?),
+        _ => None,
+    };
     Ok(Inputs {
         base,
         k3s,
         images,
         files,
+        relay,
     })
 }
 
@@ -233,6 +240,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             overlays: overlays.clone(),
             k3s: &inputs.k3s.path,
             images: &inputs.images,
+            relay: inputs.relay.as_deref(),
             image_files: image_files(cx.plan, &version_text),
             mtime: cx.epoch,
             level: cx.plan.compression_level,

@@ -441,10 +441,15 @@ fn peer_row(plan: &Plan, wg: &WgPlan, n: &NodePlan, l: &Link) -> [String; 5] {
         PeerRef::External(p) => wg.peers[p].name.clone(),
         PeerRef::Operator(o) => format!("{} (operator)", plan.operators[o].name),
     };
-    let endpoint = l
-        .endpoint
-        .as_ref()
-        .map_or("- (it dials in)".into(), ToString::to_string);
+    let endpoint = match (&l.relay, &l.endpoint) {
+        (Some(r), Some(e)) if e.port == crate::config::plan::RELAY_LOCAL_PORT => {
+            format!("tcp {r} (kiln-relay)")
+        }
+        (Some(r), Some(e)) => format!("{e}, tcp {r} while udp fails"),
+        (_, e) => e
+            .as_ref()
+            .map_or("- (it dials in)".into(), ToString::to_string),
+    };
     let why = match l.kind {
         LinkKind::Mesh => "mesh".to_string(),
         LinkKind::Site => format!("site {}", n.site.as_deref().unwrap_or("-")),

@@ -37,6 +37,8 @@ pub const TAR2SQFS: Tool = Tool::new("tar2sqfs", "squashfs-tools-ng");
 pub const FACTORY_VAR: &str = "usr/share/kiln/factory/var";
 /// Where the k3s binary goes.
 pub const K3S_PATH: &str = "usr/local/bin/k3s";
+/// Where `kiln-relay` goes (`render::relay::RELAY_BINARY`).
+pub const RELAY_PATH: &str = "usr/lib/kiln/kiln-relay";
 /// squashfs block size: 128 KiB, the size DESIGN.md measured.
 pub const BLOCK_BYTES: u32 = 128 * 1024;
 /// Package-manager state linked (not copied) from the factory.
@@ -61,6 +63,8 @@ pub struct RootInputs<'a> {
     pub k3s: &'a Path,
     /// Image tarballs for k3s to import, into [`SLOT_IMAGES_DIR`].
     pub images: &'a [ImageTarball],
+    /// `kiln-relay`, into [`RELAY_PATH`], when a node uses it.
+    pub relay: Option<&'a Path>,
     /// kiln's own files in the image (units, masks, version).
     pub image_files: FileTree,
     pub mtime: u64,
@@ -325,6 +329,17 @@ fn collect_added(inputs: &RootInputs) -> anyhow::Result<BTreeMap<String, Added>>
             source: Source::Path(inputs.k3s.to_path_buf()),
         },
     );
+    if let Some(relay) = inputs.relay {
+        added.insert(
+            RELAY_PATH.to_string(),
+            Added::File {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                source: Source::Path(relay.to_path_buf()),
+            },
+        );
+    }
     for t in inputs.images {
         added.insert(
             format!("{}/{}", SLOT_IMAGES_DIR.trim_start_matches('/'), t.name),
@@ -679,6 +694,7 @@ mod tests {
             base: &base,
             overlays: vec![],
             k3s: &k3s,
+            relay: None,
             images: &images,
             image_files: FileTree::new(),
             mtime: 7,

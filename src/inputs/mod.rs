@@ -13,3 +13,4 @@ pub mod dpkg;
 pub mod freshness;
 pub mod k3s;
 pub mod kernel;
+pub mod relay;

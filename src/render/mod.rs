@@ -4,6 +4,7 @@
 pub mod airgap;
 pub mod boot;
 mod firstboot;
+pub mod hub;
 mod k3s;
 pub mod k3s_ca;
 pub mod manifests;
@@ -11,6 +12,7 @@ mod nft;
 pub mod power;
 pub mod proxy;
 pub mod pxe;
+pub mod relay;
 mod system;
 pub mod tree;
 mod wireguard;

@@ -233,6 +233,54 @@ fn check_wireguard(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> any
         want.sort();
         let seen = sh(&format!("wg show {iface} peers | sort"))?;
         out.push(Check::eq("WireGuard peers", &want.join("\n"), &seen));
+        check_relay_units(vm, key, e, wg, out)?;
+    }
+    Ok(())
+}
+
+/// A node that reaches its hub over TCP runs the relay client; a hub
+/// node with such spokes runs the relay server.
+fn check_relay_units(
+    vm: &Vm,
+    key: &Path,
+    e: &Expect,
+    wg: &crate::config::plan::WgPlan,
+    out: &mut Vec<Check>,
+) -> anyhow::Result<()> {
+    use crate::config::plan::HubRef;
+    use crate::config::profile::HubTransport;
+    let i = e.plan.nodes.iter().position(|n| n.name == e.node.name);
+    let transport = i.and_then(|i| wg.hub_transport.get(i).copied());
+    let unit = if transport.is_some_and(|t| t != HubTransport::Udp) {
+        "kiln-relay.service"
+    } else if wg.uses_relay() && i.is_some_and(|i| wg.hub == Some(HubRef::Node(i))) {
+        "kiln-relay-server.service"
+    } else {
+        return Ok(());
+    };
+    let seen = vm.sh(
+        key,
+        &format!("systemctl is-active {unit}; /usr/lib/kiln/kiln-relay --version"),
+    )?;
+    let want = format!("active\nkiln-relay {}", env!("CARGO_PKG_VERSION"));
+    out.push(Check::eq(
+        &format!("{unit} runs (hub over TCP)"),
+        &want,
+        seen.trim(),
+    ));
+    if transport == Some(HubTransport::Auto) {
+        // Which transport kiln-wg-transport chose, for `kiln test`'s table.
+        let state = crate::render::relay::TRANSPORT_STATE;
+        let seen = vm.sh(
+            key,
+            &format!("for i in $(seq 15); do [ -s {state} ] && break; sleep 1; done; cat {state}"),
+        )?;
+        out.push(Check::new(
+            "hub transport in use (kiln-wg-transport)",
+            "udp or tcp",
+            seen.trim(),
+            matches!(seen.trim(), "udp" | "tcp"),
+        ));
     }
     Ok(())
 }
@@ -886,6 +934,7 @@ pub fn test_cluster_then(
         .to_string();
 
     check_tunnel(&s, &a, server, agent, key, wg, (&s_wg, &a_wg), &mut r)?;
+    check_tunnel_over_tcp(plan, (&s, &a), agent, key, wg, &mut r)?;
     check_api_reach(&a, server, agent, key, (&s_wg, &s_lan), &mut r);
     check_agent_joins(plan, &mut s, &mut a, server, agent, key, real_k3s, &mut r)?;
     more(&s, &a, &mut r)?;
@@ -991,6 +1040,80 @@ fn check_tunnel(
         hs_ok,
     ));
 
+    Ok(())
+}
+
+/// With `hub-transport = "tcp"` the pings above went through kiln-relay:
+/// the agent's hub endpoint is its relay client, and the hub's relay
+/// server logged the agent's connection.
+fn check_tunnel_over_tcp(
+    plan: &Plan,
+    (s, a): (&Vm, &Vm),
+    agent: &ClusterNode,
+    key: &Path,
+    wg: &crate::config::plan::WgPlan,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let i = plan.nodes.iter().position(|n| n.name == agent.node.name);
+    let tcp = i.and_then(|i| wg.hub_transport.get(i).copied())
+        == Some(crate::config::profile::HubTransport::Tcp);
+    if !tcp {
+        return Ok(());
+    }
+    let local = format!("127.0.0.1:{}", crate::config::plan::RELAY_LOCAL_PORT);
+    let endpoints = a.sh(
+        key,
+        &format!("wg show {} endpoints | awk '{{print $2}}'", wg.interface),
+    )?;
+    r.checks.push(Check::new(
+        &format!("{} dials the hub through kiln-relay", agent.node.name),
+        &local,
+        endpoints.trim(),
+        endpoints.lines().any(|l| l.trim() == local),
+    ));
+    let served = s.sh(
+        key,
+        "journalctl -b -u kiln-relay-server.service -o cat | grep -c ' connected$' || true",
+    )?;
+    r.checks.push(Check::new(
+        "the hub's kiln-relay served a connection",
+        "at least 1",
+        served.trim(),
+        served.trim().parse::<u32>().is_ok_and(|n| n >= 1),
+    ));
+    check_without_udp(s, a, key, wg, r)
+}
+
+/// The hub drops every UDP packet from the network (not its own relay,
+/// which hands packets over on loopback) to its tunnel port for a moment (a
+/// table of its own, removed after): the agent still pings it through
+/// the tunnel, so the tunnel needs no UDP between them.
+fn check_without_udp(
+    s: &Vm,
+    a: &Vm,
+    key: &Path,
+    wg: &crate::config::plan::WgPlan,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let port = wg.listen_port;
+    s.sh(key, &format!("nft add table inet kiln_test_no_udp && nft add chain inet kiln_test_no_udp input '{{ type filter hook input priority -10; }}' && nft add rule inet kiln_test_no_udp input iifname != lo udp dport {port} counter drop"))?;
+    let hub = s.sh(
+        key,
+        &format!(
+            "ip -o -4 addr show dev {} | awk '{{print $4}}' | cut -d/ -f1",
+            wg.interface
+        ),
+    )?;
+    let seen = a.sh(key, &format!("for i in $(seq 10); do busybox ping -c 1 -W 1 {} >/dev/null 2>&1 && echo ok && exit 0; sleep 1; done; echo no reply", hub.trim()))?;
+    let dropped = s.sh(key, "nft list table inet kiln_test_no_udp | grep -o 'packets [0-9]*'; nft delete table inet kiln_test_no_udp")?;
+    r.checks.push(Check::eq(
+        &format!(
+            "the agent pings the hub with UDP to port {port} dropped ({})",
+            dropped.trim()
+        ),
+        "ok",
+        &seen,
+    ));
     Ok(())
 }
 
