@@ -11,7 +11,9 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 
 use crate::config::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
-use crate::config::profile::{self, AfterInstall, KernelFlavour, RegistryConfig, Role, Topology};
+use crate::config::profile::{
+    self, AfterInstall, KernelFlavour, RegistryConfig, Role, Storage, Topology,
+};
 use crate::config::types::{
     DevicePath, Endpoint, Host, K3sToken, K3sVersion, MacAddr, MaxAge, WgKey,
 };
@@ -28,6 +30,7 @@ mod operators;
 mod peers;
 mod proxy;
 mod servers;
+mod storage;
 mod wireguard;
 
 pub use airgap::{
@@ -294,6 +297,9 @@ pub struct NodePlan {
     pub allow_suspend: bool,
     /// Install onto an internal disk when booted from a kiln stick.
     pub install: Option<InstallPlan>,
+    /// Storage systems the node is made ready for (`storage`: its own
+    /// list, else `cluster.storage`).
+    pub storage: Vec<Storage>,
 }
 
 /// An unattended install, read on the node by `kiln-install`.
