@@ -11,6 +11,7 @@ mod nft;
 pub mod power;
 pub mod proxy;
 pub mod pxe;
+pub mod storage;
 mod system;
 pub mod tree;
 mod wireguard;
@@ -72,6 +73,7 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     manifests::render(plan, node, &mut tree);
     proxy::render(plan, &mut tree);
     airgap::render(plan, &mut tree);
+    storage::render(plan, node, &mut tree);
     firstboot::render(plan, &mut tree);
     power::render(plan, node, &mut tree);
     tree.file(
