@@ -521,6 +521,38 @@ fn operator_refuses_unknown_names_and_files_wg_quick_cannot_bring_up() {
 }
 
 #[test]
+fn check_prints_each_nodes_storage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = kiln(&["check", &example_in(tmp.path(), "profiles/ha.toml")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let section: Vec<&str> = s
+        .lines()
+        .skip_while(|l| !l.starts_with("storage "))
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        section,
+        [
+            "storage (packages in the base every node shares: nfs-common open-iscsi; the rest per node)",
+            "  cp1  longhorn (modules iscsi_tcp; iscsid, initiator name made once in /var/lib/kiln/iscsi/initiatorname.iscsi)",
+            "  cp2  longhorn (modules iscsi_tcp; iscsid, initiator name made once in /var/lib/kiln/iscsi/initiatorname.iscsi)",
+            "  cp3  longhorn (modules iscsi_tcp; iscsid, initiator name made once in /var/lib/kiln/iscsi/initiatorname.iscsi)",
+            "  w1   longhorn (modules iscsi_tcp; iscsid, initiator name made once in /var/lib/kiln/iscsi/initiatorname.iscsi)",
+            "  w2   nfs",
+        ],
+        "{s}"
+    );
+    // Without `storage`, no section.
+    let out = kiln(&["check", &example_in(tmp.path(), "profiles/club.toml")]);
+    assert!(
+        !text(&out.stdout).contains("\nstorage "),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
 fn check_prints_who_peers_with_whom_over_which_endpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = kiln(&["check", &example_in(tmp.path(), "profiles/club.toml")]);

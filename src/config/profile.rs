@@ -22,9 +22,11 @@ use crate::config::types::{
 
 mod manifests;
 mod proxy;
+mod storage;
 
 pub use manifests::{HelmChart, Manifest};
 pub use proxy::Proxy;
+pub use storage::{Storage, parse_storage};
 
 /// A value with the span and dotted key it was read from.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +129,9 @@ pub enum KernelFlavour {
 #[derive(Debug, Default)]
 pub struct Profile {
     pub cluster_name: Option<At<String>>,
+    /// `cluster.storage`: every node's storage prerequisites, unless the
+    /// node sets its own (read in `profile/storage.rs`).
+    pub storage: Option<Vec<At<Storage>>>,
     pub k3s: K3s,
     pub boot: Boot,
     pub base: Base,
@@ -308,6 +313,8 @@ pub struct Node {
     pub allow_suspend: Option<At<bool>>,
     pub install_device: Option<At<DevicePath>>,
     pub after_install: Option<At<AfterInstall>>,
+    /// This node's storage prerequisites, instead of `cluster.storage`.
+    pub storage: Option<Vec<At<Storage>>>,
 }
 
 /// `[[operators]]`: a machine outside the cluster (an operator's laptop)
@@ -379,6 +386,7 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Option<Profile> {
         p.cluster_name = c.parse(d, "name", |s: &str| {
             types::parse_hostname(s).and_then(|n| label_only(&n, s))
         });
+        p.storage = storage::read(&mut c, d);
         c.finish(d);
     }
     if let Some(mut k) = t.table(d, "k3s") {
@@ -1000,6 +1008,7 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
         network: None,
         allow_suspend: n.bool(d, "allow-suspend"),
         install_device: n.parse(d, "install-device", DevicePath::parse),
+        storage: storage::read(n, d),
         after_install: n.parse(d, "after-install", |s| match s {
             "poweroff" => Ok(AfterInstall::Poweroff),
             "reboot" => Ok(AfterInstall::Reboot),

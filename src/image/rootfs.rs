@@ -10,7 +10,8 @@
 //!
 //! On the way through, the stream:
 //! - drops build-host state every node would otherwise share (SSH host
-//!   keys, host name, machine id, Debian's own initrd);
+//!   keys, host name, machine id, the iSCSI initiator name, Debian's own
+//!   initrd);
 //! - moves `/var` into `/usr/share/kiln/factory/var`: `/var` is the
 //!   state partition, seeded from the factory copy by systemd-tmpfiles
 //!   (`C`, copy if missing), while the package manager's state
@@ -53,7 +54,14 @@ fn is_host_state(path: &str) -> bool {
         || path == "var/lib/dbus/machine-id"
         || path.starts_with("etc/ssh/ssh_host_")
         || path.starts_with("boot/initrd.img")
+        // open-iscsi's postinst names the initiator when the base is made:
+        // every node would log in to iSCSI targets under one name. A node
+        // with storage makes its own (`render::storage`).
+        || path == ISCSI_BASE_INITIATOR_NAME
 }
+
+/// The initiator name open-iscsi's postinst writes into the base.
+pub const ISCSI_BASE_INITIATOR_NAME: &str = "etc/iscsi/initiatorname.iscsi";
 
 /// What goes into a root image.
 pub struct RootInputs<'a> {
@@ -667,6 +675,17 @@ mod tests {
         for (p, kind, body) in [
             ("etc", tar::EntryType::Directory, &b""[..]),
             ("etc/os-release", tar::EntryType::Regular, b"ID=debian\n"),
+            ("etc/iscsi", tar::EntryType::Directory, b""),
+            (
+                "etc/iscsi/initiatorname.iscsi",
+                tar::EntryType::Regular,
+                b"InitiatorName=iqn.1993-08.org.debian:01:0123456789ab\n",
+            ),
+            (
+                "etc/iscsi/iscsid.conf",
+                tar::EntryType::Regular,
+                b"# conf\n",
+            ),
             ("var", tar::EntryType::Directory, b""),
         ] {
             let mut h = header_for(kind, 0o755, 0, 0, 1, body.len() as u64);
@@ -720,5 +739,13 @@ mod tests {
         for d in ["usr", "usr/lib", "usr/lib/kiln", "usr/lib/kiln/images"] {
             assert_eq!(seen[d].0, 0o755, "{d}");
         }
+        // The initiator name the base was made with is not every node's;
+        // the rest of open-iscsi's configuration stays.
+        assert!(
+            !seen.contains_key(ISCSI_BASE_INITIATOR_NAME),
+            "{:?}",
+            seen.keys()
+        );
+        assert!(seen.contains_key("etc/iscsi/iscsid.conf"));
     }
 }

@@ -13,6 +13,7 @@ pub mod power;
 pub mod proxy;
 pub mod pxe;
 pub mod relay;
+pub mod storage;
 mod system;
 pub mod tree;
 mod wireguard;
@@ -74,6 +75,7 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     manifests::render(plan, node, &mut tree);
     proxy::render(plan, &mut tree);
     airgap::render(plan, &mut tree);
+    storage::render(plan, node, &mut tree);
     firstboot::render(plan, &mut tree);
     power::render(plan, node, &mut tree);
     tree.file(

@@ -61,6 +61,7 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     crate::verify::cluster_ca::check_cluster_ca(vm, key, e, &mut out)?;
     crate::verify::manifests::check_manifests(vm, key, e, &mut out)?;
     crate::verify::manifests::check_proxy(vm, key, e, &mut out)?;
+    crate::verify::storage::check_storage(vm, key, e, &mut out)?;
     check_state_fill(vm, key, e, &mut out)?;
     Ok(out)
 }
@@ -648,6 +649,7 @@ pub fn test_node_on(
     let marker_before = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
     let ca_before = crate::verify::cluster_ca::ca_listing(&vm, key)?;
     let manifests_before = crate::verify::manifests::manifest_listing(&vm, key)?;
+    let initiator_before = crate::verify::storage::initiator_name(&vm, key)?;
     vm.sh(
         key,
         &format!("mkdir -p $(dirname {PERSIST_FILE}) && echo kiln-check > {PERSIST_FILE} && sync"),
@@ -680,6 +682,15 @@ pub fn test_node_on(
         &manifests_before,
         &crate::verify::manifests::manifest_listing(&vm, key)?,
     ));
+    if crate::render::storage::needs_iscsi(e.node) {
+        let after = crate::verify::storage::initiator_name(&vm, key)?;
+        report.checks.push(Check::new(
+            "the iSCSI initiator name is unchanged after a reboot",
+            &initiator_before,
+            &after,
+            !after.is_empty() && after == initiator_before,
+        ));
+    }
     let marker_after = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
     let second = vm.sh(key, "journalctl -b 0 -u kiln-firstboot --no-pager -o cat | grep -c 'run-once commands already ran' || true")?;
     report.checks.push(Check::new(
@@ -937,6 +948,7 @@ pub fn test_cluster_then(
     check_tunnel_over_tcp(plan, (&s, &a), agent, key, wg, &mut r)?;
     check_api_reach(&a, server, agent, key, (&s_wg, &s_lan), &mut r);
     check_agent_joins(plan, &mut s, &mut a, server, agent, key, real_k3s, &mut r)?;
+    check_distinct_initiators((&s, &a), (server, agent), key, &mut r)?;
     more(&s, &a, &mut r)?;
     r.timeline = vec![
         Mark {
@@ -953,6 +965,32 @@ pub fn test_cluster_then(
         },
     ];
     Ok(r)
+}
+
+/// With iSCSI on both nodes, each has an initiator name of its own:
+/// made on the node, not in the image or the seed they were built from.
+fn check_distinct_initiators(
+    (s, a): (&Vm, &Vm),
+    (server, agent): (&ClusterNode, &ClusterNode),
+    key: &Path,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    use crate::render::storage::needs_iscsi;
+    use crate::verify::storage::{initiator_name, is_iqn};
+    if !(needs_iscsi(server.node) && needs_iscsi(agent.node)) {
+        return Ok(());
+    }
+    let (sn, an) = (initiator_name(s, key)?, initiator_name(a, key)?);
+    r.checks.push(Check::new(
+        &format!(
+            "{} and {} have distinct iSCSI initiator names",
+            server.node.name, agent.node.name
+        ),
+        "two different iqn names",
+        format!("{sn} / {an}"),
+        is_iqn(&sn) && is_iqn(&an) && sn != an,
+    ));
+    Ok(())
 }
 
 /// Boot the server and the agent on one virtual LAN; both answer SSH.

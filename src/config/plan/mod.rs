@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 use crate::config::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
 use crate::config::profile::{
-    self, AfterInstall, HubTransport, KernelFlavour, RegistryConfig, Role, Topology,
+    self, AfterInstall, HubTransport, KernelFlavour, RegistryConfig, Role, Storage, Topology,
 };
 use crate::config::types::{
     DevicePath, Endpoint, Host, K3sToken, K3sVersion, MacAddr, MaxAge, WgKey,
@@ -30,6 +30,7 @@ mod operators;
 mod peers;
 mod proxy;
 mod servers;
+mod storage;
 mod transport;
 mod wireguard;
 
@@ -322,6 +323,9 @@ pub struct NodePlan {
     pub allow_suspend: bool,
     /// Install onto an internal disk when booted from a kiln stick.
     pub install: Option<InstallPlan>,
+    /// Storage systems the node is made ready for (`storage`: its own
+    /// list, else `cluster.storage`).
+    pub storage: Vec<Storage>,
 }
 
 /// An unattended install, read on the node by `kiln-install`.
