@@ -32,5 +32,12 @@ k3s-double:
 # Times kiln against the same steps by hand, 1 vs 5 nodes and a config-only
 # rebuild, and prints a table (one run each). Not part of `make test`.
 .PHONY: bench
-bench: build
+bench: build bench-transport
 	./scripts/bench
+
+# The tunnel to the hub over UDP and over TCP (kiln-relay), measured in
+# network namespaces (root, wireguard-go): a table, and out/bench-transport.json.
+.PHONY: bench-transport
+bench-transport:
+	mkdir -p out
+	KILN_BENCH_JSON=$(CURDIR)/out/bench-transport.json $(CARGO) test --release --locked --test transport -- --ignored --nocapture

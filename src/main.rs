@@ -116,6 +116,26 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Write the bundle for an external hub (a Debian VPS kiln does not build).
+    ///
+    /// DIR gets the hub's WireGuard config (every node and operator as a
+    /// peer; the hub's private key stays on the hub), forwarding, a
+    /// firewall table for the tunnel, and when a node reaches the hub over
+    /// TCP (`hub-transport`) kiln-relay and its unit; install.sh applies
+    /// it, SHA256SUMS covers it. Written whole or not at all.
+    Hub {
+        /// The cluster profile (TOML).
+        profile: PathBuf,
+        /// The directory to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Replace an existing DIR.
+        #[arg(long)]
+        force: bool,
+        /// Where node secrets are kept [default: PROFILE's directory/<stem>.state]
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Build a bootable disk image for each selected node.
     ///
     /// Writes OUT/<node>.img (raw GPT: ESP with systemd-boot, root-a with
@@ -378,6 +398,17 @@ fn run(args: Cli, cancel: &Cancel) -> anyhow::Result<()> {
         } => cli::operator::run(cli::operator::OperatorArgs {
             profile,
             name,
+            out,
+            state_dir,
+            force,
+        }),
+        Command::Hub {
+            profile,
+            out,
+            force,
+            state_dir,
+        } => cli::hub::run(&cli::hub::HubArgs {
+            profile,
             out,
             state_dir,
             force,

@@ -521,6 +521,38 @@ fn operator_refuses_unknown_names_and_files_wg_quick_cannot_bring_up() {
 }
 
 #[test]
+fn check_prints_each_nodes_storage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = kiln(&["check", &example_in(tmp.path(), "profiles/ha.toml")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let section: Vec<&str> = s
+        .lines()
+        .skip_while(|l| !l.starts_with("storage "))
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        section,
+        [
+            "storage (packages in the base every node shares: nfs-common open-iscsi; the rest per node)",
+            "  cp1  longhorn (modules iscsi_tcp; iscsid, initiator name made once in /var/lib/kiln/iscsi/initiatorname.iscsi)",
+            "  cp2  longhorn (modules iscsi_tcp; iscsid, initiator name made once in /var/lib/kiln/iscsi/initiatorname.iscsi)",
+            "  cp3  longhorn (modules iscsi_tcp; iscsid, initiator name made once in /var/lib/kiln/iscsi/initiatorname.iscsi)",
+            "  w1   longhorn (modules iscsi_tcp; iscsid, initiator name made once in /var/lib/kiln/iscsi/initiatorname.iscsi)",
+            "  w2   nfs",
+        ],
+        "{s}"
+    );
+    // Without `storage`, no section.
+    let out = kiln(&["check", &example_in(tmp.path(), "profiles/club.toml")]);
+    assert!(
+        !text(&out.stdout).contains("\nstorage "),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
 fn check_prints_who_peers_with_whom_over_which_endpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = kiln(&["check", &example_in(tmp.path(), "profiles/club.toml")]);
@@ -560,7 +592,7 @@ fn check_prints_who_peers_with_whom_over_which_endpoint() {
         [
             "rgb5",
             "vps",
-            "hub.example.org:51820",
+            "tcp hub.example.org:443 (kiln-relay)",
             "10.0.0.0/24 minus site campus",
             "hub"
         ]
@@ -793,4 +825,94 @@ fn build_refuses_an_airgap_tarball_the_profile_does_not_ask_for_before_any_work(
         help.contains("--airgap-images <FILE>") && help.contains("KILN_AIRGAP_IMAGES"),
         "{help}"
     );
+}
+
+/// `kiln hub` on the club example: every file the VPS needs, each checked
+/// by its own tool; an existing directory is kept without --force; a
+/// profile whose hub is a node gets a clear refusal.
+#[test]
+fn hub_writes_a_bundle_the_tools_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = example_in(dir.path(), "profiles/club.toml");
+    let out = dir.path().join("hub");
+    let o = kiln(&["hub", &profile, "--out", &out.to_string_lossy()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "99-kiln-hub.conf",
+            "SHA256SUMS",
+            "install.sh",
+            "kiln-hub-firewall.service",
+            "kiln-hub.nft",
+            "kiln-relay",
+            "kiln-relay.service",
+            "wg0.conf"
+        ]
+    );
+    let mode = |n: &str| std::fs::metadata(out.join(n)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("wg0.conf"), 0o600);
+    assert_eq!(mode("install.sh"), 0o755);
+    let run = |cmd: &mut Command| {
+        let o = cmd.current_dir(&out).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd:?}: {}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
+        text(&o.stdout)
+    };
+    run(Command::new("sha256sum").args(["-c", "--quiet", "SHA256SUMS"]));
+    run(Command::new("shellcheck").arg("install.sh"));
+    run(Command::new("nft").args(["-c", "-f", "kiln-hub.nft"]));
+    let stripped = run(Command::new("wg-quick").args(["strip", "./wg0.conf"]));
+    // Five desktops and Alice's laptop, and no private key in the bundle.
+    let peers = stripped.lines().filter(|l| l.trim() == "[Peer]").count();
+    assert_eq!(peers, 6, "{stripped}");
+    assert!(!stripped.contains("PrivateKey"), "{stripped}");
+    let relay = run(Command::new(out.join("kiln-relay")).arg("--version"));
+    assert!(relay.starts_with("kiln-relay "), "{relay}");
+    let unit = std::fs::read_to_string(out.join("kiln-relay.service")).unwrap();
+    assert!(
+        unit.contains("server --tcp 0.0.0.0:443 --udp 127.0.0.1:51820"),
+        "{unit}"
+    );
+
+    let again = kiln(&["hub", &profile, "--out", &out.to_string_lossy()]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("--force"),
+        "{}",
+        text(&again.stderr)
+    );
+    let forced = kiln(&["hub", &profile, "--out", &out.to_string_lossy(), "--force"]);
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
+
+    let ha = example_in(dir.path(), "profiles/ha.toml");
+    let refused = kiln(&[
+        "hub",
+        &ha,
+        "--out",
+        &dir.path().join("ha-hub").to_string_lossy(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("no external hub"),
+        "{}",
+        text(&refused.stderr)
+    );
+    assert!(!dir.path().join("ha-hub").exists());
+    // Nothing staged is left beside the bundle.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".kiln-hub-") || n.ends_with("old-kiln-hub"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

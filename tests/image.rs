@@ -1147,7 +1147,13 @@ fn esp_is_clean_fat32_with_systemd_boot_entry_kernel_and_initrds() {
 /// Files the root stream drops from the base (src/rootfs.rs
 /// `is_host_state`): build-host state every node would otherwise share.
 fn is_dropped(path: &str) -> bool {
-    ["etc/hostname", "etc/machine-id", "var/lib/dbus/machine-id"].contains(&path)
+    [
+        "etc/hostname",
+        "etc/machine-id",
+        "var/lib/dbus/machine-id",
+        kiln::image::rootfs::ISCSI_BASE_INITIATOR_NAME,
+    ]
+    .contains(&path)
         || path.starts_with("etc/ssh/ssh_host_")
         || path.starts_with("boot/initrd.img")
 }
@@ -1339,6 +1345,16 @@ fn root_a_is_zstd_squashfs_holding_the_base_with_owners_modes_and_types() {
         .arg("-o")
         .arg(offset.to_string())
         .arg(&image)));
+    // vm.toml's `storage = ["longhorn"]` puts open-iscsi in the base, whose
+    // postinst names the initiator there: one name for every node, which
+    // the root image must not carry (each node makes its own on /var).
+    let iname = kiln::image::rootfs::ISCSI_BASE_INITIATOR_NAME;
+    assert!(
+        b.entries.contains_key(iname),
+        "the base has no {iname}: did open-iscsi stop writing one at install time?"
+    );
+    assert!(!listing.contains_key(iname), "{iname} is in root-a");
+    assert!(listing.contains_key("etc/iscsi/iscsid.conf"));
     let kiln_files = kiln_root_files();
     let mut expected_paths: BTreeSet<String> = BTreeSet::new();
     let mut failures = Vec::new();
@@ -1662,6 +1678,7 @@ fn user_xattrs_survive_the_root_stream_and_acls_are_dropped() {
         overlays: vec![],
         k3s: &k3s,
         images: &[],
+        relay: None,
         image_files: kiln::render::tree::FileTree::new(),
         mtime: EPOCH,
         level: 3,
@@ -1719,6 +1736,7 @@ fn a_truncated_base_fails_naming_the_base_not_tar2sqfs() {
         overlays: vec![],
         k3s: &k3s,
         images: &[],
+        relay: None,
         image_files: kiln::render::tree::FileTree::new(),
         mtime: EPOCH,
         level: 3,

@@ -605,3 +605,103 @@ fn rendered_manifests_parse_as_kubernetes_objects() {
     }
     assert!(seen >= 3, "{seen} objects");
 }
+
+/// The initiator-name script, as rendered for a Longhorn node: makes a
+/// name once (0600, directory 0700) and links open-iscsi's path to it,
+/// over the file the base was made with; keeps it on the next run; gives
+/// another node another name; takes `iscsi-iname`'s when it is there; and
+/// stops, changing nothing, at a file that holds no name.
+#[test]
+fn the_initiator_name_script_makes_a_name_once_and_links_it() {
+    use kiln::render::storage::SCRIPT;
+    let (_, _, files) = rendered()
+        .into_iter()
+        .find(|(n, _, _)| n == "profiles/ha.toml:cp1")
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("iscsi-initiator");
+    std::fs::write(&script, files.tree.text(SCRIPT).unwrap()).unwrap();
+    // PATH without iscsi-iname (the host has none), or with a stand-in.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let run = |node: &str, with_iname: bool| {
+        let root = tmp.path().join(node);
+        let (state, etc) = (
+            root.join("var/lib/kiln/iscsi/initiatorname.iscsi"),
+            root.join("etc/iscsi/initiatorname.iscsi"),
+        );
+        let path = if with_iname {
+            format!("{}:/usr/bin:/bin", bin.display())
+        } else {
+            "/usr/bin:/bin".to_string()
+        };
+        let out = Command::new("sh")
+            .arg(&script)
+            .arg(&state)
+            .arg(&etc)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        (out, state, etc)
+    };
+    let name_in = |p: &Path| {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("InitiatorName=").map(String::from))
+            .unwrap()
+    };
+    // The base's name, the same on every node, is in /etc at first.
+    let etc1 = tmp.path().join("n1/etc/iscsi/initiatorname.iscsi");
+    std::fs::create_dir_all(etc1.parent().unwrap()).unwrap();
+    std::fs::write(&etc1, "InitiatorName=iqn.1993-08.org.debian:01:shared\n").unwrap();
+    let (out, state, etc) = run("n1", false);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{said}{out:?}");
+    assert!(said.contains("made iqn."), "{said}");
+    let first = name_in(&state);
+    assert!(kiln::verify::storage::is_iqn(&first), "{first}");
+    assert!(first.starts_with("iqn.2016-04.com.open-iscsi:"), "{first}");
+    assert_eq!(std::fs::read_link(&etc).unwrap(), state);
+    assert_eq!(name_in(&etc), first);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o600);
+    assert_eq!(mode(state.parent().unwrap()), 0o700);
+
+    // Next boot: /etc is new again (the base's file), the name is kept.
+    std::fs::remove_file(&etc).unwrap();
+    std::fs::write(&etc, "InitiatorName=iqn.1993-08.org.debian:01:shared\n").unwrap();
+    let (out, _, _) = run("n1", true);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("made "));
+    assert_eq!(name_in(&state), first);
+    assert_eq!(name_in(&etc), first);
+
+    // Another node, another name; with iscsi-iname present, its name.
+    let (out, state2, _) = run("n2", false);
+    assert!(out.status.success(), "{out:?}");
+    assert_ne!(name_in(&state2), first);
+    let fake = bin.join("iscsi-iname");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho iqn.2016-04.com.open-iscsi:0123456789ab\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (out, state3, _) = run("n3", true);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(name_in(&state3), "iqn.2016-04.com.open-iscsi:0123456789ab");
+
+    // A file without a name is not replaced: the script fails, says why.
+    std::fs::write(&state3, "GenerateName=yes\n").unwrap();
+    let (out, _, _) = run("n3", true);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAILED"),
+        "{out:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&state3).unwrap(),
+        "GenerateName=yes\n"
+    );
+}

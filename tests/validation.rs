@@ -7,6 +7,8 @@ use kiln::config::diag::Diagnostic;
 
 #[path = "validation/manifests.rs"]
 mod manifests;
+#[path = "validation/transport.rs"]
+mod transport;
 
 /// A small valid profile; tests replace parts of it.
 const GOOD: &str = r#"[cluster]
@@ -1343,4 +1345,42 @@ fn write_files_into_agent_images_are_refused_while_the_slot_mounts_its_tarballs(
     assert!(e.hint.contains("k3s.image-tarballs"), "{e}");
     let without = text.replace("airgap = true\n", "");
     assert!(errors(&without).is_empty(), "{:?}", errors(&without));
+}
+
+#[test]
+fn storage_values_are_the_known_ones_each_once() {
+    let e = one(
+        &with(
+            "name = \"lab\"\n",
+            "name = \"lab\"\nstorage = [\"longhorn\", \"ceph\"]\n",
+        ),
+        3,
+        "cluster.storage[1]",
+        "unknown storage `ceph`",
+    );
+    assert_eq!(e.column, 24);
+    assert_eq!(
+        e.hint,
+        "write one of \"longhorn\", \"rook-ceph\", \"nfs\", or remove it (kiln installs nothing for other storage)"
+    );
+    // A node's own list is checked the same way; a repeat is an error.
+    one(
+        &with(
+            "role = \"agent\"\n",
+            "role = \"agent\"\nstorage = [\"nfs\", \"nfs\"]\n",
+        ),
+        19,
+        "nodes[1].storage[1]",
+        "`nfs` is listed twice",
+    );
+    // A repeat in the cluster's list is reported once, not per node.
+    one(
+        &with(
+            "name = \"lab\"\n",
+            "name = \"lab\"\nstorage = [\"nfs\", \"nfs\"]\n",
+        ),
+        3,
+        "cluster.storage[1]",
+        "`nfs` is listed twice",
+    );
 }

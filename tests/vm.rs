@@ -900,7 +900,8 @@ fn snapshot_taken(
 /// The A/B update cycle on one disk: an image of k3s A boots; an update
 /// too big for the slot is refused with nothing written; `kiln-update`
 /// from `kiln serve` moves it to B on the other slot (blessed once k3s is
-/// active); `--rollback` returns to A; an update whose root cannot be
+/// active) and brings B's manifests; `--rollback` returns to A (and A's
+/// manifests); an update whose root cannot be
 /// mounted fails its three tries and systemd-boot returns to A, which
 /// reports the failure. A file on /var survives all of it. On this server
 /// (SQLite) every update snapshots the datastore before writing the slot,
@@ -915,12 +916,19 @@ fn ab_updates_good_broken_and_rollback() {
     let dir = tempfile::tempdir().unwrap();
     let profile_b = dir.path().join("vm.toml");
     let text_a = std::fs::read_to_string(&f.plan.profile_path).unwrap();
-    let text_b = text_a.replacen(
-        &format!("version = \"{a_version}\""),
-        &format!("version = \"{K3S_B}\""),
+    // B also changes the manifest s1 deploys: the update must bring it.
+    let text_b = text_a
+        .replacen(
+            &format!("version = \"{a_version}\""),
+            &format!("version = \"{K3S_B}\""),
+            1,
+        )
+        .replacen("  slot: \"a\"\n", "  slot: \"b\"\n", 1);
+    assert_eq!(
+        text_b.matches("slot: \"b\"").count(),
         1,
+        "vm.toml's manifest no longer says slot: \"a\""
     );
-    assert_ne!(text_a, text_b);
     std::fs::write(&profile_b, &text_b).unwrap();
     let plan_b = kiln::config::plan::plan_profile(&profile_b, &text_b).unwrap();
     let out_b = dir.path().join("out");
@@ -1009,6 +1017,19 @@ fn ab_updates_good_broken_and_rollback() {
             assert!(rec.contains(&format!("version={want}")), "{rec}");
         }
     };
+    // kiln's manifests in server/manifests, as plan `p` says s1 has them;
+    // and the node's iSCSI initiator name, which no update may change.
+    let manifests_are = |vm: &kiln::verify::vm::Vm, p: &Plan, which: &str| {
+        let want = kiln::verify::manifests::expected_manifest_listing(p, p.node("s1").unwrap());
+        let seen = kiln::verify::manifests::manifest_listing(vm, key).unwrap();
+        assert!(!want.is_empty());
+        assert_eq!(seen, want, "s1's manifests are not plan {which}'s");
+    };
+    let initiator = |vm: &kiln::verify::vm::Vm| {
+        let n = kiln::verify::storage::initiator_name(vm, key).unwrap();
+        assert!(kiln::verify::storage::is_iqn(&n), "{n:?}");
+        n
+    };
     let wait_status = |vm: &mut kiln::verify::vm::Vm, prefix: &str| -> String {
         vm.wait_until(
             &format!("update-status `{prefix}`"),
@@ -1032,6 +1053,8 @@ fn ab_updates_good_broken_and_rollback() {
     .unwrap();
     assert_eq!(facts(&vm), ("a".into(), a_version.clone(), "kept".into()));
     double_says(&vm, &a_version);
+    manifests_are(&vm, &f.plan, "A");
+    let iname = initiator(&vm);
 
     // Too big: refused before anything is written.
     let before = vm.sh(key, "kiln-update --status").unwrap();
@@ -1081,6 +1104,12 @@ fn ab_updates_good_broken_and_rollback() {
     eprintln!("after the update: {ok}");
     assert_eq!(facts(&vm), ("b".into(), K3S_B.into(), "kept".into()));
     double_says(&vm, K3S_B);
+    manifests_are(&vm, &plan_b, "B");
+    assert_eq!(
+        initiator(&vm),
+        iname,
+        "the update changed the initiator name"
+    );
     vm.sh(key, &format!("test -s {snapshot}/state.db")).unwrap();
     let st = vm.sh(key, "kiln-update --status").unwrap();
     assert!(st.contains("slot b: generation 2, good"), "{st}");
@@ -1100,6 +1129,12 @@ fn ab_updates_good_broken_and_rollback() {
     boot(&mut vm, &mut boots);
     assert_eq!(facts(&vm), ("a".into(), a_version.clone(), "kept".into()));
     double_says(&vm, &a_version);
+    manifests_are(&vm, &f.plan, "A");
+    assert_eq!(
+        initiator(&vm),
+        iname,
+        "the rollback changed the initiator name"
+    );
 
     // The broken update: its root cannot be mounted; three tries, then A.
     let o = vm

@@ -83,6 +83,8 @@ pub(super) struct Inputs {
     /// The release's air-gap tarball and the profile's (often none).
     pub images: Vec<ImageTarball>,
     pub files: BaseFiles,
+    /// `kiln-relay`, when a node reaches its hub over TCP.
+    pub relay: Option<PathBuf>,
 }
 
 /// The kernel, initramfs and bootloader, written into the work directory.
@@ -144,11 +146,16 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
     let image_bytes = images.iter().map(|t| t.size).sum();
     super::check_space(plan, cx.nodes, &base.path, image_bytes, &cx.staging.dir)?;
     let files = base_files(cx, &base)?;
+    let relay = match &plan.wireguard {
+        Some(wg) if wg.uses_relay() => Some(crate::inputs::relay::locate()?),
+        _ => None,
+    };
     Ok(Inputs {
         base,
         k3s,
         images,
         files,
+        relay,
     })
 }
 
@@ -294,6 +301,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             overlays: overlays.clone(),
             k3s: &inputs.k3s.path,
             images: &inputs.images,
+            relay: inputs.relay.as_deref(),
             image_files: image_files(cx.plan, &version_text),
             mtime: cx.epoch,
             level: cx.plan.compression_level,
@@ -355,6 +363,15 @@ fn root_key(
         .field("k3s-sha256", &inputs.k3s.sha256);
     for t in root.images {
         key = key.field("image-tarball", format!("{} {}", t.sha256, t.name));
+    }
+    if let Some(relay) = root.relay {
+        match sha256_file(relay) {
+            Ok(sha) => key = key.field("relay-sha256", sha),
+            Err(e) => {
+                log::debug!("no cache key for the root: {e:#}");
+                return None;
+            }
+        }
     }
     Some(
         key.field("mtime", root.mtime)

@@ -46,6 +46,7 @@ pub fn check(plan: &Plan, cached: Option<&CachedBase>, now: u64) -> String {
     write_peers(&mut s, plan);
     write_operators(&mut s, plan);
     write_manifests(&mut s, plan);
+    write_storage(&mut s, plan);
     write_proxy(&mut s, plan);
     write_build_plan(&mut s, plan);
     s
@@ -441,10 +442,15 @@ fn peer_row(plan: &Plan, wg: &WgPlan, n: &NodePlan, l: &Link) -> [String; 5] {
         PeerRef::External(p) => wg.peers[p].name.clone(),
         PeerRef::Operator(o) => format!("{} (operator)", plan.operators[o].name),
     };
-    let endpoint = l
-        .endpoint
-        .as_ref()
-        .map_or("- (it dials in)".into(), ToString::to_string);
+    let endpoint = match (&l.relay, &l.endpoint) {
+        (Some(r), Some(e)) if e.port == crate::config::plan::RELAY_LOCAL_PORT => {
+            format!("tcp {r} (kiln-relay)")
+        }
+        (Some(r), Some(e)) => format!("{e}, tcp {r} while udp fails"),
+        (_, e) => e
+            .as_ref()
+            .map_or("- (it dials in)".into(), ToString::to_string),
+    };
     let why = match l.kind {
         LinkKind::Mesh => "mesh".to_string(),
         LinkKind::Site => format!("site {}", n.site.as_deref().unwrap_or("-")),
@@ -506,6 +512,47 @@ fn write_manifests(s: &mut String, plan: &Plan) {
     let w1 = rows.iter().map(|r| r[1].len()).max().unwrap_or(0);
     for [file, what, nodes] in rows {
         let _ = writeln!(s, "  {file:<w0$}  {what:<w1$}  {nodes}");
+    }
+}
+
+/// Each node's storage prerequisites: the packages (in the shared base),
+/// the modules, and iscsid with the node's own initiator name.
+fn write_storage(s: &mut String, plan: &Plan) {
+    if plan.nodes.iter().all(|n| n.storage.is_empty()) {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nstorage (packages in the base every node shares: {}; the rest per node)",
+        plan.storage_packages().join(" ")
+    );
+    let width = plan.nodes.iter().map(|n| n.name.len()).max().unwrap_or(0);
+    for n in &plan.nodes {
+        let _ = writeln!(s, "  {:<width$}  {}", n.name, storage_summary(n));
+    }
+}
+
+/// `longhorn (modules iscsi_tcp; iscsid, initiator name made once in …)`, or `none`.
+fn storage_summary(n: &NodePlan) -> String {
+    use crate::render::storage::{INITIATOR_NAME_STATE, needs_iscsi, node_modules};
+    if n.storage.is_empty() {
+        return "none".into();
+    }
+    let names: Vec<&str> = n.storage.iter().map(|x| x.as_str()).collect();
+    let mut what = Vec::new();
+    let modules = node_modules(n);
+    if !modules.is_empty() {
+        what.push(format!("modules {}", modules.join(" ")));
+    }
+    if needs_iscsi(n) {
+        what.push(format!(
+            "iscsid, initiator name made once in {INITIATOR_NAME_STATE}"
+        ));
+    }
+    if what.is_empty() {
+        names.join(", ")
+    } else {
+        format!("{} ({})", names.join(", "), what.join("; "))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod check;
 pub mod flash;
+pub mod hub;
 pub mod import_k3os;
 pub mod keys;
 pub mod kubeconfig;

@@ -22,9 +22,11 @@ use crate::config::types::{
 
 mod manifests;
 mod proxy;
+mod storage;
 
 pub use manifests::{HelmChart, Manifest};
 pub use proxy::Proxy;
+pub use storage::{Storage, parse_storage};
 
 /// A value with the span and dotted key it was read from.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,6 +67,40 @@ pub enum Topology {
     Hub,
 }
 
+/// How a spoke carries its WireGuard packets to the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HubTransport {
+    /// Plain WireGuard.
+    #[default]
+    Udp,
+    /// Over TCP through `kiln-relay`, for networks that drop UDP.
+    Tcp,
+    /// UDP, switching to TCP while the hub does not answer over UDP.
+    Auto,
+}
+
+impl HubTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HubTransport::Udp => "udp",
+            HubTransport::Tcp => "tcp",
+            HubTransport::Auto => "auto",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<HubTransport, Invalid> {
+        match s {
+            "udp" => Ok(HubTransport::Udp),
+            "tcp" => Ok(HubTransport::Tcp),
+            "auto" => Ok(HubTransport::Auto),
+            _ => Err(inv(
+                format!("unknown hub transport `{s}`"),
+                "use \"udp\" (plain WireGuard), \"tcp\" (through kiln-relay, for networks that drop UDP) or \"auto\" (UDP, falling back to TCP)",
+            )),
+        }
+    }
+}
+
 /// What a node does once it has installed itself onto `install-device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AfterInstall {
@@ -93,6 +129,9 @@ pub enum KernelFlavour {
 #[derive(Debug, Default)]
 pub struct Profile {
     pub cluster_name: Option<At<String>>,
+    /// `cluster.storage`: every node's storage prerequisites, unless the
+    /// node sets its own (read in `profile/storage.rs`).
+    pub storage: Option<Vec<At<Storage>>>,
     pub k3s: K3s,
     pub boot: Boot,
     pub base: Base,
@@ -173,6 +212,18 @@ pub struct WireGuard {
     pub hub: Option<At<String>>,
     pub persistent_keepalive: Option<At<u16>>,
     pub peers: Vec<ExternalPeer>,
+    /// How spokes reach the hub, unless their site or node says otherwise.
+    pub hub_transport: Option<At<HubTransport>>,
+    /// The TCP port of the hub's `kiln-relay` server.
+    pub hub_tcp_port: Option<At<u16>>,
+    /// `[wireguard.sites.<name>]`: per-site settings.
+    pub sites: Vec<SiteSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SiteSettings {
+    pub name: At<String>,
+    pub hub_transport: Option<At<HubTransport>>,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +304,7 @@ pub struct Node {
     pub endpoint: Option<At<Endpoint>>,
     /// The LAN the node shares with others it peers with directly.
     pub site: Option<At<String>>,
+    pub hub_transport: Option<At<HubTransport>>,
     pub cluster_init: Option<At<bool>>,
     pub labels: Vec<(At<String>, At<String>)>,
     pub taints: Vec<At<String>>,
@@ -261,6 +313,8 @@ pub struct Node {
     pub allow_suspend: Option<At<bool>>,
     pub install_device: Option<At<DevicePath>>,
     pub after_install: Option<At<AfterInstall>>,
+    /// This node's storage prerequisites, instead of `cluster.storage`.
+    pub storage: Option<Vec<At<Storage>>>,
 }
 
 /// `[[operators]]`: a machine outside the cluster (an operator's laptop)
@@ -332,6 +386,7 @@ pub fn read_profile(source: &str, d: &mut Diagnostics) -> Option<Profile> {
         p.cluster_name = c.parse(d, "name", |s: &str| {
             types::parse_hostname(s).and_then(|n| label_only(&n, s))
         });
+        p.storage = storage::read(&mut c, d);
         c.finish(d);
     }
     if let Some(mut k) = t.table(d, "k3s") {
@@ -751,7 +806,27 @@ fn read_wireguard(w: &mut Tab, d: &mut Diagnostics) -> WireGuard {
         hub: w.str(d, "hub"),
         persistent_keepalive: w.int(d, "persistent-keepalive", KEEPALIVE_RANGE).and_then(|a| keepalive_at(a, d)),
         peers: Vec::new(),
+        hub_transport: w.parse(d, "hub-transport", HubTransport::parse),
+        hub_tcp_port: w.int(d, "hub-tcp-port", PORT_RANGE).and_then(|a| port_at(a, d)),
+        sites: Vec::new(),
     };
+    if let Some(mut m) = w.table(d, "sites") {
+        for (name, span) in m.keys() {
+            let key = format!("{}.{}", m.path, quote_key(&name));
+            if let Some(mut t) = m.table(d, &name) {
+                out.sites.push(SiteSettings {
+                    name: At {
+                        v: name.clone(),
+                        span,
+                        key,
+                    },
+                    hub_transport: t.parse(d, "hub-transport", HubTransport::parse),
+                });
+                t.finish(d);
+            }
+        }
+        m.finish(d);
+    }
     if let Some((peers, _)) = w.array_of_tables(d, "peers") {
         for (i, (mut p, span)) in peers.into_iter().enumerate() {
             let key = format!("wireguard.peers[{i}]");
@@ -925,6 +1000,7 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
                 ))
             }
         }),
+        hub_transport: n.parse(d, "hub-transport", HubTransport::parse),
         cluster_init: n.bool(d, "cluster-init"),
         labels: Vec::new(),
         taints: n.parse_list(d, "taints", parse_taint),
@@ -932,6 +1008,7 @@ fn read_node(n: &mut Tab, d: &mut Diagnostics, span: Range<usize>, key: String) 
         network: None,
         allow_suspend: n.bool(d, "allow-suspend"),
         install_device: n.parse(d, "install-device", DevicePath::parse),
+        storage: storage::read(n, d),
         after_install: n.parse(d, "after-install", |s| match s {
             "poweroff" => Ok(AfterInstall::Poweroff),
             "reboot" => Ok(AfterInstall::Reboot),

@@ -4,5 +4,6 @@
 //! build or verify.
 
 pub mod flash;
+pub mod relay;
 pub mod serve;
 pub mod upgrade;

@@ -10,7 +10,8 @@
 //!
 //! On the way through, the stream:
 //! - drops build-host state every node would otherwise share (SSH host
-//!   keys, host name, machine id, Debian's own initrd);
+//!   keys, host name, machine id, the iSCSI initiator name, Debian's own
+//!   initrd);
 //! - moves `/var` into `/usr/share/kiln/factory/var`: `/var` is the
 //!   state partition, seeded from the factory copy by systemd-tmpfiles
 //!   (`C`, copy if missing), while the package manager's state
@@ -37,6 +38,8 @@ pub const TAR2SQFS: Tool = Tool::new("tar2sqfs", "squashfs-tools-ng");
 pub const FACTORY_VAR: &str = "usr/share/kiln/factory/var";
 /// Where the k3s binary goes.
 pub const K3S_PATH: &str = "usr/local/bin/k3s";
+/// Where `kiln-relay` goes (`render::relay::RELAY_BINARY`).
+pub const RELAY_PATH: &str = "usr/lib/kiln/kiln-relay";
 /// squashfs block size: 128 KiB, the size DESIGN.md measured.
 pub const BLOCK_BYTES: u32 = 128 * 1024;
 /// Package-manager state linked (not copied) from the factory.
@@ -51,7 +54,14 @@ fn is_host_state(path: &str) -> bool {
         || path == "var/lib/dbus/machine-id"
         || path.starts_with("etc/ssh/ssh_host_")
         || path.starts_with("boot/initrd.img")
+        // open-iscsi's postinst names the initiator when the base is made:
+        // every node would log in to iSCSI targets under one name. A node
+        // with storage makes its own (`render::storage`).
+        || path == ISCSI_BASE_INITIATOR_NAME
 }
+
+/// The initiator name open-iscsi's postinst writes into the base.
+pub const ISCSI_BASE_INITIATOR_NAME: &str = "etc/iscsi/initiatorname.iscsi";
 
 /// What goes into a root image.
 pub struct RootInputs<'a> {
@@ -61,6 +71,8 @@ pub struct RootInputs<'a> {
     pub k3s: &'a Path,
     /// Image tarballs for k3s to import, into [`SLOT_IMAGES_DIR`].
     pub images: &'a [ImageTarball],
+    /// `kiln-relay`, into [`RELAY_PATH`], when a node uses it.
+    pub relay: Option<&'a Path>,
     /// kiln's own files in the image (units, masks, version).
     pub image_files: FileTree,
     pub mtime: u64,
@@ -356,6 +368,17 @@ fn collect_added(inputs: &RootInputs) -> anyhow::Result<BTreeMap<String, Added>>
             source: Source::Path(inputs.k3s.to_path_buf()),
         },
     );
+    if let Some(relay) = inputs.relay {
+        added.insert(
+            RELAY_PATH.to_string(),
+            Added::File {
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                source: Source::Path(relay.to_path_buf()),
+            },
+        );
+    }
     for t in inputs.images {
         added.insert(
             format!("{}/{}", SLOT_IMAGES_DIR.trim_start_matches('/'), t.name),
@@ -683,6 +706,17 @@ mod tests {
         for (p, kind, body) in [
             ("etc", tar::EntryType::Directory, &b""[..]),
             ("etc/os-release", tar::EntryType::Regular, b"ID=debian\n"),
+            ("etc/iscsi", tar::EntryType::Directory, b""),
+            (
+                "etc/iscsi/initiatorname.iscsi",
+                tar::EntryType::Regular,
+                b"InitiatorName=iqn.1993-08.org.debian:01:0123456789ab\n",
+            ),
+            (
+                "etc/iscsi/iscsid.conf",
+                tar::EntryType::Regular,
+                b"# conf\n",
+            ),
             ("var", tar::EntryType::Directory, b""),
         ] {
             let mut h = header_for(kind, 0o755, 0, 0, 1, body.len() as u64);
@@ -710,6 +744,7 @@ mod tests {
             base: &base,
             overlays: vec![],
             k3s: &k3s,
+            relay: None,
             images: &images,
             image_files: FileTree::new(),
             mtime: 7,
@@ -735,5 +770,13 @@ mod tests {
         for d in ["usr", "usr/lib", "usr/lib/kiln", "usr/lib/kiln/images"] {
             assert_eq!(seen[d].0, 0o755, "{d}");
         }
+        // The initiator name the base was made with is not every node's;
+        // the rest of open-iscsi's configuration stays.
+        assert!(
+            !seen.contains_key(ISCSI_BASE_INITIATOR_NAME),
+            "{:?}",
+            seen.keys()
+        );
+        assert!(seen.contains_key("etc/iscsi/iscsid.conf"));
     }
 }

@@ -249,7 +249,12 @@ pub fn base_spec(plan: &Plan) -> Option<BaseSpec> {
             kernel,
             packages,
             ..
-        } => Some(debian_spec(suite, *kernel, packages)),
+        } => {
+            // Storage prerequisites (`storage`) join the profile's extras:
+            // a cluster with storage gets its own base (another digest).
+            let extra = [packages.clone(), plan.storage_packages()].concat();
+            Some(debian_spec(suite, *kernel, &extra))
+        }
         BasePlan::Tarball(_) => None,
     }
 }

@@ -15,3 +15,4 @@ pub mod freshness;
 pub mod k3s;
 pub mod kernel;
 pub mod kernel_pack;
+pub mod relay;

@@ -4,6 +4,7 @@
 pub mod airgap;
 pub mod boot;
 mod firstboot;
+pub mod hub;
 mod k3s;
 pub mod k3s_ca;
 pub mod manifests;
@@ -11,6 +12,8 @@ mod nft;
 pub mod power;
 pub mod proxy;
 pub mod pxe;
+pub mod relay;
+pub mod storage;
 mod system;
 pub mod tree;
 mod wireguard;
@@ -72,6 +75,7 @@ pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeF
     manifests::render(plan, node, &mut tree);
     proxy::render(plan, &mut tree);
     airgap::render(plan, &mut tree);
+    storage::render(plan, node, &mut tree);
     firstboot::render(plan, &mut tree);
     power::render(plan, node, &mut tree);
     tree.file(

@@ -16,19 +16,20 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 use crate::config::plan::{
     HubRef, K3S_API_PORT, Link, LinkKind, NodePlan, OPERATOR_KEEPALIVE_S, OperatorPlan, PeerRef,
-    Plan, SSH_PORT, WgPlan, host_net, node_links,
+    Plan, SSH_PORT, TCP_TRANSPORT_MTU, WgPlan, host_net, node_links,
 };
-use crate::config::profile::{Role, Topology};
+use crate::config::profile::{HubTransport, Role, Topology};
 use crate::config::secrets::PrivateKey;
 use crate::config::types::{Endpoint, Host, WgKey};
 use crate::render::tree::FileTree;
 
-use super::{NodeSecrets, SECRET_MODE, header};
+use super::{NodeSecrets, SECRET_MODE, header, relay};
 
 /// One `[Peer]` of a node's config.
 struct Peer {
@@ -37,6 +38,27 @@ struct Peer {
     allowed_ips: Vec<IpNet>,
     endpoint: Option<Endpoint>,
     keepalive: Option<u16>,
+    /// The plan's link, for a node's peers (operators' files have none).
+    link: Option<Link>,
+}
+
+fn relay_of(p: &Peer) -> Option<&Endpoint> {
+    p.link.as_ref().and_then(|l| l.relay.as_ref())
+}
+
+fn index_of(plan: &Plan, node: &NodePlan) -> usize {
+    plan.nodes
+        .iter()
+        .position(|n| n.name == node.name)
+        .expect("rendering a node of the plan")
+}
+
+/// The hub's tunnel address: what kiln-wg-transport pings.
+pub fn hub_address(plan: &Plan, wg: &WgPlan) -> Option<IpAddr> {
+    match wg.hub? {
+        HubRef::External(i) => wg.peers[i].address,
+        HubRef::Node(i) => plan.nodes[i].wireguard_address,
+    }
 }
 
 pub fn render(
@@ -55,11 +77,39 @@ pub fn render(
     let _ = writeln!(s, "Address = {}/{}", addr, wg.network.prefix_len());
     let _ = writeln!(s, "ListenPort = {}", wg.listen_port);
     let _ = writeln!(s, "PrivateKey = {}", secrets.private_key.to_base64());
+    let i = index_of(plan, node);
+    let transport = wg.hub_transport.get(i).copied().unwrap_or_default();
+    if transport != HubTransport::Udp {
+        let _ = writeln!(
+            s,
+            "# The hub is reached over TCP ({} transport): one packet per TCP segment.\nMTU = {TCP_TRANSPORT_MTU}",
+            transport.as_str()
+        );
+    }
     let mut named = Vec::new();
+    let mut over_tcp = None;
     for p in peers(plan, wg, node, secrets) {
         if let Some(e) = write_peer(&mut s, &p, false) {
-            named.push((p.public_key.clone(), e));
+            // With "auto", kiln-wg-transport owns the hub's endpoint.
+            if !(relay_of(&p).is_some() && transport == HubTransport::Auto) {
+                named.push((p.public_key.clone(), e));
+            }
         }
+        if relay_of(&p).is_some() {
+            over_tcp = Some(p);
+        }
+    }
+    if let Some(Peer {
+        link: Some(link),
+        public_key,
+        ..
+    }) = over_tcp
+    {
+        let probe = hub_address(plan, wg);
+        relay::render_client(plan, wg, transport, &link, &public_key, probe, tree);
+    }
+    if wg.uses_relay() && wg.hub == Some(HubRef::Node(i)) {
+        relay::render_server(plan, wg, tree);
     }
     tree.file(&format!("/etc/wireguard/{iface}.conf"), SECRET_MODE, s);
     tree.file(
@@ -158,11 +208,7 @@ fn join(nets: &[IpNet]) -> String {
 /// The peers of `node`, as the plan links it ([`node_links`]), with their
 /// keys and a comment naming each.
 fn peers(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets) -> Vec<Peer> {
-    let i = plan
-        .nodes
-        .iter()
-        .position(|n| n.name == node.name)
-        .expect("rendering a node of the plan");
+    let i = index_of(plan, node);
     let site = node.site.as_deref();
     node_links(plan, wg, i)
         .into_iter()
@@ -188,9 +234,10 @@ fn peers(plan: &Plan, wg: &WgPlan, node: &NodePlan, secrets: &NodeSecrets) -> Ve
             Peer {
                 comment: comment + &link_note(&l, site, wg),
                 public_key,
-                allowed_ips: l.allowed_ips,
-                endpoint: l.endpoint,
+                allowed_ips: l.allowed_ips.clone(),
+                endpoint: l.endpoint.clone(),
                 keepalive: l.keepalive,
+                link: Some(l),
             }
         })
         .collect()
@@ -273,6 +320,7 @@ fn operator_peers(plan: &Plan, wg: &WgPlan, node_keys: &BTreeMap<String, WgKey>)
         allowed_ips: allowed,
         endpoint: n.endpoint.clone(),
         keepalive,
+        link: None,
     };
     match (wg.topology, wg.hub) {
         (Topology::Hub, Some(HubRef::Node(h))) => {
@@ -288,6 +336,7 @@ fn operator_peers(plan: &Plan, wg: &WgPlan, node_keys: &BTreeMap<String, WgKey>)
                 allowed_ips: vec![wg.network],
                 endpoint: p.endpoint.clone(),
                 keepalive,
+                link: None,
             }]
         }
         _ => plan

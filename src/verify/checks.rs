@@ -61,6 +61,7 @@ pub fn checks_first_boot(vm: &Vm, key: &Path, e: &Expect) -> anyhow::Result<Vec<
     crate::verify::cluster_ca::check_cluster_ca(vm, key, e, &mut out)?;
     crate::verify::manifests::check_manifests(vm, key, e, &mut out)?;
     crate::verify::manifests::check_proxy(vm, key, e, &mut out)?;
+    crate::verify::storage::check_storage(vm, key, e, &mut out)?;
     check_state_fill(vm, key, e, &mut out)?;
     Ok(out)
 }
@@ -233,6 +234,54 @@ fn check_wireguard(vm: &Vm, key: &Path, e: &Expect, out: &mut Vec<Check>) -> any
         want.sort();
         let seen = sh(&format!("wg show {iface} peers | sort"))?;
         out.push(Check::eq("WireGuard peers", &want.join("\n"), &seen));
+        check_relay_units(vm, key, e, wg, out)?;
+    }
+    Ok(())
+}
+
+/// A node that reaches its hub over TCP runs the relay client; a hub
+/// node with such spokes runs the relay server.
+fn check_relay_units(
+    vm: &Vm,
+    key: &Path,
+    e: &Expect,
+    wg: &crate::config::plan::WgPlan,
+    out: &mut Vec<Check>,
+) -> anyhow::Result<()> {
+    use crate::config::plan::HubRef;
+    use crate::config::profile::HubTransport;
+    let i = e.plan.nodes.iter().position(|n| n.name == e.node.name);
+    let transport = i.and_then(|i| wg.hub_transport.get(i).copied());
+    let unit = if transport.is_some_and(|t| t != HubTransport::Udp) {
+        "kiln-relay.service"
+    } else if wg.uses_relay() && i.is_some_and(|i| wg.hub == Some(HubRef::Node(i))) {
+        "kiln-relay-server.service"
+    } else {
+        return Ok(());
+    };
+    let seen = vm.sh(
+        key,
+        &format!("systemctl is-active {unit}; /usr/lib/kiln/kiln-relay --version"),
+    )?;
+    let want = format!("active\nkiln-relay {}", env!("CARGO_PKG_VERSION"));
+    out.push(Check::eq(
+        &format!("{unit} runs (hub over TCP)"),
+        &want,
+        seen.trim(),
+    ));
+    if transport == Some(HubTransport::Auto) {
+        // Which transport kiln-wg-transport chose, for `kiln test`'s table.
+        let state = crate::render::relay::TRANSPORT_STATE;
+        let seen = vm.sh(
+            key,
+            &format!("for i in $(seq 15); do [ -s {state} ] && break; sleep 1; done; cat {state}"),
+        )?;
+        out.push(Check::new(
+            "hub transport in use (kiln-wg-transport)",
+            "udp or tcp",
+            seen.trim(),
+            matches!(seen.trim(), "udp" | "tcp"),
+        ));
     }
     Ok(())
 }
@@ -600,6 +649,7 @@ pub fn test_node_on(
     let marker_before = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
     let ca_before = crate::verify::cluster_ca::ca_listing(&vm, key)?;
     let manifests_before = crate::verify::manifests::manifest_listing(&vm, key)?;
+    let initiator_before = crate::verify::storage::initiator_name(&vm, key)?;
     vm.sh(
         key,
         &format!("mkdir -p $(dirname {PERSIST_FILE}) && echo kiln-check > {PERSIST_FILE} && sync"),
@@ -632,6 +682,15 @@ pub fn test_node_on(
         &manifests_before,
         &crate::verify::manifests::manifest_listing(&vm, key)?,
     ));
+    if crate::render::storage::needs_iscsi(e.node) {
+        let after = crate::verify::storage::initiator_name(&vm, key)?;
+        report.checks.push(Check::new(
+            "the iSCSI initiator name is unchanged after a reboot",
+            &initiator_before,
+            &after,
+            !after.is_empty() && after == initiator_before,
+        ));
+    }
     let marker_after = vm.sh(key, "cat /var/lib/kiln/run-once.done 2>&1")?;
     let second = vm.sh(key, "journalctl -b 0 -u kiln-firstboot --no-pager -o cat | grep -c 'run-once commands already ran' || true")?;
     report.checks.push(Check::new(
@@ -886,8 +945,10 @@ pub fn test_cluster_then(
         .to_string();
 
     check_tunnel(&s, &a, server, agent, key, wg, (&s_wg, &a_wg), &mut r)?;
+    check_tunnel_over_tcp(plan, (&s, &a), agent, key, wg, &mut r)?;
     check_api_reach(&a, server, agent, key, (&s_wg, &s_lan), &mut r);
     check_agent_joins(plan, &mut s, &mut a, server, agent, key, real_k3s, &mut r)?;
+    check_distinct_initiators((&s, &a), (server, agent), key, &mut r)?;
     more(&s, &a, &mut r)?;
     r.timeline = vec![
         Mark {
@@ -904,6 +965,32 @@ pub fn test_cluster_then(
         },
     ];
     Ok(r)
+}
+
+/// With iSCSI on both nodes, each has an initiator name of its own:
+/// made on the node, not in the image or the seed they were built from.
+fn check_distinct_initiators(
+    (s, a): (&Vm, &Vm),
+    (server, agent): (&ClusterNode, &ClusterNode),
+    key: &Path,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    use crate::render::storage::needs_iscsi;
+    use crate::verify::storage::{initiator_name, is_iqn};
+    if !(needs_iscsi(server.node) && needs_iscsi(agent.node)) {
+        return Ok(());
+    }
+    let (sn, an) = (initiator_name(s, key)?, initiator_name(a, key)?);
+    r.checks.push(Check::new(
+        &format!(
+            "{} and {} have distinct iSCSI initiator names",
+            server.node.name, agent.node.name
+        ),
+        "two different iqn names",
+        format!("{sn} / {an}"),
+        is_iqn(&sn) && is_iqn(&an) && sn != an,
+    ));
+    Ok(())
 }
 
 /// Boot the server and the agent on one virtual LAN; both answer SSH.
@@ -991,6 +1078,80 @@ fn check_tunnel(
         hs_ok,
     ));
 
+    Ok(())
+}
+
+/// With `hub-transport = "tcp"` the pings above went through kiln-relay:
+/// the agent's hub endpoint is its relay client, and the hub's relay
+/// server logged the agent's connection.
+fn check_tunnel_over_tcp(
+    plan: &Plan,
+    (s, a): (&Vm, &Vm),
+    agent: &ClusterNode,
+    key: &Path,
+    wg: &crate::config::plan::WgPlan,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let i = plan.nodes.iter().position(|n| n.name == agent.node.name);
+    let tcp = i.and_then(|i| wg.hub_transport.get(i).copied())
+        == Some(crate::config::profile::HubTransport::Tcp);
+    if !tcp {
+        return Ok(());
+    }
+    let local = format!("127.0.0.1:{}", crate::config::plan::RELAY_LOCAL_PORT);
+    let endpoints = a.sh(
+        key,
+        &format!("wg show {} endpoints | awk '{{print $2}}'", wg.interface),
+    )?;
+    r.checks.push(Check::new(
+        &format!("{} dials the hub through kiln-relay", agent.node.name),
+        &local,
+        endpoints.trim(),
+        endpoints.lines().any(|l| l.trim() == local),
+    ));
+    let served = s.sh(
+        key,
+        "journalctl -b -u kiln-relay-server.service -o cat | grep -c ' connected$' || true",
+    )?;
+    r.checks.push(Check::new(
+        "the hub's kiln-relay served a connection",
+        "at least 1",
+        served.trim(),
+        served.trim().parse::<u32>().is_ok_and(|n| n >= 1),
+    ));
+    check_without_udp(s, a, key, wg, r)
+}
+
+/// The hub drops every UDP packet from the network (not its own relay,
+/// which hands packets over on loopback) to its tunnel port for a moment (a
+/// table of its own, removed after): the agent still pings it through
+/// the tunnel, so the tunnel needs no UDP between them.
+fn check_without_udp(
+    s: &Vm,
+    a: &Vm,
+    key: &Path,
+    wg: &crate::config::plan::WgPlan,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let port = wg.listen_port;
+    s.sh(key, &format!("nft add table inet kiln_test_no_udp && nft add chain inet kiln_test_no_udp input '{{ type filter hook input priority -10; }}' && nft add rule inet kiln_test_no_udp input iifname != lo udp dport {port} counter drop"))?;
+    let hub = s.sh(
+        key,
+        &format!(
+            "ip -o -4 addr show dev {} | awk '{{print $4}}' | cut -d/ -f1",
+            wg.interface
+        ),
+    )?;
+    let seen = a.sh(key, &format!("for i in $(seq 10); do busybox ping -c 1 -W 1 {} >/dev/null 2>&1 && echo ok && exit 0; sleep 1; done; echo no reply", hub.trim()))?;
+    let dropped = s.sh(key, "nft list table inet kiln_test_no_udp | grep -o 'packets [0-9]*'; nft delete table inet kiln_test_no_udp")?;
+    r.checks.push(Check::eq(
+        &format!(
+            "the agent pings the hub with UDP to port {port} dropped ({})",
+            dropped.trim()
+        ),
+        "ok",
+        &seen,
+    ));
     Ok(())
 }
 

@@ -10,4 +10,5 @@ pub mod checks;
 pub mod cluster_ca;
 pub mod manifests;
 pub mod report;
+pub mod storage;
 pub mod vm;

@@ -522,6 +522,7 @@ fn general_notes(out: &Out, notes: &mut Vec<Note>) {
     };
     notes.push(general("cluster", "kiln builds a new cluster (its own CA, an empty datastore): workloads and volumes of the k3os nodes are not carried over"));
     notes.push(general("firewall", "k3os had no firewall; kiln's accepts from the LAN only SSH (22) and WireGuard: open the ports your services publish (traefik's 80 and 443, NodePorts) in [firewall] allow-tcp"));
+    notes.push(general("cluster.storage", "k3os has no key for storage; kiln installs what Longhorn needs on the nodes (open-iscsi, iscsid under a name of each node's own, the NFS client) only when asked: add storage = [\"longhorn\"] to [cluster] if the cluster runs Longhorn (\"rook-ceph\" for Rook's rbd)"));
     if out.users.iter().any(|u| u.name == K3OS_USER) {
         notes.push(general(K3OS_USER, "k3os's rancher user could sudo; kiln's images have no sudo: to log in as root, add a [[first-boot.users]] entry named root with the keys it should accept"));
     }

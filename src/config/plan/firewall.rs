@@ -57,6 +57,14 @@ pub(super) fn resolve_firewall(
     {
         allow_udp.push(w.listen_port);
     }
+    // A hub node's kiln-relay server, for spokes that reach it over TCP.
+    if let Some(w) = wireguard
+        && matches!(w.hub, Some(super::HubRef::Node(_)))
+        && w.uses_relay()
+        && !allow_tcp.contains(&w.hub_tcp_port)
+    {
+        allow_tcp.push(w.hub_tcp_port);
+    }
     FirewallPlan {
         allow_tcp,
         allow_udp,

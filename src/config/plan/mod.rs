@@ -11,7 +11,9 @@ use anyhow::Context as _;
 use ipnet::IpNet;
 
 use crate::config::diag::{Diagnostic, Diagnostics, ProfileErrors, escape_controls};
-use crate::config::profile::{self, AfterInstall, KernelFlavour, RegistryConfig, Role, Topology};
+use crate::config::profile::{
+    self, AfterInstall, HubTransport, KernelFlavour, RegistryConfig, Role, Storage, Topology,
+};
 use crate::config::types::{
     DevicePath, Endpoint, Host, K3sToken, K3sVersion, MacAddr, MaxAge, WgKey,
 };
@@ -28,6 +30,8 @@ mod operators;
 mod peers;
 mod proxy;
 mod servers;
+mod storage;
+mod transport;
 mod wireguard;
 
 pub use airgap::{
@@ -59,6 +63,17 @@ pub const DEFAULT_WG_PORT: u16 = 51830;
 pub const FLANNEL_WG_PORTS: [u16; 2] = [51820, 51821];
 /// Keepalive for spokes in a hub topology: keeps NAT mappings open.
 pub const DEFAULT_HUB_KEEPALIVE_S: u16 = 25;
+/// The TCP port of the hub's `kiln-relay`: 443 passes firewalls that let
+/// out only HTTPS.
+pub const DEFAULT_HUB_TCP_PORT: u16 = 443;
+/// The loopback UDP port of a node's `kiln-relay` client: the hub's
+/// WireGuard endpoint while the node reaches it over TCP.
+pub const RELAY_LOCAL_PORT: u16 = 51839;
+/// The tunnel MTU of a node that reaches its hub over TCP: a WireGuard
+/// packet (MTU + 32 bytes) and its 2-byte frame fit one TCP segment of a
+/// 1500-byte path (1448 bytes of payload with timestamps), so no packet
+/// waits for the next segment. WireGuard's own default is 1420.
+pub const TCP_TRANSPORT_MTU: u16 = 1380;
 pub const DEFAULT_CLUSTER_CIDR: &str = "10.42.0.0/16";
 pub const DEFAULT_SERVICE_CIDR: &str = "10.43.0.0/16";
 pub const DEFAULT_ALLOW_TCP: [u16; 1] = [22];
@@ -173,6 +188,18 @@ pub struct WgPlan {
     pub peers: Vec<ExternalPeerPlan>,
     /// In a hub topology, the nodes that share a LAN and peer directly.
     pub sites: Vec<SitePlan>,
+    /// How each node (by index into `Plan::nodes`) reaches the hub: UDP
+    /// for the hub itself and in a mesh.
+    pub hub_transport: Vec<HubTransport>,
+    /// The TCP port of the hub's `kiln-relay` server.
+    pub hub_tcp_port: u16,
+}
+
+impl WgPlan {
+    /// Whether any node reaches the hub over TCP (always or as fallback).
+    pub fn uses_relay(&self) -> bool {
+        self.hub_transport.iter().any(|t| *t != HubTransport::Udp)
+    }
 }
 
 /// Nodes on one LAN (`site = "campus"`): they peer with each other over
@@ -183,6 +210,8 @@ pub struct SitePlan {
     pub name: String,
     /// Indices into `Plan::nodes`, in profile order.
     pub nodes: Vec<usize>,
+    /// `[wireguard.sites.<name>] hub-transport`, if set.
+    pub hub_transport: Option<HubTransport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +323,9 @@ pub struct NodePlan {
     pub allow_suspend: bool,
     /// Install onto an internal disk when booted from a kiln stick.
     pub install: Option<InstallPlan>,
+    /// Storage systems the node is made ready for (`storage`: its own
+    /// list, else `cluster.storage`).
+    pub storage: Vec<Storage>,
 }
 
 /// An unattended install, read on the node by `kiln-install`.

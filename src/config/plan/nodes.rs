@@ -49,6 +49,7 @@ pub(super) fn resolve_nodes(
     missing: &mut bool,
 ) -> Vec<NodePlan> {
     let wg_network = p.wireguard.as_ref().and_then(|w| w.network.as_ref());
+    let cluster_storage = super::storage::resolve_list(p.storage.as_deref().unwrap_or_default(), d);
     let mut seen = Seen::default();
     let mut nodes = Vec::new();
     for (i, n) in p.nodes.iter().enumerate() {
@@ -127,6 +128,7 @@ pub(super) fn resolve_nodes(
                 .as_ref()
                 .map_or(DEFAULT_ALLOW_SUSPEND, |a| a.v),
             install: resolve_install(n, d),
+            storage: super::storage::node_storage(&cluster_storage, n.storage.as_deref(), d),
         });
     }
     nodes

@@ -11,10 +11,12 @@
 
 use ipnet::IpNet;
 
-use crate::config::profile::Topology;
+use std::net::IpAddr;
+
+use crate::config::profile::{HubTransport, Topology};
 use crate::config::types::{Endpoint, Host};
 
-use super::{HubRef, NodePlan, Plan, WgPlan};
+use super::{HubRef, NodePlan, Plan, RELAY_LOCAL_PORT, WgPlan};
 
 /// The other end of a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,10 @@ pub struct Link {
     pub allowed_ips: Vec<IpNet>,
     pub endpoint: Option<Endpoint>,
     pub keepalive: Option<u16>,
+    /// A spoke's link to its hub over TCP (`hub-transport` "tcp" or
+    /// "auto"): where the hub's `kiln-relay` listens. With "tcp" the
+    /// `endpoint` is then the node's own relay client.
+    pub relay: Option<Endpoint>,
 }
 
 /// The peers of node `node` (an index into `Plan::nodes`): in a mesh,
@@ -113,7 +119,13 @@ fn every_peer(plan: &Plan, wg: &WgPlan, node: usize, kind: LinkKind) -> Vec<Link
             } else {
                 kind
             };
-            node_link(plan, wg, node, m, kind, vec![host_net(&plan.nodes[m])])
+            let mut l = node_link(plan, wg, node, m, kind, vec![host_net(&plan.nodes[m])]);
+            // A spoke on TCP always dials in: the hub's UDP would not reach
+            // it, and where it does, WireGuard would move the spoke off its relay.
+            if kind == LinkKind::Spoke && wg.hub_transport.get(m) == Some(&HubTransport::Tcp) {
+                l.endpoint = None;
+            }
+            l
         })
         .collect();
     out.extend(
@@ -129,6 +141,7 @@ fn every_peer(plan: &Plan, wg: &WgPlan, node: usize, kind: LinkKind) -> Vec<Link
         allowed_ips: vec![IpNet::from(o.wireguard_address)],
         endpoint: None,
         keepalive: None,
+        relay: None,
     }));
     out
 }
@@ -157,7 +170,7 @@ fn spoke_links(plan: &Plan, wg: &WgPlan, node: usize, hub: HubRef) -> Vec<Link> 
         holes.push(host_net(&plan.nodes[node]));
     }
     let rest = exclude(wg.network, &holes);
-    out.push(match hub {
+    let hub_link = match hub {
         HubRef::Node(h) => node_link(plan, wg, node, h, LinkKind::Hub, rest),
         HubRef::External(i) => {
             let mut allowed = rest;
@@ -165,7 +178,8 @@ fn spoke_links(plan: &Plan, wg: &WgPlan, node: usize, hub: HubRef) -> Vec<Link> 
             allowed.extend(outside.filter(|a| !wg.network.contains(*a)));
             external_link(wg, i, LinkKind::Hub, allowed)
         }
-    });
+    };
+    out.push(over_relay(wg, node, hub_link));
     out
 }
 
@@ -189,6 +203,7 @@ fn node_link(
         allowed_ips,
         endpoint,
         keepalive: wg.persistent_keepalive,
+        relay: None,
     }
 }
 
@@ -200,7 +215,30 @@ fn external_link(wg: &WgPlan, i: usize, kind: LinkKind, allowed_ips: Vec<IpNet>)
         allowed_ips,
         endpoint: p.endpoint.clone(),
         keepalive: p.persistent_keepalive.or(wg.persistent_keepalive),
+        relay: None,
     }
+}
+
+/// A hub link carried over TCP when the node's transport says so.
+fn over_relay(wg: &WgPlan, node: usize, mut link: Link) -> Link {
+    let transport = wg.hub_transport.get(node).copied().unwrap_or_default();
+    let Some(hub) = link.endpoint.clone() else {
+        return link;
+    };
+    if transport == HubTransport::Udp {
+        return link;
+    }
+    link.relay = Some(Endpoint {
+        host: hub.host,
+        port: wg.hub_tcp_port,
+    });
+    if transport == HubTransport::Tcp {
+        link.endpoint = Some(Endpoint {
+            host: Host::Ip(IpAddr::from([127, 0, 0, 1])),
+            port: RELAY_LOCAL_PORT,
+        });
+    }
+    link
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use crate::config::diag::Diagnostics;
 use crate::config::profile::{self, At, Topology};
 
 use super::{
-    DEFAULT_HUB_KEEPALIVE_S, DEFAULT_WG_INTERFACE, DEFAULT_WG_PORT, ExternalPeerPlan, HubRef,
-    NodePlan, SitePlan, WgPlan,
+    DEFAULT_HUB_KEEPALIVE_S, DEFAULT_HUB_TCP_PORT, DEFAULT_WG_INTERFACE, DEFAULT_WG_PORT,
+    ExternalPeerPlan, HubRef, NodePlan, SitePlan, WgPlan,
 };
 
 /// `wireguard.network` is required when WireGuard is on, and must not
@@ -107,6 +107,13 @@ pub(super) fn resolve_wireguard(
     } else {
         resolve_sites(nodes, raw_nodes, d)
     };
+    let mut sites = sites;
+    let hub_address_known = match hub {
+        Some(HubRef::External(i)) => peers[i].address.is_some(),
+        _ => true,
+    };
+    let hub_transport =
+        super::transport::resolve(w, hub, &mut sites, nodes, raw_nodes, hub_address_known, d);
     if let Some(HubRef::Node(h)) = hub {
         check_hub_node_reaches_other_sites(h, &sites, nodes, raw_nodes, d);
     }
@@ -131,6 +138,11 @@ pub(super) fn resolve_wireguard(
         persistent_keepalive,
         peers,
         sites,
+        hub_transport,
+        hub_tcp_port: w
+            .hub_tcp_port
+            .as_ref()
+            .map_or(DEFAULT_HUB_TCP_PORT, |a| a.v),
     })
 }
 
@@ -161,6 +173,7 @@ fn resolve_sites(
             None => sites.push(SitePlan {
                 name: name.clone(),
                 nodes: vec![i],
+                hub_transport: None,
             }),
         }
     }

@@ -1,1 +1,0 @@
-/work/main/qemu-tests/k3s-double/target-b/release/k3s-double: /work/main/qemu-tests/k3s-double/src/main.rs
