@@ -120,12 +120,20 @@ fn udp_to_tcp(
     let _ = tcp.shutdown(Shutdown::Both);
 }
 
+/// WireGuard's local address, as last seen by the client: kept across
+/// connections, so the hub's packets after a reconnect reach WireGuard
+/// before it sends again.
+type LastSource = Arc<std::sync::Mutex<Option<SocketAddr>>>;
+
 /// Relay `udp` over `tcp` in both directions until either side ends.
 /// Datagrams go back to the last local source seen (WireGuard's port).
-fn relay_client_connection(udp: &UdpSocket, tcp: TcpStream) -> io::Result<()> {
+fn relay_client_connection(
+    udp: &UdpSocket,
+    tcp: TcpStream,
+    last_source: &LastSource,
+) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let done = Arc::new(AtomicBool::new(false));
-    let last_source: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
     let reader = {
         let (tcp, done, udp, last) = (
             tcp.try_clone()?,
@@ -156,12 +164,13 @@ pub fn run_client(listen: SocketAddr, server: &str) -> io::Result<()> {
     let udp = UdpSocket::bind(listen)?;
     eprintln!("kiln-relay: carrying UDP {listen} to TCP {server}");
     let mut pause = Duration::from_secs(1);
+    let last_source = LastSource::default();
     loop {
         match dial(server) {
             Ok(tcp) => {
                 eprintln!("kiln-relay: connected to {server}");
                 pause = Duration::from_secs(1);
-                relay_client_connection(&udp, tcp)?;
+                relay_client_connection(&udp, tcp, &last_source)?;
                 eprintln!("kiln-relay: connection to {server} ended; dialling again");
             }
             Err(e) => {
