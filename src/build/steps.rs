@@ -147,7 +147,11 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
     super::check_space(plan, cx.nodes, &base.path, image_bytes, &cx.staging.dir)?;
     let files = base_files(cx, &base)?;
     let relay = match &plan.wireguard {
-        Some(wg) if wg.uses_relay() => Some(crate::inputs::relay::locate()?),
+        Some(wg) if wg.uses_relay() => {
+            let relay = crate::inputs::relay::locate()?;
+            crate::inputs::relay::check_runs_on_base(&relay, files.dpkg_status.as_deref())?;
+            Some(relay)
+        }
         _ => None,
     };
     Ok(Inputs {

@@ -32,3 +32,69 @@ pub fn locate() -> anyhow::Result<PathBuf> {
             )
         })
 }
+
+/// Refuse a relay that the image's glibc cannot start (see
+/// [`super::glibc`]): `status` is the base's dpkg status file.
+pub fn check_runs_on_base(relay: &Path, status: Option<&str>) -> anyhow::Result<()> {
+    let Some(need) = super::glibc::needed(relay)? else {
+        return Ok(()); // static
+    };
+    let packages = match status {
+        Some(s) => super::dpkg::installed_packages(s)?,
+        None => Vec::new(),
+    };
+    let Some(have) = super::glibc::of_packages(&packages) else {
+        log::warn!(
+            "the base lists no libc6 package: cannot tell whether {} (glibc {need}) runs in the image",
+            relay.display()
+        );
+        return Ok(());
+    };
+    anyhow::ensure!(
+        need <= have,
+        "{} needs glibc {need} (it was built on a newer system than the image's), and the \
+         image's base has glibc {have} (its libc6 package), so it would not start on the nodes\n\
+         fix: build kiln where glibc is {have} or older (Debian 12 for a bookworm base), or \
+         build kiln-relay static (`RUSTFLAGS='-C target-feature=+crt-static' cargo build \
+         --release --bin kiln-relay --target x86_64-unknown-linux-gnu`) and set {ENV} to \
+         target/x86_64-unknown-linux-gnu/release/kiln-relay",
+        relay.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(libc6: &str) -> String {
+        format!(
+            "Package: libc6\nStatus: install ok installed\nArchitecture: amd64\nVersion: {libc6}\n"
+        )
+    }
+
+    /// This test program stands in for kiln-relay: both are Rust programs
+    /// linked here.
+    #[test]
+    fn a_relay_built_against_a_newer_glibc_than_the_base_is_refused_with_a_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let newer = dir.path().join("kiln-relay");
+        let at = exe.windows(12).position(|w| w == b"GLIBC_2.2.5\0").unwrap();
+        let mut patched = exe.clone();
+        patched[at..at + 11].copy_from_slice(b"GLIBC_9.9.9");
+        std::fs::write(&newer, &patched).unwrap();
+        let e = check_runs_on_base(&newer, Some(&status("2.36-9+deb12u10")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs glibc 9.9"), "{e}");
+        assert!(e.contains("has glibc 2.36"), "{e}");
+        assert!(e.contains("fix: ") && e.contains(ENV), "{e}");
+
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, &exe).unwrap();
+        check_runs_on_base(&plain, Some(&status("99.0-1"))).unwrap();
+        // No libc6 to compare with: a warning, not an error.
+        check_runs_on_base(&newer, None).unwrap();
+    }
+}
