@@ -1176,15 +1176,15 @@ fn ancestors(path: &str) -> impl Iterator<Item = String> + '_ {
 }
 
 /// kiln's own files in every root image (src/rootfs.rs `image_files`, and
-/// the profile's k3s manifests with their copy unit from
-/// src/render/manifests.rs), the k3s binary and the factory tmpfiles:
+/// the profile's from src/render: its k3s manifests with their copy unit,
+/// the transport watcher), the k3s binary and the factory tmpfiles:
 /// path → expected listing, with `None` for files whose size the test
 /// cannot know in advance.
 fn kiln_root_files() -> BTreeMap<String, Option<Listed>> {
     let mut m = BTreeMap::new();
     let mut files = kiln::image::rootfs::image_files("");
     let plan = kiln::config::plan::load(&shared().profile).unwrap();
-    files.extend(kiln::render::manifests::image_files(&plan));
+    files.extend(kiln::render::image_files(&plan));
     for (path, e) in files.iter() {
         let listed = match e {
             // Its text names versions and digests: checked by content below.
@@ -1233,7 +1233,7 @@ fn kiln_root_files() -> BTreeMap<String, Option<Listed>> {
             link: None,
         }),
     );
-    // vm.toml's agent reaches its hub over TCP: every root carries the
+    // vm.toml's agent may reach its hub over TCP: every root carries the
     // relay the build found beside this test program.
     let relay_size = fs::metadata(env!("CARGO_BIN_EXE_kiln-relay"))
         .unwrap()
@@ -2015,17 +2015,17 @@ fn seed_holds_exactly_the_rendered_node_files_with_modes() {
             wg.contains("PrivateKey = ") && wg.contains("ListenPort = 51830"),
             "{wg}"
         );
-        // a1 reaches its hub s1 over TCP: through its relay client, and
-        // the hub does not dial it.
+        // a1 reaches its hub s1 with `hub-transport = "auto"`: over UDP
+        // first (kiln-wg-transport moves the endpoint to the relay when UDP
+        // gets no answer), and the hub dials it on the LAN.
         let (me, peer) = if node == "s1" {
-            ("10.0.0.1", None)
+            ("10.0.0.1", "192.168.76.12:51830")
         } else {
-            ("10.0.0.2", Some("127.0.0.1:51839"))
+            ("10.0.0.2", "192.168.76.11:51830")
         };
         assert!(
             wg.contains(&format!("Address = {me}/24"))
-                && peer.is_none_or(|p| wg.contains(&format!("Endpoint = {p}")))
-                && (peer.is_some() || !wg.contains("Endpoint = ")),
+                && wg.contains(&format!("Endpoint = {peer}")),
             "{node}: {wg}"
         );
         let config = read("etc/rancher/k3s/config.yaml");
@@ -2047,6 +2047,14 @@ fn seed_holds_exactly_the_rendered_node_files_with_modes() {
                 .any(|l| l == s.public_key),
             "root's generated key is not authorised"
         );
+        if node == "a1" {
+            let env = read("etc/kiln/wg-transport.env");
+            assert!(
+                env.contains("UDP_ENDPOINT=192.168.76.11:51830")
+                    && env.contains("TCP_ENDPOINT=127.0.0.1:51839"),
+                "{env}"
+            );
+        }
         assert_eq!(
             listing["seed/etc/kiln-test/write-file.txt"].perms,
             "-rw-r-----"

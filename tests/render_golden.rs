@@ -96,20 +96,21 @@ fn rendered_files_match_golden() {
     );
 }
 
-/// What the root images carry for k3s (render::manifests): the manifests
-/// and HelmCharts, the deploy script and its unit, for each rendered
-/// profile that deploys something.
+/// What the root images carry for the profile (render::image_files): for
+/// k3s the manifests and HelmCharts, the deploy script and its unit; for
+/// `hub-transport = "auto"` the watcher; for each rendered profile that
+/// has any.
 #[test]
 fn image_manifest_files_match_golden() {
     let mut failures = Vec::new();
     let mut profiles = 0;
     for rel in common::RENDERED {
         let plan = common::load_example(rel);
-        if plan.manifests.is_empty() {
+        let tree = kiln::render::image_files(&plan);
+        if tree.paths().next().is_none() {
             continue;
         }
         profiles += 1;
-        let tree = kiln::render::manifests::image_files(&plan);
         let stem = Path::new(rel).file_stem().unwrap().to_string_lossy();
         let base = common::repo().join("tests/golden/image").join(&*stem);
         check_or_update(
@@ -127,8 +128,41 @@ fn image_manifest_files_match_golden() {
             }
         }
     }
-    assert!(profiles > 0, "no rendered profile deploys manifests");
+    assert!(
+        profiles > 1,
+        "no rendered profile deploys manifests or uses auto"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The initramfs copies a node's seed onto the root before it hands over,
+/// where only `/etc` and `/var` are writable: a rendered file anywhere else
+/// stops the node at boot (`cannot copy the node seed into place`).
+#[test]
+fn every_seed_file_is_where_the_initramfs_can_write() {
+    let mut checked = 0;
+    for rel in common::RENDERED {
+        let plan = common::load_example(rel);
+        let secrets = common::fixed_secrets(&plan);
+        for node in &plan.nodes {
+            let files = kiln::cli::render::render_node(&plan, &node.name, &secrets).unwrap();
+            for p in files.tree.paths() {
+                assert!(
+                    kiln::render::SEED_DIRS.iter().any(|d| p.starts_with(d)),
+                    "{rel}: {}: {p} is outside {:?}",
+                    node.name,
+                    kiln::render::SEED_DIRS
+                );
+                checked += 1;
+            }
+            // And the seed builder refuses one that is not.
+            let mut bad = files.tree.clone();
+            bad.file("/usr/lib/kiln/oops", 0o644, "x");
+            let e = kiln::image::initramfs::build_seed(&bad, 0).unwrap_err();
+            assert!(e.to_string().contains("/usr/lib/kiln/oops"), "{e}");
+        }
+    }
+    assert!(checked > 100, "{checked} files");
 }
 
 #[test]

@@ -390,7 +390,7 @@ fn root_key(
 /// k3s manifests of the profile (`render::manifests`).
 fn image_files(plan: &Plan, version_text: &str) -> crate::render::tree::FileTree {
     let mut t = rootfs::image_files(version_text);
-    t.extend(crate::render::manifests::image_files(plan));
+    t.extend(crate::render::image_files(plan));
     t
 }
 

@@ -1,6 +1,7 @@
 //! `kiln render`: write one node's rendered files into a directory, for
 //! inspection (files holding secrets are written 0600): its seed, and
-//! the k3s manifests its root image carries.
+//! the files its root image carries for the profile (k3s manifests, the
+//! transport watcher).
 
 use std::path::Path;
 
@@ -16,7 +17,7 @@ pub fn run(profile: &Path, node: &str, out: &Path, state_dir: Option<&Path>) -> 
     let (plan, secrets) = crate::config::secrets::load_with_secrets(profile, state_dir)?;
     let files = render_node(&plan, node, &secrets)?;
     let mut tree = files.tree.clone();
-    tree.extend(render::manifests::image_files(&plan));
+    tree.extend(render::image_files(&plan));
     tree.write_to(out)?;
     println!("{}", out.display());
     eprintln!(

@@ -159,6 +159,17 @@ fn compress(data: &[u8], c: Compression) -> anyhow::Result<Vec<u8>> {
 /// The node seed: the node's files under `seed/`, uncompressed (the kernel
 /// accepts a plain cpio after a compressed one). Holds secrets.
 pub fn build_seed(tree: &FileTree, mtime: u32) -> anyhow::Result<Vec<u8>> {
+    // The initramfs could not copy it: the node would not boot.
+    if let Some(p) = tree
+        .paths()
+        .find(|p| !crate::render::SEED_DIRS.iter().any(|d| p.starts_with(d)))
+    {
+        anyhow::bail!(
+            "kiln bug: the node seed holds {p}, outside {:?}, which the read-only root \
+             cannot take at boot (it belongs in the root image)",
+            crate::render::SEED_DIRS
+        );
+    }
     let mut w = CpioWriter::new(Vec::new(), mtime);
     w.dir("seed", DIR_MODE, 0, 0)?;
     for (dir, mode) in tree.parent_dirs() {

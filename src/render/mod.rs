@@ -60,6 +60,21 @@ pub const UPDATE_KEY_PATH: &str = "/etc/kiln/update-key";
 /// kiln disk for `/var` only if it carries this GUID.
 pub const DISK_GUID_PATH: &str = "/etc/kiln/disk-guid";
 
+/// Where a node's seed may put files: what the initramfs can write before
+/// it hands over (`/etc` is an overlay, `/var` the state partition or RAM);
+/// the rest of the root is the read-only squashfs. What every node of a
+/// role needs elsewhere goes into the root image ([`image_files`]).
+pub const SEED_DIRS: [&str; 2] = ["/etc/", "/var/"];
+
+/// What every root image carries beside the base and k3s, the same for
+/// every node: the k3s manifests and, when a node uses `hub-transport =
+/// "auto"`, the transport watcher.
+pub fn image_files(plan: &Plan) -> FileTree {
+    let mut t = manifests::image_files(plan);
+    t.extend(relay::image_files(plan));
+    t
+}
+
 /// Render every file of one node.
 pub fn render_node(plan: &Plan, node: &NodePlan, secrets: &NodeSecrets) -> NodeFiles {
     let mut tree = FileTree::new();

@@ -18,6 +18,24 @@ pub const RELAY_BINARY: &str = "/usr/lib/kiln/kiln-relay";
 /// Where the watcher of an "auto" node writes the transport in use.
 pub const TRANSPORT_STATE: &str = "/run/kiln/wg-transport";
 const WATCHER: &str = include_str!("wg-transport.sh");
+/// Where images carry the watcher: in the root image, like the relay (a
+/// seed may only write `/etc` and `/var`, see `SEED_DIRS`).
+pub const WATCHER_PATH: &str = "/usr/lib/kiln/wg-transport";
+
+/// What root images carry when a node of the profile uses `"auto"`: the
+/// watcher script. (The relay binary is not rendered: the root image
+/// stage copies it in.)
+pub fn image_files(plan: &Plan) -> FileTree {
+    let mut t = FileTree::new();
+    let auto = plan
+        .wireguard
+        .as_ref()
+        .is_some_and(|wg| wg.hub_transport.contains(&HubTransport::Auto));
+    if auto {
+        t.file(WATCHER_PATH, 0o755, WATCHER);
+    }
+    t
+}
 
 /// The client (and for "auto" the watcher) for a spoke whose hub link
 /// goes over TCP.
@@ -49,9 +67,8 @@ pub fn render_client(
         "IFACE={iface}\nHUB_KEY={hub_key}\nUDP_ENDPOINT={udp}\nTCP_ENDPOINT=127.0.0.1:{RELAY_LOCAL_PORT}\nPROBE={probe}\nSTATE={TRANSPORT_STATE}\n"
     );
     tree.file("/etc/kiln/wg-transport.env", 0o644, env);
-    tree.file("/usr/lib/kiln/wg-transport", 0o755, WATCHER);
     let unit = format!(
-        "{}[Unit]\nDescription=kiln: the hub over UDP, or over TCP while UDP gets no answer\nAfter=wg-quick@{iface}.service kiln-relay.service\nRequires=wg-quick@{iface}.service\n\n[Service]\nEnvironmentFile=/etc/kiln/wg-transport.env\nExecStart=/usr/lib/kiln/wg-transport\nRestart=always\nRestartSec=5s\n\n[Install]\nWantedBy=multi-user.target\n",
+        "{}[Unit]\nDescription=kiln: the hub over UDP, or over TCP while UDP gets no answer\nAfter=wg-quick@{iface}.service kiln-relay.service\nRequires=wg-quick@{iface}.service\n\n[Service]\nEnvironmentFile=/etc/kiln/wg-transport.env\nExecStart={WATCHER_PATH}\nRestart=always\nRestartSec=5s\n\n[Install]\nWantedBy=multi-user.target\n",
         header("#", plan)
     );
     enable(tree, "kiln-wg-transport.service", unit);

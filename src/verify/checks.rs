@@ -1083,7 +1083,8 @@ fn check_tunnel(
 
 /// With `hub-transport = "tcp"` the pings above went through kiln-relay:
 /// the agent's hub endpoint is its relay client, and the hub's relay
-/// server logged the agent's connection.
+/// server logged the agent's connection. With `"auto"` they went over
+/// UDP, and the agent moves to the relay once the hub drops UDP.
 fn check_tunnel_over_tcp(
     plan: &Plan,
     (s, a): (&Vm, &Vm),
@@ -1092,12 +1093,30 @@ fn check_tunnel_over_tcp(
     wg: &crate::config::plan::WgPlan,
     r: &mut Report,
 ) -> anyhow::Result<()> {
+    use crate::config::profile::HubTransport;
     let i = plan.nodes.iter().position(|n| n.name == agent.node.name);
-    let tcp = i.and_then(|i| wg.hub_transport.get(i).copied())
-        == Some(crate::config::profile::HubTransport::Tcp);
-    if !tcp {
-        return Ok(());
+    match i.and_then(|i| wg.hub_transport.get(i).copied()) {
+        Some(HubTransport::Tcp) => {
+            check_on_relay(s, a, agent, key, wg, r)?;
+            drop_udp_to_hub(s, key, wg)?;
+            let seen = ping_hub(s, a, key, wg);
+            undrop_udp(s, key, wg, seen, r)
+        }
+        Some(HubTransport::Auto) => check_switch_to_tcp(s, a, agent, key, wg, r),
+        _ => Ok(()),
     }
+}
+
+/// The agent's hub endpoint is its relay client, and the hub's relay
+/// server logged a connection.
+fn check_on_relay(
+    s: &Vm,
+    a: &Vm,
+    agent: &ClusterNode,
+    key: &Path,
+    wg: &crate::config::plan::WgPlan,
+    r: &mut Report,
+) -> anyhow::Result<()> {
     let local = format!("127.0.0.1:{}", crate::config::plan::RELAY_LOCAL_PORT);
     let endpoints = a.sh(
         key,
@@ -1119,38 +1138,101 @@ fn check_tunnel_over_tcp(
         served.trim(),
         served.trim().parse::<u32>().is_ok_and(|n| n >= 1),
     ));
-    check_without_udp(s, a, key, wg, r)
+    Ok(())
 }
 
-/// The hub drops every UDP packet from the network (not its own relay,
-/// which hands packets over on loopback) to its tunnel port for a moment (a
-/// table of its own, removed after): the agent still pings it through
-/// the tunnel, so the tunnel needs no UDP between them.
-fn check_without_udp(
+/// `"auto"`: the agent starts on UDP; while the hub drops UDP to its
+/// tunnel port, kiln-wg-transport (as shipped: three probes of three pings
+/// ten seconds apart) moves the hub's endpoint to kiln-relay, and the
+/// tunnel carries on over TCP. The agent stays there (it tries UDP again
+/// after five minutes, longer than this test waits).
+fn check_switch_to_tcp(
     s: &Vm,
     a: &Vm,
+    agent: &ClusterNode,
     key: &Path,
     wg: &crate::config::plan::WgPlan,
     r: &mut Report,
 ) -> anyhow::Result<()> {
+    let state = crate::render::relay::TRANSPORT_STATE;
+    let before = a.sh(key, &format!("cat {state}"))?;
+    r.checks.push(Check::eq(
+        "hub-transport auto: the agent starts on udp",
+        "udp",
+        before.trim(),
+    ));
+    drop_udp_to_hub(s, key, wg)?;
+    let started = std::time::Instant::now();
+    let after = a.sh(
+        key,
+        &format!("for i in $(seq 150); do [ \"$(cat {state})\" = tcp ] && break; sleep 1; done; cat {state}"),
+    )?;
+    r.checks.push(Check::eq(
+        &format!(
+            "kiln-wg-transport switches to tcp while the hub drops udp (after {:.0} s)",
+            started.elapsed().as_secs_f64()
+        ),
+        "tcp",
+        after.trim(),
+    ));
+    let logged = a.sh(
+        key,
+        "journalctl -b -u kiln-wg-transport.service -o cat | grep 'switched to tcp' || true",
+    )?;
+    r.checks.push(Check::new(
+        "kiln-wg-transport logged the switch",
+        "kiln-wg-transport: switched to tcp: …",
+        logged.lines().next().unwrap_or("nothing"),
+        logged.contains("kiln-wg-transport: switched to tcp"),
+    ));
+    let seen = ping_hub(s, a, key, wg);
+    check_on_relay(s, a, agent, key, wg, r)?;
+    undrop_udp(s, key, wg, seen, r)
+}
+
+/// The hub drops every UDP packet from the network (not its own relay,
+/// which hands packets over on loopback) to its tunnel port: a table of
+/// its own, removed by [`undrop_udp`].
+fn drop_udp_to_hub(s: &Vm, key: &Path, wg: &crate::config::plan::WgPlan) -> anyhow::Result<()> {
     let port = wg.listen_port;
     s.sh(key, &format!("nft add table inet kiln_test_no_udp && nft add chain inet kiln_test_no_udp input '{{ type filter hook input priority -10; }}' && nft add rule inet kiln_test_no_udp input iifname != lo udp dport {port} counter drop"))?;
-    let hub = s.sh(
-        key,
-        &format!(
-            "ip -o -4 addr show dev {} | awk '{{print $4}}' | cut -d/ -f1",
-            wg.interface
-        ),
-    )?;
-    let seen = a.sh(key, &format!("for i in $(seq 10); do busybox ping -c 1 -W 1 {} >/dev/null 2>&1 && echo ok && exit 0; sleep 1; done; echo no reply", hub.trim()))?;
+    Ok(())
+}
+
+/// Whether the agent pings the hub's tunnel address (within 10 s):
+/// `ok`, `no reply`, or the error.
+fn ping_hub(s: &Vm, a: &Vm, key: &Path, wg: &crate::config::plan::WgPlan) -> String {
+    let ping = || -> anyhow::Result<String> {
+        let hub = s.sh(
+            key,
+            &format!(
+                "ip -o -4 addr show dev {} | awk '{{print $4}}' | cut -d/ -f1",
+                wg.interface
+            ),
+        )?;
+        a.sh(key, &format!("for i in $(seq 10); do busybox ping -c 1 -W 1 {} >/dev/null 2>&1 && echo ok && exit 0; sleep 1; done; echo no reply", hub.trim()))
+    };
+    ping().unwrap_or_else(|e| format!("{e:#}"))
+}
+
+/// Remove the table of [`drop_udp_to_hub`]: the ping `seen` while it was
+/// there went through the tunnel without UDP between agent and hub.
+fn undrop_udp(
+    s: &Vm,
+    key: &Path,
+    wg: &crate::config::plan::WgPlan,
+    seen: String,
+    r: &mut Report,
+) -> anyhow::Result<()> {
     let dropped = s.sh(key, "nft list table inet kiln_test_no_udp | grep -o 'packets [0-9]*'; nft delete table inet kiln_test_no_udp")?;
     r.checks.push(Check::eq(
         &format!(
-            "the agent pings the hub with UDP to port {port} dropped ({})",
+            "the agent pings the hub with UDP to port {} dropped ({})",
+            wg.listen_port,
             dropped.trim()
         ),
         "ok",
-        &seen,
+        seen.trim(),
     ));
     Ok(())
 }
