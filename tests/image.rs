@@ -1285,7 +1285,11 @@ fn the_sbom_lists_what_dpkg_query_lists_in_the_root() {
     let components = sbom["components"].as_array().unwrap();
     let debs: BTreeSet<String> = components
         .iter()
-        .filter(|c| c["purl"].as_str().unwrap().starts_with("pkg:deb/debian/"))
+        .filter(|c| {
+            c["purl"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("pkg:deb/debian/"))
+        })
         .map(|c| {
             let arch = c["properties"]
                 .as_array()
@@ -1306,6 +1310,21 @@ fn the_sbom_lists_what_dpkg_query_lists_in_the_root() {
     let k3s = components.iter().find(|c| c["name"] == "k3s").unwrap();
     assert_eq!(k3s["version"], K3S_VERSION);
     assert_eq!(k3s["hashes"][0]["content"], sha256_file(&s.k3s).as_str());
+    // vm.toml's agent may reach its hub over TCP: the roots carry the relay.
+    let relay = components
+        .iter()
+        .find(|c| c["name"] == "kiln-relay")
+        .unwrap();
+    assert_eq!(relay["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        relay["hashes"][0]["content"],
+        sha256_file(Path::new(env!("CARGO_BIN_EXE_kiln-relay"))).as_str()
+    );
+    assert_eq!(
+        components.len(),
+        installed.len() + 2,
+        "k3s, kiln-relay, debs"
+    );
 }
 
 /// root-a of `node`'s image, extracted.
@@ -2028,6 +2047,14 @@ fn seed_holds_exactly_the_rendered_node_files_with_modes() {
                 && wg.contains(&format!("Endpoint = {peer}")),
             "{node}: {wg}"
         );
+        if node == "a1" {
+            let env = read("etc/kiln/wg-transport.env");
+            assert!(
+                env.contains("UDP_ENDPOINT=192.168.76.11:51830")
+                    && env.contains("TCP_ENDPOINT=127.0.0.1:51839"),
+                "{env}"
+            );
+        }
         let config = read("etc/rancher/k3s/config.yaml");
         assert!(
             config.contains(&format!("node-ip: \"{me}\""))
@@ -2190,6 +2217,18 @@ fn a_second_build_elsewhere_is_byte_identical_and_checksums_verify() {
     assert_eq!(sbom.path, "sbom.cdx.json");
     assert_eq!(sbom.sha256, sha256_file(&s.out.join(&sbom.path)));
     assert!(m.artifacts.iter().any(|a| a.path == sbom.path));
+    let relay = m.relay.as_ref().expect("the manifest names the relay");
+    assert_eq!(
+        relay.sha256,
+        sha256_file(Path::new(env!("CARGO_BIN_EXE_kiln-relay")))
+    );
+    assert_eq!(relay.version, env!("CARGO_PKG_VERSION"));
+    let listed: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.out.join(&sbom.path)).unwrap()).unwrap();
+    assert_eq!(
+        sbom.components,
+        listed["components"].as_array().unwrap().len()
+    );
     // The typed manifest writes back the very bytes the build wrote.
     assert!(m.to_bytes() == fs::read(s.out.join("manifest.json")).unwrap());
 }

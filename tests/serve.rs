@@ -73,6 +73,7 @@ fn write_manifest(out: &Path, cluster: &str) {
         nodes: vec![],
         profile: None,
         profile_sha256: "0".repeat(64),
+        relay: None,
         sbom: None,
         source_date_epoch: 0,
     };

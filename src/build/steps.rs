@@ -84,7 +84,7 @@ pub(super) struct Inputs {
     pub images: Vec<ImageTarball>,
     pub files: BaseFiles,
     /// `kiln-relay`, when a node reaches its hub over TCP.
-    pub relay: Option<PathBuf>,
+    pub relay: Option<crate::inputs::relay::Relay>,
 }
 
 /// The kernel, initramfs and bootloader, written into the work directory.
@@ -148,9 +148,7 @@ pub(super) fn resolve_inputs(cx: &BuildContext) -> anyhow::Result<Inputs> {
     let files = base_files(cx, &base)?;
     let relay = match &plan.wireguard {
         Some(wg) if wg.uses_relay() => {
-            let relay = crate::inputs::relay::locate()?;
-            crate::inputs::relay::check_runs_on_base(&relay, files.dpkg_status.as_deref())?;
-            Some(relay)
+            Some(crate::inputs::relay::resolve(files.dpkg_status.as_deref())?)
         }
         _ => None,
     };
@@ -226,10 +224,14 @@ pub(super) fn write_sbom(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<m
         packages: &packages,
         k3s_version: &version,
         k3s_sha256: &inputs.k3s.sha256,
+        relay: inputs
+            .relay
+            .as_ref()
+            .map(|r| (r.version.as_str(), r.sha256.as_str())),
     })?;
     write(&cx.staging.dir.join(sbom::FILE), &bytes)?;
     Ok(manifest::Sbom {
-        components: packages.len() + 1,
+        components: packages.len() + 1 + usize::from(inputs.relay.is_some()),
         format: "CycloneDX 1.5 JSON".into(),
         path: sbom::FILE.into(),
         sha256: hex::encode(Sha256::digest(&bytes)),
@@ -305,7 +307,7 @@ pub(super) fn build_roots(cx: &BuildContext, inputs: &Inputs) -> anyhow::Result<
             overlays: overlays.clone(),
             k3s: &inputs.k3s.path,
             images: &inputs.images,
-            relay: inputs.relay.as_deref(),
+            relay: inputs.relay.as_ref().map(|r| r.path.as_path()),
             image_files: image_files(cx.plan, &version_text),
             mtime: cx.epoch,
             level: cx.plan.compression_level,
@@ -368,14 +370,8 @@ fn root_key(
     for t in root.images {
         key = key.field("image-tarball", format!("{} {}", t.sha256, t.name));
     }
-    if let Some(relay) = root.relay {
-        match sha256_file(relay) {
-            Ok(sha) => key = key.field("relay-sha256", sha),
-            Err(e) => {
-                log::debug!("no cache key for the root: {e:#}");
-                return None;
-            }
-        }
+    if let Some(relay) = &inputs.relay {
+        key = key.field("relay-sha256", &relay.sha256);
     }
     Some(
         key.field("mtime", root.mtime)
@@ -519,6 +515,10 @@ fn manifest_of(
             .file_name()
             .map(|f| f.to_string_lossy().to_string()),
         profile_sha256: hex::encode(Sha256::digest(&profile_text)),
+        relay: inputs.relay.as_ref().map(|r| manifest::Relay {
+            sha256: r.sha256.clone(),
+            version: r.version.clone(),
+        }),
         sbom: None,
         source_date_epoch: cx.epoch,
     }

@@ -29,6 +29,10 @@ pub struct Manifest {
     /// The profile's file name.
     pub profile: Option<String>,
     pub profile_sha256: String,
+    /// `kiln-relay` in the root images, when a node reaches its hub over
+    /// TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<Relay>,
     /// The SBOM beside the manifest (absent in outputs of older kilns).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sbom: Option<Sbom>,
@@ -43,6 +47,13 @@ pub struct Sbom {
     pub format: String,
     pub path: String,
     pub sha256: String,
+}
+
+/// The `kiln-relay` binary the root images carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Relay {
+    pub sha256: String,
+    pub version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,8 @@
 //! Debian package installed in the base (from its dpkg status,
 //! [`crate::inputs::dpkg`]) and the k3s binary, with package URLs
 //! (`pkg:deb/debian/NAME@VERSION?arch=ARCH`, the package-url spec's `deb`
-//! type) so scanners can match them against Debian's security tracker.
+//! type) so scanners can match them against Debian's security tracker,
+//! and, when the roots carry it, `kiln-relay` (its sha256, no URL).
 //! Overlays add files, not packages, so one SBOM covers every role.
 //!
 //! Written with `cyclonedx-bom` (the CycloneDX project's own Rust crate:
@@ -16,10 +17,10 @@
 //! directly: `cyclonedx-bom`'s own constructor takes no qualifiers.
 //!
 //! Deterministic: the same inputs give the same bytes, like
-//! `manifest.json`. Components are sorted (k3s, then the packages by name,
-//! architecture and version); the timestamp is `SOURCE_DATE_EPOCH`; the
-//! serial number is a UUID made from a digest of the inputs ([`serial`]),
-//! not a random one.
+//! `manifest.json`. Components are sorted (k3s, kiln-relay, then the
+//! packages by name, architecture and version); the timestamp is
+//! `SOURCE_DATE_EPOCH`; the serial number is a UUID made from a digest of
+//! the inputs ([`serial`]), not a random one.
 
 use anyhow::Context as _;
 use cyclonedx_bom::external_models::normalized_string::NormalizedString;
@@ -54,6 +55,8 @@ pub struct SbomInputs<'a> {
     pub packages: &'a [DebPackage],
     pub k3s_version: &'a str,
     pub k3s_sha256: &'a str,
+    /// `kiln-relay`'s version and sha256, when the roots carry it.
+    pub relay: Option<(&'a str, &'a str)>,
 }
 
 /// The SBOM's bytes: pretty JSON and a newline.
@@ -69,6 +72,9 @@ pub fn render_sbom(i: &SbomInputs) -> anyhow::Result<Vec<u8>> {
 /// The SBOM as the crate's model.
 pub fn sbom(i: &SbomInputs) -> anyhow::Result<Bom> {
     let mut components = vec![k3s_component(i)?];
+    if let Some((version, sha256)) = i.relay {
+        components.push(relay_component(version, sha256));
+    }
     for p in i.packages {
         components.push(deb_component(p)?);
     }
@@ -97,10 +103,15 @@ pub fn sbom(i: &SbomInputs) -> anyhow::Result<Bom> {
 /// ("custom", RFC 9562 section 5.8) with the RFC's variant bits. The base
 /// sha256 stands for its packages.
 pub fn serial(i: &SbomInputs) -> String {
-    let text = format!(
+    let mut text = format!(
         "kiln-sbom 1\ncluster {}\nkiln {}\nsource-date-epoch {}\nbase-sha256 {}\nk3s {}\nk3s-sha256 {}\n",
         i.cluster, i.kiln_version, i.source_date_epoch, i.base_sha256, i.k3s_version, i.k3s_sha256
     );
+    if let Some((version, sha256)) = i.relay {
+        text.push_str(&format!(
+            "kiln-relay {version}\nkiln-relay-sha256 {sha256}\n"
+        ));
+    }
     let mut b: [u8; 16] = Sha256::digest(text.as_bytes())[..16]
         .try_into()
         .expect("16 bytes of a sha256");
@@ -186,6 +197,19 @@ fn k3s_component(i: &SbomInputs) -> anyhow::Result<Component> {
     Ok(c)
 }
 
+/// kiln-relay, built with kiln (no package URL: it is published nowhere).
+fn relay_component(version: &str, sha256: &str) -> Component {
+    let mut c = Component::new(Classification::Application, "kiln-relay", version, None);
+    c.description = Some(NormalizedString::new(
+        "WireGuard's UDP over TCP to the hub, built with kiln",
+    ));
+    c.hashes = Some(Hashes(vec![Hash {
+        alg: HashAlgorithm::SHA_256,
+        content: HashValue(sha256.to_string()),
+    }]));
+    c
+}
+
 /// A Debian package: `pkg:deb/debian/NAME@VERSION?arch=ARCH`, with its
 /// architecture and source package as properties too.
 fn deb_component(p: &DebPackage) -> anyhow::Result<Component> {
@@ -259,6 +283,7 @@ mod tests {
             packages,
             k3s_version: "v1.31.1+k3s1",
             k3s_sha256: "a".repeat(64).leak(),
+            relay: None,
         }
     }
 

@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
+
 /// `KILN_RELAY_BINARY` names another build of it.
 pub const ENV: &str = "KILN_RELAY_BINARY";
 pub const NAME: &str = "kiln-relay";
@@ -29,6 +31,50 @@ pub fn locate() -> anyhow::Result<PathBuf> {
                  and there is none beside {}\nfix: build it with kiln (`cargo build --release` \
                  makes both; `cargo install` installs both), or set {ENV} to its path",
                 exe.display()
+            )
+        })
+}
+
+/// The relay a build puts into root images: where it is, its sha256 (in
+/// the root's stage key, the manifest and the SBOM) and the version it
+/// reports.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub version: String,
+}
+
+/// The relay for a build on a base with dpkg status `status`: found,
+/// checked against the base's glibc, hashed, asked for its version.
+pub fn resolve(status: Option<&str>) -> anyhow::Result<Relay> {
+    let path = locate()?;
+    check_runs_on_base(&path, status)?;
+    Ok(Relay {
+        sha256: crate::util::hash::sha256_file(&path)?,
+        version: version_of(&path)?,
+        path,
+    })
+}
+
+/// `VERSION` out of `kiln-relay VERSION`, what `--version` prints.
+fn version_of(path: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(path)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("running {} --version", path.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .strip_prefix("kiln-relay ")
+        .filter(|_| out.status.success())
+        .map(str::to_string)
+        .with_context(|| {
+            format!(
+                "{} --version printed {:?} ({}), not `kiln-relay VERSION`\nfix: point {ENV} at \
+                 kiln-relay, or unset it to use the one beside kiln",
+                path.display(),
+                text.trim(),
+                out.status
             )
         })
 }
@@ -96,5 +142,29 @@ mod tests {
         check_runs_on_base(&plain, Some(&status("99.0-1"))).unwrap();
         // No libc6 to compare with: a warning, not an error.
         check_runs_on_base(&newer, None).unwrap();
+    }
+
+    #[test]
+    fn the_version_is_what_the_relay_says() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("kiln-relay");
+        std::fs::write(&fake, "#!/bin/sh\necho 'kiln-relay 9.8.7'\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Another test's child may hold the file open for writing a moment
+        // (fork before exec): ETXTBSY, "Text file busy".
+        let mut got = version_of(&fake);
+        for _ in 0..20 {
+            match &got {
+                Err(e) if format!("{e:#}").contains("busy") => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    got = version_of(&fake);
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(got.unwrap(), "9.8.7");
+        let e = version_of(Path::new("/bin/true")).unwrap_err().to_string();
+        assert!(e.contains("not `kiln-relay VERSION`") && e.contains("fix: "), "{e}");
     }
 }
