@@ -22,11 +22,12 @@ check-examples: build
 clean:
 	$(CARGO) clean
 
-# The k3s test double (for tests only): builds it and prints its path.
+# The k3s test double (for tests only): builds it and prints its path (in
+# its own target dir whatever CARGO_TARGET_DIR says, so the path is right).
 K3S_DOUBLE_VERSION ?= v1.31.1+k3s1
 .PHONY: k3s-double
 k3s-double:
-	@K3S_DOUBLE_VERSION=$(K3S_DOUBLE_VERSION) $(CARGO) build -q --release --manifest-path qemu-tests/k3s-double/Cargo.toml
+	@K3S_DOUBLE_VERSION=$(K3S_DOUBLE_VERSION) $(CARGO) build -q --release --manifest-path qemu-tests/k3s-double/Cargo.toml --target-dir $(CURDIR)/qemu-tests/k3s-double/target
 	@echo $(CURDIR)/qemu-tests/k3s-double/target/release/k3s-double
 
 # Times kiln against the same steps by hand, 1 vs 5 nodes and a config-only
