@@ -165,6 +165,9 @@ mod tests {
         }
         assert_eq!(got.unwrap(), "9.8.7");
         let e = version_of(Path::new("/bin/true")).unwrap_err().to_string();
-        assert!(e.contains("not `kiln-relay VERSION`") && e.contains("fix: "), "{e}");
+        assert!(
+            e.contains("not `kiln-relay VERSION`") && e.contains("fix: "),
+            "{e}"
+        );
     }
 }

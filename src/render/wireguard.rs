@@ -47,9 +47,7 @@ fn relay_of(p: &Peer) -> Option<&Endpoint> {
 }
 
 fn index_of(plan: &Plan, node: &NodePlan) -> usize {
-    plan.nodes
-        .iter()
-        .position(|n| n.name == node.name)
+    plan.index_of(&node.name)
         .expect("rendering a node of the plan")
 }
 

@@ -250,7 +250,7 @@ fn check_relay_units(
 ) -> anyhow::Result<()> {
     use crate::config::plan::HubRef;
     use crate::config::profile::HubTransport;
-    let i = e.plan.nodes.iter().position(|n| n.name == e.node.name);
+    let i = e.plan.index_of(&e.node.name);
     let transport = i.and_then(|i| wg.hub_transport.get(i).copied());
     let unit = if transport.is_some_and(|t| t != HubTransport::Udp) {
         "kiln-relay.service"
@@ -1094,7 +1094,7 @@ fn check_tunnel_over_tcp(
     r: &mut Report,
 ) -> anyhow::Result<()> {
     use crate::config::profile::HubTransport;
-    let i = plan.nodes.iter().position(|n| n.name == agent.node.name);
+    let i = plan.index_of(&agent.node.name);
     match i.and_then(|i| wg.hub_transport.get(i).copied()) {
         Some(HubTransport::Tcp) => {
             check_on_relay(s, a, agent, key, wg, r)?;

@@ -359,6 +359,12 @@ impl Plan {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// A node's index into `nodes`, which per-node lists of the plan
+    /// (`WgPlan::hub_transport`, `HubRef::Node`) use.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
     pub fn servers(&self) -> impl Iterator<Item = &NodePlan> {
         self.nodes.iter().filter(|n| n.role == Role::Server)
     }
